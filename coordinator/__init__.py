@@ -1,0 +1,1 @@
+"""Coordinator: registry of providers, pipeline planner, request router, consumer API."""

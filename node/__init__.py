@@ -1,0 +1,1 @@
+"""Provider side: hardware profile, shard runtime, sessions and (later) the libp2p node."""

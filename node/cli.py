@@ -1,0 +1,115 @@
+"""`provider` command line: profile the hardware, list models, run the local demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from node.config import ModelError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="provider", description="Serve model shards in a meshpool.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="measure this machine's devices and print the profile as JSON")
+    p.add_argument("--device", action="append", help="device to measure (cpu, cuda:0, mps); default: all")
+    p.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+    p.set_defaults(func=_profile)
+
+    p = sub.add_parser("models", help="print '<model-id> <path>' per available model, default first")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("demo", help="generate through chained shards of a model in this process")
+    p.add_argument("--model", help="Hugging Face-format model directory (default: the shipped model)")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--stages", type=int, default=3, help="number of stages of unequal length")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="also decode this many prompts together")
+    p.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelError as exc:
+        print(f"provider: {exc}", file=sys.stderr)
+        return 2
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+
+
+def _profile(args) -> int:
+    import torch
+
+    from node.profile import available_devices, measure
+
+    devices = [torch.device(d) for d in args.device] if args.device else available_devices()
+    with _progress_bar(2 * len(devices), "profiling") as bar:
+        profile = measure(devices, quick=args.quick, progress=lambda _step: bar.update())
+    print(json.dumps(profile.to_dict(), indent=2))
+    return 0
+
+
+def _models(args) -> int:
+    from node.models import available_models
+
+    for model_id, path in available_models():
+        print(f"{model_id} {path}")
+    return 0
+
+
+def _demo(args) -> int:
+    from transformers import AutoTokenizer
+
+    from node.config import ModelConfig
+    from node.local_pipeline import LocalPipeline
+    from node.models import default_model_dir
+    from node.shard import split_layers
+
+    model_dir = args.model or default_model_dir(progress=True)
+    config = ModelConfig.load(model_dir)
+    # Unequal stages, as a heterogeneous pool would place them: the first device largest.
+    ranges = split_layers(config.n_layers, [float(args.stages - i) for i in range(args.stages)])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with _progress_bar(len(ranges), "loading shards") as bar:
+        pipeline = LocalPipeline.load(model_dir, ranges, on_stage_loaded=bar.update)
+    print(f"model {model_dir} ({config.n_layers} layers), stages {ranges}")
+
+    stop = config.eos_token_ids
+    print(f"> {args.prompt}")
+    token_times_s = []
+    start = time.perf_counter()
+    [tokens] = pipeline.generate(
+        [_chat_ids(tokenizer, args.prompt)], args.max_new_tokens, stop_ids=stop,
+        on_token=lambda _i, _t: token_times_s.append(time.perf_counter()),
+    )
+    print(tokenizer.decode(tokens, skip_special_tokens=True))
+    decode_s = token_times_s[-1] - token_times_s[0]
+    rate = f", then {(len(tokens) - 1) / decode_s:.1f} tokens/s" if len(tokens) > 1 else ""
+    print(f"batch 1: {len(tokens)} tokens, first after {token_times_s[0] - start:.2f} s{rate}")
+
+    if args.batch > 1:
+        prompts = [_chat_ids(tokenizer, f"Count from {i} to {i + 20}.") for i in range(args.batch)]
+        start = time.perf_counter()
+        outputs = pipeline.generate(prompts, args.max_new_tokens, stop_ids=stop)
+        seconds = time.perf_counter() - start
+        n = sum(len(o) for o in outputs)
+        print(f"batch {args.batch}: {n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s")
+    return 0
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    messages = [{"role": "user", "content": text}]
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    return tokenizer(text)["input_ids"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Llama-family decoder layers over a slot-indexed KV cache.
+
+Shapes: B sessions in a batch, T new tokens per session, D hidden size, H query heads,
+Hkv key/value heads, Dh head size, S cache slots, L cached tokens visible to a step.
+q/k/v and gate/up projections are fused into one matmul each (fewer, larger kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.config import ModelConfig, RopeScaling
+
+
+def rope_tables(config: ModelConfig, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_tokens, Dh) in float32, computed the way transformers does."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = _scale_inv_freq(inv_freq, config.rope_scaling)
+    positions = torch.arange(max_tokens, dtype=torch.int64).float()
+    freqs = torch.outer(positions, inv_freq)  # (max_tokens, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _scale_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, Dh); cos/sin: (B, 1, T, Dh)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for `n_slots` sessions of up to `max_tokens` each, per layer.
+
+    On the CPU torch.empty only reserves address space: pages are committed as sessions fill them.
+    """
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_tokens: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        super().__init__()
+        shape = (n_layers, n_slots, n_kv_heads, max_tokens, head_dim)
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def bytes_per_token(self) -> int:
+        n_layers, _, n_kv_heads, _, head_dim = self.k.shape
+        return 2 * n_layers * n_kv_heads * head_dim * self.k.element_size()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.qkv_bias)
+        self.o = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
+        self.split = (q_dim, kv_dim, kv_dim)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
+        """x: (B, T, D). `write(cache, new)` stores this step's keys/values, `read(cache)` returns
+        the (B, Hkv, L, Dh) keys/values the step attends to, `mask` is (B, 1, T, L) bool or None
+        for a plain causal prefill of T == L tokens."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write(k_cache, k)
+        write(v_cache, v)
+        keys, values = read(k_cache), read(v_cache)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
+        )  # (B, H, T, Dh)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 whatever the serving dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, write, read, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+def load_layer(layer: DecoderLayer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Fill `layer` from checkpoint tensors named like transformers' Llama/Qwen2/Mistral."""
+    def take(name):
+        return tensors.pop(prefix + name)
+
+    def cat(*names):
+        return torch.cat([take(n) for n in names], dim=0)
+
+    with torch.no_grad():
+        layer.input_norm.weight.copy_(take("input_layernorm.weight"))
+        layer.post_attn_norm.weight.copy_(take("post_attention_layernorm.weight"))
+        attn, mlp = layer.attn, layer.mlp
+        attn.qkv.weight.copy_(cat("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"))
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.copy_(cat("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"))
+        attn.o.weight.copy_(take("self_attn.o_proj.weight"))
+        if attn.o.bias is not None:
+            attn.o.bias.copy_(take("self_attn.o_proj.bias"))
+        mlp.gate_up.weight.copy_(cat("mlp.gate_proj.weight", "mlp.up_proj.weight"))
+        mlp.down.weight.copy_(take("mlp.down_proj.weight"))
+        if mlp.down.bias is not None:
+            mlp.gate_up.bias.copy_(cat("mlp.gate_proj.bias", "mlp.up_proj.bias"))
+            mlp.down.bias.copy_(take("mlp.down_proj.bias"))

@@ -1,0 +1,248 @@
+"""Runs one shard (layers [start, end) of a model) for many sessions, each with its own KV cache.
+
+Stage 0 takes token ids and embeds them; later stages take hidden states (T, D). The last stage
+applies the final norm and LM head and returns logits; every other stage returns hidden states.
+Decode steps of different sessions run as one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.config import ModelConfig, ModelError
+from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
+from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
+
+DEFAULT_MAX_SESSIONS = 32
+DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+
+
+class SessionError(RuntimeError):
+    """A request that does not fit the sessions held: unknown, full, too long, wrong input."""
+
+
+@dataclass
+class Session:
+    slot: int
+    n_tokens: int = 0  # tokens already in this session's cache
+    last_used_s: float = 0.0
+
+
+class ShardModel(nn.Module):
+    """The modules of one shard, loaded from only the tensors the shard needs."""
+
+    def __init__(self, config: ModelConfig, shard: Shard, dtype: torch.dtype, device):
+        super().__init__()
+        self.config, self.shard = config, shard
+        with torch.device("meta"):
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size) if shard.is_first else None
+            self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(shard.n_shard_layers))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.is_last else None
+            # With tied embeddings a stage that holds both ends uses the embedding as its head;
+            # a last stage without the embedding holds its own copy of that matrix as the head.
+            self.lm_head = (
+                nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                if shard.is_last and not (config.tie_word_embeddings and shard.is_first)
+                else None
+            )
+        self.to_empty(device=device)
+        self.to(dtype)
+
+    def load(self, checkpoint: Checkpoint) -> list[str]:
+        names = tensor_names(self.config, self.shard)
+        tensors = checkpoint.load(names, dtype=next(self.parameters()).dtype, device=next(self.parameters()).device)
+        with torch.no_grad():
+            if self.embed is not None:
+                self.embed.weight.copy_(tensors[EMBED])
+            for i, layer in enumerate(self.layers):
+                load_layer(layer, tensors, f"model.layers.{self.shard.start + i}.")
+            if self.norm is not None:
+                self.norm.weight.copy_(tensors.pop(FINAL_NORM))
+                if self.lm_head is not None:
+                    self.lm_head.weight.copy_(tensors[EMBED if self.config.tie_word_embeddings else LM_HEAD])
+        return names
+
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+class ShardRuntime:
+    """A loaded shard plus the sessions it serves."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        shard: Shard,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    ):
+        self.config = ModelConfig.load(model_dir)
+        if shard.n_layers != self.config.n_layers:
+            raise ModelError(f"shard says {shard.n_layers} layers, the model has {self.config.n_layers}")
+        if max_sessions <= 0 or max_seq_len <= 0:
+            raise ValueError("max_sessions and max_seq_len must be positive")
+        self.shard, self.device, self.dtype = shard, torch.device(device), dtype
+        self.max_sessions = max_sessions
+        self.max_seq_len = min(max_seq_len, self.config.max_context_tokens)
+        self.idle_timeout_s = idle_timeout_s
+        self.model = ShardModel(self.config, shard, dtype, self.device).eval()
+        self.loaded_tensors = self.model.load(Checkpoint(model_dir))
+        cos, sin = rope_tables(self.config, self.max_seq_len)
+        self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
+        self.cache = KVCache(
+            shard.n_shard_layers, max_sessions, self.config.n_kv_heads, self.max_seq_len,
+            self.config.head_dim, dtype, self.device,
+        )
+        self.sessions: dict[str, Session] = {}
+        self._free_slots = list(range(max_sessions - 1, -1, -1))  # pop() hands out low slots first
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def open(self, session_id: str) -> Session:
+        if session_id in self.sessions:
+            raise SessionError(f"session {session_id!r} already open")
+        if not self._free_slots:
+            self.evict_idle()
+        if not self._free_slots:
+            raise SessionError(f"all {self.max_sessions} session slots are busy")
+        session = Session(slot=self._free_slots.pop(), last_used_s=time.monotonic())
+        self.sessions[session_id] = session
+        return session
+
+    def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self._free_slots.append(session.slot)
+
+    def evict_idle(self, now_s: float | None = None) -> list[str]:
+        now_s = time.monotonic() if now_s is None else now_s
+        idle = [sid for sid, s in self.sessions.items() if now_s - s.last_used_s > self.idle_timeout_s]
+        for sid in idle:
+            self.close(sid)
+        return idle
+
+    # -- compute --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, session_id: str, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """Feed T new tokens of one session (opening it if new): ids (T,) on stage 0, hidden (T, D)
+        after. Returns hidden (T, D), or on the last stage logits (T, V) if `all_positions`
+        else (1, V) for the last position only."""
+        x = self._check_input(x)
+        session = self.sessions.get(session_id) or self.open(session_id)
+        T, start = x.shape[0], session.n_tokens
+        try:
+            self._check_room(session_id, session, T)
+        except SessionError:
+            if start == 0:
+                self.close(session_id)
+            raise
+        slot = session.slot
+
+        def write(cache, new):  # new: (1, Hkv, T, Dh)
+            cache[slot, :, start:start + T] = new[0]
+
+        def read(cache):
+            return cache[slot:slot + 1, :, :start + T]
+
+        # A fresh session attends causally over its own T tokens; a continued one also sees
+        # the `start` cached tokens, all of which precede every new query.
+        mask = None
+        if start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(diagonal=start)[None, None]
+        positions = slice(start, start + T)
+        h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read, mask)
+        session.n_tokens += T
+        session.last_used_s = time.monotonic()
+        h = h[0]  # (T, D or V)
+        if self.shard.is_last and not all_positions:
+            return self._head(h[-1:])
+        return self._head(h) if self.shard.is_last else h
+
+    @torch.inference_mode()
+    def decode(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """One new token for each of B open sessions, as one batch: ids (B,) stacked from each
+        step's (1,) or hidden (B, D) from each step's (1, D). Returns (B, D) or logits (B, V)."""
+        if not steps:
+            raise SessionError("empty decode batch")
+        ids = [sid for sid, _ in steps]
+        if len(set(ids)) != len(ids):
+            raise SessionError("a session appears twice in one decode batch")
+        sessions = []
+        for sid, _ in steps:
+            if sid not in self.sessions:
+                raise SessionError(f"unknown session {sid!r} (prefill first)")
+            sessions.append(self.sessions[sid])
+            self._check_room(sid, sessions[-1], 1)
+        x = torch.cat([self._check_input(x) for _, x in steps])  # (B,) or (B, D)
+        if x.shape[0] != len(steps):
+            raise SessionError("each decode step carries exactly one token")
+        B = len(steps)
+        slot_list = [s.slot for s in sessions]
+        pos_list = [s.n_tokens for s in sessions]
+        slots = torch.tensor(slot_list, device=self.device)
+        pos = torch.tensor(pos_list, device=self.device)
+        visible = max(pos_list) + 1
+        # Sessions in consecutive slots read the cache as a view; otherwise gather their rows.
+        lo = slot_list[0]
+        contiguous = slot_list == list(range(lo, lo + B))
+
+        def write(cache, new):  # new: (B, Hkv, 1, Dh)
+            cache[slots, :, pos] = new[:, :, 0]
+
+        def read(cache):
+            return cache[lo:lo + B, :, :visible] if contiguous else cache[slots, :, :visible]
+
+        mask = (torch.arange(visible, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B,1,1,L)
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, Dh)
+        h = self._forward(x[:, None], cos, sin, write, read, mask)[:, 0]  # (B, D)
+        now = time.monotonic()
+        for s in sessions:
+            s.n_tokens += 1
+            s.last_used_s = now
+        return self._head(h) if self.shard.is_last else h
+
+    def _forward(self, x, cos, sin, write, read, mask) -> torch.Tensor:
+        h = self.model.embed(x) if self.shard.is_first else x.to(self.dtype)  # (B, T, D)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.model.norm(h), self.model.head_weight())
+
+    # -- input checks ---------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise SessionError(f"expected a tensor, got {type(x).__name__}")
+        if self.shard.is_first:
+            if x.dim() != 1 or x.dtype not in (torch.int64, torch.int32) or x.numel() == 0:
+                raise SessionError(f"stage 0 takes a non-empty 1-d tensor of token ids, got {x.dtype} {tuple(x.shape)}")
+            if int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size:
+                raise SessionError(f"token id out of range [0, {self.config.vocab_size})")
+            return x.to(self.device, torch.int64)
+        if x.dim() != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0 or not x.is_floating_point():
+            raise SessionError(
+                f"stage takes hidden states (T, {self.config.hidden_size}) of floats, got {x.dtype} {tuple(x.shape)}"
+            )
+        return x.to(self.device, self.dtype)
+
+    def _check_room(self, session_id: str, session: Session, n_new: int) -> None:
+        if session.n_tokens + n_new > self.max_seq_len:
+            raise SessionError(
+                f"session {session_id!r} would hold {session.n_tokens + n_new} tokens, over the limit of {self.max_seq_len}"
+            )

@@ -1,0 +1,60 @@
+"""Token choice on the last stage, reproducible by anyone who knows the request's seed.
+
+Sampling is Gumbel-max: token = argmax(logits / temperature + g), where the Gumbel noise g is
+drawn from a CPU generator seeded by (request seed, position). The noise does not depend on the
+device or on the batch, so a verifier can recompute the exact choice from the logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+
+def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    digest = hashlib.sha256(f"meshpool-sample:{seed}:{position}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    uniform = torch.rand(vocab_size, generator=generator, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
+    return -torch.log(-torch.log(uniform))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """One token per row of logits (B, V); `positions` are the positions of the tokens chosen."""
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for row, p, pos, g in zip(logits, params, positions, greedy):
+        if p.temperature == 0.0:
+            tokens.append(g)
+            continue
+        scores = row.double() / p.temperature
+        if p.top_p < 1.0:
+            scores = _top_p_filter(scores, p.top_p)
+        tokens.append(int((scores + gumbel_noise(p.seed, pos, scores.numel())).argmax()))
+    return tokens
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    sorted_scores, order = scores.sort(descending=True)
+    cumulative = sorted_scores.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_scores.softmax(-1) >= top_p  # mass before this token already enough
+    filtered = scores.clone()
+    filtered[order[drop]] = float("-inf")
+    return filtered

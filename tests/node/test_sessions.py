@@ -1,0 +1,111 @@
+"""Session bookkeeping of a shard: slots, limits, timeouts and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.config import ModelConfig
+from node.runtime import SessionError, ShardRuntime
+from node.sampling import SamplingParams, gumbel_noise, sample
+from node.shard import Shard
+from tests.node.random_models import make_random_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    make_random_model("qwen2", path, n_layers=2)
+    return path
+
+
+def runtime(model_dir, start, end, **kwargs):
+    return ShardRuntime(model_dir, Shard("m", start, end, ModelConfig.load(model_dir).n_layers), **kwargs)
+
+
+def test_slots_are_reused_and_full_pool_is_refused(model_dir):
+    rt = runtime(model_dir, 0, 2, max_sessions=2)
+    rt.prefill("a", torch.tensor([1, 2]))
+    rt.prefill("b", torch.tensor([3]))
+    with pytest.raises(SessionError, match="all 2 session slots are busy"):
+        rt.prefill("c", torch.tensor([4]))
+    rt.close("a")
+    rt.prefill("c", torch.tensor([4]))
+    assert rt.sessions["c"].slot == 0 and set(rt.sessions) == {"b", "c"}
+
+
+def test_idle_sessions_are_evicted(model_dir):
+    rt = runtime(model_dir, 0, 2, max_sessions=2, idle_timeout_s=30.0)
+    rt.prefill("old", torch.tensor([1]))
+    rt.prefill("new", torch.tensor([1]))
+    rt.sessions["old"].last_used_s -= 60.0
+    assert rt.evict_idle() == ["old"]
+    rt.prefill("other", torch.tensor([1]))
+    rt.sessions["new"].last_used_s -= 60.0
+    rt.prefill("third", torch.tensor([1]))  # a full pool evicts idle sessions before refusing
+    assert set(rt.sessions) == {"other", "third"}
+
+
+def test_context_limit(model_dir):
+    rt = runtime(model_dir, 0, 2, max_seq_len=8)
+    with pytest.raises(SessionError, match="over the limit of 8"):
+        rt.prefill("long", torch.arange(9))
+    assert "long" not in rt.sessions  # a refused new session does not keep its slot
+    rt.prefill("s", torch.arange(7))
+    rt.decode([("s", torch.tensor([1]))])
+    with pytest.raises(SessionError, match="would hold 9 tokens"):
+        rt.decode([("s", torch.tensor([1]))])
+    assert rt.sessions["s"].n_tokens == 8
+
+
+def test_bad_inputs_change_nothing(model_dir):
+    first, later = runtime(model_dir, 0, 1), runtime(model_dir, 1, 2)
+    for bad in [torch.tensor([[1, 2]]), torch.tensor([1.0]), torch.tensor([], dtype=torch.int64),
+                torch.tensor([512]), torch.tensor([-1]), [1, 2]]:
+        with pytest.raises(SessionError):
+            first.prefill("s", bad)
+    for bad in [torch.zeros(3, 64), torch.zeros(128), torch.zeros(0, 128), torch.zeros(2, 128, dtype=torch.int64)]:
+        with pytest.raises(SessionError):
+            later.prefill("s", bad)
+    assert not first.sessions and not later.sessions
+    with pytest.raises(SessionError, match="unknown session"):
+        first.decode([("nope", torch.tensor([1]))])
+    first.prefill("s", torch.tensor([1, 2]))
+    with pytest.raises(SessionError, match="twice"):
+        first.decode([("s", torch.tensor([1])), ("s", torch.tensor([2]))])
+    with pytest.raises(SessionError, match="exactly one token"):
+        first.decode([("s", torch.tensor([1, 2]))])
+    assert first.sessions["s"].n_tokens == 2
+
+
+def test_greedy_is_argmax_and_seeded_sampling_is_reproducible():
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    assert sample(logits, [SamplingParams()] * 3, [0, 0, 0]) == logits.argmax(-1).tolist()
+    hot = [SamplingParams(temperature=1.0, seed=s) for s in (1, 1, 2)]
+    first = sample(logits[[0, 0, 0]], hot, [5, 5, 5])
+    assert first == sample(logits[[0, 0, 0]], hot, [5, 5, 5])
+    # the same seed and position choose the same token whatever else is in the batch
+    assert sample(logits[[0]], [hot[0]], [5]) == first[:1]
+    assert gumbel_noise(1, 5, 10).tolist() != gumbel_noise(1, 6, 10).tolist()
+
+
+def test_gumbel_max_draws_follow_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    params = SamplingParams(temperature=1.0, seed=7)
+    n = 4000
+    draws = [sample(logits, [params], [pos])[0] for pos in range(n)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).double() / n
+    assert torch.allclose(freq, logits[0].double().softmax(-1), atol=0.03)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([[5.0, 4.9, 0.0, -3.0]])  # the first two hold ~99% of the mass
+    params = [SamplingParams(temperature=2.0, top_p=0.9, seed=s) for s in range(200)]
+    draws = {sample(logits, [p], [0])[0] for p in params}
+    assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(seed=-1)])
+def test_sampling_params_are_validated(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)

@@ -1,0 +1,1 @@
+"""Audits by redundant re-execution, tolerant comparison, disputes and reputation."""
