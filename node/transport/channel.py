@@ -1,0 +1,300 @@
+"""Frames over one libp2p stream (trio side), with the bulk side channel.
+
+A `FrameStream` owns one libp2p stream. Its reader task reads and checks
+frames (wire.py) and puts them in a bounded Inbox (backpressure reaches the
+sender through the yamux window); its writer task sends what the Outbox
+holds, large frames over the bulk channel of bulk.py. A bad frame from the
+peer resets the stream and logs why; nothing outside this stream is touched.
+
+py-libp2p 0.8.1 quirks handled here:
+  * `close()` on a yamux stream is a write half-close (FIN); the peer can still
+    send its reply, so request/response closes after reading the reply.
+  * Stream errors come as several unrelated classes (StreamEOF, StreamReset,
+    StreamError, MuxedStream*); they all mean "this stream is over".
+  * a reset by one side may reach the other as a plain end of stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Protocol
+
+import trio
+
+from . import bulk as bulkmod
+from .bridge import BridgeClosed, Inbox, Outbox
+from .config import RemoteError, StreamClosed, TransportConfig, TransportError
+from .frames import (
+    PREFIX_BYTES,
+    Frame,
+    FrameError,
+    decode_frame,
+    encode_frame,
+    encode_frame_parts,
+    frame_nbytes,
+    validate_message,
+)
+from .wire import StreamReader, alloc_buffer, read_frame, write_parts
+
+log = logging.getLogger("meshpool.transport")
+
+
+class BulkHub(Protocol):
+    """What a FrameStream needs from its node for the bulk channel."""
+
+    bulk_port: int | None
+    stats: Counter[str]  # frames_sent, bulk_frames_sent, frames_received, bulk_frames_received, streams_dropped
+
+    def bulk_expect(self, token: bytes) -> trio.MemoryReceiveChannel: ...
+
+    def bulk_forget(self, token: bytes) -> None: ...
+
+    def on_bad_frame(self, peer_id: str, reason: str) -> None: ...
+
+
+class FrameStream:
+    """Frames over one libp2p stream. Runs in the node's trio thread, except
+    encode() and the inbox/outbox ends that bridge.py gives other threads."""
+
+    def __init__(self, ns: Any, peer_id: str, protocol: str, cfg: TransportConfig, hub: BulkHub) -> None:
+        self.ns = ns
+        self._reader = StreamReader(ns)
+        self.peer_id = peer_id
+        self.protocol = protocol
+        self.cfg = cfg
+        self.hub = hub
+        self.inbox = Inbox(cfg.stream_queue_frames)
+        self.outbox = Outbox(cfg.stream_send_frames)
+        self._send_lock = trio.Lock()
+        self._reader_scope = trio.CancelScope()
+        self._writer_done = trio.Event()
+        self._bulk_out: bulkmod.BulkSender | None = None
+        self._bulk_out_failed = False
+        self._bulk_in: bulkmod.BulkReceiver | None = None
+        self.end_reason: str | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------ receiving
+    async def run_reader(self) -> None:
+        with self._reader_scope:
+            try:
+                while True:
+                    frame = await read_frame(self._reader, self.cfg.limits, self.cfg.frame_timeout_s)
+                    if frame is None:
+                        self.end_reason = self.end_reason or "peer closed the stream"
+                        break
+                    if frame.type.startswith("transport.") and frame.type != "transport.error":
+                        frame = await self._control(frame)
+                        if frame is None:
+                            continue
+                    self.hub.stats["frames_received"] += 1
+                    await self.inbox.put(frame)
+            except FrameError as e:
+                self.hub.stats["streams_dropped"] += 1
+                self.end_reason = f"bad frame: {e}"
+                log.warning("dropping stream %s from peer %s: %s", self.protocol, self.peer_id, e)
+                self.hub.on_bad_frame(self.peer_id, str(e))  # before the reset the peer will see
+                await self._abort()
+            except Exception as e:  # libp2p stream errors: reset, EOF, closed connection
+                self.end_reason = self.end_reason or f"stream error: {type(e).__name__}: {e}"
+                log.debug("stream %s with %s ended: %s", self.protocol, self.peer_id, e)
+        self.inbox.close(self.end_reason or "stream closed")
+
+    async def _control(self, frame: Frame) -> Frame | None:
+        validate_message(frame, require_registered=True)
+        if frame.type == "transport.bulk_offer":
+            await self._accept_bulk_offer(frame.fields)
+            return None
+        if frame.type == "transport.bulk_ref":
+            return await self._recv_bulk(frame.fields["nbytes"])
+        if frame.type == "transport.ping":
+            return None
+        raise FrameError(f"unknown control message {frame.type}")
+
+    async def _accept_bulk_offer(self, f: dict) -> None:
+        if self._bulk_in is not None:
+            raise FrameError("second bulk offer on one stream")
+        cipher = f.get("cipher", "aes-256-gcm")
+        if cipher not in bulkmod.CIPHERS:
+            raise FrameError(f"bulk offer with unknown cipher {cipher!r}")
+        if cipher == "none" and not self.cfg.bulk_accept_plaintext:
+            raise FrameError("peer offered a plaintext bulk channel; refused by config")
+        if len(f["token"]) != bulkmod.TOKEN_BYTES or len(f["key"]) != bulkmod.KEY_BYTES:
+            raise FrameError("bulk offer token/key of wrong length")
+        if not 0 < f["port"] < 65536:
+            raise FrameError(f"bulk offer port {f['port']} out of range")
+        remote = self.ns.get_remote_address()
+        if not remote:
+            log.info("no remote address for %s; bulk channel not set up", self.peer_id)
+            return
+        sock = trio.socket.socket()
+        try:
+            with trio.fail_after(self.cfg.bulk_setup_timeout_s):
+                await sock.connect((remote[0], f["port"]))
+                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+                await sock.send(f["token"])
+        except (OSError, trio.TooSlowError) as e:
+            sock.close()
+            log.info("bulk dial to %s:%s for %s failed: %s", remote[0], f["port"], self.peer_id, e)
+            return  # the sender times out and falls back to the libp2p stream
+        self._bulk_in = bulkmod.BulkReceiver(sock, f["key"], cipher)
+
+    async def _recv_bulk(self, nbytes: int) -> Frame:
+        if self._bulk_in is None:
+            raise FrameError("bulk_ref without a bulk channel")
+        if not PREFIX_BYTES < nbytes <= self.cfg.limits.max_frame_bytes:
+            raise FrameError(f"bulk frame of {nbytes} bytes outside limits")
+        buf = alloc_buffer(nbytes)
+        with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
+            try:
+                await self._bulk_in.recv_into(buf)
+            except (EOFError, OSError) as e:
+                raise FrameError(f"bulk channel broke mid-frame: {e}") from e
+        if scope.cancelled_caught:
+            raise FrameError(f"bulk frame not completed within {self.cfg.frame_timeout_s} s")
+        frame = decode_frame(buf, self.cfg.limits)
+        if frame.type.startswith("transport."):
+            raise FrameError("control message inside a bulk frame")
+        self.hub.stats["bulk_frames_received"] += 1
+        return frame
+
+    async def recv(self) -> Frame:
+        """Trio side (request/response); threads and asyncio use inbox.get / get_async."""
+        try:
+            return self.unwrap(await self.inbox.get_trio())
+        except BridgeClosed as e:
+            raise StreamClosed(str(e)) from None
+
+    @staticmethod
+    def unwrap(frame: Frame) -> Frame:
+        if frame.type == "transport.error":
+            raise RemoteError(str(frame.fields.get("reason", "?"))[:1000])
+        return frame
+
+    # ------------------------------------------------------------ sending
+    def encode(self, frame: Frame, *, control: bool = False) -> tuple[list, int]:
+        """Any thread: check and encode a frame (FrameError for a bad one)."""
+        if frame.type.startswith("transport.") and not control:
+            raise FrameError("message types starting with 'transport.' are reserved")
+        parts = encode_frame_parts(frame, self.cfg.limits)
+        return parts, frame_nbytes(parts)
+
+    async def send(self, frame: Frame, *, control: bool = False) -> None:
+        """Trio side: encode and write now (request/response path)."""
+        parts, nbytes = self.encode(frame, control=control)
+        with trio.fail_after(self.cfg.frame_timeout_s):
+            await self._write(parts, nbytes)
+
+    async def run_writer(self) -> None:
+        """Writes what threads and asyncio tasks posted to the outbox, in order."""
+        try:
+            while (item := await self.outbox.next()) is not None:
+                parts, nbytes, done = item
+                try:
+                    with trio.fail_after(self.cfg.frame_timeout_s):
+                        await self._write(parts, nbytes)
+                except trio.Cancelled:
+                    if done is not None:
+                        done.set_exception(StreamClosed("node closing"))
+                    raise
+                except Exception as e:
+                    err = e if isinstance(e, StreamClosed) else StreamClosed(f"send failed: {type(e).__name__}: {e}")
+                    if done is not None:
+                        done.set_exception(err)
+                    if not self.closed:
+                        self.end_reason = self.end_reason or str(err)
+                        log.info("send on %s to %s failed: %s", self.protocol, self.peer_id, err)
+                        await self._abort()
+                else:
+                    if done is not None:
+                        done.set_result(None)
+                finally:
+                    self.outbox.done_with_item()
+        finally:
+            self.outbox.fail_queued(self.end_reason or "stream closed")
+            self._writer_done.set()
+
+    async def _write(self, parts: list, nbytes: int) -> None:
+        if self.closed:
+            raise StreamClosed(self.end_reason or "stream closed")
+        async with self._send_lock:
+            try:
+                if self._wants_bulk(nbytes):
+                    if self._bulk_out is None:
+                        await self._open_bulk()
+                    if self._bulk_out is not None:
+                        await write_parts(self.ns, [encode_frame(Frame("transport.bulk_ref", 1, {"nbytes": nbytes}))])
+                        await self._bulk_out.send_parts(parts)
+                        self.hub.stats["bulk_frames_sent"] += 1
+                        self.hub.stats["frames_sent"] += 1
+                        return
+                await write_parts(self.ns, parts)
+                self.hub.stats["frames_sent"] += 1
+            except (trio.Cancelled, FrameError, StreamClosed):
+                raise
+            except Exception as e:
+                raise StreamClosed(f"send failed: {type(e).__name__}: {e}") from e
+
+    def _wants_bulk(self, nbytes: int) -> bool:
+        t = self.cfg.bulk_threshold_bytes
+        return t > 0 and nbytes >= t and not self._bulk_out_failed and self.hub.bulk_port is not None
+
+    async def _open_bulk(self) -> None:
+        token, key = bulkmod.new_secrets()
+        try:
+            waiter = self.hub.bulk_expect(token)
+        except TransportError as e:
+            log.info("bulk channel to %s not opened: %s", self.peer_id, e)
+            return
+        try:
+            offer = Frame("transport.bulk_offer", 1,
+                          {"port": self.hub.bulk_port, "token": token, "key": key, "cipher": self.cfg.bulk_cipher})
+            await write_parts(self.ns, [encode_frame(offer)])
+            with trio.move_on_after(self.cfg.bulk_setup_timeout_s):
+                sock = await waiter.receive()
+                self._bulk_out = bulkmod.BulkSender(sock, key, self.cfg.bulk_cipher)
+                return
+            self._bulk_out_failed = True
+            log.info("peer %s did not open the bulk channel; large frames go over libp2p", self.peer_id)
+        finally:
+            self.hub.bulk_forget(token)
+
+    # ------------------------------------------------------------ ending
+    async def close(self) -> None:
+        """Send what is queued, then half-close (FIN); stops reading."""
+        if self.closed:
+            return
+        self.outbox.close()
+        with trio.move_on_after(self.cfg.frame_timeout_s):
+            await self._writer_done.wait()
+        self.closed = True
+        self.end_reason = self.end_reason or "closed by us"
+        self._reader_scope.cancel()
+        self.inbox.close(self.end_reason)
+        self._close_bulk()
+        try:
+            await self.ns.close()
+        except Exception as e:
+            log.debug("close of stream with %s: %s", self.peer_id, e)
+
+    async def _abort(self) -> None:
+        """Reset the libp2p stream; queued sends fail, readers see end_reason."""
+        self.closed = True
+        self.outbox.close()
+        self._close_bulk()
+        try:
+            await self.ns.reset()
+        except Exception as e:
+            log.debug("reset of stream with %s: %s", self.peer_id, e)
+
+    async def reset(self, reason: str) -> None:
+        self.end_reason = self.end_reason or reason
+        self._reader_scope.cancel()
+        await self._abort()
+        self.inbox.close(self.end_reason)
+
+    def _close_bulk(self) -> None:
+        for b in (self._bulk_out, self._bulk_in):
+            if b is not None:
+                b.close()
