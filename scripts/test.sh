@@ -3,4 +3,13 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$root"
+# The ledger tests also run against a real PostgreSQL server; as root we install and start one.
+if [ -z "${MESHPOOL_TEST_POSTGRES_URL:-}" ]; then
+    if [ "$(id -u)" = 0 ]; then
+        MESHPOOL_TEST_POSTGRES_URL="$("$root/scripts/postgres.sh")"
+        export MESHPOOL_TEST_POSTGRES_URL
+    else
+        echo "test.sh: not root, so no PostgreSQL server: the ledger's PostgreSQL tests will be skipped" >&2
+    fi
+fi
 exec python -m pytest "$@"
