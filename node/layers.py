@@ -56,14 +56,17 @@ class KVCache(nn.Module):
     """Preallocated keys and values for `n_slots` sessions of up to `max_tokens` each, per layer.
 
     On the CPU torch.empty only reserves address space: pages are committed as sessions fill them.
+    On a GPU the cache starts zeroed: its allocator hands back old memory, and a masked-out NaN
+    there would still poison attention (a zero weight times NaN is NaN).
     """
 
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_tokens: int, head_dim: int,
                  dtype: torch.dtype, device):
         super().__init__()
         shape = (n_layers, n_slots, n_kv_heads, max_tokens, head_dim)
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        alloc = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.register_buffer("k", alloc(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", alloc(shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def bytes_per_token(self) -> int:

@@ -2,7 +2,9 @@
 
 Stage 0 takes token ids and embeds them; later stages take hidden states (T, D). The last stage
 applies the final norm and LM head and returns logits; every other stage returns hidden states.
-Decode steps of different sessions run as one batch.
+Decode steps of different sessions run as one batch. On a CUDA device decode runs fused kernels
+replayed from CUDA graphs (node/cuda_graphs.py); prefill, and every step on the CPU, run the
+layers of node/layers.py.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.config import ModelConfig, ModelError
+from node.cuda_graphs import DecodeStep, GraphedDecoder
+from node.fused import Ops, triton_usable
 from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
@@ -52,12 +56,21 @@ class ShardModel(nn.Module):
                 if shard.is_last and not (config.tie_word_embeddings and shard.is_first)
                 else None
             )
+        self.to(dtype)  # still on the meta device: the weights are allocated once, in `dtype`
         self.to_empty(device=device)
-        self.to(dtype)
 
     def load(self, checkpoint: Checkpoint) -> list[str]:
         names = tensor_names(self.config, self.shard)
-        tensors = checkpoint.load(names, dtype=next(self.parameters()).dtype, device=next(self.parameters()).device)
+        p = next(self.parameters())
+        return self.load_tensors(checkpoint.load(names, dtype=p.dtype, device=p.device))
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Copy in the shard's tensors from `tensors` (named as in a checkpoint; left unchanged)."""
+        names = tensor_names(self.config, self.shard)
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ModelError(f"{len(missing)} tensors of the shard are missing, e.g. {missing[0]}")
+        tensors = {n: tensors[n] for n in names}
         with torch.no_grad():
             if self.embed is not None:
                 self.embed.weight.copy_(tensors[EMBED])
@@ -88,8 +101,27 @@ class ShardRuntime:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        cuda_graphs: bool = True,
     ):
-        self.config = ModelConfig.load(model_dir)
+        """`cuda_graphs`: on a CUDA device, decode through fused kernels and CUDA graphs (False:
+        the layers of node/layers.py, as on the CPU)."""
+        config = ModelConfig.load(model_dir)
+        self._build(config, shard, lambda model: model.load(Checkpoint(model_dir)), device, dtype, max_sessions,
+                    max_seq_len, idle_timeout_s, cuda_graphs)
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],
+                     **kwargs) -> "ShardRuntime":
+        """A runtime over tensors already in memory, named as in a checkpoint (benchmarks)."""
+        runtime = cls.__new__(cls)
+        kwargs = {**dict(device="cpu", dtype=torch.float32, max_sessions=DEFAULT_MAX_SESSIONS,
+                         max_seq_len=DEFAULT_MAX_SEQ_LEN, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S,
+                         cuda_graphs=True), **kwargs}
+        runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
+        return runtime
+
+    def _build(self, config, shard, load, device, dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs):
+        self.config = config
         if shard.n_layers != self.config.n_layers:
             raise ModelError(f"shard says {shard.n_layers} layers, the model has {self.config.n_layers}")
         if max_sessions <= 0 or max_seq_len <= 0:
@@ -99,13 +131,20 @@ class ShardRuntime:
         self.max_seq_len = min(max_seq_len, self.config.max_context_tokens)
         self.idle_timeout_s = idle_timeout_s
         self.model = ShardModel(self.config, shard, dtype, self.device).eval()
-        self.loaded_tensors = self.model.load(Checkpoint(model_dir))
+        self.loaded_tensors = load(self.model)
         cos, sin = rope_tables(self.config, self.max_seq_len)
         self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
+        use_graphs = cuda_graphs and self.device.type == "cuda" and triton_usable(self.device)
+        # the graphs pad batches with rows that write into one extra slot, owned by no session
         self.cache = KVCache(
-            shard.n_shard_layers, max_sessions, self.config.n_kv_heads, self.max_seq_len,
+            shard.n_shard_layers, max_sessions + (1 if use_graphs else 0), self.config.n_kv_heads, self.max_seq_len,
             self.config.head_dim, dtype, self.device,
         )
+        self.graphs = None
+        if use_graphs:
+            step = DecodeStep(self.model, self.cache, self.cos, self.sin, Ops(use_triton=True))
+            self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
+                                         None if shard.is_first else self.config.hidden_size, dtype, self.device)
         self.sessions: dict[str, Session] = {}
         self._free_slots = list(range(max_sessions - 1, -1, -1))  # pop() hands out low slots first
 
@@ -175,7 +214,8 @@ class ShardRuntime:
     @torch.inference_mode()
     def decode(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """One new token for each of B open sessions, as one batch: ids (B,) stacked from each
-        step's (1,) or hidden (B, D) from each step's (1, D). Returns (B, D) or logits (B, V)."""
+        step's (1,) or hidden (B, D) from each step's (1, D). Returns (B, D) or logits (B, V);
+        on CUDA a view valid until the next decode of this shard."""
         if not steps:
             raise SessionError("empty decode batch")
         ids = [sid for sid, _ in steps]
@@ -187,12 +227,26 @@ class ShardRuntime:
                 raise SessionError(f"unknown session {sid!r} (prefill first)")
             sessions.append(self.sessions[sid])
             self._check_room(sid, sessions[-1], 1)
-        x = torch.cat([self._check_input(x) for _, x in steps])  # (B,) or (B, D)
-        if x.shape[0] != len(steps):
+        xs = [self._check_input(x, to_device=False, check_range=False) for _, x in steps]
+        if any(x.shape[0] != 1 for x in xs):
             raise SessionError("each decode step carries exactly one token")
-        B = len(steps)
+        if self.shard.is_first:  # token ids: one range check for the batch
+            xs = [self._check_input(torch.cat(xs), to_device=self.graphs is None)]
         slot_list = [s.slot for s in sessions]
         pos_list = [s.n_tokens for s in sessions]
+        if self.graphs is not None:
+            out = self.graphs.decode(slot_list, pos_list, xs)
+        else:
+            x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
+            out = self._decode_layers(x, slot_list, pos_list)
+        now = time.monotonic()
+        for s in sessions:
+            s.n_tokens += 1
+            s.last_used_s = now
+        return out
+
+    def _decode_layers(self, x: torch.Tensor, slot_list: list[int], pos_list: list[int]) -> torch.Tensor:
+        B = len(slot_list)
         slots = torch.tensor(slot_list, device=self.device)
         pos = torch.tensor(pos_list, device=self.device)
         visible = max(pos_list) + 1
@@ -209,10 +263,6 @@ class ShardRuntime:
         mask = (torch.arange(visible, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B,1,1,L)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, Dh)
         h = self._forward(x[:, None], cos, sin, write, read, mask)[:, 0]  # (B, D)
-        now = time.monotonic()
-        for s in sessions:
-            s.n_tokens += 1
-            s.last_used_s = now
         return self._head(h) if self.shard.is_last else h
 
     def _forward(self, x, cos, sin, write, read, mask) -> torch.Tensor:
@@ -226,20 +276,20 @@ class ShardRuntime:
 
     # -- input checks ---------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor, to_device: bool = True, check_range: bool = True) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise SessionError(f"expected a tensor, got {type(x).__name__}")
         if self.shard.is_first:
             if x.dim() != 1 or x.dtype not in (torch.int64, torch.int32) or x.numel() == 0:
                 raise SessionError(f"stage 0 takes a non-empty 1-d tensor of token ids, got {x.dtype} {tuple(x.shape)}")
-            if int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size:
+            if check_range and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
                 raise SessionError(f"token id out of range [0, {self.config.vocab_size})")
-            return x.to(self.device, torch.int64)
+            return x.to(self.device, torch.int64) if to_device else x
         if x.dim() != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0 or not x.is_floating_point():
             raise SessionError(
                 f"stage takes hidden states (T, {self.config.hidden_size}) of floats, got {x.dtype} {tuple(x.shape)}"
             )
-        return x.to(self.device, self.dtype)
+        return x.to(self.device, self.dtype) if to_device else x
 
     def _check_room(self, session_id: str, session: Session, n_new: int) -> None:
         if session.n_tokens + n_new > self.max_seq_len:

@@ -1,0 +1,181 @@
+"""A shard's decode step over fused ops, replayed from CUDA graphs.
+
+One graph per (batch bucket, attention plan): a batch of B sessions runs as the smallest bucket
+that holds it, padded with rows that point at a dummy cache slot no session owns. Before a replay
+the slots, positions and lengths of the batch (and the token ids on stage 0) go to the device in
+one copy from pinned memory, and hidden states are concatenated straight into the graph's input
+buffer; nothing inside the step waits for the host. Attention reads only the keys below each
+row's length, so the cache length costs nothing; the plan only sets how many programs share a
+long context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from node.fused import Ops, attention_plan
+
+
+def batch_buckets(max_sessions: int) -> tuple[int, ...]:
+    """Powers of two below `max_sessions`, then `max_sessions` itself: 1, 2, 4, 8, 16, 32 for 32."""
+    if max_sessions <= 0:
+        raise ValueError("max_sessions must be positive")
+    buckets, b = [], 1
+    while b < max_sessions:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_sessions)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"batch of {n} is over the largest bucket {buckets[-1]}")
+
+
+def pad_step(slots: list[int], positions: list[int], bucket: int, dummy_slot: int) -> list[list[int]]:
+    """[slots, positions, lengths] of a batch padded to `bucket` rows; a padding row writes and
+    reads position 0 of the dummy slot only."""
+    pad = bucket - len(slots)
+    if pad < 0:
+        raise ValueError(f"{len(slots)} rows do not fit a bucket of {bucket}")
+    return [slots + [dummy_slot] * pad, positions + [0] * pad, [p + 1 for p in positions] + [1] * pad]
+
+
+def segment_bounds(n_layers: int, per_graph: int) -> list[tuple[int, int]]:
+    """Layer ranges of the graphs one step is launched as: the first of one layer, so that the
+    device starts while the host launches the rest, then `per_graph` layers each."""
+    bounds, start = [(0, 1)], 1
+    while start < n_layers:
+        bounds.append((start, min(start + per_graph, n_layers)))
+        start += per_graph
+    return bounds
+
+
+class DecodeStep:
+    """One decode token per row through a shard's layers: ids (B,) on stage 0 or hidden (B, D)
+    after, to hidden (B, D) or, on the last stage, logits (B, V). The residual add of each block
+    is fused into the next norm; q, k, v and gate/up are one matmul each."""
+
+    def __init__(self, model, cache, cos: torch.Tensor, sin: torch.Tensor, ops: Ops):
+        config = model.config
+        self.model, self.ops = model, ops
+        self.n_layers = len(model.layers)
+        self.cos, self.sin = cos.contiguous(), sin.contiguous()  # (T, Dh)
+        self.k, self.v = cache.k, cache.v  # (layers, S, Hkv, T, Dh)
+        self.n_heads, self.n_kv_heads, self.eps = config.n_heads, config.n_kv_heads, config.rms_norm_eps
+
+    def __call__(self, x, slots, positions, lengths, plan) -> torch.Tensor:
+        return self.segment(0, self.n_layers, x, slots, positions, lengths, plan)
+
+    def segment(self, start: int, end: int, state, slots, positions, lengths, plan):
+        """Layers [start, end): from the step's input (start == 0) or the (h, delta) of the
+        layers before, to the step's output (end == n_layers) or (h, delta) for the next."""
+        ops, m = self.ops, self.model
+        if start == 0:
+            h, delta = (m.embed(state) if m.embed is not None else state), None  # (B, D)
+        else:
+            h, delta = state
+        for i in range(start, end):
+            layer = m.layers[i]
+            attn, mlp = layer.attn, layer.mlp
+            h, xn = ops.rms_norm(h, layer.input_norm.weight, self.eps, delta)
+            qkv = F.linear(xn, attn.qkv.weight, attn.qkv.bias)  # (B, (H + 2 Hkv) Dh)
+            q = ops.rope_write(qkv, self.cos, self.sin, positions, slots, self.k[i], self.v[i],
+                               self.n_heads, self.n_kv_heads)  # (B, H, Dh)
+            a = ops.attention(q, self.k[i], self.v[i], slots, lengths, plan)  # (B, H Dh)
+            delta = F.linear(a, attn.o.weight, attn.o.bias)
+            h, xn = ops.rms_norm(h, layer.post_attn_norm.weight, self.eps, delta)
+            gate_up = F.linear(xn, mlp.gate_up.weight, mlp.gate_up.bias)  # (B, 2 I)
+            delta = F.linear(ops.silu_mul(gate_up), mlp.down.weight, mlp.down.bias)
+        if end < self.n_layers:
+            return h, delta
+        if m.norm is None:
+            return h + delta
+        _, xn = ops.rms_norm(h, m.norm.weight, self.eps, delta)
+        return F.linear(xn, m.head_weight())  # (B, V)
+
+
+class GraphedDecoder:
+    """Static input buffers and the captured graphs of one shard's decode step.
+
+    A step is captured as a few graphs of a few layers each, replayed in order: launching one
+    graph of a whole shard costs the host about a microsecond per kernel before the device
+    starts, while the device runs a graph the host launches the next. The tensor `decode`
+    returns is a view of the last graph's output buffer: valid until the next `decode` on this
+    shard, so it can be handed on without a copy."""
+
+    LAYERS_PER_GRAPH = 4
+
+    def __init__(self, step: DecodeStep, max_sessions: int, dummy_slot: int, max_tokens: int,
+                 hidden_size: int | None, dtype: torch.dtype, device: torch.device, use_graphs: bool = True):
+        self.step, self.dummy_slot, self.max_tokens = step, dummy_slot, max_tokens
+        self.buckets = batch_buckets(max_sessions)
+        self.use_graphs = use_graphs
+        n = self.buckets[-1]
+        # rows: slots, positions, lengths, token ids
+        self._host = torch.zeros(4, n, dtype=torch.int64).pin_memory()
+        self._index = torch.zeros(4, n, dtype=torch.int64, device=device)
+        self._hidden = None if hidden_size is None else torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self._host_free = torch.cuda.Event()
+        self._host_free.record()
+        self._pool = torch.cuda.graph_pool_handle()
+        self.segments = segment_bounds(step.n_layers, self.LAYERS_PER_GRAPH)
+        self.graphs: dict[tuple[int, tuple[int, int]], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
+
+    def decode(self, slots: list[int], positions: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
+        """One token for each row: `xs` are (1,) ids on stage 0 (on the host), else (1, D) hidden."""
+        B = len(slots)
+        bucket = bucket_for(B, self.buckets)
+        plan = attention_plan(max(positions) + 1, self.max_tokens)
+        key = (bucket, plan)
+        if self.use_graphs and key not in self.graphs:
+            self.graphs[key] = self._capture(bucket, plan)
+        self._host_free.synchronize()  # the previous step's copy has left the pinned buffer
+        self._host[:3, :bucket] = torch.tensor(pad_step(slots, positions, bucket, self.dummy_slot))
+        if self._hidden is None:
+            torch.cat([x.to("cpu", torch.int64) for x in xs], out=self._host[3, :B])
+        self._index[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
+        self._host_free.record()
+        if self._hidden is not None:
+            device, dtype = self._hidden.device, self._hidden.dtype
+            torch.cat([x.to(device, dtype) for x in xs], out=self._hidden[:B])
+        if self.use_graphs:
+            graphs, out = self.graphs[key]
+            for graph in graphs:
+                graph.replay()
+        else:
+            out = self.step(*self._inputs(bucket), plan)
+        return out[:B]
+
+    def _inputs(self, bucket: int):
+        x = self._index[3, :bucket] if self._hidden is None else self._hidden[:bucket]
+        return x, self._index[0, :bucket], self._index[1, :bucket], self._index[2, :bucket]
+
+    def _capture(self, bucket: int, plan: tuple[int, int]):
+        # Warm up (Triton compiles, cuBLAS picks kernels) and capture with every row on the dummy
+        # slot, so that neither writes into a session's cache.
+        self._index[:3, :bucket] = torch.tensor(pad_step([], [], bucket, self.dummy_slot), device=self._index.device)
+        self._index[3, :bucket] = 0
+        x, *index = self._inputs(bucket)
+
+        def run(state, start, end):
+            return self.step.segment(start, end, state, *index, plan)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                state = x
+                for start, end in self.segments:
+                    state = run(state, start, end)
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs, state = [], x
+        for start, end in self.segments:
+            # each graph's outputs stay referenced, so later captures in the pool keep off them
+            graphs.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graphs[-1], pool=self._pool):
+                state = run(state, start, end)
+        return graphs, state
