@@ -19,6 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller, faster measurements")
     p.set_defaults(func=_profile)
 
+    p = sub.add_parser("join", help="join a pool: profile, register, serve the shard assigned")
+    p.add_argument("coordinator", help="the coordinator's multiaddr, with /p2p/<peer id>")
+    p.add_argument("--data-dir", required=True, help="where this provider keeps its identity key")
+    p.add_argument("--device", default="auto", help="auto, cpu, mps or cuda:N")
+    p.add_argument("--max-memory-mb", type=int, help="memory the pool may fill (default: the device's free memory)")
+    p.add_argument("--model", help="Hugging Face-format model directory (default: the shipped model)")
+    p.add_argument("--quick-profile", action="store_true", help="smaller, faster hardware measurements")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_join)
+
     p = sub.add_parser("models", help="print '<model-id> <path>' per available model, default first")
     p.set_defaults(func=_models)
 
@@ -53,6 +63,40 @@ def _profile(args) -> int:
     with _progress_bar(2 * len(devices), "profiling") as bar:
         profile = measure(devices, quick=args.quick, progress=lambda _step: bar.update())
     print(json.dumps(profile.to_dict(), indent=2))
+    return 0
+
+
+def _join(args) -> int:
+    import logging
+    import signal
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    from node.models import default_model_dir
+    from node.profile import available_devices, measure
+    from node.provider import Provider
+    from node.transport.identity import load_or_create
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    device = available_devices()[0] if args.device == "auto" else torch.device(args.device)
+    identity = load_or_create(args.data_dir)
+    model_dir = Path(args.model) if args.model else default_model_dir(progress=True)
+    with _progress_bar(2, "profiling") as bar:
+        profile = measure([device], quick=args.quick_profile, progress=lambda _step: bar.update())
+    max_memory_bytes = (args.max_memory_mb * 2**20 if args.max_memory_mb
+                        else profile.devices[0].memory_free_bytes)
+    provider = Provider(identity, args.coordinator, model_dir, device, profile.to_dict(), max_memory_bytes)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    peer = provider.start()
+    print(f"provider ready peer={peer}", flush=True)
+    stop.wait()
+    print("leaving: handing work back to the pool", file=sys.stderr, flush=True)
+    provider.leave()
     return 0
 
 

@@ -1,0 +1,124 @@
+"""Per-token latency of a real pool of 1, 2 and 4 stages over loopback libp2p, against the same
+layer ranges chained in one process, measured in the same run: the cost of each hop.
+
+    python bench/pipeline_overhead.py [--tokens 64] [--repeats 3]
+
+Each pool is `coordinator serve` plus N `provider join` processes whose memory caps force N stages
+(one compute thread each, as in the tests). Per-token latency = (time of a request for 1 + T tokens
+minus time of a request for 1 token) / T, median of the repeats. A token crosses N + 1 hops:
+coordinator -> stage 0 -> ... -> last stage -> coordinator. Writes bench/pipeline_overhead.json.
+The 8 MB bulk hop against plain TCP is bench/transport.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from coordinator.local_pool import LocalPool  # noqa: E402
+from node.config import ModelConfig  # noqa: E402
+from node.local_pipeline import LocalPipeline  # noqa: E402
+from node.models import default_model_dir  # noqa: E402
+from node.protocol import RESULT  # noqa: E402
+from node.sampling import SamplingParams  # noqa: E402
+from node.stage import step_frame  # noqa: E402
+from node.transport.frames import Frame, encode_frame  # noqa: E402
+
+CAPS_MB = {1: None, 2: 450, 4: 200}  # memory caps that make the planner use exactly N stages
+PROMPT = "The history of the printing press begins"
+
+
+def pool_latency_ms(n_stages: int, tokens: int, repeats: int) -> tuple[float, list[tuple[int, int]]]:
+    with tempfile.TemporaryDirectory(prefix="meshpool-bench-") as root:
+        pool = LocalPool(Path(root))
+        try:
+            pool.start_coordinator()
+            for i in range(n_stages):
+                pool.add_provider(f"p{i}", max_memory_mb=CAPS_MB[n_stages])
+            state = pool.wait_for(lambda s: s["pipelines"] and len(s["pipelines"][0]["stages"]) == n_stages,
+                                  what=f"a {n_stages}-stage pipeline")
+            ranges = [(s["start"], s["end"]) for s in state["pipelines"][0]["stages"]]
+            model = pool.get("/v1/models")["data"][0]["id"]
+
+            def timed(max_tokens: int) -> tuple[float, int]:
+                start = time.perf_counter()
+                status, body = pool.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": max_tokens})
+                assert status == 200, body
+                return time.perf_counter() - start, body["usage"]["completion_tokens"]
+
+            timed(4)  # warm-up: first streams, first allocations
+            per_token = []
+            for _ in range(repeats):
+                one_s, _ = timed(1)
+                many_s, n = timed(1 + tokens)
+                per_token.append((many_s - one_s) / (n - 1) * 1e3)
+            return statistics.median(per_token), ranges
+        finally:
+            pool.stop()
+
+
+def local_latency_ms(model_dir: Path, ranges: list[tuple[int, int]], tokens: int) -> float:
+    pipeline = LocalPipeline.load(model_dir, ranges)
+    ids = list(range(100, 110))
+    pipeline.prefill("s", ids)
+    token = 5
+    for _ in range(3):
+        pipeline.decode(["s"], [token])
+    start = time.perf_counter()
+    for _ in range(tokens):
+        pipeline.decode(["s"], [token])
+    return (time.perf_counter() - start) / tokens * 1e3
+
+
+def bytes_per_token(config: ModelConfig, n_stages: int) -> int:
+    """Frame bytes one decode token puts on the wire, all hops together."""
+    sampling = [SamplingParams()]
+    ids = encode_frame(step_frame("0" * 16, 1, "decode", ["s0"], [100], sampling, torch.tensor([5])))
+    hidden = encode_frame(step_frame("0" * 16, 1, "decode", ["s0"], [100], sampling,
+                                     torch.zeros(1, config.hidden_size)))
+    result = encode_frame(Frame(RESULT.type, RESULT.version, {"pipeline": "0" * 16, "step": 1, "sessions": ["s0"],
+                                                              "tokens": [5]}))
+    return len(ids) + (n_stages - 1) * len(hidden) + len(result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stages", default="1,2,4")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as each provider process runs
+    os.environ["OMP_NUM_THREADS"] = "1"
+    model_dir = default_model_dir()
+    config = ModelConfig.load(model_dir)
+
+    rows = []
+    print(f"{'stages':>6} {'layer ranges':<28} {'pool ms/token':>13} {'in-process ms/token':>19} "
+          f"{'per hop ms':>10} {'bytes/token':>11}")
+    for n in [int(s) for s in args.stages.split(",")]:
+        pool_ms, ranges = pool_latency_ms(n, args.tokens, args.repeats)
+        local_ms = local_latency_ms(model_dir, ranges, args.tokens)
+        hop_ms = (pool_ms - local_ms) / (n + 1)
+        n_bytes = bytes_per_token(config, n)
+        rows.append({"stages": n, "ranges": ranges, "pool_ms_per_token": round(pool_ms, 2),
+                     "in_process_ms_per_token": round(local_ms, 2), "per_hop_ms": round(hop_ms, 2),
+                     "hops_per_token": n + 1, "bytes_per_token": n_bytes})
+        print(f"{n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} {hop_ms:>10.2f} {n_bytes:>11}")
+    path = Path(__file__).with_suffix(".json")
+    path.write_text(json.dumps({"model": model_dir.name, "tokens": args.tokens, "rows": rows,
+                                "loadavg": os.getloadavg()}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""`coordinator` command line: run the coordinator, vouch for providers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coordinator", description="Run a meshpool coordinator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the libp2p host, the pool and the HTTP API")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--p2p-port", type=int, default=0, help="0: any free port")
+    p.add_argument("--api-port", type=int, default=0, help="0: any free port")
+    p.add_argument("--model", type=Path, help="Hugging Face-format model directory (default: the shipped model)")
+    p.add_argument("--max-sessions", type=int, default=8, help="sessions each stage holds at once")
+    p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
+    p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("vouch", help="mark a provider as trusted to serve (works while the coordinator runs)")
+    p.add_argument("peer")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.set_defaults(func=_vouch)
+
+    p = sub.add_parser("demo", help="a local pool of several providers on the default model")
+    p.add_argument("--dir", type=Path, help="where the pool's data and logs go (default: a new temp dir)")
+    p.add_argument("--once", action="store_true", help="stop after the example request")
+    p.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _serve(args) -> int:
+    from coordinator.server import serve
+    from node.config import ModelError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
+              context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s)
+    except ModelError as exc:
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args) -> int:
+    from coordinator.demo import run_demo
+
+    return run_demo(args.dir, args.once)
+
+
+def _vouch(args) -> int:
+    from libp2p.peer.id import ID
+
+    from coordinator.registry import add_vouch
+
+    try:
+        raw = ID.from_base58(args.peer).to_bytes()
+    except Exception:  # the base58 decoder raises several types
+        raw = b""
+    # a peer id is a multihash: identity (0x00) of a small public key, or sha2-256 (0x12) of a large one
+    valid = len(raw) > 2 and raw[0] in (0x00, 0x12) and raw[1] == len(raw) - 2
+    if not valid:
+        print(f"coordinator: {args.peer!r} is not a libp2p peer id", file=sys.stderr)
+        return 2
+    added = add_vouch(args.data_dir, args.peer)
+    print(f"vouched for {args.peer}" if added else f"{args.peer} was already vouched for")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

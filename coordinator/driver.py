@@ -1,0 +1,166 @@
+"""Drives the requests of one pipeline: prefill each new request, then decode all running ones
+together, one batched step at a time. When a step fails, every request goes back to the pool with
+the tokens produced so far, to be replayed on another pipeline."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from node.sampling import SamplingParams
+from node.stage import step_frame
+from node.transport.frames import Frame
+
+log = logging.getLogger("meshpool.coordinator")
+
+MAX_DECODE_BATCH = 32
+_session_ids = itertools.count()
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: tuple[int, ...] = ()
+    tokens: list[int] = field(default_factory=list)
+    replays: int = 0
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    on_token: Callable[[int], None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.tokens) and (len(self.tokens) >= self.max_new_tokens or self.tokens[-1] in self.stop_ids)
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.tokens and self.tokens[-1] in self.stop_ids else "length"
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.on_token:
+            self.on_token(token)
+
+    def fail(self, reason: str) -> None:
+        self.error = reason
+        self.done.set()
+
+
+class PipelineLink(Protocol):
+    def step(self, frame: Frame, timeout_s: float) -> Frame: ...
+    def close_sessions(self, sessions: list[str]) -> None: ...
+    def abort(self, reason: str) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+class PipelineDriver(threading.Thread):
+    def __init__(self, pipeline_id: str, link: PipelineLink,
+                 on_failure: Callable[[str, list[GenerationRequest], str], None],
+                 step_timeout_s: float = 30.0, max_queue: int = 1024):
+        super().__init__(name=f"driver-{pipeline_id}", daemon=True)
+        self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
+        self.step_timeout_s = step_timeout_s
+        self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
+        self.running: dict[str, GenerationRequest] = {}  # session id -> request
+        self.stopping = threading.Event()
+        self._steps = itertools.count()
+
+    @property
+    def load(self) -> int:
+        return self.inbox.qsize() + len(self.running)
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.inbox.put_nowait(request)  # raises queue.Full: the pool answers "busy"
+
+    def stop(self) -> list[GenerationRequest]:
+        """Stop after the current step; return the requests not finished."""
+        self.stopping.set()
+        if threading.current_thread() is not self:
+            self.join(timeout=self.step_timeout_s + 5)
+        return self._drain()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self._admit(block=not self.running)
+                if self.running and not self.stopping.is_set():
+                    self._decode()
+        except (StepFailed, TimeoutError, EOFError, ConnectionError, OSError) as exc:
+            reason = f"pipeline {self.pipeline_id} failed: {exc}"
+            log.warning(reason)
+            self.stopping.set()
+            self.on_failure(self.pipeline_id, self._drain(), reason)
+        finally:
+            self.link.shutdown()
+
+    def _drain(self) -> list[GenerationRequest]:
+        pending = list(self.running.values())
+        self.running.clear()
+        while True:
+            try:
+                pending.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return [r for r in pending if not r.done.is_set()]
+
+    def _admit(self, block: bool) -> None:
+        while len(self.running) < MAX_DECODE_BATCH:
+            try:
+                request = self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if request.done.is_set():  # cancelled while queued
+                continue
+            self._prefill(request)
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        # A replayed request feeds its prompt plus the tokens it already produced.
+        sid = f"s{next(_session_ids)}"
+        ids = request.prompt_ids + request.tokens
+        frame = step_frame(self.pipeline_id, next(self._steps), "prefill", [sid], [0], [request.sampling],
+                           torch.tensor(ids, dtype=torch.int64))
+        [token] = self._step(frame, [sid])
+        request.add_token(token)
+        if request.finished:
+            self._finish(sid, request)
+        else:
+            self.running[sid] = request
+
+    def _decode(self) -> None:
+        sids = [sid for sid, r in self.running.items() if not r.done.is_set()]
+        for sid in [s for s in self.running if s not in sids]:  # cancelled by the caller
+            self._finish(sid, self.running[sid])
+        if not sids:
+            return
+        requests = [self.running[s] for s in sids]
+        frame = step_frame(
+            self.pipeline_id, next(self._steps), "decode", sids,
+            [len(r.prompt_ids) + len(r.tokens) - 1 for r in requests], [r.sampling for r in requests],
+            torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64),
+        )
+        for sid, request, token in zip(sids, requests, self._step(frame, sids)):
+            request.add_token(token)
+            if request.finished:
+                self._finish(sid, request)
+
+    def _step(self, frame: Frame, sids: list[str]) -> list[int]:
+        result = self.link.step(frame, self.step_timeout_s)
+        if result.fields.get("sessions") != sids or len(result.fields.get("tokens", [])) != len(sids):
+            raise StepFailed(f"result of step {frame.fields['step']} does not match its sessions")
+        return [int(t) for t in result.fields["tokens"]]
+
+    def _finish(self, sid: str, request: GenerationRequest) -> None:
+        self.running.pop(sid, None)
+        self.link.close_sessions([sid])
+        request.done.set()

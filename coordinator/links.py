@@ -1,0 +1,108 @@
+"""The coordinator's ends of a pipeline: a stream to stage 0 for steps, and a board where the
+results that last stages send back are matched with the steps waiting for them."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+
+from node.protocol import CLOSE, PROTO_STAGE
+from node.transport import Frame, P2PNode, Stream, TransportError
+
+log = logging.getLogger("meshpool.coordinator")
+
+MAX_STEPS_IN_FLIGHT = 4096
+
+
+class StepAborted(ConnectionError):
+    pass
+
+
+class ResultBoard:
+    """Futures of the steps in flight, keyed by (pipeline, step), with the stages of that
+    pipeline: results are taken from its last stage only, failure reports from any stage."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting: dict[tuple[str, int], tuple[concurrent.futures.Future, tuple[str, ...]]] = {}
+
+    def expect(self, pipeline: str, step: int, stage_peers: tuple[str, ...]) -> concurrent.futures.Future:
+        with self.lock:
+            if len(self.waiting) >= MAX_STEPS_IN_FLIGHT:
+                raise StepAborted("too many steps in flight")
+            future = concurrent.futures.Future()
+            self.waiting[(pipeline, step)] = (future, stage_peers)
+            return future
+
+    def deliver(self, frame: Frame, from_peer: str) -> bool:
+        """Hand a stage.result or stage.failed to its step; False if it was not expected from that peer."""
+        key = (frame.fields["pipeline"], frame.fields["step"])
+        failed = frame.type == "stage.failed"
+        with self.lock:
+            future, stage_peers = self.waiting.get(key, (None, ()))
+            if future is None or from_peer not in (stage_peers if failed else stage_peers[-1:]):
+                log.warning("%s for step %s from %s dropped: not expected from that peer", frame.type, key, from_peer)
+                return False
+            del self.waiting[key]
+        if failed:
+            future.set_exception(StepAborted(frame.fields["reason"]))
+        else:
+            future.set_result(frame)
+        return True
+
+    def forget(self, pipeline: str, step: int) -> None:
+        with self.lock:
+            self.waiting.pop((pipeline, step), None)
+
+    def abort(self, pipeline: str, reason: str) -> None:
+        with self.lock:
+            keys = [k for k in self.waiting if k[0] == pipeline]
+            futures = [self.waiting.pop(k)[0] for k in keys]
+        for future in futures:
+            future.set_exception(StepAborted(reason))
+
+
+class StreamLink:
+    """Implements PipelineLink over one long-lived libp2p stream to stage 0."""
+
+    def __init__(self, node: P2PNode, pipeline: str, stage_peers: tuple[str, ...], board: ResultBoard):
+        self.node, self.pipeline, self.stage_peers, self.board = node, pipeline, stage_peers, board
+        self.stage0_peer = stage_peers[0]
+        self.stream: Stream | None = None
+        self.aborted: str | None = None
+
+    def step(self, frame: Frame, timeout_s: float) -> Frame:
+        if self.aborted:
+            raise StepAborted(self.aborted)
+        step = frame.fields["step"]
+        future = self.board.expect(self.pipeline, step, self.stage_peers)
+        try:
+            if self.stream is None:
+                self.stream = self.node.open_stream(self.stage0_peer, PROTO_STAGE, timeout_s=timeout_s)
+            self.stream.send(frame, timeout_s=timeout_s)
+            return future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"step {step} of pipeline {self.pipeline} got no result in {timeout_s} s") from None
+        except TransportError as exc:
+            raise StepAborted(f"stage 0 ({self.stage0_peer}) unreachable: {exc}") from exc
+        finally:
+            self.board.forget(self.pipeline, step)
+
+    def close_sessions(self, sessions: list[str]) -> None:
+        if self.stream is None or self.aborted:
+            return
+        try:
+            self.stream.send(Frame(CLOSE.type, CLOSE.version, {"pipeline": self.pipeline, "sessions": sessions}),
+                             timeout_s=5.0)
+        except TransportError as exc:
+            log.info("closing sessions on %s: %s", self.pipeline, exc)
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+        self.board.abort(self.pipeline, reason)
+
+    def shutdown(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None

@@ -1,0 +1,260 @@
+"""The pool: turns the registry into pipelines and keeps requests running across changes.
+
+One planner thread owns every change of the plan, so joins, leaves, deaths and failed pipelines
+are handled one at a time. A change stops the drivers of pipelines that are no longer in the plan,
+assigns shards for the new ones, and replays the interrupted requests (prompt plus the tokens
+already produced) on the new pipelines: callers see a pause, not an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
+from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
+                                 plan, provider_spec_from_profile)
+from coordinator.registry import Registry
+
+log = logging.getLogger("meshpool.coordinator")
+
+MAX_PENDING_REQUESTS = 1024
+MAX_REPLAYS = 8
+
+
+class PoolBusy(RuntimeError):
+    """No pipeline can take the request now (none exists, or all queues are full)."""
+
+
+@dataclass
+class ActivePipeline:
+    id: str
+    pipeline: Pipeline
+    driver: PipelineDriver
+
+    def public(self) -> dict:
+        return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end}
+                                          for s in self.pipeline.stages]}
+
+
+def pipeline_id(pipeline: Pipeline) -> str:
+    text = ";".join(f"{s.peer_id}:{s.start}:{s.end}" for s in pipeline.stages)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Pool:
+    def __init__(
+        self,
+        registry: Registry,
+        model_shape: ModelShape,
+        model_id: str,
+        assign: Callable[[str, dict], None],
+        unassign: Callable[[str, str], None],
+        make_link: Callable[[str, tuple[str, ...]], PipelineLink],
+        probe: Callable[[str], bool],
+        workload: Workload,
+        objective: Objective = Objective.THROUGHPUT,
+        step_timeout_s: float = 30.0,
+    ):
+        self.registry, self.model_shape, self.model_id = registry, model_shape, model_id
+        self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
+        self.workload, self.objective, self.step_timeout_s = workload, objective, step_timeout_s
+        self.lock = threading.RLock()
+        self.active: dict[str, ActivePipeline] = {}
+        self.pending: list[GenerationRequest] = []
+        self.plan_error = ""
+        self.suspects: set[str] = set()  # peers of failed pipelines, probed before re-planning
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        with self.lock:
+            for active in self.active.values():
+                for request in active.driver.stop():
+                    request.fail("coordinator shutting down")
+            for request in self.pending:
+                request.fail("coordinator shutting down")
+
+    def request_replan(self) -> None:
+        self._wake.set()
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self.lock:
+            if not self.active and self.plan_error:
+                raise PoolBusy(f"no pipeline can serve: {self.plan_error}")
+            if not self._dispatch(request):
+                if len(self.pending) >= MAX_PENDING_REQUESTS:
+                    raise PoolBusy("the pool's queue is full")
+                self.pending.append(request)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"providers": self.registry.snapshot(),
+                    "pipelines": [a.public() for a in self.active.values()],
+                    "pending_requests": len(self.pending), "plan_error": self.plan_error}
+
+    def suspect(self, peer: str) -> None:
+        """A stage blamed `peer` for a failed step: probe it before the next plan."""
+        with self.lock:
+            self.suspects.add(peer)
+        self.request_replan()
+
+    def fail_peer(self, peer: str, reason: str) -> None:
+        """A provider is gone (dead, left, misbehaved): stop its pipelines and re-plan."""
+        self.registry.set_state(peer, "dead", reason)
+        with self.lock:
+            for active in list(self.active.values()):
+                if peer in active.pipeline.peer_ids:
+                    active.driver.link.abort(f"provider {peer} {reason}")
+        self.request_replan()
+
+    # -- planner thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._round()
+            except Exception:  # keep the planner alive whatever one round does
+                log.exception("re-planning failed")
+                self._wake.set()
+                time.sleep(0.5)
+
+    def _round(self) -> None:
+        for peer in self.registry.expire():
+            log.warning("provider %s missed its heartbeats", peer)
+            self.fail_peer(peer, "missed its heartbeats")
+        with self.lock:
+            suspects, self.suspects = self.suspects, set()
+        for peer in suspects:
+            if not self.probe(peer):
+                log.warning("provider %s does not answer after its pipeline failed", peer)
+                self.fail_peer(peer, "stopped answering")
+        self.registry.refresh()
+        self._replan()
+
+    def _replan(self) -> None:
+        candidates = self.registry.candidates()
+        wanted: dict[str, Pipeline] = {}
+        error = ""
+        if candidates:
+            specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
+            try:
+                result = plan(specs, self.model_shape, self.workload, objective=self.objective)
+                wanted = {pipeline_id(p): p for p in result.pipelines}
+            except (InsufficientMemoryError, PlanError) as exc:
+                error = str(exc)
+        else:
+            error = "no provider may serve yet (newcomers wait for a vouch)"
+
+        with self.lock:
+            self.plan_error = error
+            dead = {pid for pid, a in self.active.items() if not a.driver.is_alive()}
+            keep = {pid for pid in self.active if pid in wanted and pid not in dead}
+            if keep == set(self.active) and set(wanted) == keep:
+                self._flush_pending()
+                return
+            orphans: list[GenerationRequest] = []
+            released: set[str] = set()
+            for pid in [p for p in self.active if p not in keep]:
+                active = self.active.pop(pid)
+                orphans += active.driver.stop()
+                released |= set(active.pipeline.peer_ids)
+                log.info("pipeline %s stopped", pid)
+            busy = {peer for a in self.active.values() for peer in a.pipeline.peer_ids}
+        for peer in released - {p for pipeline in wanted.values() for p in pipeline.peer_ids}:
+            if self.registry.providers.get(peer) and self.registry.providers[peer].state != "dead":
+                self.unassign(peer, "")
+
+        # Assign outside the lock: loading shards takes seconds and requests may arrive meanwhile.
+        started: dict[str, ActivePipeline] = {}
+        for pid, pipeline in wanted.items():
+            if pid in keep or busy & set(pipeline.peer_ids):
+                continue
+            try:
+                self._assign_pipeline(pid, pipeline)
+            except Exception as exc:  # a provider that cannot take its stage is not used again
+                log.warning("assigning pipeline %s failed: %s", pid, exc)
+                peer = getattr(exc, "peer", None)
+                if peer:
+                    self.registry.set_state(peer, "dead", f"assignment failed: {exc}")
+                self._wake.set()
+                continue
+            driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
+                                    step_timeout_s=self.step_timeout_s)
+            started[pid] = ActivePipeline(pid, pipeline, driver)
+            busy |= set(pipeline.peer_ids)
+
+        with self.lock:
+            for pid, active in started.items():
+                self.active[pid] = active
+                active.driver.start()
+                for stage in active.pipeline.stages:
+                    self.registry.set_state(stage.peer_id, "serving")
+                log.info("pipeline %s serving: %s", pid, active.public()["stages"])
+            serving = {peer for a in self.active.values() for peer in a.pipeline.peer_ids}
+            for record in self.registry.candidates():
+                if record.state == "serving" and record.peer not in serving:
+                    self.registry.set_state(record.peer, "idle")
+            self.pending = orphans + self.pending
+            self._flush_pending()
+
+    def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> None:
+        stages = pipeline.stages
+        # Last stage first, so that each stage's successor is ready when it connects.
+        # "" stands for the coordinator, before stage 0 and after the last stage.
+        for i in reversed(range(len(stages))):
+            self.assign(stages[i].peer_id, {
+                "pipeline": pid, "model": self.model_id, "start": stages[i].start, "end": stages[i].end,
+                "n_layers": self.model_shape.n_layers,
+                "prev_peer": stages[i - 1].peer_id if i > 0 else "",
+                "next_peer": stages[i + 1].peer_id if i + 1 < len(stages) else "",
+            })
+
+    def _driver_failed(self, pid: str, requests: list[GenerationRequest], reason: str) -> None:
+        with self.lock:
+            active = self.active.get(pid)
+            if active is not None and active.driver is threading.current_thread():
+                del self.active[pid]
+                self.suspects |= set(active.pipeline.peer_ids)
+            for request in requests:
+                request.replays += 1
+                if request.replays > MAX_REPLAYS:
+                    request.fail(f"gave up after {MAX_REPLAYS} pipeline failures: {reason}")
+                else:
+                    self.pending.append(request)
+        self.request_replan()
+
+    def _dispatch(self, request: GenerationRequest) -> bool:
+        drivers = sorted((a.driver for a in self.active.values() if a.driver.is_alive()), key=lambda d: d.load)
+        for driver in drivers:
+            try:
+                driver.submit(request)
+                return True
+            except Exception:  # queue full: try the next pipeline
+                continue
+        return False
+
+    def _flush_pending(self) -> None:
+        waiting, self.pending = self.pending, []
+        for request in waiting:
+            if request.done.is_set():
+                continue
+            if not self._dispatch(request):
+                self.pending.append(request)

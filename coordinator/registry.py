@@ -1,0 +1,133 @@
+"""Providers known to the coordinator: their signed profiles, liveness and whether they may serve.
+
+Vouches are the operator's word that a provider may serve. They live in DATA_DIR/vouched (one peer
+id a line) so that `coordinator vouch` works while the coordinator runs: the registry re-reads the
+file when it changes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VOUCH_FILE = "vouched"
+MAX_PROVIDERS = 1024
+
+
+@dataclass
+class ProviderRecord:
+    peer: str
+    profile: dict
+    addrs: list[str]
+    max_memory_bytes: int
+    joined_s: float
+    last_seen_s: float
+    state: str = "newcomer"  # newcomer | idle | serving | leaving | dead
+    reason: str = ""
+    assignment: dict | None = field(default=None)
+
+    def public(self, vouched: bool) -> dict:
+        return {"peer": self.peer, "profile": self.profile, "vouched": vouched, "state": self.state,
+                "max_memory_bytes": self.max_memory_bytes, "addrs": self.addrs}
+
+
+def add_vouch(data_dir: str | Path, peer: str) -> bool:
+    """Record the operator's vouch for `peer`; False if it was already vouched."""
+    path = Path(data_dir) / VOUCH_FILE
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    if peer in read_vouches(data_dir):
+        return False
+    with open(path, "a") as f:
+        f.write(peer + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def read_vouches(data_dir: str | Path) -> set[str]:
+    path = Path(data_dir) / VOUCH_FILE
+    try:
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+class Registry:
+    def __init__(self, data_dir: str | Path, heartbeat_timeout_s: float = 5.0, clock=time.monotonic):
+        self.data_dir = Path(data_dir)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.providers: dict[str, ProviderRecord] = {}
+        self._vouches: set[str] = set()
+        self._vouch_mtime_ns = -1
+
+    def register(self, peer: str, profile: dict, addrs: list[str], max_memory_bytes: int) -> ProviderRecord:
+        with self.lock:
+            live = [p for p in self.providers.values() if p.state != "dead"]
+            if peer not in self.providers and len(live) >= MAX_PROVIDERS:
+                raise ValueError(f"the pool is full ({MAX_PROVIDERS} providers)")
+            now = self.clock()
+            record = ProviderRecord(peer, profile, addrs, max_memory_bytes, joined_s=now, last_seen_s=now)
+            self.providers[peer] = record
+            record.state = "idle" if self.is_vouched(peer) else "newcomer"
+            return record
+
+    def heartbeat(self, peer: str) -> bool:
+        with self.lock:
+            record = self.providers.get(peer)
+            if record is None or record.state == "dead":
+                return False
+            record.last_seen_s = self.clock()
+            return True
+
+    def set_state(self, peer: str, state: str, reason: str = "") -> None:
+        with self.lock:
+            if peer in self.providers:
+                self.providers[peer].state, self.providers[peer].reason = state, reason
+
+    def expire(self) -> list[str]:
+        """Mark providers silent for longer than the heartbeat timeout dead; return them."""
+        with self.lock:
+            now = self.clock()
+            gone = [p.peer for p in self.providers.values()
+                    if p.state not in ("dead",) and now - p.last_seen_s > self.heartbeat_timeout_s]
+            for peer in gone:
+                self.set_state(peer, "dead", "heartbeat timeout")
+            return gone
+
+    def is_vouched(self, peer: str) -> bool:
+        self._refresh_vouches()
+        return peer in self._vouches
+
+    def refresh(self) -> bool:
+        """Promote newly vouched newcomers to idle; True if any changed."""
+        with self.lock:
+            self._refresh_vouches()
+            changed = False
+            for record in self.providers.values():
+                if record.state == "newcomer" and record.peer in self._vouches:
+                    record.state, changed = "idle", True
+            return changed
+
+    def candidates(self) -> list[ProviderRecord]:
+        """Providers that may be given stages now."""
+        with self.lock:
+            self._refresh_vouches()
+            return [p for p in self.providers.values() if p.state in ("idle", "serving")]
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            self._refresh_vouches()
+            return [p.public(p.peer in self._vouches) for p in self.providers.values()]
+
+    def _refresh_vouches(self) -> None:
+        try:
+            mtime = (self.data_dir / VOUCH_FILE).stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = 0
+        if mtime != self._vouch_mtime_ns:
+            self._vouches, self._vouch_mtime_ns = read_vouches(self.data_dir), mtime

@@ -1,0 +1,52 @@
+"""The pool's stream protocols and the named messages that cross them.
+
+Data path of one step: coordinator --stage.step--> stage 0 --stage.step--> ... --> last stage
+--stage.result--> coordinator. Control: a provider registers and heartbeats to the coordinator;
+the coordinator assigns shards to providers.
+"""
+
+from __future__ import annotations
+
+from node.transport.frames import MessageSpec, register_message
+
+PROTO_CONTROL = "/meshpool/control/1"  # provider -> coordinator: register, heartbeat, leave
+PROTO_ASSIGN = "/meshpool/assign/1"  # coordinator -> provider: load a shard, or drop it
+PROTO_STAGE = "/meshpool/stage/1"  # upstream -> stage: steps and closes, long-lived stream
+PROTO_RESULT = "/meshpool/result/1"  # last stage -> coordinator: sampled tokens, long-lived stream
+
+STEP_KINDS = ("prefill", "decode")
+
+# provider -> coordinator
+REGISTER = register_message(MessageSpec("pool.register", 1, {
+    "profile": dict, "addrs": list, "max_memory_bytes": int, "public_key": bytes, "signature": bytes,
+}, max_tensors=0))
+HEARTBEAT = register_message(MessageSpec("pool.heartbeat", 1, {"peer": str}, max_tensors=0))
+LEAVE = register_message(MessageSpec("pool.leave", 1, {"peer": str}, max_tensors=0))
+ACK = register_message(MessageSpec("pool.ack", 1, {"ok": bool, "reason": str}, max_tensors=0))
+
+# coordinator -> provider: serve layers [start, end) of `model` in pipeline `pipeline`, taking steps
+# from `prev_peer` only and sending results to `next_peer` at `next_addrs` (the coordinator is
+# the previous peer of stage 0 and the next peer of the last stage).
+ASSIGN = register_message(MessageSpec("pool.assign", 1, {
+    "pipeline": str, "model": str, "start": int, "end": int, "n_layers": int, "prev_peer": str,
+    "next_peer": str, "next_addrs": list, "max_sessions": int, "max_seq_len": int,
+}, max_tensors=0))
+UNASSIGN = register_message(MessageSpec("pool.unassign", 1, {"pipeline": str}, max_tensors=0))
+PING = register_message(MessageSpec("pool.ping", 1, {}, max_tensors=0))
+
+# along a pipeline. `sampling` holds [temperature, top_p, seed] per session; `positions` the
+# number of tokens each session already holds before this step.
+STEP = register_message(MessageSpec("stage.step", 1, {
+    "pipeline": str, "step": int, "kind": str, "sessions": list, "positions": list, "sampling": list,
+}, min_tensors=1, max_tensors=1))
+CLOSE = register_message(MessageSpec("stage.close", 1, {"pipeline": str, "sessions": list}, max_tensors=0))
+RESULT = register_message(MessageSpec("stage.result", 1, {
+    "pipeline": str, "step": int, "sessions": list, "tokens": list,
+}, max_tensors=0))
+# a stage that cannot run or forward a step tells the coordinator, naming the peer at fault
+FAILED = register_message(MessageSpec("stage.failed", 1, {
+    "pipeline": str, "step": int, "reason": str, "peer": str,
+}, max_tensors=0))
+
+MAX_BATCH_SESSIONS = 256
+MAX_SESSION_ID_CHARS = 64

@@ -1,0 +1,184 @@
+"""A real pool on 127.0.0.1: `coordinator serve` and `provider join` processes, libp2p between them.
+
+The default model is 513 MiB of float32 weights plus 30 × 6.3 MiB of KV cache (8 sessions × 512
+tokens); a cap of 300 MiB a provider therefore forces three stages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from coordinator.local_pool import LocalPool
+
+CAP_MB = 300
+MODEL = "smollm2-135m-instruct"
+PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def reference(default_reference):
+    model, tokenizer = default_reference
+
+    def greedy_text(prompt: str, max_tokens: int) -> str:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return greedy_text
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, default_model_dir):
+    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
+    try:
+        pool.start_coordinator()
+        for i in range(3):
+            pool.add_provider(f"provider{i}", max_memory_mb=CAP_MB)
+        pool.wait_for_pipelines(1)
+        yield pool
+    finally:
+        pool.stop()
+
+
+def complete(pool: LocalPool, prompt: str, max_tokens: int) -> tuple[int, dict]:
+    return pool.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens})
+
+
+def stages_of(state: dict) -> list[list[tuple[str, int, int]]]:
+    return [[(s["peer"], s["start"], s["end"]) for s in p["stages"]] for p in state["pipelines"]]
+
+
+def wait_settled(pool: LocalPool, n_stages: int | None = None) -> dict:
+    """/pool with a pipeline over every layer, unchanged for a second."""
+    def settled(state):
+        if not state["pipelines"] or (n_stages and len(state["pipelines"][0]["stages"]) != n_stages):
+            return False
+        time.sleep(1.0)
+        return stages_of(pool.get("/pool")) == stages_of(state)
+
+    return pool.wait_for(settled, what="a settled plan")
+
+
+def test_memory_caps_force_three_stages_that_generate_like_transformers(pool, reference):
+    state = wait_settled(pool, n_stages=3)
+    [stages] = stages_of(state)
+    assert [s[1] for s in stages] == [0, stages[0][2], stages[1][2]] and stages[-1][2] == 30
+    assert len({s[0] for s in stages}) == 3
+    providers = {p["peer"]: p for p in state["providers"]}
+    assert all(providers[peer]["state"] == "serving" and providers[peer]["vouched"] for peer, _, _ in stages)
+    assert all(providers[peer]["max_memory_bytes"] == CAP_MB * 2**20 for peer, _, _ in stages)
+    for prompt in PROMPTS:
+        status, body = complete(pool, prompt, 24)
+        assert status == 200, body
+        assert body["choices"][0]["text"] == reference(prompt, 24)
+        assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] <= 24
+
+
+def test_kill_9_of_a_stage_mid_generation_changes_nothing_for_the_caller(pool, reference):
+    pool.add_provider("spare", max_memory_mb=CAP_MB)
+    [stages] = stages_of(wait_settled(pool, n_stages=3))
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(zip(("status", "body"), complete(pool, PROMPTS[0], 64))))
+    worker.start()
+    time.sleep(1.5)  # a few tokens in
+    assert worker.is_alive(), "the generation ended before the kill"
+    victim = stages[1][0]
+    pool.kill(victim)
+    worker.join(timeout=240)
+    assert result["status"] == 200, result
+    assert result["body"]["choices"][0]["text"] == reference(PROMPTS[0], 64)
+    assert result["body"]["usage"]["completion_tokens"] == 64
+    state = wait_settled(pool, n_stages=3)
+    assert victim not in {s[0] for s in stages_of(state)[0]}
+    assert {p["peer"]: p["state"] for p in state["providers"]}[victim] == "dead"
+
+
+def test_join_and_leave_replan_without_dropping_requests(pool, reference):
+    wait_settled(pool)
+    results: dict[int, tuple[int, dict]] = {}
+
+    def run(i: int):
+        results[i] = complete(pool, PROMPTS[i % len(PROMPTS)], 40)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    joined = pool.add_provider("late", max_memory_mb=CAP_MB)  # a join re-plans while requests run
+    [stages] = stages_of(wait_settled(pool))
+    assert any(w.is_alive() for w in workers), "the requests ended before the leave"
+    leaver = stages[0][0]
+    assert pool.leave(leaver) == 0  # SIGTERM: drains, announces its leave, exits cleanly
+    for w in workers:
+        w.join(timeout=300)
+    for i, (status, body) in sorted(results.items()):
+        assert status == 200, body
+        assert body["choices"][0]["text"] == reference(PROMPTS[i % len(PROMPTS)], 40)
+    state = wait_settled(pool)
+    peers = {p["peer"]: p["state"] for p in state["providers"]}
+    assert joined in peers and peers[leaver] == "dead"
+    assert leaver not in {s[0] for p in stages_of(state) for s in p}
+
+
+def test_hostile_peers_are_dropped_and_the_pool_keeps_serving(pool, reference, tmp_path):
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+
+    from node.protocol import PROTO_CONTROL, PROTO_STAGE, REGISTER
+    from node.stage import step_frame
+    from node.transport import Frame, P2PNode, encode_frame
+    from node.transport.frames import MAGIC, PREFIX
+
+    state = wait_settled(pool)
+    [stages] = stages_of(state)
+    coordinator_peer = pool.p2p_addr.rsplit("/p2p/", 1)[1]
+    rogue = P2PNode()
+    rogue.start()
+    try:
+        rogue.connect(pool.p2p_addr)
+        stage1_addr = next(p["addrs"][0] for p in state["providers"] if p["peer"] == stages[1][0])
+        rogue.connect(stage1_addr)
+
+        def send_raw(peer: str, protocol: str, data: bytes):
+            async def go():
+                ns = await rogue._host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+                await ns.write(data)
+                try:
+                    while await ns.read(100):
+                        pass
+                except Exception:  # the reset we expect
+                    pass
+            rogue.call(20, go)
+
+        send_raw(coordinator_peer, PROTO_CONTROL, b"\x00garbage" * 100)  # not a frame
+        send_raw(coordinator_peer, PROTO_CONTROL, PREFIX.pack(MAGIC, 16, 1 << 40))  # a 1 TB frame
+        # a registration whose signature does not match the sender
+        forged = rogue.request(coordinator_peer, PROTO_CONTROL, Frame(REGISTER.type, REGISTER.version, {
+            "profile": {}, "addrs": [], "max_memory_bytes": 1, "public_key": b"\x00" * 32, "signature": b"\x00" * 64,
+        }))
+        assert forged.fields == {"ok": False, "reason": "the profile's signature does not match the peer id"}
+        # a step with the wrong hidden size, sent to a middle stage by a peer that is not its upstream
+        pipeline_id = state["pipelines"][0]["id"]
+        bad = step_frame(pipeline_id, 1, "decode", ["x"], [0], [], torch.zeros(1, 7))
+        send_raw(stages[1][0], PROTO_STAGE, encode_frame(bad))
+    finally:
+        rogue.close()
+
+    log = pool.coordinator.log()
+    assert "dropping stream /meshpool/control/1" in log and "bad magic" in log and "exceeds the limit" in log
+    stage_log = next(p for peer, p in pool.providers.items() if peer == stages[1][0]).log()
+    assert "not the upstream of pipeline" in stage_log
+    assert stages_of(pool.get("/pool")) == [stages]  # nothing else changed
+    status, body = complete(pool, PROMPTS[1], 16)
+    assert status == 200 and body["choices"][0]["text"] == reference(PROMPTS[1], 16)
+
+
+def test_errors_are_clear(pool):
+    status, body = complete(pool, PROMPTS[0], 0)
+    assert status == 422 and body["error"]["type"] == "invalid_request_error"
+    status, body = pool.post("/v1/completions", {"model": "nope", "prompt": "hi", "max_tokens": 2})
+    assert status == 404 and "not served here" in body["error"]["message"]
