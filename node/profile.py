@@ -22,7 +22,7 @@ class DeviceProfile:
     name: str
     memory_total_bytes: int
     memory_free_bytes: int
-    mem_bandwidth_gb_per_s: float  # copy bandwidth, bytes read + written
+    mem_bandwidth_gb_per_s: float  # weight bytes read per second by a decode-shaped matrix-vector product
     matmul_tflops: float
     dtype: str
 
@@ -98,7 +98,7 @@ def _device(device: torch.device, host: HostProfile, quick: bool, progress) -> D
         name = "Apple GPU (MPS)"
     else:
         total, free, name = host.ram_total_bytes, host.ram_free_bytes, host.cpu_model
-    bandwidth = copy_bandwidth_gb_per_s(device, quick)
+    bandwidth = read_bandwidth_gb_per_s(device, dtype, quick)
     if progress:
         progress(f"{device} bandwidth")
     tflops = matmul_tflops(device, dtype, quick)
@@ -130,13 +130,16 @@ def _best_time_s(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def copy_bandwidth_gb_per_s(device: torch.device, quick: bool = False) -> float:
-    """Bytes read plus bytes written per second by a large device-to-device copy."""
+def read_bandwidth_gb_per_s(device: torch.device, dtype: torch.dtype, quick: bool = False) -> float:
+    """Weight bytes read per second by a batch-1 matrix-vector product, as a decode step reads its
+    weights. On CPUs this is about half of what a plain copy suggests, so the planner uses this."""
     n_bytes = (64 if quick else 256) * 2**20 if device.type == "cpu" else 1 * 2**30
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    seconds = _best_time_s(lambda: dst.copy_(src), device, repeats=3 if quick else 8)
-    return 2 * n_bytes / seconds / 1e9
+    cols = 4096
+    rows = n_bytes // (cols * torch.tensor([], dtype=dtype).element_size())
+    weight = torch.empty(rows, cols, dtype=dtype, device=device).fill_(0.5)
+    x = torch.ones(1, cols, dtype=dtype, device=device)
+    seconds = _best_time_s(lambda: torch.nn.functional.linear(x, weight), device, repeats=3 if quick else 8)
+    return rows * cols * weight.element_size() / seconds / 1e9
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, quick: bool = False) -> float:

@@ -1,0 +1,171 @@
+"""Validate the planner's cost model on this machine: predicted vs measured decode step times.
+
+Measures this machine's read bandwidth and matmul rate the way providers do (node/profile.py),
+turns them into a ProviderSpec, then times decode steps of real shards of the default model
+(node/runtime.py ShardRuntime, float32 on the CPU) of different sizes and roles at batch 1 and 8,
+and prints predicted / measured (best of the timed steps) per shard. Memory: the planner's bytes for the shard (weights +
+KV cache for max_sessions × max_seq_len) against what the runtime allocates.
+
+    .venv/bin/python bench/plan_validation.py [--device cuda] [--shape llama3-8b] [--steps 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from coordinator.planner import ModelShape, ProviderSpec, stage_memory_bytes, stage_time_s  # noqa: E402
+from node.config import ModelConfig  # noqa: E402
+from node.models import default_model_dir  # noqa: E402
+from node.profile import matmul_tflops, read_bandwidth_gb_per_s, serving_dtype  # noqa: E402
+from node.runtime import ShardRuntime  # noqa: E402
+from node.shard import Shard, tensor_names  # noqa: E402
+
+SHARDS = [(0, 5), (5, 15), (10, 30), (0, 30)]  # first 5, middle 10, last 20, whole model
+# --shape llama3-8b: random weights in Llama-3-8B's shapes (a GPU check, no checkpoint needed)
+LLAMA3_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+}
+LLAMA3_8B_SHARDS = {"cuda": [(0, 4), (4, 12), (16, 32), (0, 32)],
+                    "cpu": [(0, 1), (1, 3), (30, 32)]}  # 23 GB of shared RAM here: fp32 shards of ~4 GB
+BATCHES = (1, 8)
+PROMPT_TOKENS = 128
+WARMUP_STEPS = 8
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_tensors(config: ModelConfig, shard: Shard, dtype, device) -> dict[str, torch.Tensor]:
+    """Checkpoint-named random tensors for `shard` (timing only: the values do not matter)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+              "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+              "self_attn.o_proj.weight": (h, q), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
+              "mlp.down_proj.weight": (h, i), "model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+              "lm_head.weight": (v, h)}
+    out = {}
+    for name in tensor_names(config, shard):
+        key = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        out[name] = (torch.randn(shapes[key], device=device, dtype=dtype) * 0.02)
+    return out
+
+
+def time_decode(runtime: ShardRuntime, shard: Shard, batch: int, hidden: int, steps: int, device) -> list[float]:
+    """Seconds per decode step of `batch` sessions, after a prefill of PROMPT_TOKENS each."""
+    gen = torch.Generator().manual_seed(0)
+    sessions = [f"s{i}" for i in range(batch)]
+    for sid in sessions:
+        if shard.is_first:
+            runtime.prefill(sid, torch.randint(0, 1000, (PROMPT_TOKENS,), generator=gen))
+        else:
+            runtime.prefill(sid, torch.randn(PROMPT_TOKENS, hidden, generator=gen))
+    times = []
+    for step in range(WARMUP_STEPS + steps):
+        if shard.is_first:
+            inputs = [(sid, torch.randint(0, 1000, (1,), generator=gen)) for sid in sessions]
+        else:
+            inputs = [(sid, torch.randn(1, hidden, generator=gen)) for sid in sessions]
+        sync(device)
+        t0 = time.perf_counter()
+        runtime.decode(inputs)
+        sync(device)
+        if step >= WARMUP_STEPS:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--shape", default="default", choices=["default", "llama3-8b"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = serving_dtype(device.type)
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    if args.shape == "default":
+        model_dir, shards = default_model_dir(), SHARDS
+        raw = json.loads((model_dir / "config.json").read_text())
+        name = "SmolLM2-135M"
+    else:
+        shards = LLAMA3_8B_SHARDS["cpu" if device.type == "cpu" else "cuda"]
+        model_dir, raw, name = None, LLAMA3_8B_CONFIG, "Llama-3-8B (random weights)"
+    config = ModelConfig.from_dict(raw)
+    shape = ModelShape.from_hf_config(raw, name=name, bytes_per_param=dtype_bytes, activation_bytes=dtype_bytes)
+    bandwidth = read_bandwidth_gb_per_s(device, dtype)
+    tflops = matmul_tflops(device, dtype)
+    me = ProviderSpec("this-machine", memory_bytes=2**40, mem_bandwidth_gb_per_s=bandwidth, matmul_tflops=tflops)
+    max_seq_len = PROMPT_TOKENS + WARMUP_STEPS + args.steps + 8
+    mean_context = PROMPT_TOKENS + WARMUP_STEPS + args.steps // 2
+    print(f"device {device} {dtype}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"measured as providers do: read bandwidth {bandwidth:.1f} GB/s, matmul {tflops:.3f} TFLOPS; "
+          f"{shape.name} {shape.n_layers} layers, {shape.layer_weight_bytes / 1e6:.1f} MB per layer")
+    print(f"{'shard':<9}{'role':<7}{'batch':>6}{'pred ms':>9}{'meas ms':>9}{'p/m':>6}"
+          f"{'pred MB':>9}{'alloc MB':>9}{'p/m':>7}")
+    rows = []
+    for start, end in shards:
+        shard = Shard("default", start, end, shape.n_layers)
+        first, last = shard.is_first, shard.is_last
+        role = "whole" if first and last else "first" if first else "last" if last else "middle"
+        for batch in BATCHES:
+            if model_dir is not None:
+                runtime = ShardRuntime(model_dir, shard, device=device, dtype=dtype, max_sessions=batch,
+                                       max_seq_len=max_seq_len)
+            else:
+                tensors = random_tensors(config, shard, dtype, device)
+                runtime = ShardRuntime.from_tensors(config, shard, tensors, device=device, dtype=dtype,
+                                                    max_sessions=batch, max_seq_len=max_seq_len)
+                del tensors
+            times = time_decode(runtime, shard, batch, shape.hidden, args.steps, device)
+            measured = min(times)  # best of N, as node/profile.py measures: others share this machine
+            predicted = stage_time_s(me, shape, end - start, first, last, batch, mean_context)
+            allocated = runtime.model.parameter_bytes() + runtime.cache.k.nbytes + runtime.cache.v.nbytes
+            planned = stage_memory_bytes(shape, end - start, first, last, batch, runtime.max_seq_len)
+            rows.append({"start": start, "end": end, "role": role, "batch": batch, "predicted_ms": predicted * 1e3,
+                         "measured_min_ms": measured * 1e3, "measured_median_ms": statistics.median(times) * 1e3,
+                         "ratio_predicted_over_measured": predicted / measured,
+                         "planned_bytes": planned,
+                         "allocated_bytes": allocated, "memory_ratio": planned / allocated,
+                         "context_tokens": mean_context})
+            label = f"[{start},{end})"
+            print(f"{label:<9}{role:<7}{batch:>6}{predicted * 1e3:>9.2f}"
+                  f"{measured * 1e3:>9.2f}{predicted / measured:>6.2f}"
+                  f"{planned / 1e6:>9.1f}{allocated / 1e6:>9.1f}{planned / allocated:>7.3f}", flush=True)
+            del runtime
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ratios = [r["ratio_predicted_over_measured"] for r in rows]
+    summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    print(f"predicted/measured step time: median {summary['median']:.2f}, "
+          f"range {summary['min']:.2f}..{summary['max']:.2f}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = {"device": str(device), "device_name": device_name, "shape": args.shape, "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
+           "load_average_1min": os.getloadavg()[0], "measured_read_bandwidth_gb_per_s": bandwidth,
+           "measured_matmul_tflops": tflops, "model": shape.name, "prompt_tokens": PROMPT_TOKENS,
+           "steps": args.steps, "rows": rows, "summary": summary}
+    # one JSON for every run: keyed by device and shape, other runs' results kept
+    key = f"{device.type}/{args.shape}"
+    path = Path(__file__).with_suffix(".json") if device.type == "cpu" else Path(os.environ.get("OUT", ".")) / "plan_validation.json"
+    runs = json.loads(path.read_text()) if path.is_file() else {}
+    runs[key] = out
+    path.write_text(json.dumps(runs, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
