@@ -14,6 +14,7 @@ from coordinator.planner.placement import DATACENTRE_LINK
 from coordinator.planner.shapes import ModelShape
 from coordinator.planner.split import MICROBATCH_CHOICES
 from coordinator.planner.values import Objective, Pipeline, Plan, Stage, Workload
+from node.shard import split_layers
 
 
 def memory_proportional(providers: Sequence[ProviderSpec], model: ModelShape, workload: Workload,
@@ -37,15 +38,8 @@ def _ring(providers: Sequence[ProviderSpec], model: ModelShape) -> list[Provider
 
 
 def _proportional(weights: Sequence[float], n_layers: int) -> list[int]:
-    """Cumulative rounding of weights to layer counts, each at least one."""
-    total, acc, bounds = sum(weights), 0.0, [0]
-    for i, w in enumerate(weights[:-1]):
-        acc += w
-        cut = round(n_layers * acc / total)
-        cut = max(bounds[-1] + 1, min(cut, n_layers - (len(weights) - 1 - i)))
-        bounds.append(cut)
-    bounds.append(n_layers)
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    """Layer counts proportional to weights, each at least one (the shard runtime's own split)."""
+    return [end - start for start, end in split_layers(n_layers, list(weights))]
 
 
 def _plan(ring, counts, providers, model, workload, links, objective) -> Plan:
