@@ -24,6 +24,7 @@ log = logging.getLogger("meshpool.coordinator")
 
 MAX_PENDING_REQUESTS = 1024
 MAX_REPLAYS = 8
+PENDING_TIMEOUT_S = 120.0  # a request waits this long for a pipeline, then fails with "busy"
 
 
 class PoolBusy(RuntimeError):
@@ -66,6 +67,7 @@ class Pool:
         self.lock = threading.RLock()
         self.active: dict[str, ActivePipeline] = {}
         self.pending: list[GenerationRequest] = []
+        self._pending_since_s: dict[int, float] = {}  # id(request) -> when it started waiting
         self.plan_error = ""
         self.suspects: set[str] = set()  # peers of failed pipelines, probed before re-planning
         self._wake = threading.Event()
@@ -253,8 +255,15 @@ class Pool:
 
     def _flush_pending(self) -> None:
         waiting, self.pending = self.pending, []
+        now = time.monotonic()
+        since = {id(r): self._pending_since_s.get(id(r), now) for r in waiting}
+        self._pending_since_s = {}
         for request in waiting:
-            if request.done.is_set():
+            if request.done.is_set() or self._dispatch(request):
                 continue
-            if not self._dispatch(request):
-                self.pending.append(request)
+            if now - since[id(request)] > PENDING_TIMEOUT_S:
+                request.fail(f"no pipeline could take the request within {PENDING_TIMEOUT_S:.0f} s"
+                             + (f": {self.plan_error}" if self.plan_error else ""))
+                continue
+            self.pending.append(request)
+            self._pending_since_s[id(request)] = since[id(request)]

@@ -147,6 +147,10 @@ class ShardRuntime:
                                          None if shard.is_first else self.config.hidden_size, dtype, self.device)
         self.sessions: dict[str, Session] = {}
         self._free_slots = list(range(max_sessions - 1, -1, -1))  # pop() hands out low slots first
+        # Cache positions below this mark hold finite values, per slot. A batched decode reads every
+        # row up to the longest context in the batch, and torch.empty memory may hold NaNs, which
+        # poison attention even where masked (0 x NaN); so positions are zeroed before first read.
+        self._finite_upto = [0] * self.cache.k.shape[1]
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -250,6 +254,12 @@ class ShardRuntime:
         slots = torch.tensor(slot_list, device=self.device)
         pos = torch.tensor(pos_list, device=self.device)
         visible = max(pos_list) + 1
+        for slot, p in zip(slot_list, pos_list):
+            start = max(p + 1, self._finite_upto[slot])  # positions up to p are this session's own
+            if start < visible:
+                self.cache.k[:, slot, :, start:visible].zero_()
+                self.cache.v[:, slot, :, start:visible].zero_()
+            self._finite_upto[slot] = max(self._finite_upto[slot], visible)
         # Sessions in consecutive slots read the cache as a view; otherwise gather their rows.
         lo = slot_list[0]
         contiguous = slot_list == list(range(lo, lo + B))

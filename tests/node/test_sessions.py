@@ -109,3 +109,22 @@ def test_top_p_keeps_only_the_nucleus():
 def test_sampling_params_are_validated(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_garbage_in_unused_cache_memory_never_reaches_outputs(model_dir):
+    """A batch reads every row up to its longest context; the shorter rows' unwritten positions
+    must not matter even when the never-initialised cache memory holds NaNs."""
+    rt = runtime(model_dir, 0, 2, max_sessions=4)
+    rt.cache.k.fill_(float("nan"))
+    rt.cache.v.fill_(float("nan"))
+    clean = runtime(model_dir, 0, 2, max_sessions=4)
+    prompts = {"short": [1, 2], "long": [3, 4, 5, 6, 7, 8, 9], "mid": [10, 11, 12]}
+    for sid, ids in prompts.items():
+        rt.prefill(sid, torch.tensor(ids))
+        clean.prefill(sid, torch.tensor(ids))
+    for step in range(3):
+        batch = [(sid, torch.tensor([20 + step])) for sid in prompts]
+        got = rt.decode(batch)
+        assert torch.isfinite(got).all()
+        alone = torch.cat([clean.decode([one]) for one in batch])
+        torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
