@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from node.config import ModelError
+from node.config import ModelConfig, ModelError
 from node.models import model_id_of
 from node.profile import serving_dtype
 from node.protocol import (ACK, ASSIGN, CLOSE, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN, PROTO_CONTROL,
                            PROTO_RESULT, PROTO_STAGE, REGISTER, STEP, UNASSIGN)
 from node.runtime import ShardRuntime
-from node.shard import Shard
+from node.shard import Shard, tensor_names
 from node.stage import StageWorker, StepError
 from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, TransportConfig, TransportError
 
@@ -136,11 +138,15 @@ class Provider:
                         runtime.close(sid)
                 else:
                     self._drop_assignment()
-                    runtime = ShardRuntime(
-                        self.model_dir, Shard(f["model"], f["start"], f["end"], f["n_layers"]),
-                        device=self.device, dtype=serving_dtype(self.device.type),
-                        max_sessions=f["max_sessions"], max_seq_len=f["max_seq_len"],
-                    )
+                    shard = Shard(f["model"], f["start"], f["end"], f["n_layers"])
+                    with tqdm(total=len(tensor_names(ModelConfig.load(self.model_dir), shard)),
+                              desc=f"loading layers [{shard.start}, {shard.end})", leave=False,
+                              disable=not sys.stderr.isatty()) as bar:
+                        runtime = ShardRuntime(
+                            self.model_dir, shard, device=self.device, dtype=serving_dtype(self.device.type),
+                            max_sessions=f["max_sessions"], max_seq_len=f["max_seq_len"],
+                            on_tensor_loaded=lambda _name: bar.update(),
+                        )
             except (ModelError, ValueError) as exc:
                 return ack(False, str(exc))
             if old is not None and old.next_stream is not None:

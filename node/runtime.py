@@ -59,10 +59,10 @@ class ShardModel(nn.Module):
         self.to(dtype)  # still on the meta device: the weights are allocated once, in `dtype`
         self.to_empty(device=device)
 
-    def load(self, checkpoint: Checkpoint) -> list[str]:
+    def load(self, checkpoint: Checkpoint, on_tensor=None) -> list[str]:
         names = tensor_names(self.config, self.shard)
         p = next(self.parameters())
-        return self.load_tensors(checkpoint.load(names, dtype=p.dtype, device=p.device))
+        return self.load_tensors(checkpoint.load(names, dtype=p.dtype, device=p.device, on_tensor=on_tensor))
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Copy in the shard's tensors from `tensors` (named as in a checkpoint; left unchanged)."""
@@ -102,12 +102,13 @@ class ShardRuntime:
         max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         cuda_graphs: bool = True,
+        on_tensor_loaded=None,
     ):
         """`cuda_graphs`: on a CUDA device, decode through fused kernels and CUDA graphs (False:
-        the layers of node/layers.py, as on the CPU)."""
+        the layers of node/layers.py, as on the CPU). `on_tensor_loaded(name)`: loading progress."""
         config = ModelConfig.load(model_dir)
-        self._build(config, shard, lambda model: model.load(Checkpoint(model_dir)), device, dtype, max_sessions,
-                    max_seq_len, idle_timeout_s, cuda_graphs)
+        self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device, dtype,
+                    max_sessions, max_seq_len, idle_timeout_s, cuda_graphs)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],

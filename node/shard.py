@@ -121,7 +121,9 @@ class Checkpoint:
                     total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
         return total
 
-    def load(self, names: list[str], dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], dtype: torch.dtype, device: str | torch.device,
+             on_tensor=None) -> dict[str, torch.Tensor]:
+        """The named tensors in `dtype` on `device`; `on_tensor(name)` is called after each one."""
         missing = [n for n in names if n not in self.file_of]
         if missing:
             raise ModelError(f"{self.model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
@@ -133,6 +135,8 @@ class Checkpoint:
             with _open(f) as handle:
                 for n in file_names:
                     tensors[n] = handle.get_tensor(n).to(device=device, dtype=dtype)
+                    if on_tensor:
+                        on_tensor(n)
         return tensors
 
 
