@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-sessions", type=int, default=8, help="sessions each stage holds at once")
     p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
+    p.add_argument("--rate-limit-rps", type=float, default=10.0, help="requests a second per API key (0: no limit)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
@@ -27,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("peer")
     p.add_argument("--data-dir", required=True, type=Path)
     p.set_defaults(func=_vouch)
+
+    p = sub.add_parser("consumer", help="consumer accounts (work while the coordinator runs)")
+    consumer = p.add_subparsers(dest="consumer_command", required=True)
+    p = consumer.add_parser("add", help="open a consumer account with credits; prints its API key last")
+    p.add_argument("name")
+    p.add_argument("--credits", required=True, type=int, help="credit units to mint into the account")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.set_defaults(func=_consumer_add)
 
     p = sub.add_parser("demo", help="a local pool of several providers on the default model")
     p.add_argument("--dir", type=Path, help="where the pool's data and logs go (default: a new temp dir)")
@@ -44,7 +53,8 @@ def _serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
-              context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s)
+              context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s,
+              rate_limit_rps=args.rate_limit_rps)
     except ModelError as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2
@@ -55,6 +65,25 @@ def _demo(args) -> int:
     from coordinator.demo import run_demo
 
     return run_demo(args.dir, args.once)
+
+
+def _consumer_add(args) -> int:
+    from coordinator.accounts import Accounts, ConsumerExists
+
+    if args.credits < 0:
+        print("coordinator: --credits must be >= 0", file=sys.stderr)
+        return 2
+    accounts = Accounts(args.data_dir)
+    try:
+        key = accounts.add_consumer(args.name, args.credits)
+    except (ConsumerExists, ValueError) as exc:
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        accounts.close()
+    print(f"consumer {args.name}: account consumer:{args.name} with {args.credits} credit units; API key:")
+    print(key)
+    return 0
 
 
 def _vouch(args) -> int:

@@ -30,9 +30,11 @@ def run_demo(root: Path | None, once: bool, max_tokens: int = 48) -> int:
         for stage in pipeline["stages"]:
             print(f"  stage layers [{stage['start']:>2}, {stage['end']:>2}) on {stage['peer']}")
 
-        body = {"model": pool.get("/v1/models")["data"][0]["id"], "prompt": PROMPT, "max_tokens": max_tokens}
+        api_key = pool.add_consumer("demo", 10**9)
+        body = {"model": pool.get("/v1/models")["data"][0]["id"], "prompt": PROMPT, "max_tokens": max_tokens,
+                "temperature": 0}
         start = time.perf_counter()
-        status, reply = pool.post("/v1/completions", body)
+        status, reply = pool.post("/v1/completions", body, api_key=api_key)
         seconds = time.perf_counter() - start
         if status != 200:
             print(f"request failed: {status} {reply}")
@@ -45,6 +47,7 @@ def run_demo(root: Path | None, once: bool, max_tokens: int = 48) -> int:
             return 0
         print(f"\nthe pool serves at {pool.api} (GET /pool, POST /v1/completions); Ctrl-C stops it\n"
               f"  curl -s {pool.api}/v1/completions -H 'Content-Type: application/json' "
+              f"-H 'Authorization: Bearer {api_key}' "
               f"-d '{{\"model\": \"{body['model']}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -73,6 +73,8 @@ class PipelineDriver(threading.Thread):
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
         self.running: dict[str, GenerationRequest] = {}  # session id -> request
+        # never more sessions in flight than the stages have KV slots for (the link may say how many)
+        self.max_batch = min(MAX_DECODE_BATCH, getattr(link, "max_sessions", MAX_DECODE_BATCH))
         self.stopping = threading.Event()
         self._steps = itertools.count()
 
@@ -114,7 +116,7 @@ class PipelineDriver(threading.Thread):
                 return [r for r in pending if not r.done.is_set()]
 
     def _admit(self, block: bool) -> None:
-        while len(self.running) < MAX_DECODE_BATCH:
+        while len(self.running) < self.max_batch:
             try:
                 request = self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()
             except queue.Empty:

@@ -29,12 +29,13 @@ class Process:
 
 class LocalPool:
     def __init__(self, root: Path, model_dir: Path | None = None, heartbeat_timeout_s: float = 3.0,
-                 context_tokens: int = 512, max_sessions: int = 8):
+                 context_tokens: int = 512, max_sessions: int = 8, coordinator_args: list[str] = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_dir = model_dir
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.context_tokens, self.max_sessions = context_tokens, max_sessions
+        self.coordinator_args = list(coordinator_args)
         self.coordinator: Process | None = None
         self.providers: dict[str, Process] = {}  # peer id -> process
         self.p2p_addr = self.api = ""
@@ -64,7 +65,7 @@ class LocalPool:
     def start_coordinator(self) -> None:
         args = [sys.executable, "-m", "coordinator.cli", "serve", "--data-dir", str(self.root / "coordinator"),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s), "--context-tokens", str(self.context_tokens),
-                "--max-sessions", str(self.max_sessions)]
+                "--max-sessions", str(self.max_sessions), *self.coordinator_args]
         if self.model_dir:
             args += ["--model", str(self.model_dir)]
         self.coordinator = self._spawn("coordinator", args, "coordinator ready")
@@ -89,6 +90,13 @@ class LocalPool:
     def vouch(self, peer: str) -> None:
         subprocess.run([sys.executable, "-m", "coordinator.cli", "vouch", peer, "--data-dir",
                         str(self.root / "coordinator")], check=True, capture_output=True, timeout=60)
+
+    def add_consumer(self, name: str, credits_units: int) -> str:
+        """`coordinator consumer add`: a consumer account with credits; returns its API key."""
+        done = subprocess.run([sys.executable, "-m", "coordinator.cli", "consumer", "add", name, "--credits",
+                               str(credits_units), "--data-dir", str(self.root / "coordinator")],
+                              check=True, capture_output=True, text=True, timeout=60)
+        return done.stdout.strip().splitlines()[-1]
 
     def kill(self, peer: str) -> None:
         """kill -9: no goodbye, no drain."""
@@ -120,9 +128,11 @@ class LocalPool:
         with urllib.request.urlopen(self.api + path, timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, body: dict, timeout_s: float = 300.0) -> tuple[int, dict]:
-        request = urllib.request.Request(self.api + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+    def post(self, path: str, body: dict, timeout_s: float = 300.0, api_key: str | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        request = urllib.request.Request(self.api + path, data=json.dumps(body).encode(), headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return response.status, json.loads(response.read())

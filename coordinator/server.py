@@ -144,7 +144,9 @@ class Coordinator:
             self.board.deliver(frame, stream.peer_id)
 
     def _make_link(self, pipeline: str, stage_peers: tuple[str, ...]) -> StreamLink:
-        return StreamLink(self.node, pipeline, stage_peers, self.board)
+        link = StreamLink(self.node, pipeline, stage_peers, self.board)
+        link.max_sessions = self.max_sessions  # the driver batches no more sessions than a stage has slots
+        return link
 
     def _assign(self, peer: str, fields: dict) -> None:
         nxt = fields["next_peer"] or self.node.peer_id
@@ -176,16 +178,20 @@ class Coordinator:
 
 
 def serve(data_dir: Path, model_dir: Path | None, p2p_port: int, api_port: int, host: str = "127.0.0.1",
-          **coordinator_kwargs) -> None:
+          rate_limit_rps: float = 10.0, **coordinator_kwargs) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or default_model_dir(progress=True)
     coordinator = Coordinator(data_dir, model_dir, p2p_port=p2p_port, **coordinator_kwargs)
     from transformers import AutoTokenizer
 
+    from coordinator.accounts import Accounts
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    accounts = Accounts(data_dir, coordinator.config.n_layers)  # the ledger, DATA_DIR/ledger.db
+    accounts.ledger.recover()  # holds a crash left open are refunded: nothing runs yet
     app = create_app(coordinator.pool, tokenizer, coordinator.model_id,
                      min(coordinator.context_tokens, coordinator.config.max_context_tokens),
-                     coordinator.config.eos_token_ids)
+                     coordinator.config.eos_token_ids, accounts, rate_limit_rps=rate_limit_rps)
     # Bind the API socket first so the ready line can name the real port when --api-port is 0.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -197,3 +203,4 @@ def serve(data_dir: Path, model_dir: Path | None, p2p_port: int, api_port: int, 
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         coordinator.stop()
+        accounts.close()

@@ -1,0 +1,320 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (SSE with
+`stream: true`), /v1/account and the WebSocket /v1/stream.
+
+One request's life: authenticate (API key -> consumer), rate-limit, tokenize, hold its maximum
+price (402 if the balance cannot cover it), submit to the pool (503 if no pipeline can take it),
+stream tokens through the detokenizer, then resolve the hold for the tokens actually produced.
+A client that goes away cancels the generation; ledger calls run on a thread pool, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from coordinator.accounts import Accounts, Charge, Consumer, InsufficientFunds, RateLimiter
+from coordinator.api import APIError, error_body
+from coordinator.driver import GenerationRequest
+from coordinator.pool import Pool, PoolBusy
+from coordinator.schemas import (MAX_NEW_TOKENS, Account, ChatCompletion, ChatCompletionRequest, Completion,
+                                 CompletionRequest, ErrorBody, ModelList, SamplingFields, StreamRequest)
+from coordinator.streaming import Detokenizer, TokenStream
+from node.sampling import SamplingParams
+
+log = logging.getLogger("meshpool.api")
+
+REQUEST_TIMEOUT_S = 600.0
+RETRY_AFTER_S = 5
+LEDGER_THREADS = 8
+WS_FIRST_MESSAGE_TIMEOUT_S = 30.0
+MAX_WS_MESSAGE_BYTES = 1_000_000
+
+ERRORS = {status: {"model": ErrorBody} for status in (401, 402, 404, 422, 429, 503)}
+
+
+@dataclass
+class Service:
+    pool: Pool
+    tokenizer: object
+    model_id: str
+    max_context_tokens: int
+    stop_ids: tuple[int, ...]
+    accounts: Accounts
+    limiter: RateLimiter
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(LEDGER_THREADS, "api-ledger"))
+
+    async def call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def authenticate(self, authorization: str | None) -> Consumer:
+        scheme, _, key = (authorization or "").partition(" ")
+        consumer = await self.call(self.accounts.lookup, key.strip()) if scheme.lower() == "bearer" else None
+        if consumer is None:
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                           "invalid_request_error", code="invalid_api_key")
+        wait_s = self.limiter.take(consumer.account_id)
+        if wait_s > 0:
+            raise APIError(429, f"rate limit of {self.limiter.rps:g} requests/s reached for this key",
+                           "rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, round(wait_s + 0.5)))})
+        return consumer
+
+    def prompt_ids(self, body: SamplingFields) -> list[int]:
+        if isinstance(body, ChatCompletionRequest):
+            messages = [m.model_dump() for m in body.messages]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer(body.prompt)["input_ids"]
+
+
+class Generation:
+    """One admitted, submitted request: its tokens as text deltas, then its settlement."""
+
+    def __init__(self, svc: Service, consumer: Consumer, body: SamplingFields, kind: str):
+        self.svc, self.consumer, self.body, self.kind = svc, consumer, body, kind
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        # chat without a limit runs to the end of the context, as OpenAI's does (set in start())
+        self.max_tokens = body.new_tokens(0) if isinstance(body, ChatCompletionRequest) else body.max_tokens
+        self.detok = Detokenizer(svc.tokenizer, body.stops())
+        self.prompt_ids: list[int] = []
+        self.charge: Charge | None = None
+        self.request: GenerationRequest | None = None
+        self.cancelled = False
+        self.settled = False
+
+    async def start(self) -> None:
+        svc, body = self.svc, self.body
+        if body.model != svc.model_id:
+            raise APIError(404, f"model {body.model!r} is not served here; try {svc.model_id!r}",
+                           "invalid_request_error", param="model", code="model_not_found")
+        self.prompt_ids = await svc.call(svc.prompt_ids, body)
+        if not self.prompt_ids:
+            raise APIError(422, "the prompt has no tokens", "invalid_request_error", param="prompt")
+        if not self.max_tokens:
+            self.max_tokens = max(1, min(MAX_NEW_TOKENS, svc.max_context_tokens - len(self.prompt_ids)))
+        if len(self.prompt_ids) + self.max_tokens > svc.max_context_tokens:
+            raise APIError(422, f"prompt ({len(self.prompt_ids)} tokens) plus max_tokens ({self.max_tokens}) "
+                                f"exceeds the context of {svc.max_context_tokens} tokens",
+                           "invalid_request_error", param="max_tokens")
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed)
+        try:
+            self.charge = await svc.call(svc.accounts.admit, self.consumer, self.id, svc.model_id,
+                                         len(self.prompt_ids), self.max_tokens)
+        except InsufficientFunds as exc:
+            price = svc.accounts.price_units(len(self.prompt_ids), self.max_tokens)
+            raise APIError(402, f"not enough credits: this request may cost {price} units ({exc})",
+                           "insufficient_quota", code="insufficient_quota") from exc
+        self.request = GenerationRequest(self.prompt_ids, self.max_tokens, sampling=sampling, stop_ids=svc.stop_ids)
+        self.stream = TokenStream(self.request, asyncio.get_running_loop())
+        try:
+            svc.pool.submit(self.request)
+        except PoolBusy as exc:
+            self.cancel("no pipeline")
+            await self.settle()
+            raise APIError(503, str(exc), "service_unavailable", code="no_pipeline",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas; raises APIError(503) if the pool gave up on the request."""
+        try:
+            async for token in self.stream.tokens(REQUEST_TIMEOUT_S):
+                delta = self.detok.add(token)
+                if delta:
+                    yield delta
+                if self.detok.stopped:
+                    self.cancel("stop sequence")
+                    return
+        except TimeoutError as exc:
+            self.cancel("timed out")
+            raise APIError(503, f"generation timed out after {REQUEST_TIMEOUT_S:g} s", "service_unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        if self.request.error and not self.cancelled:
+            raise APIError(503, f"generation failed: {self.request.error}", "service_unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        rest = self.detok.flush()
+        if rest:
+            yield rest
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.detok.ids)
+
+    @property
+    def finish_reason(self) -> str:
+        if self.detok.stopped or (self.detok.ids and self.detok.ids[-1] in self.svc.stop_ids):
+            return "stop"
+        return "length"
+
+    def usage(self) -> dict:
+        n = len(self.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
+                "total_tokens": n + self.completion_tokens}
+
+    def cancel(self, reason: str) -> None:
+        if self.request is not None and not self.request.done.is_set():
+            self.cancelled = True
+            self.request.fail(reason)  # the driver drops the session at its next step
+
+    def _settle_args(self) -> tuple | None:
+        if self.charge is None or self.settled:
+            return None
+        self.settled = True
+        produced = self.completion_tokens
+        if self.request is not None and not self.detok.stopped:
+            produced = max(produced, len(self.request.tokens))  # a client that left pays what was produced
+        reason = "cancelled" if self.cancelled and not self.detok.stopped else self.finish_reason
+        return self.charge, produced, reason
+
+    async def settle(self) -> None:
+        args = self._settle_args()
+        if args:
+            await self.svc.call(self.svc.accounts.finish, *args)
+
+    def settle_soon(self) -> None:
+        """From a cancelled task, where nothing can be awaited: cancel the generation, settle on a thread."""
+        self.cancel("the client went away")
+        args = self._settle_args()
+        if args:
+            future = self.svc.executor.submit(self.svc.accounts.finish, *args)
+            future.add_done_callback(lambda f: f.exception() and log.error("settling %s failed: %s",
+                                                                             self.id, f.exception()))
+
+    # -- OpenAI shapes --------------------------------------------------------------------
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+        head = {"id": self.id, "created": self.created, "model": self.svc.model_id}
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        return {**head, "object": "text_completion",
+                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+
+    def usage_chunk(self) -> dict:
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.svc.model_id,
+                "choices": [], "usage": self.usage()}
+
+    def body_of(self, text: str) -> dict:
+        head = {"id": self.id, "created": self.created, "model": self.svc.model_id, "usage": self.usage()}
+        if self.kind == "chat":
+            return {**head, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": self.finish_reason}]}
+        return {**head, "object": "text_completion", "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}]}
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        """The stream as OpenAI chunks: role (chat), deltas, the finish, usage if asked."""
+        if self.kind == "chat":
+            yield self.chunk(None, role=True)
+        async for delta in self.deltas():
+            yield self.chunk(delta)
+        yield self.chunk(None, finish_reason=self.finish_reason)
+
+
+def make_router(svc: Service) -> APIRouter:
+    v1 = APIRouter(prefix="/v1", responses=ERRORS)
+
+    async def consumer(request: Request) -> Consumer:
+        return await svc.authenticate(request.headers.get("authorization"))
+
+    @v1.get("/models", response_model=ModelList)
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": svc.model_id, "object": "model", "created": 0,
+                                            "owned_by": "meshpool"}]}
+
+    @v1.get("/account", response_model=Account, summary="balance, held and spent credits, recent usage")
+    async def account(who: Consumer = Depends(consumer)) -> dict:
+        return await svc.call(svc.accounts.account, who)
+
+    async def run(body: SamplingFields, who: Consumer, kind: str, http: Request):
+        gen = Generation(svc, who, body, kind)
+        await gen.start()
+        if body.stream:
+            return StreamingResponse(sse(gen, http), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            text = "".join([d async for d in gen.deltas()])
+        except BaseException:
+            gen.settle_soon()
+            raise
+        await gen.settle()
+        return gen.body_of(text)
+
+    async def sse(gen: Generation, http: Request) -> AsyncIterator[str]:
+        try:
+            async for chunk in gen.chunks():
+                yield f"data: {json.dumps(chunk)}\n\n"
+            await gen.settle()
+            if gen.body.stream_options and gen.body.stream_options.include_usage:
+                yield f"data: {json.dumps(gen.usage_chunk())}\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+        finally:
+            gen.settle_soon()  # no-op after a normal end; cancels and settles when the client left
+        yield "data: [DONE]\n\n"
+
+    @v1.post("/completions", response_model=Completion,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "a completion, or with stream=true server-sent chunks ending with [DONE]"}})
+    async def completions(body: CompletionRequest, http: Request, who: Consumer = Depends(consumer)):
+        return await run(body, who, "text", http)
+
+    @v1.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "a chat completion, or with stream=true server-sent chunks"}})
+    async def chat_completions(body: ChatCompletionRequest, http: Request, who: Consumer = Depends(consumer)):
+        return await run(body, who, "chat", http)
+
+    @v1.websocket("/stream")
+    async def stream(ws: WebSocket):
+        """One request a connection: send {"completion": {...}} or {"chat": {...}} (plus "api_key" unless
+        the Authorization header is set); receive the same chunks as the SSE stream, then
+        {"object": "done", "finish_reason", "usage"}, or {"error": {...}}; then the server closes."""
+        await ws.accept()
+        gen = None
+        try:
+            raw = await asyncio.wait_for(ws.receive_text(), WS_FIRST_MESSAGE_TIMEOUT_S)
+            if len(raw) > MAX_WS_MESSAGE_BYTES:
+                raise APIError(422, f"message over {MAX_WS_MESSAGE_BYTES} bytes", "invalid_request_error")
+            try:
+                req = StreamRequest.model_validate_json(raw)
+            except ValidationError as exc:
+                raise APIError(422, str(exc.errors(include_url=False)[:3]), "invalid_request_error") from exc
+            if (req.completion is None) == (req.chat is None):
+                raise APIError(422, "send exactly one of 'completion' and 'chat'", "invalid_request_error")
+            auth = ws.headers.get("authorization") or (f"Bearer {req.api_key}" if req.api_key else None)
+            who = await svc.authenticate(auth)
+            gen = Generation(svc, who, req.chat or req.completion, "chat" if req.chat else "text")
+            await gen.start()
+            async for chunk in gen.chunks():
+                await ws.send_json(chunk)
+            await gen.settle()
+            await ws.send_json({"object": "done", "id": gen.id, "finish_reason": gen.finish_reason,
+                                "usage": gen.usage()})
+            await ws.close()
+        except APIError as exc:
+            await ws.send_json({**error_body(exc.message, exc.type, exc.param, exc.code), "status": exc.status})
+            await ws.close(code=1008 if exc.status in (401, 402, 429) else 1011 if exc.status >= 500 else 1003)
+        except (WebSocketDisconnect, asyncio.TimeoutError):
+            pass
+        finally:
+            if gen is not None:
+                gen.settle_soon()
+
+    return v1

@@ -1,0 +1,170 @@
+"""The consumer API's request and response bodies (OpenAI-compatible), as pydantic models.
+
+They are the OpenAPI schema too. Unknown request fields are ignored, as OpenAI's own clients send
+some we do not use; fields we do use are checked and a bad one is a 422."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 100_000
+MAX_NEW_TOKENS = 4096
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+MAX_MESSAGES = 256
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy; default 1 as in OpenAI")] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int | None, Field(ge=0, lt=2**63, description="sampling seed; random when absent")] = None
+    n: Annotated[int, Field(ge=1, le=1, description="only 1 is supported")] = 1
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                          Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        if isinstance(value, str):
+            if not 0 < len(value) <= MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence has 1-{MAX_STOP_CHARS} characters")
+            return [value]
+        return value or []
+
+    def stops(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list of one string is accepted)")
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 16
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        text = value[0] if isinstance(value, list) else value
+        if not 0 < len(text) <= MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt must have 1-{MAX_PROMPT_CHARS} characters")
+        return text
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
+
+    def new_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class StreamRequest(BaseModel):
+    """The first (and only) message a client sends on the WebSocket: a completion or a chat request."""
+    model_config = ConfigDict(extra="ignore")
+
+    api_key: str | None = None
+    completion: CompletionRequest | None = None
+    chat: ChatCompletionRequest | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "meshpool"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class UsageRecord(BaseModel):
+    request_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_units: int
+    finish_reason: str
+    ts_ms: int
+
+
+class Account(BaseModel):
+    object: Literal["account"] = "account"
+    name: str
+    account_id: str
+    balance_units: int = Field(description="credits free to spend")
+    held_units: int = Field(description="credits held in escrow by requests in flight")
+    spent_units: int = Field(description="credits paid for tokens produced")
+    requests: int
+    recent_usage: list[UsageRecord]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
