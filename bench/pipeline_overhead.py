@@ -6,8 +6,9 @@ layer ranges chained in one process, measured in the same run: the cost of each 
 Each pool is `coordinator serve` plus N `provider join` processes whose memory caps force N stages
 (one compute thread each, as in the tests). Per-token latency = (time of a request for 1 + T tokens
 minus time of a request for 1 token) / T, median of the repeats. A token crosses N + 1 hops:
-coordinator -> stage 0 -> ... -> last stage -> coordinator. Writes bench/pipeline_overhead.json.
-The 8 MB bulk hop against plain TCP is bench/transport.py's.
+coordinator -> stage 0 -> ... -> last stage -> coordinator. Then an 8 MB activation hop between
+two processes, P2PNode (as the stages use it) against plain TCP, with bench/transport.py's code.
+Writes bench/pipeline_overhead.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.transport import run_row  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
@@ -34,7 +36,7 @@ from node.sampling import SamplingParams  # noqa: E402
 from node.stage import step_frame  # noqa: E402
 from node.transport.frames import Frame, encode_frame  # noqa: E402
 
-CAPS_MB = {1: None, 2: 450, 4: 200}  # memory caps that make the planner use exactly N stages
+CAPS_MB = {1: None, 2: 450, 4: 230}  # memory caps that make the planner use exactly N stages
 PROMPT = "The history of the printing press begins"
 
 
@@ -49,10 +51,12 @@ def pool_latency_ms(n_stages: int, tokens: int, repeats: int) -> tuple[float, li
                                   what=f"a {n_stages}-stage pipeline")
             ranges = [(s["start"], s["end"]) for s in state["pipelines"][0]["stages"]]
             model = pool.get("/v1/models")["data"][0]["id"]
+            key = pool.add_consumer("bench", 10**12)
 
             def timed(max_tokens: int) -> tuple[float, int]:
                 start = time.perf_counter()
-                status, body = pool.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": max_tokens})
+                status, body = pool.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                                                             "temperature": 0}, api_key=key)
                 assert status == 200, body
                 return time.perf_counter() - start, body["usage"]["completion_tokens"]
 
@@ -114,8 +118,15 @@ def main() -> None:
                      "in_process_ms_per_token": round(local_ms, 2), "per_hop_ms": round(hop_ms, 2),
                      "hops_per_token": n + 1, "bytes_per_token": n_bytes})
         print(f"{n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} {hop_ms:>10.2f} {n_bytes:>11}")
+
+    hops = {kind: [run_row(kind, True, 50, 7)["hop_8m_mb_s"] for _ in range(3)] for kind in ("tcp", "node-aes")}
+    tcp_mb_s, node_mb_s = (statistics.median(hops[k]) for k in ("tcp", "node-aes"))
+    print(f"8 MB hop between processes: plain TCP {tcp_mb_s:.0f} MB/s, P2PNode {node_mb_s:.0f} MB/s "
+          f"= {node_mb_s / tcp_mb_s:.0%} of TCP (median of 3)")
     path = Path(__file__).with_suffix(".json")
     path.write_text(json.dumps({"model": model_dir.name, "tokens": args.tokens, "rows": rows,
+                                "hop_8mb_mb_s": {"plain_tcp": tcp_mb_s, "p2pnode_aes": node_mb_s,
+                                                 "ratio": round(node_mb_s / tcp_mb_s, 3)},
                                 "loadavg": os.getloadavg()}, indent=2) + "\n")
     print(f"wrote {path}")
 
