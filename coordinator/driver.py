@@ -67,14 +67,14 @@ class StepFailed(RuntimeError):
 class PipelineDriver(threading.Thread):
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
-                 step_timeout_s: float = 30.0, max_queue: int = 1024):
+                 step_timeout_s: float = 30.0, max_queue: int = 1024, max_batch: int = MAX_DECODE_BATCH):
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
         self.running: dict[str, GenerationRequest] = {}  # session id -> request
-        # never more sessions in flight than the stages have KV slots for (the link may say how many)
-        self.max_batch = min(MAX_DECODE_BATCH, getattr(link, "max_sessions", MAX_DECODE_BATCH))
+        # never more sessions in flight than the stages have KV-cache slots for
+        self.max_batch = min(MAX_DECODE_BATCH, max_batch)
         self.stopping = threading.Event()
         self._steps = itertools.count()
 

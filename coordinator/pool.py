@@ -199,7 +199,7 @@ class Pool:
                 self._wake.set()
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    step_timeout_s=self.step_timeout_s)
+                                    step_timeout_s=self.step_timeout_s, max_batch=self.workload.batch)
             started[pid] = ActivePipeline(pid, pipeline, driver)
             busy |= set(pipeline.peer_ids)
 

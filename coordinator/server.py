@@ -144,9 +144,7 @@ class Coordinator:
             self.board.deliver(frame, stream.peer_id)
 
     def _make_link(self, pipeline: str, stage_peers: tuple[str, ...]) -> StreamLink:
-        link = StreamLink(self.node, pipeline, stage_peers, self.board)
-        link.max_sessions = self.max_sessions  # the driver batches no more sessions than a stage has slots
-        return link
+        return StreamLink(self.node, pipeline, stage_peers, self.board)
 
     def _assign(self, peer: str, fields: dict) -> None:
         nxt = fields["next_peer"] or self.node.peer_id
