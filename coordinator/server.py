@@ -23,8 +23,7 @@ from coordinator.registry import Registry
 from node.config import ModelConfig
 from node.models import default_model_dir, model_id_of
 from node.protocol import (ACK, ASSIGN, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN, PROTO_CONTROL, PROTO_RESULT,
-                           REGISTER, RESULT, UNASSIGN)
-from node.provider import ack, signed_profile_bytes
+                           REGISTER, RESULT, UNASSIGN, ack, signed_profile_bytes)
 from node.transport import Frame, P2PNode, Stream, StreamClosed, TransportConfig, TransportError, load_or_create
 from node.transport.identity import verify_for_peer
 

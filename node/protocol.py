@@ -7,7 +7,9 @@ the coordinator assigns shards to providers.
 
 from __future__ import annotations
 
-from node.transport.frames import MessageSpec, register_message
+import json
+
+from node.transport.frames import Frame, MessageSpec, register_message
 
 PROTO_CONTROL = "/meshpool/control/1"  # provider -> coordinator: register, heartbeat, leave
 PROTO_ASSIGN = "/meshpool/assign/1"  # coordinator -> provider: load a shard, or drop it
@@ -50,3 +52,13 @@ FAILED = register_message(MessageSpec("stage.failed", 1, {
 
 MAX_BATCH_SESSIONS = 256
 MAX_SESSION_ID_CHARS = 64
+
+
+def ack(ok: bool = True, reason: str = "") -> Frame:
+    return Frame(ACK.type, ACK.version, {"ok": ok, "reason": reason})
+
+
+def signed_profile_bytes(peer: str, profile: dict, addrs: list[str], max_memory_bytes: int) -> bytes:
+    """The exact bytes a provider signs in pool.register and the coordinator verifies."""
+    body = {"peer": peer, "profile": profile, "addrs": addrs, "max_memory_bytes": max_memory_bytes}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

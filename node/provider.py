@@ -5,7 +5,6 @@ back to the coordinator)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -18,7 +17,7 @@ from node.config import ModelConfig, ModelError
 from node.models import model_id_of
 from node.profile import serving_dtype
 from node.protocol import (ACK, ASSIGN, CLOSE, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN, PROTO_CONTROL,
-                           PROTO_RESULT, PROTO_STAGE, REGISTER, STEP, UNASSIGN)
+                           PROTO_RESULT, PROTO_STAGE, REGISTER, STEP, UNASSIGN, ack, signed_profile_bytes)
 from node.runtime import ShardRuntime
 from node.shard import Shard, tensor_names
 from node.stage import StageWorker, StepError
@@ -28,16 +27,6 @@ log = logging.getLogger("meshpool.provider")
 
 HEARTBEAT_INTERVAL_S = 1.0
 STAGE_RECV_TIMEOUT_S = 3600.0
-
-
-def ack(ok: bool = True, reason: str = "") -> Frame:
-    return Frame(ACK.type, ACK.version, {"ok": ok, "reason": reason})
-
-
-def signed_profile_bytes(peer: str, profile: dict, addrs: list[str], max_memory_bytes: int) -> bytes:
-    """The exact bytes a provider signs and the coordinator verifies."""
-    body = {"peer": peer, "profile": profile, "addrs": addrs, "max_memory_bytes": max_memory_bytes}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 class Assignment:

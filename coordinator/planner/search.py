@@ -148,7 +148,6 @@ def _fill_chain(solver: SplitSolver, ordering: list[str]) -> tuple[str, ...] | N
 
 
 def _improve(solver: SplitSolver, groups: list[tuple[str, ...]], peer_ids: list[str], max_moves: int):
-    objective = solver.objective
     value = _total(groups, solver)
     for _ in range(max_moves):
         for candidate in _neighbours(solver, groups, peer_ids):
