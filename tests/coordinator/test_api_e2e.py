@@ -7,7 +7,6 @@ import threading
 
 import openai
 import pytest
-import torch
 
 from coordinator.local_pool import LocalPool
 
@@ -16,24 +15,6 @@ MODEL = "smollm2-135m-instruct"
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are", "def fibonacci(n):"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 CREDITS = 10**10
-
-
-@pytest.fixture(scope="module")
-def reference(default_reference):
-    model, tokenizer = default_reference
-
-    def greedy(ids: list[int], max_tokens: int) -> str:
-        ids = torch.tensor([ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-    def text(prompt, max_tokens: int) -> str:
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            return greedy(list(ids["input_ids"] if hasattr(ids, "keys") else ids), max_tokens)
-        return greedy(tokenizer(prompt)["input_ids"], max_tokens)
-
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,6 @@ PROMPTS = ["Once upon a time, in a small village,", "The three primary colors ar
 
 
 @pytest.fixture(scope="module")
-def reference(default_reference):
-    model, tokenizer = default_reference
-
-    def greedy_text(prompt: str, max_tokens: int) -> str:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-    return greedy_text
-
-
-@pytest.fixture(scope="module")
 def pool(tmp_path_factory, default_model_dir):
     pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
     try:
