@@ -147,6 +147,9 @@ class ShardRuntime:
             self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
                                          None if shard.is_first else self.config.hidden_size, dtype, self.device)
         self.sessions: dict[str, Session] = {}
+        # On the last stage: the hidden states (before the final norm) behind the logits of the
+        # latest step, which the stage retains for audits. A view, valid until the next step.
+        self.last_hidden: torch.Tensor | None = None
         self._free_slots = list(range(max_sessions - 1, -1, -1))  # pop() hands out low slots first
         # Cache positions below this mark hold finite values, per slot. A batched decode reads every
         # row up to the longest context in the batch, and torch.empty memory may hold NaNs, which
@@ -211,10 +214,11 @@ class ShardRuntime:
         h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read, mask)
         session.n_tokens += T
         session.last_used_s = time.monotonic()
-        h = h[0]  # (T, D or V)
-        if self.shard.is_last and not all_positions:
-            return self._head(h[-1:])
-        return self._head(h) if self.shard.is_last else h
+        h = h[0]  # (T, D)
+        if not self.shard.is_last:
+            return h
+        self.last_hidden = h
+        return self._head(h if all_positions else h[-1:])
 
     @torch.inference_mode()
     def decode(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -274,7 +278,10 @@ class ShardRuntime:
         mask = (torch.arange(visible, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B,1,1,L)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, Dh)
         h = self._forward(x[:, None], cos, sin, write, read, mask)[:, 0]  # (B, D)
-        return self._head(h) if self.shard.is_last else h
+        if not self.shard.is_last:
+            return h
+        self.last_hidden = h
+        return self._head(h)
 
     def _forward(self, x, cos, sin, write, read, mask) -> torch.Tensor:
         h = self.model.embed(x) if self.shard.is_first else x.to(self.dtype)  # (B, T, D)
