@@ -1,0 +1,116 @@
+"""Faults a dishonest provider might commit, injected on purpose to test the auditors. Off unless asked.
+
+    fault = Fault.parse("skip")          # None for None / "" (an honest stage)
+    fault.install(runtime)               # alters a loaded ShardRuntime in place
+    out = fault.perturb(out)             # each step output the stage sends (hidden states)
+    logits = fault.perturb_last_hidden(runtime)  # last stage: after a step, before sampling
+
+Kinds:
+- noise[:rel]      Gaussian noise of `rel` x the row's RMS (default 1e-2) on every output row; on
+                   the last stage on the hidden state before the head, whose logits are recomputed.
+                   Deterministic: a generator seeded by `seed`, advanced step by step.
+- skip             runs only the first half of its layers (floor(n/2); at least one skipped).
+- wrong-model      its layers' weights replaced by a different model of the same shape: a seeded
+                   random init, each tensor Gaussian with that tensor's own mean and std.
+- lazy             runs none of its layers: echoes its input (stage 0 returns the embeddings).
+- bad-verifier     serves honestly, but lies as a verifier (`lies_as_verifier`).
+Skipped layers are replaced by an identity module with the layer's signature, so the KV-cache
+bookkeeping (slots, positions) is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier")
+DEFAULT_NOISE_REL = 1e-2
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a DecoderLayer and does nothing: same forward signature, returns its input."""
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
+        return x
+
+
+@dataclass
+class Fault:
+    kind: str
+    noise_rel: float = DEFAULT_NOISE_REL
+    seed: int = 0
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {self.kind!r}; known: {', '.join(FAULT_KINDS)}")
+        if not (self.noise_rel > 0 and self.noise_rel < 1e3):
+            raise ValueError(f"noise size must be in (0, 1000), got {self.noise_rel}")
+
+    @classmethod
+    def parse(cls, kind: str | None, seed: int = 0) -> "Fault | None":
+        """"noise", "noise:1e-3", "skip", ...; None or "" for no fault."""
+        if not kind:
+            return None
+        name, _, arg = kind.partition(":")
+        if name not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)} (noise takes ':<relative size>')")
+        if arg and name != "noise":
+            raise ValueError(f"fault {name!r} takes no argument, got {kind!r}")
+        try:
+            noise_rel = float(arg) if arg else DEFAULT_NOISE_REL
+        except ValueError:
+            raise ValueError(f"noise size {arg!r} is not a number") from None
+        return cls(name, noise_rel=noise_rel, seed=seed)
+
+    @property
+    def lies_as_verifier(self) -> bool:
+        return self.kind == "bad-verifier"
+
+    def verifier_report(self, honest_ok: bool) -> bool:
+        """What this provider reports as a verifier, given the honest outcome of its comparison."""
+        return not honest_ok if self.lies_as_verifier else honest_ok
+
+    # -- serving --------------------------------------------------------------------------
+
+    def install(self, runtime) -> None:
+        """Alter a loaded ShardRuntime in place (noise and bad-verifier leave it as it is)."""
+        layers = runtime.model.layers
+        n = len(layers)
+        if self.kind in ("skip", "lazy"):
+            keep = n // 2 if self.kind == "skip" else 0
+            for i in range(keep, n):
+                layers[i] = SkippedLayer()
+            runtime.graphs = None  # CUDA graphs captured the real layers: decode through the modules
+        elif self.kind == "wrong-model":
+            generator = torch.Generator().manual_seed(self.seed)
+            with torch.no_grad():
+                for layer in layers:
+                    for p in layer.parameters():
+                        mean, std = p.float().mean(), p.float().std() if p.numel() > 1 else torch.tensor(0.0)
+                        fake = torch.randn(p.shape, generator=generator) * std + mean
+                        p.copy_(fake.to(p.dtype))  # in place: CUDA graphs keep pointing at p
+
+    def perturb(self, out: torch.Tensor) -> torch.Tensor:
+        """A step output (rows of hidden states) as the faulty stage sends it."""
+        if self.kind != "noise":
+            return out
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        x = out.float()
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()  # (T, 1)
+        noise = torch.randn(x.shape, generator=self._generator).to(x.device)
+        return (x + self.noise_rel * rms * noise).to(out.dtype)
+
+    def perturb_last_hidden(self, runtime, last_only: bool = False) -> torch.Tensor | None:
+        """On the last stage, after a step: perturb `runtime.last_hidden` (what the stage keeps as its
+        claimed output) and return the logits of the perturbed rows (only the last row if
+        `last_only`, as prefill returns), or None when this fault leaves the outputs alone."""
+        if self.kind != "noise":
+            return None
+        runtime.last_hidden = self.perturb(runtime.last_hidden)
+        h = runtime.last_hidden[-1:] if last_only else runtime.last_hidden
+        with torch.inference_mode():
+            return runtime._head(h)

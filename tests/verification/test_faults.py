@@ -1,0 +1,85 @@
+"""Injected faults: each kind, served through ShardRuntime, fails its audit (bad-verifier lies instead)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.faults import FAULT_KINDS, Fault, SkippedLayer
+from node.runtime import ShardRuntime
+from node.shard import Shard
+from tests.verification.test_compare import (PROMPTS, audit_record, model, one_thread, recomputer,  # noqa: F401
+                                             run_pool)  # (fixtures)
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def test_parse():
+    assert Fault.parse(None) is None and Fault.parse("") is None
+    assert Fault.parse("noise").noise_rel == 1e-2
+    assert Fault.parse("noise:1e-3").noise_rel == 1e-3
+    assert [Fault.parse(k).kind for k in FAULT_KINDS] == list(FAULT_KINDS)
+    with pytest.raises(ValueError, match="unknown fault 'sloppy'"):
+        Fault.parse("sloppy")
+    with pytest.raises(ValueError, match="takes no argument"):
+        Fault.parse("skip:3")
+    with pytest.raises(ValueError, match="not a number"):
+        Fault.parse("noise:lots")
+    with pytest.raises(ValueError):
+        Fault("noise", noise_rel=0.0)
+
+
+@pytest.mark.parametrize("stage", [1, 2], ids=["middle", "last"])
+@pytest.mark.parametrize("kind", ["noise", "noise:1e-3", "skip", "wrong-model", "lazy"])
+def test_every_serving_fault_fails_its_audit(run_pool, recomputer, kind, stage):
+    fault = Fault.parse(kind, seed=1)
+    records = run_pool((F32,) * 3, batch=2, fault_at=stage, fault=fault)
+    for per_stage in records:
+        verdict = audit_record(recomputer, per_stage[stage])
+        assert not verdict.ok, (kind, verdict)
+        assert audit_record(recomputer, per_stage[0]).ok  # the honest stage upstream still passes
+
+
+@pytest.mark.parametrize("kind", ["noise:0.1", "skip", "lazy"])
+def test_coarse_faults_fail_in_bfloat16(run_pool, recomputer, kind):
+    records = run_pool((BF16,) * 3, batch=2, fault_at=1, fault=Fault.parse(kind))
+    assert not any(audit_record(recomputer, per_stage[1]).ok for per_stage in records)
+
+
+def test_bad_verifier_serves_honestly_but_lies(run_pool, recomputer):
+    fault = Fault.parse("bad-verifier")
+    records = run_pool((F32,) * 3, fault_at=1, fault=fault)
+    honest = audit_record(recomputer, records[0][1])
+    assert honest.ok and fault.lies_as_verifier
+    assert fault.verifier_report(honest.ok) is False and fault.verifier_report(False) is True
+    assert not Fault.parse("skip").lies_as_verifier
+
+
+def test_skip_and_lazy_keep_the_cache_bookkeeping(model):
+    model_dir, config, tensors, model_id = model
+    shard = Shard(model_id, 0, 5, config.n_layers)
+    ids = torch.tensor(PROMPTS[0][:6])
+    skip = ShardRuntime.from_tensors(config, shard, tensors, max_sessions=2, max_seq_len=32)
+    Fault.parse("skip").install(skip)
+    assert [isinstance(m, SkippedLayer) for m in skip.model.layers] == [False, False, True, True, True]
+    skip.prefill("a", ids)
+    skip.decode([("a", torch.tensor([7]))])
+    assert skip.sessions["a"].n_tokens == 7
+    lazy = ShardRuntime.from_tensors(config, shard, tensors, max_sessions=2, max_seq_len=32)
+    Fault.parse("lazy").install(lazy)
+    assert torch.equal(lazy.prefill("a", ids), lazy.model.embed(ids))  # stage 0 returns the embeddings
+    middle = ShardRuntime.from_tensors(config, Shard(model_id, 10, 11, config.n_layers), tensors, max_seq_len=32)
+    Fault.parse("skip").install(middle)  # one layer: it is the one skipped
+    h = torch.randn(3, config.hidden_size)
+    assert torch.equal(middle.prefill("a", h), h)
+
+
+def test_noise_is_deterministic_and_sized():
+    x = torch.randn(4, 576) * 3
+    a, b = Fault.parse("noise:1e-2", seed=5), Fault.parse("noise:1e-2", seed=5)
+    ya, yb = a.perturb(x), b.perturb(x)
+    assert torch.equal(ya, yb) and not torch.equal(a.perturb(x), ya)  # same seed, same steps; next step differs
+    rel = ((ya - x).norm(dim=-1) / x.norm(dim=-1))
+    assert torch.all((rel > 0.8e-2) & (rel < 1.2e-2))
+    assert Fault.parse("skip").perturb(x) is x
+    assert a.perturb(x.to(BF16)).dtype == BF16
