@@ -91,7 +91,7 @@ def bytes_per_token(config: ModelConfig, n_stages: int) -> int:
     hidden = encode_frame(step_frame("0" * 16, 1, "decode", ["s0"], [100], sampling,
                                      torch.zeros(1, config.hidden_size)))
     result = encode_frame(Frame(RESULT.type, RESULT.version, {"pipeline": "0" * 16, "step": 1, "sessions": ["s0"],
-                                                              "tokens": [5]}))
+                                                              "tokens": [5], "stage_ms": [0.5] * n_stages}))
     return len(ids) + (n_stages - 1) * len(hidden) + len(result)
 
 

@@ -77,7 +77,13 @@ def after_slash(standing: Standing, params: MoneyParams) -> Standing:
                    slash_count=count, banned=standing.banned or count >= params.ban_after_slashes)
 
 
-def may_serve(standing: Standing, params: MoneyParams) -> bool:
-    """Promotion rule: not banned, agreed with the referee on K audits, reputation above zero."""
-    return (not standing.banned and standing.audits_agreed >= params.promotion_agreements
-            and standing.reputation > 0)
+def may_serve(standing: Standing, params: MoneyParams, vouched: bool = False) -> bool:
+    """Promotion rule: not banned, agreed with the referee on K audits, reputation above zero.
+
+    A provider the operator vouched for skips the K audits, not the slashes: it serves while its
+    reputation (0 at first, + per passed audit, - per slash) is not negative."""
+    if standing.banned:
+        return False
+    if vouched:
+        return standing.reputation >= 0
+    return standing.audits_agreed >= params.promotion_agreements and standing.reputation > 0

@@ -4,12 +4,12 @@
   seed in `DATA_DIR/node_ed25519.key` (its libp2p identity), so the log's signer is the peer id.
 - `DATA_DIR/api_keys.db` (SQLite) maps SHA-256(key) to a consumer account and records usage.
 - Money per request: `admit` holds the quote for prompt + max_tokens in escrow (InsufficientFunds
-  -> 402); `finish` resolves the hold in one ledger transaction. Providers do not sign stage
-  receipts yet (DESIGN decision 4, a later issue), so the coordinator cannot `settle` a payment to
-  them without forging signatures: it voids the hold (full refund) and, in the same transaction,
-  transfers the price of the work actually done (`contracts.pricing.quote` for the prompt plus the
-  tokens produced) from the consumer to the treasury, where it waits for receipts. Nothing is paid
-  for tokens that were never produced.
+  -> 402); `finish` settles the hold on the stage receipts of the request's last attempt (see
+  coordinator/receipts.py): each stage is paid gas for the tokens it processed times its layers,
+  the fees go to their pools, the rest is refunded. Work without a receipt that checks out is not
+  charged: with no receipt at all the hold is voided. Work of attempts a failover abandoned is not
+  charged either; the consumer pays once for each token.
+- Provider accounts are opened, with the provider's public key, when it registers.
 """
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
+from contracts import MoneyParams
 from contracts.pricing import quote
+from contracts.settlement import settle
 from ledger.db import make_engine, resolve_url
 from ledger.errors import InsufficientFunds
 from ledger.models import accounts as account_rows
 from ledger.models import holds as hold_rows
 from ledger.service import LedgerService
-from ledger.state import CONSUMER, OPEN, TREASURY_ID
+from ledger.receipts import StageReceipt
+from ledger.state import CONSUMER, OPEN, PROVIDER
+from coordinator.receipts import ReceiptBoard
 from node.transport.identity import KEY_FILE, load_or_create
 
 KEYS_DB = "api_keys.db"
@@ -76,14 +80,19 @@ def coordinator_ledger_key(data_dir: Path) -> Ed25519PrivateKey:
 
 
 class Accounts:
-    def __init__(self, data_dir: Path, n_layers: int = 0, db: str | None = None):
-        """`n_layers`: the served model's, for prices (0 where only accounts are managed)."""
+    def __init__(self, data_dir: Path, n_layers: int = 0, db: str | None = None, params: MoneyParams | None = None):
+        """`n_layers`: the served model's, for prices (0 where only accounts are managed).
+        `params`: the money parameters of a new ledger (an existing one keeps those of its genesis)."""
         self.data_dir, self.n_layers = Path(data_dir), n_layers
-        self.ledger = LedgerService.open(coordinator_ledger_key(self.data_dir), db=db, data_dir=self.data_dir)
-        self._reader = make_engine(resolve_url(db, self.data_dir), writer=False)
+        self.ledger = LedgerService.open(coordinator_ledger_key(self.data_dir), db=db, data_dir=self.data_dir,
+                                         **({"params": params} if params else {}))
+        self.reader_engine = make_engine(resolve_url(db, self.data_dir), writer=False)
         self._keys_path = self.data_dir / KEYS_DB
         self._cache: dict[str, tuple[Consumer, float]] = {}
         self._cache_lock = threading.Lock()
+        self.receipts = ReceiptBoard()
+        # called with (request, paid receipts) after each settlement: the auditor's entry point
+        self.on_settled = lambda request, receipts: None
         with self._keys() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS api_keys (key_sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, "
                          "account_id TEXT NOT NULL, created_ms INTEGER NOT NULL)")
@@ -94,7 +103,7 @@ class Accounts:
 
     def close(self) -> None:
         self.ledger.close()
-        self._reader.dispose()
+        self.reader_engine.dispose()
 
     def _keys(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._keys_path, timeout=30.0, isolation_level=None)
@@ -143,8 +152,17 @@ class Accounts:
 
     # -- money ----------------------------------------------------------------------------
 
+    def open_provider(self, peer_id: str, public_key: bytes) -> None:
+        """The provider's ledger account, keyed to the key that signs its receipts (idempotent)."""
+        self.ledger.open_account(peer_id, PROVIDER, public_key=public_key.hex())
+
     def price_units(self, prompt_tokens: int, new_tokens: int) -> int:
+        """The quote: every token of the prompt and of `new_tokens` through every layer, plus fees."""
         return quote(prompt_tokens, new_tokens, self.n_layers, self.ledger.params).total_units
+
+    def cost_units(self, tokens_processed: int) -> int:
+        """What a request whose stages all processed `tokens_processed` tokens costs its consumer."""
+        return self.price_units(tokens_processed, 0) if tokens_processed else 0
 
     def admit(self, consumer: Consumer, request_id: str, model: str, prompt_tokens: int, max_tokens: int) -> Charge:
         """Hold the request's maximum price; raises InsufficientFunds (nothing written) if it can't pay."""
@@ -152,25 +170,34 @@ class Accounts:
         self.ledger.hold(f"hold:{request_id}", consumer.account_id, amount, request_id)
         return Charge(consumer, request_id, model, prompt_tokens, max_tokens, amount)
 
-    def finish(self, charge: Charge, completion_tokens: int, finish_reason: str) -> int:
-        """Resolve the hold: refund it, charge the tokens produced to the treasury. Returns the cost."""
+    def finish(self, charge: Charge, completion_tokens: int, finish_reason: str, request=None) -> int:
+        """Settle the hold on the receipts of `request`'s last attempt (a GenerationRequest), or
+        void it when there are none. Returns what the consumer paid."""
         produced = max(0, min(completion_tokens, charge.max_tokens))
-        cost = self.price_units(charge.prompt_tokens, produced) if produced else 0
         rid = charge.request_id
-        with self.ledger.batch():  # one transaction: the consumer never sees the refund without the charge
-            self.ledger.void(f"void:{rid}", f"hold:{rid}", f"no stage receipts yet; {produced} tokens charged")
-            if cost:
-                self.ledger.transfer(f"charge:{rid}", charge.consumer.account_id, TREASURY_ID, cost,
-                                     memo=f"{rid}: {charge.prompt_tokens} prompt + {produced} completion tokens")
+        receipts: list[StageReceipt] = []
+        if request is not None and request.stages:
+            receipts = self.receipts.collect(request, charge.model)
+        if receipts:
+            # paid for is produced: tokens the pool made after the client stopped reading count too
+            produced = max(produced, min(len(request.tokens), charge.max_tokens))
+            self.ledger.settle(f"settle:{rid}", f"hold:{rid}", receipts)
+            split = settle(charge.hold_units, [r.stage_work() for r in receipts], self.ledger.params)
+            cost = split.total_units - split.refund_units
+        else:
+            self.ledger.void(f"void:{rid}", f"hold:{rid}", "no stage receipt: nothing to pay for")
+            cost = 0
         with self._keys() as conn:
             conn.execute("INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (rid, charge.consumer.account_id, charge.model, charge.prompt_tokens, produced, cost,
                           finish_reason, time.time_ns() // 1_000_000))
+        if receipts:
+            self.on_settled(request, receipts)
         return cost
 
     def account(self, consumer: Consumer) -> dict:
         aid = consumer.account_id
-        with self._reader.connect() as conn:
+        with self.reader_engine.connect() as conn:
             balance = conn.execute(select(account_rows.c.balance_units).where(account_rows.c.id == aid)).scalar()
             held = conn.execute(select(func.coalesce(func.sum(hold_rows.c.amount_units - hold_rows.c.released_units), 0))
                                 .where(hold_rows.c.account_id == aid, hold_rows.c.status == OPEN)).scalar()

@@ -1,5 +1,6 @@
 """HTTP API of the coordinator: the app factory, the OpenAI-shaped error handlers and the routers
-(/pool: the pool's state; /v1: the consumer API in `openai_api`)."""
+(/pool: the pool's state; /v1: the consumer API in `openai_api`; /: the dashboard; /metrics:
+Prometheus; /ledger: the auditors' read-only view of the ledger)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(pool: Pool, tokenizer, model_id: str, max_context_tokens: int, stop_ids: tuple[int, ...],
                accounts, rate_limit_rps: float = 10.0) -> FastAPI:
     from coordinator.accounts import RateLimiter
+    from coordinator.metrics import Metrics
     from coordinator.openai_api import Service, make_router
 
     app = FastAPI(title="meshpool coordinator", description=DESCRIPTION)
+    metrics = Metrics(model_id)
+    app.state.metrics = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError):
@@ -59,6 +63,8 @@ def create_app(pool: Pool, tokenizer, model_id: str, max_context_tokens: int, st
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
+        if _request.url.path.startswith("/v1/"):
+            metrics.rejected(None, 422)
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=422)
 
     @app.exception_handler(HTTPException)
@@ -72,8 +78,35 @@ def create_app(pool: Pool, tokenizer, model_id: str, max_context_tokens: int, st
     def pool_state() -> dict:
         return pool.snapshot()
 
-    svc = Service(pool, tokenizer, model_id, max_context_tokens, stop_ids, accounts, RateLimiter(rate_limit_rps))
+    svc = Service(pool, tokenizer, model_id, max_context_tokens, stop_ids, accounts, RateLimiter(rate_limit_rps),
+                  metrics=metrics)
     app.state.service = svc
     app.include_router(pool_router)
     app.include_router(make_router(svc))
+    _mount_observability(app, pool, model_id, accounts, metrics)
     return app
+
+
+def _mount_observability(app: FastAPI, pool: Pool, model_id: str, accounts, metrics) -> None:
+    """The dashboard at /, Prometheus at /metrics, the read-only ledger at /ledger."""
+    from coordinator.dashboard.ledger_view import LedgerView
+    from coordinator.dashboard.routes import make_router as dashboard_router
+    from coordinator.dashboard.state import DashboardState
+    from coordinator.metrics import PoolCollector
+    from coordinator.metrics import make_router as metrics_router
+    from ledger.api import make_router as ledger_router
+    from ledger.db import make_engine
+    from ledger.reader import LedgerReader
+
+    reader = None
+    ledger = getattr(accounts, "ledger", None)
+    if ledger is not None:  # a reader engine of its own: snapshot reads while the coordinator writes
+        reader = LedgerReader(make_engine(ledger.engine.url.render_as_string(hide_password=False), writer=False))
+        app.include_router(ledger_router(reader))
+    view = LedgerView(reader) if reader is not None else None
+    metrics.registry.register(PoolCollector(pool, view))
+    shape = getattr(pool, "model_shape", None)
+    n_layers = getattr(shape, "n_layers", 0) or getattr(accounts, "n_layers", 0)
+    app.state.dashboard = DashboardState(pool, model_id, n_layers, metrics, view)
+    app.include_router(metrics_router(metrics))
+    app.include_router(dashboard_router(app.state.dashboard))

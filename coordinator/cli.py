@@ -21,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     p.add_argument("--rate-limit-rps", type=float, default=10.0, help="requests a second per API key (0: no limit)")
+    p.add_argument("--db", help="ledger database URL (default: sqlite in DATA_DIR/ledger.db; postgresql://...)")
+    p.add_argument("--audit-probability-ppm", type=int,
+                   help="a new ledger's audit probability per (request, stage), in parts per million")
+    p.add_argument("--promotion-audits", type=int,
+                   help="a new ledger's K: agreeing audits a newcomer needs before it may serve")
+    p.add_argument("--referee-check-ppm", type=int, default=200_000,
+                   help="share of agreeing verdicts from serving verifiers that the coordinator re-checks")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
@@ -47,15 +54,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
+    from contracts import DEFAULT_PARAMS, ContractError, MoneyParams
     from coordinator.server import serve
+    from ledger.errors import LedgerError
     from node.config import ModelError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    changes = {name: value for name, value in (("audit_probability_ppm", args.audit_probability_ppm),
+                                               ("promotion_agreements", args.promotion_audits)) if value is not None}
     try:
+        params = MoneyParams(**{**DEFAULT_PARAMS.to_dict(), **changes}) if changes else None
         serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
               context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s,
-              rate_limit_rps=args.rate_limit_rps)
-    except ModelError as exc:
+              rate_limit_rps=args.rate_limit_rps, db=args.db, params=params,
+              referee_check_ppm=args.referee_check_ppm)
+    except (ModelError, ContractError, LedgerError) as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -34,6 +35,19 @@ class GenerationRequest:
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     on_token: Callable[[int], None] | None = None
+    # metrics: called by the driver after each step with (pipeline id, kind, tokens of this
+    # observer's requests in the step, seconds the whole pipeline took, each stage's compute
+    # milliseconds as the stages report them); see coordinator/metrics.py
+    on_step: Callable[[str, str, int, float, list], None] | None = None
+    request_id: str = ""  # the ledger's name for it: stages sign their receipts with it
+    # the attempt that ran last (a failover replays the request): its session and its stages
+    session_id: str = ""
+    stages: tuple[tuple[str, int, int], ...] = ()  # (peer, start, end)
+
+    @property
+    def tokens_processed(self) -> int:
+        """Positions every stage of the last attempt processed: the last token is never fed back."""
+        return len(self.prompt_ids) + len(self.tokens) - 1 if self.tokens else 0
 
     @property
     def finished(self) -> bool:
@@ -55,7 +69,7 @@ class GenerationRequest:
 
 class PipelineLink(Protocol):
     def step(self, frame: Frame, timeout_s: float) -> Frame: ...
-    def close_sessions(self, sessions: list[str]) -> None: ...
+    def close_sessions(self, sessions: list[str], requests: list[str]) -> None: ...
     def abort(self, reason: str) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -67,9 +81,11 @@ class StepFailed(RuntimeError):
 class PipelineDriver(threading.Thread):
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
-                 step_timeout_s: float = 30.0, max_queue: int = 1024, max_batch: int = MAX_DECODE_BATCH):
+                 step_timeout_s: float = 30.0, max_queue: int = 1024, max_batch: int = MAX_DECODE_BATCH,
+                 stages: tuple[tuple[str, int, int], ...] = ()):
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
+        self.stages = stages
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
         self.running: dict[str, GenerationRequest] = {}  # session id -> request
@@ -129,15 +145,16 @@ class PipelineDriver(threading.Thread):
     def _prefill(self, request: GenerationRequest) -> None:
         # A replayed request feeds its prompt plus the tokens it already produced.
         sid = f"s{next(_session_ids)}"
+        request.session_id, request.stages = sid, self.stages
         ids = request.prompt_ids + request.tokens
         frame = step_frame(self.pipeline_id, next(self._steps), "prefill", [sid], [0], [request.sampling],
                            torch.tensor(ids, dtype=torch.int64))
-        [token] = self._step(frame, [sid])
+        # running before the step: if the step fails, the failure hands the request back for replay
+        self.running[sid] = request
+        [token] = self._step(frame, [sid], [request])
         request.add_token(token)
         if request.finished:
             self._finish(sid, request)
-        else:
-            self.running[sid] = request
 
     def _decode(self) -> None:
         sids = [sid for sid, r in self.running.items() if not r.done.is_set()]
@@ -151,18 +168,32 @@ class PipelineDriver(threading.Thread):
             [len(r.prompt_ids) + len(r.tokens) - 1 for r in requests], [r.sampling for r in requests],
             torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64),
         )
-        for sid, request, token in zip(sids, requests, self._step(frame, sids)):
+        for sid, request, token in zip(sids, requests, self._step(frame, sids, requests)):
             request.add_token(token)
             if request.finished:
                 self._finish(sid, request)
 
-    def _step(self, frame: Frame, sids: list[str]) -> list[int]:
+    def _step(self, frame: Frame, sids: list[str], requests: list[GenerationRequest] = ()) -> list[int]:
+        started_s = time.perf_counter()
         result = self.link.step(frame, self.step_timeout_s)
         if result.fields.get("sessions") != sids or len(result.fields.get("tokens", [])) != len(sids):
             raise StepFailed(f"result of step {frame.fields['step']} does not match its sessions")
+        _observe_step(self.pipeline_id, frame.fields["kind"], requests, time.perf_counter() - started_s,
+                      result.fields["stage_ms"])
         return [int(t) for t in result.fields["tokens"]]
 
     def _finish(self, sid: str, request: GenerationRequest) -> None:
         self.running.pop(sid, None)
-        self.link.close_sessions([sid])
+        self.link.close_sessions([sid], [request.request_id])
         request.done.set()
+
+
+def _observe_step(pipeline_id: str, kind: str, requests: list[GenerationRequest], seconds: float,
+                  stage_ms: list) -> None:
+    """Metrics: one call per distinct observer (one per API app), however many requests it has."""
+    observers: dict[Callable, int] = {}
+    for r in requests:
+        if r.on_step is not None:
+            observers[r.on_step] = observers.get(r.on_step, 0) + 1
+    for observe, n_tokens in observers.items():
+        observe(pipeline_id, kind, n_tokens, seconds, stage_ms)

@@ -89,12 +89,12 @@ class StreamLink:
         finally:
             self.board.forget(self.pipeline, step)
 
-    def close_sessions(self, sessions: list[str]) -> None:
+    def close_sessions(self, sessions: list[str], requests: list[str]) -> None:
         if self.stream is None or self.aborted:
             return
         try:
-            self.stream.send(Frame(CLOSE.type, CLOSE.version, {"pipeline": self.pipeline, "sessions": sessions}),
-                             timeout_s=5.0)
+            self.stream.send(Frame(CLOSE.type, CLOSE.version, {"pipeline": self.pipeline, "sessions": sessions,
+                                                               "requests": requests}), timeout_s=5.0)
         except TransportError as exc:
             log.info("closing sessions on %s: %s", self.pipeline, exc)
 

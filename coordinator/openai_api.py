@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from coordinator.accounts import Accounts, Charge, Consumer, InsufficientFunds, RateLimiter
 from coordinator.api import APIError, error_body
 from coordinator.driver import GenerationRequest
+from coordinator.metrics import Metrics
 from coordinator.pool import Pool, PoolBusy
 from coordinator.schemas import (MAX_NEW_TOKENS, Account, ChatCompletion, ChatCompletionRequest, Completion,
                                  CompletionRequest, ErrorBody, ModelList, SamplingFields, StreamRequest)
@@ -54,6 +55,11 @@ class Service:
     accounts: Accounts
     limiter: RateLimiter
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(LEDGER_THREADS, "api-ledger"))
+    metrics: Metrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = Metrics(self.model_id)
 
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -62,10 +68,12 @@ class Service:
         scheme, _, key = (authorization or "").partition(" ")
         consumer = await self.call(self.accounts.lookup, key.strip()) if scheme.lower() == "bearer" else None
         if consumer is None:
+            self.metrics.rejected(None, 401)  # metrics
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            "invalid_request_error", code="invalid_api_key")
         wait_s = self.limiter.take(consumer.account_id)
         if wait_s > 0:
+            self.metrics.rejected(None, 429)  # metrics
             raise APIError(429, f"rate limit of {self.limiter.rps:g} requests/s reached for this key",
                            "rate_limit_exceeded", code="rate_limit_exceeded",
                            headers={"Retry-After": str(max(1, round(wait_s + 0.5)))})
@@ -94,8 +102,19 @@ class Generation:
         self.request: GenerationRequest | None = None
         self.cancelled = False
         self.settled = False
+        self.timer = svc.metrics.request(body.model)  # metrics: in flight from here until timer.end
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except APIError as exc:
+            self.timer.end(exc.status)  # metrics
+            raise
+        except BaseException:
+            self.timer.end(500)  # metrics
+            raise
+
+    async def _start(self) -> None:
         svc, body = self.svc, self.body
         if body.model != svc.model_id:
             raise APIError(404, f"model {body.model!r} is not served here; try {svc.model_id!r}",
@@ -118,7 +137,9 @@ class Generation:
             price = svc.accounts.price_units(len(self.prompt_ids), self.max_tokens)
             raise APIError(402, f"not enough credits: this request may cost {price} units ({exc})",
                            "insufficient_quota", code="insufficient_quota") from exc
-        self.request = GenerationRequest(self.prompt_ids, self.max_tokens, sampling=sampling, stop_ids=svc.stop_ids)
+        self.request = GenerationRequest(self.prompt_ids, self.max_tokens, sampling=sampling, stop_ids=svc.stop_ids,
+                                         request_id=self.id)
+        self.request.on_step = svc.metrics.observe_step  # metrics: pipeline step times and tokens/s
         self.stream = TokenStream(self.request, asyncio.get_running_loop())
         try:
             svc.pool.submit(self.request)
@@ -131,7 +152,17 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas; raises APIError(503) if the pool gave up on the request."""
         try:
+            async for delta in self._deltas():
+                yield delta
+        except APIError as exc:
+            self.timer.end(exc.status)  # metrics
+            raise
+        self.timer.end(200)  # metrics
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        try:
             async for token in self.stream.tokens(REQUEST_TIMEOUT_S):
+                self.timer.token()  # metrics: one generated token, time to first token, gap between tokens
                 delta = self.detok.add(token)
                 if delta:
                     yield delta
@@ -177,7 +208,7 @@ class Generation:
         if self.request is not None and not self.detok.stopped:
             produced = max(produced, len(self.request.tokens))  # a client that left pays what was produced
         reason = "cancelled" if self.cancelled and not self.detok.stopped else self.finish_reason
-        return self.charge, produced, reason
+        return self.charge, produced, reason, self.request
 
     async def settle(self) -> None:
         args = self._settle_args()
@@ -187,6 +218,7 @@ class Generation:
     def settle_soon(self) -> None:
         """From a cancelled task, where nothing can be awaited: cancel the generation, settle on a thread."""
         self.cancel("the client went away")
+        self.timer.end(499)  # metrics: no-op when the request already ended
         args = self._settle_args()
         if args:
             future = self.svc.executor.submit(self.svc.accounts.finish, *args)

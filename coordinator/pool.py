@@ -163,7 +163,7 @@ class Pool:
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         else:
-            error = "no provider may serve yet (newcomers wait for a vouch)"
+            error = "no provider may serve yet (newcomers only verify until vouched for or promoted)"
 
         with self.lock:
             self.plan_error = error
@@ -172,14 +172,16 @@ class Pool:
             if keep == set(self.active) and set(wanted) == keep:
                 self._flush_pending()
                 return
-            orphans: list[GenerationRequest] = []
-            released: set[str] = set()
-            for pid in [p for p in self.active if p not in keep]:
-                active = self.active.pop(pid)
-                orphans += active.driver.stop()
-                released |= set(active.pipeline.peer_ids)
-                log.info("pipeline %s stopped", pid)
+            stopped = [self.active.pop(pid) for pid in [p for p in self.active if p not in keep]]
             busy = {peer for a in self.active.values() for peer in a.pipeline.peer_ids}
+        # Stop drivers outside the lock: a failing driver takes the lock to hand its requests back,
+        # and waiting for it while holding the lock would stall both until the join times out.
+        orphans: list[GenerationRequest] = []
+        released: set[str] = set()
+        for active in stopped:
+            orphans += active.driver.stop()
+            released |= set(active.pipeline.peer_ids)
+            log.info("pipeline %s stopped", active.id)
         for peer in released - {p for pipeline in wanted.values() for p in pipeline.peer_ids}:
             if self.registry.providers.get(peer) and self.registry.providers[peer].state != "dead":
                 self.unassign(peer, "")
@@ -199,7 +201,8 @@ class Pool:
                 self._wake.set()
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    step_timeout_s=self.step_timeout_s, max_batch=self.workload.batch)
+                                    step_timeout_s=self.step_timeout_s, max_batch=self.workload.batch,
+                                    stages=tuple((s.peer_id, s.start, s.end) for s in pipeline.stages))
             started[pid] = ActivePipeline(pid, pipeline, driver)
             busy |= set(pipeline.peer_ids)
 

@@ -2,7 +2,9 @@
 
 Vouches are the operator's word that a provider may serve. They live in DATA_DIR/vouched (one peer
 id a line) so that `coordinator vouch` works while the coordinator runs: the registry re-reads the
-file when it changes.
+file when it changes. The other way to serve is earned: the ledger's record of a provider's audits
+(its Standing, set here by the auditor) promotes a newcomer that agreed with the referee K times,
+sends a slashed provider back to verifying, and bans a repeat offender.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from contracts import DEFAULT_PARAMS, MoneyParams
+from contracts.audits import Standing, may_serve
 
 VOUCH_FILE = "vouched"
 MAX_PROVIDERS = 1024
@@ -25,7 +30,7 @@ class ProviderRecord:
     max_memory_bytes: int
     joined_s: float
     last_seen_s: float
-    state: str = "newcomer"  # newcomer | idle | serving | leaving | dead
+    state: str = "newcomer"  # newcomer | idle | serving | leaving | dead | banned
     reason: str = ""
     assignment: dict | None = field(default=None)
 
@@ -56,8 +61,10 @@ def read_vouches(data_dir: str | Path) -> set[str]:
 
 
 class Registry:
-    def __init__(self, data_dir: str | Path, heartbeat_timeout_s: float = 5.0, clock=time.monotonic):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: str | Path, heartbeat_timeout_s: float = 5.0, clock=time.monotonic,
+                 params: MoneyParams = DEFAULT_PARAMS):
+        self.data_dir, self.params = Path(data_dir), params
+        self.standings: dict[str, Standing] = {}
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.lock = threading.RLock()
@@ -71,10 +78,19 @@ class Registry:
             if peer not in self.providers and len(live) >= MAX_PROVIDERS:
                 raise ValueError(f"the pool is full ({MAX_PROVIDERS} providers)")
             now = self.clock()
+            if self.standings.get(peer, Standing()).banned:
+                raise ValueError("this peer id is banned from the pool")
             record = ProviderRecord(peer, profile, addrs, max_memory_bytes, joined_s=now, last_seen_s=now)
             self.providers[peer] = record
-            record.state = "idle" if self.is_vouched(peer) else "newcomer"
+            record.state = "idle" if self.may_serve(peer) else "newcomer"
             return record
+
+    def may_serve(self, peer: str) -> bool:
+        return may_serve(self.standings.get(peer, Standing()), self.params, self.is_vouched(peer))
+
+    def set_standing(self, peer: str, standing: Standing) -> None:
+        with self.lock:
+            self.standings[peer] = standing
 
     def heartbeat(self, peer: str) -> bool:
         with self.lock:
@@ -104,13 +120,20 @@ class Registry:
         return peer in self._vouches
 
     def refresh(self) -> bool:
-        """Promote newly vouched newcomers to idle; True if any changed."""
+        """Promote newcomers now vouched for or promoted, send back those no longer allowed to serve,
+        mark the banned; True if any changed."""
         with self.lock:
             self._refresh_vouches()
             changed = False
             for record in self.providers.values():
-                if record.state == "newcomer" and record.peer in self._vouches:
-                    record.state, changed = "idle", True
+                if record.state in ("dead", "leaving", "banned"):
+                    continue
+                allowed = self.may_serve(record.peer)
+                new = ("banned" if self.standings.get(record.peer, Standing()).banned
+                       else "idle" if allowed and record.state == "newcomer"
+                       else "newcomer" if not allowed and record.state in ("idle", "serving") else record.state)
+                if new != record.state:
+                    record.state, record.reason, changed = new, "ledger standing", True
             return changed
 
     def candidates(self) -> list[ProviderRecord]:

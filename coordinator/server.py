@@ -15,17 +15,23 @@ from pathlib import Path
 
 import uvicorn
 
+from contracts import MoneyParams
+from coordinator.accounts import Accounts
 from coordinator.api import create_app
 from coordinator.links import ResultBoard, StreamLink
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import Pool
 from coordinator.registry import Registry
+from ledger.errors import ReceiptError
+from ledger.reader import LedgerReader
 from node.config import ModelConfig
 from node.models import default_model_dir, model_id_of
-from node.protocol import (ACK, ASSIGN, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN, PROTO_CONTROL, PROTO_RESULT,
-                           REGISTER, RESULT, UNASSIGN, ack, signed_profile_bytes)
+from node.protocol import (ACCOUNT, ACCOUNT_INFO, ACK, ASSIGN, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN,
+                           PROTO_CONTROL, PROTO_RESULT, RECEIPTS, REGISTER, RESULT, UNASSIGN, ack,
+                           signed_profile_bytes)
 from node.transport import Frame, P2PNode, Stream, StreamClosed, TransportConfig, TransportError, load_or_create
 from node.transport.identity import verify_for_peer
+from verification.audits import Auditor
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -42,11 +48,16 @@ class AssignmentFailed(RuntimeError):
 
 class Coordinator:
     def __init__(self, data_dir: Path, model_dir: Path, p2p_port: int = 0, heartbeat_timeout_s: float = 5.0,
-                 max_sessions: int = 8, context_tokens: int = 1024):
+                 max_sessions: int = 8, context_tokens: int = 1024, accounts: Accounts | None = None,
+                 referee_check_ppm: int = 200_000):
+        """`accounts`: consumers and the ledger; with it, stages are paid on their receipts and audited."""
         self.data_dir, self.model_dir = data_dir, model_dir
         self.config = ModelConfig.load(model_dir)
         self.model_id = model_id_of(model_dir)
-        self.registry = Registry(data_dir, heartbeat_timeout_s=heartbeat_timeout_s)
+        self.accounts = accounts
+        self.ledger_reader = LedgerReader(accounts.reader_engine) if accounts else None
+        self.registry = Registry(data_dir, heartbeat_timeout_s=heartbeat_timeout_s,
+                                 **({"params": accounts.ledger.params} if accounts else {}))
         self.identity = load_or_create(data_dir)
         # a peer that sends a malformed frame is hung up on, not only its stream
         self.node = P2PNode(self.identity, TransportConfig(listen_port=p2p_port, disconnect_on_bad_frame=True))
@@ -58,15 +69,25 @@ class Coordinator:
         self.pool = Pool(self.registry, shape, self.model_id, self._assign, self._unassign, self._make_link,
                          self._probe, Workload(batch=max_sessions, context_tokens=context_tokens,
                                                microbatches_in_flight=1))
+        self.auditor: Auditor | None = None
+        if accounts is not None:
+            self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
+                                   self.ledger_reader, model_dir, self.config.n_layers,
+                                   self.pool.request_replan, referee_check_ppm=referee_check_ppm)
+            accounts.on_settled = self.auditor.consider
 
     def start(self) -> str:
         self.node.set_handler(PROTO_CONTROL, self._on_control)
         self.node.set_stream_handler(PROTO_RESULT, self._on_results)
         addr = self.node.start()
         self.pool.start()
+        if self.auditor is not None:
+            self.auditor.start()
         return addr
 
     def stop(self) -> None:
+        if self.auditor is not None:
+            self.auditor.stop()
         self.pool.stop()
         self.node.close()
 
@@ -86,7 +107,34 @@ class Coordinator:
             if frame.fields["peer"] != peer:
                 self.pool.suspect(frame.fields["peer"])
             return ack()
+        if frame.type == RECEIPTS.type:
+            return self._receipts(frame, peer)
+        if frame.type == ACCOUNT.type:
+            return self._account(peer)
         return ack(False, f"unexpected {frame.type} on the control protocol")
+
+    def _account(self, peer: str) -> Frame:
+        record = self.registry.providers.get(peer)
+        if record is None:
+            return ack(False, "unknown provider")
+        balance = reputation = 0
+        if self.ledger_reader is not None:
+            balance = self.ledger_reader.balance_units(peer)
+            standing = self.ledger_reader.standing(peer)
+            reputation = standing.reputation if standing else 0
+        return Frame(ACCOUNT_INFO.type, ACCOUNT_INFO.version,
+                     {"state": record.state, "balance_units": balance, "reputation": reputation})
+
+    def _receipts(self, frame: Frame, peer: str) -> Frame:
+        if self.accounts is None or peer not in self.registry.providers:
+            return ack(False, "receipts are taken from registered providers of a paying pool")
+        try:
+            for data in frame.fields["receipts"][:64]:
+                self.accounts.receipts.add(data, peer)
+        except ReceiptError as exc:
+            log.warning("receipt from %s refused: %s", peer, exc)
+            return ack(False, f"receipt refused: {exc}")
+        return ack()
 
     def _register(self, frame: Frame, peer: str) -> Frame:
         f = frame.fields
@@ -100,9 +148,18 @@ class Coordinator:
             return ack(False, "bad max_memory_bytes or addrs")
         try:
             provider_spec_from_profile(peer, f["profile"], f["max_memory_bytes"] // 2**20)
-            record = self.registry.register(peer, f["profile"], f["addrs"], f["max_memory_bytes"])
         except ValueError as exc:  # ProfileError is a ValueError
             return ack(False, f"bad profile: {exc}")
+        if self.accounts is not None:
+            # its ledger account (receipts must carry this key) and the standing it earned before
+            self.accounts.open_provider(peer, f["public_key"])
+            standing = self.ledger_reader.standing(peer)
+            if standing is not None:
+                self.registry.set_standing(peer, standing)
+        try:
+            record = self.registry.register(peer, f["profile"], f["addrs"], f["max_memory_bytes"])
+        except ValueError as exc:
+            return ack(False, str(exc))
         log.info("provider %s registered (%s)", peer, record.state)
         self.pool.request_replan()
         return ack()
@@ -175,17 +232,18 @@ class Coordinator:
 
 
 def serve(data_dir: Path, model_dir: Path | None, p2p_port: int, api_port: int, host: str = "127.0.0.1",
-          rate_limit_rps: float = 10.0, **coordinator_kwargs) -> None:
+          rate_limit_rps: float = 10.0, db: str | None = None, params: MoneyParams | None = None,
+          **coordinator_kwargs) -> None:
+    """`params`: the money parameters of a new ledger (an existing one keeps its own)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or default_model_dir(progress=True)
-    coordinator = Coordinator(data_dir, model_dir, p2p_port=p2p_port, **coordinator_kwargs)
     from transformers import AutoTokenizer
 
-    from coordinator.accounts import Accounts
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    accounts = Accounts(data_dir, coordinator.config.n_layers)  # the ledger, DATA_DIR/ledger.db
+    # the ledger, DATA_DIR/ledger.db unless --db names another
+    accounts = Accounts(data_dir, ModelConfig.load(model_dir).n_layers, db=db, params=params)
     accounts.ledger.recover()  # holds a crash left open are refunded: nothing runs yet
+    coordinator = Coordinator(data_dir, model_dir, p2p_port=p2p_port, accounts=accounts, **coordinator_kwargs)
     app = create_app(coordinator.pool, tokenizer, coordinator.model_id,
                      min(coordinator.context_tokens, coordinator.config.max_context_tokens),
                      coordinator.config.eos_token_ids, accounts, rate_limit_rps=rate_limit_rps)

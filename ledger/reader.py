@@ -63,6 +63,16 @@ class LedgerReader:
                 "may_serve": a.kind in (PROVIDER, VERIFIER) and audits.may_serve(a.standing, self.params),
                 "recent_entries": [entry_dict(r) for r in rows]}
 
+    def standing(self, account_id: str) -> audits.Standing | None:
+        """A provider's record as the ledger derives it; None for an unknown account."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
+        return None if row is None else account_from_row(row).standing
+
+    def balance_units(self, account_id: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(accounts.c.balance_units).where(accounts.c.id == account_id)).scalar() or 0)
+
     def entries(self, after: int = -1, limit: int = 100) -> list[dict]:
         limit = max(1, min(limit, MAX_PAGE))
         with self.engine.connect() as conn:

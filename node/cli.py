@@ -26,8 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-memory-mb", type=int, help="memory the pool may fill (default: the device's free memory)")
     p.add_argument("--model", help="Hugging Face-format model directory (default: the shipped model)")
     p.add_argument("--quick-profile", action="store_true", help="smaller, faster hardware measurements")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="what the shard computes in (default: float32 on a CPU, bfloat16 on a GPU)")
+    p.add_argument("--fault-injection", metavar="KIND",
+                   help="misbehave on purpose, to test the auditors: noise, skip, wrong-model, lazy, bad-verifier")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_join)
+
+    p = sub.add_parser("status", help="print what a provider is doing (DATA_DIR/status.json) as JSON")
+    p.add_argument("--data-dir", required=True, help="the provider's data directory")
+    p.set_defaults(func=_status)
 
     p = sub.add_parser("models", help="print '<model-id> <path>' per available model, default first")
     p.set_defaults(func=_models)
@@ -74,12 +82,21 @@ def _join(args) -> int:
 
     import torch
 
+    from node.faults import Fault
     from node.models import default_model_dir
     from node.profile import available_devices, measure
     from node.provider import Provider
+    from node.status import StatusLine, StatusWriter
     from node.transport.identity import load_or_create
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        fault = Fault.parse(args.fault_injection)
+    except ValueError as exc:
+        print(f"provider: {exc}", file=sys.stderr)
+        return 2
+    if fault is not None:
+        print(f"provider: fault injection {fault.kind!r} is ON: this provider cheats on purpose", file=sys.stderr)
     device = available_devices()[0] if args.device == "auto" else torch.device(args.device)
     identity = load_or_create(args.data_dir)
     model_dir = Path(args.model) if args.model else default_model_dir(progress=True)
@@ -87,16 +104,38 @@ def _join(args) -> int:
         profile = measure([device], quick=args.quick_profile, progress=lambda _step: bar.update())
     max_memory_bytes = (args.max_memory_mb * 2**20 if args.max_memory_mb
                         else profile.devices[0].memory_free_bytes)
-    provider = Provider(identity, args.coordinator, model_dir, device, profile.to_dict(), max_memory_bytes)
+    provider = Provider(identity, args.coordinator, model_dir, device, profile.to_dict(), max_memory_bytes,
+                        dtype=getattr(torch, args.dtype) if args.dtype else None, fault=fault)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     peer = provider.start()
     print(f"provider ready peer={peer}", flush=True)
+    line = StatusLine()  # one live line on a terminal; DATA_DIR/status.json for `provider status`
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(line.log_filter)
+    writer = StatusWriter(args.data_dir, provider.stats, line).start()
     stop.wait()
+    writer.stop(final_state="leaving")
     print("leaving: handing work back to the pool", file=sys.stderr, flush=True)
     provider.leave()
+    writer.stop()
+    return 0
+
+
+def _status(args) -> int:
+    from node.status import read_status
+
+    try:
+        status = read_status(args.data_dir)
+    except FileNotFoundError:
+        print(f"provider: no status in {args.data_dir} (has a provider run there?)", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"provider: bad status file: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2, sort_keys=True))
     return 0
 
 

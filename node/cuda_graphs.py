@@ -56,7 +56,7 @@ def segment_bounds(n_layers: int, per_graph: int) -> list[tuple[int, int]]:
 
 class DecodeStep:
     """One decode token per row through a shard's layers: ids (B,) on stage 0 or hidden (B, D)
-    after, to hidden (B, D) or, on the last stage, logits (B, V). The residual add of each block
+    after, to hidden (B, D) or, on the last stage, (logits (B, V), hidden (B, D)). The residual add of each block
     is fused into the next norm; q, k, v and gate/up are one matmul each."""
 
     def __init__(self, model, cache, cos: torch.Tensor, sin: torch.Tensor, ops: Ops):
@@ -94,8 +94,8 @@ class DecodeStep:
             return h, delta
         if m.norm is None:
             return h + delta
-        _, xn = ops.rms_norm(h, m.norm.weight, self.eps, delta)
-        return F.linear(xn, m.head_weight())  # (B, V)
+        h, xn = ops.rms_norm(h, m.norm.weight, self.eps, delta)
+        return F.linear(xn, m.head_weight()), h  # logits (B, V) and the hidden states behind them
 
 
 class GraphedDecoder:
@@ -124,6 +124,7 @@ class GraphedDecoder:
         self._pool = torch.cuda.graph_pool_handle()
         self.segments = segment_bounds(step.n_layers, self.LAYERS_PER_GRAPH)
         self.graphs: dict[tuple[int, tuple[int, int]], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
+        self.last_hidden: torch.Tensor | None = None
 
     def decode(self, slots: list[int], positions: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
         """One token for each row: `xs` are (1,) ids on stage 0 (on the host), else (1, D) hidden."""
@@ -148,6 +149,9 @@ class GraphedDecoder:
                 graph.replay()
         else:
             out = self.step(*self._inputs(bucket), plan)
+        if isinstance(out, tuple):  # the last stage: logits, and the hidden states it keeps for audits
+            out, hidden = out
+            self.last_hidden = hidden[:B]
         return out[:B]
 
     def _inputs(self, bucket: int):

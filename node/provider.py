@@ -14,18 +14,24 @@ import torch
 from tqdm import tqdm
 
 from node.config import ModelConfig, ModelError
+from node.faults import Fault
 from node.models import model_id_of
 from node.profile import serving_dtype
-from node.protocol import (ACK, ASSIGN, CLOSE, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN, PROTO_CONTROL,
-                           PROTO_RESULT, PROTO_STAGE, REGISTER, STEP, UNASSIGN, ack, signed_profile_bytes)
+from node.protocol import (ACCOUNT, ACCOUNT_INFO, ACK, ASSIGN, CLOSE, FAILED, HEARTBEAT, LEAVE, PING,
+                           PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, RECEIPTS, REGISTER,
+                           STEP, UNASSIGN, ack, signed_profile_bytes)
+from node.retention import RetentionStore
 from node.runtime import ShardRuntime
 from node.shard import Shard, tensor_names
 from node.stage import StageWorker, StepError
+from node.status import ProviderStats
+from node.verifier import AuditService
 from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, TransportConfig, TransportError
 
 log = logging.getLogger("meshpool.provider")
 
 HEARTBEAT_INTERVAL_S = 1.0
+ACCOUNT_EVERY_BEATS = 5  # how often the provider asks for its balance and standing, in heartbeats
 STAGE_RECV_TIMEOUT_S = 3600.0
 
 
@@ -48,13 +54,23 @@ class Assignment:
 
 class Provider:
     def __init__(self, identity: Identity, coordinator_addr: str, model_dir: Path, device: torch.device,
-                 profile: dict, max_memory_bytes: int):
+                 profile: dict, max_memory_bytes: int, dtype: torch.dtype | None = None, fault: Fault | None = None,
+                 retained: RetentionStore | None = None):
+        """`dtype`: what the shard computes in (default: the device's serving dtype). `fault`: a
+        deliberate misbehaviour, for testing the auditors; None in real use."""
         self.identity, self.coordinator_addr = identity, coordinator_addr
         self.model_dir, self.device = model_dir, device
+        self.dtype = dtype or serving_dtype(device.type)
         self.profile, self.max_memory_bytes = profile, max_memory_bytes
         self.model_id = model_id_of(model_dir)
+        self.fault = fault
+        self.retained = retained or RetentionStore()
         self.node = P2PNode(identity, TransportConfig(disconnect_on_bad_frame=True))
         self.coordinator_peer = ""
+        self.stats = ProviderStats(peer=identity.peer_id_str)
+        self.audits = AuditService(self.node, model_dir, self.model_id, device, self.retained,
+                                   lambda: self.coordinator_peer, lies=bool(fault and fault.lies_as_verifier),
+                                   on_audit=self.stats.add_audit)
         self.assignment: Assignment | None = None
         self.assign_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -64,6 +80,7 @@ class Provider:
     def start(self) -> str:
         self.node.set_handler(PROTO_ASSIGN, self._on_assign)
         self.node.set_stream_handler(PROTO_STAGE, self._serve_upstream)
+        self.node.set_handler(PROTO_AUDIT, self.audits.handle)
         self.node.start()
         self.coordinator_peer = self.node.connect(self.coordinator_addr)
         self._register()
@@ -94,12 +111,21 @@ class Provider:
 
     def _heartbeat_loop(self) -> None:
         beat = Frame(HEARTBEAT.type, HEARTBEAT.version, {"peer": self.node.peer_id})
+        asking = Frame(ACCOUNT.type, ACCOUNT.version, {"peer": self.node.peer_id})
+        beats = 0
         while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
             try:
                 reply = self.node.request(self.coordinator_peer, PROTO_CONTROL, beat, timeout_s=5.0)
                 if not reply.fields.get("ok") and not self.stopping.is_set():
                     log.warning("the coordinator no longer knows us (%s); registering again", reply.fields.get("reason"))
                     self._register()
+                beats += 1
+                if beats % ACCOUNT_EVERY_BEATS == 1:
+                    info = self.node.request(self.coordinator_peer, PROTO_CONTROL, asking, timeout_s=5.0)
+                    if info.type == ACCOUNT_INFO.type:
+                        f = info.fields
+                        self.stats.update(state=f["state"], credits_earned_units=f["balance_units"],
+                                          reputation=f["reputation"])
             except (TransportError, ConnectionError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 
@@ -132,19 +158,24 @@ class Provider:
                               desc=f"loading layers [{shard.start}, {shard.end})", leave=False,
                               disable=not sys.stderr.isatty()) as bar:
                         runtime = ShardRuntime(
-                            self.model_dir, shard, device=self.device, dtype=serving_dtype(self.device.type),
+                            self.model_dir, shard, device=self.device, dtype=self.dtype,
                             max_sessions=f["max_sessions"], max_seq_len=f["max_seq_len"],
                             on_tensor_loaded=lambda _name: bar.update(),
                         )
+                    if self.fault is not None:
+                        self.fault.install(runtime)
             except (ModelError, ValueError) as exc:
                 return ack(False, str(exc))
             if old is not None and old.next_stream is not None:
                 old.next_stream.close()
-            self.assignment = Assignment(dict(f), StageWorker(runtime, f["pipeline"]))
+            self.assignment = Assignment(dict(f), StageWorker(runtime, f["pipeline"], self.identity, self.retained,
+                                                              self.fault))
+            self.stats.update(stages=[[f["start"], f["end"]]], state="serving")
             log.info("serving layers [%d, %d) in pipeline %s", f["start"], f["end"], f["pipeline"])
             return ack()
 
     def _drop_assignment(self) -> None:
+        self.stats.update(stages=[])
         if self.assignment is not None:
             if self.assignment.next_stream is not None:
                 self.assignment.next_stream.close()
@@ -169,9 +200,11 @@ class Provider:
                 return
             if frame.type == CLOSE.type:
                 with assignment.lock:
-                    assignment.worker.close(frame.fields["sessions"])
+                    receipts = assignment.worker.close(frame.fields["sessions"], frame.fields["requests"])
                 if not assignment.worker.runtime.shard.is_last:
                     self._forward(assignment, frame)
+                if receipts:
+                    self._send_receipts(receipts)
             elif frame.type == STEP.type:
                 self._step(assignment, frame)
             else:
@@ -185,6 +218,7 @@ class Provider:
             self._report_failure(frame, f"stage [{assignment.fields['start']}, {assignment.fields['end']}) "
                                         f"refused step: {exc}", self.node.peer_id)
             return
+        self.stats.add_step(frame.tensors[0].shape[0])
         self._forward(assignment, out)
 
     def _forward(self, assignment: Assignment, frame: Frame) -> None:
@@ -199,6 +233,15 @@ class Provider:
             assignment.next_stream = None
             if frame.type != CLOSE.type:
                 self._report_failure(frame, f"next stage {nxt} unreachable: {exc}", nxt)
+
+    def _send_receipts(self, receipts: list) -> None:
+        frame = Frame(RECEIPTS.type, RECEIPTS.version, {"receipts": [r.to_dict() for r in receipts]})
+        try:
+            reply = self.node.request(self.coordinator_peer, PROTO_CONTROL, frame, timeout_s=10.0)
+            if not reply.fields.get("ok"):
+                log.warning("the coordinator refused our receipts: %s", reply.fields.get("reason"))
+        except TransportError as exc:
+            log.warning("could not send receipts: %s", exc)
 
     def _report_failure(self, frame: Frame, reason: str, peer: str) -> None:
         log.warning("%s", reason)

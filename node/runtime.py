@@ -245,6 +245,7 @@ class ShardRuntime:
         pos_list = [s.n_tokens for s in sessions]
         if self.graphs is not None:
             out = self.graphs.decode(slot_list, pos_list, xs)
+            self.last_hidden = self.graphs.last_hidden
         else:
             x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
             out = self._decode_layers(x, slot_list, pos_list)

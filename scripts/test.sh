@@ -12,4 +12,12 @@ if [ -z "${MESHPOOL_TEST_POSTGRES_URL:-}" ]; then
         echo "test.sh: not root, so no PostgreSQL server: the ledger's PostgreSQL tests will be skipped" >&2
     fi
 fi
+# The dashboard's test renders the page in headless Chromium; as root we install it if missing.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${MESHPOOL_CHROMIUM:-}" ]; then
+    if [ "$(id -u)" = 0 ]; then
+        "$root/scripts/chromium.sh" >/dev/null || echo "test.sh: could not install chromium: the dashboard's browser test will be skipped" >&2
+    else
+        echo "test.sh: not root and no chromium, so the dashboard's browser test will be skipped" >&2
+    fi
+fi
 exec python -m pytest "$@"

@@ -100,3 +100,12 @@ def verify_for_peer(peer_id: ID | str, public_key: bytes, data: bytes, signature
     if str(expected) != str(peer_id):
         return False
     return verify(public_key, data, signature)
+
+
+def verify_by_peer_id(peer_id: ID | str, data: bytes, signature: bytes) -> bool:
+    """verify() with the public key inside an Ed25519 peer id (peer ids embed such keys whole)."""
+    try:
+        key = (peer_id if isinstance(peer_id, ID) else ID.from_base58(peer_id)).extract_public_key()
+        return key is not None and verify(key.to_bytes(), data, signature)
+    except Exception:  # not a peer id, or not one that embeds its key
+        return False

@@ -1,7 +1,8 @@
 """The consumer API in one process: the real app, ledger and tokenizer over a scripted pool.
 
 The scripted pool answers every request with the tokens of a fixed text, one every few
-milliseconds, from its own thread (as a driver does), and stops when a request is cancelled.
+milliseconds, from its own thread (as a driver does), and stops when a request is cancelled; it
+then signs the request's receipt as a one-stage pipeline would, so the request settles on it.
 Errors, money, streaming shapes, disconnects and the WebSocket are checked here; the real pool
 is in test_api_e2e.py.
 """
@@ -19,12 +20,16 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from coordinator.accounts import Accounts, RateLimiter
 from coordinator.api import create_app
 from coordinator.pool import PoolBusy
 from coordinator.streaming import Detokenizer
+from ledger.receipts import StageReceipt
+from node.retention import tensor_digest
+from node.transport.identity import Identity
 
 MODEL = "smollm2-135m-instruct"
 N_LAYERS = 30
@@ -32,24 +37,33 @@ TEXT = " Paris is the capital of France. It is known for the Eiffel Tower, café
 
 
 class ScriptedPool:
-    def __init__(self, tokenizer, delay_s: float = 0.01):
+    def __init__(self, tokenizer, accounts: Accounts, delay_s: float = 0.01):
         self.ids = tokenizer(TEXT)["input_ids"]
         self.delay_s, self.busy = delay_s, False
         self.requests = []
+        self.identity, self.accounts = Identity.generate(), accounts
+        accounts.open_provider(self.identity.peer_id_str, self.identity.public_key_bytes)
 
     def submit(self, request) -> None:
         if self.busy:
             raise PoolBusy("no pipeline can serve: scripted")
         self.requests.append(request)
+        request.stages = ((self.identity.peer_id_str, 0, N_LAYERS),)
         threading.Thread(target=self._run, args=(request,), daemon=True).start()
 
     def _run(self, request) -> None:
         for token in self.ids[:request.max_new_tokens]:
             if request.done.is_set():
-                return
+                break
             time.sleep(self.delay_s)
             request.add_token(token)
         request.done.set()
+        n = request.tokens_processed
+        receipt = StageReceipt(request.request_id, MODEL, 0, N_LAYERS, n, tensor_digest(
+            [torch.tensor((request.prompt_ids + request.tokens)[:n], dtype=torch.int64)]), "0" * 64,
+            self.identity.peer_id_str, self.identity.public_key_bytes.hex())
+        receipt = StageReceipt(**{**receipt.to_dict(), "signature": self.identity.sign(receipt.signed_bytes()).hex()})
+        self.accounts.receipts.add(receipt.to_dict(), self.identity.peer_id_str)
 
     def snapshot(self) -> dict:
         return {"providers": [], "pipelines": [], "pending_requests": 0, "plan_error": ""}
@@ -66,7 +80,7 @@ def tokenizer(default_model_dir):
 def server(tmp_path_factory, tokenizer):
     data_dir = tmp_path_factory.mktemp("coordinator")
     accounts = Accounts(data_dir, N_LAYERS)
-    pool = ScriptedPool(tokenizer)
+    pool = ScriptedPool(tokenizer, accounts)
     app = create_app(pool, tokenizer, MODEL, 512, (2,), accounts, rate_limit_rps=1000)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -130,9 +144,10 @@ def test_completions_stream_and_not_give_the_same_text_and_usage(server, tokeniz
     assert "".join(p.choices[0].delta.content or "" for p in pieces) == chat.choices[0].message.content
     assert pieces[-1].choices[0].finish_reason == "length"
     a = conserved(server, key, 10**7)
-    price = server["accounts"].price_units
+    cost = server["accounts"].cost_units
     assert a["held_units"] == 0 and a["requests"] == 4
-    assert a["spent_units"] == sum(price(u["prompt_tokens"], u["completion_tokens"]) for u in a["recent_usage"])
+    # each request pays every token its stage processed (the last token produced is never fed back)
+    assert a["spent_units"] == sum(cost(u["prompt_tokens"] + u["completion_tokens"] - 1) for u in a["recent_usage"])
 
 
 def test_stop_sequences_end_generation_and_charge_only_what_was_produced(server, tokenizer):
@@ -141,7 +156,10 @@ def test_stop_sequences_end_generation_and_charge_only_what_was_produced(server,
     assert r.choices[0].text == TEXT[:TEXT.index("Eiffel")] and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 20
     a = conserved(server, key, 10**7)
-    assert a["spent_units"] == server["accounts"].price_units(r.usage.prompt_tokens, r.usage.completion_tokens)
+    # the stages' work is paid: the tokens produced, up to the one that completed the stop sequence
+    produced = len(server["pool"].requests[-1].tokens)
+    assert r.usage.completion_tokens <= produced < 20
+    assert a["spent_units"] == server["accounts"].cost_units(r.usage.prompt_tokens + produced - 1)
 
 
 def test_errors_have_the_openai_shape_and_move_no_credit(server):
@@ -214,7 +232,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation_and_pays_for_what_
     # what the pool had produced when the hold was resolved (a step in flight may add one after)
     assert 0 < produced < 30 and produced <= len(request.tokens) <= produced + 1
     assert a["recent_usage"][0]["finish_reason"] == "cancelled"
-    assert a["spent_units"] == server["accounts"].price_units(a["recent_usage"][0]["prompt_tokens"], produced)
+    assert a["spent_units"] == server["accounts"].cost_units(a["recent_usage"][0]["prompt_tokens"] + produced - 1)
 
 
 def test_websocket_streams_the_same_chunks(server, tokenizer):

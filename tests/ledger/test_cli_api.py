@@ -25,15 +25,15 @@ def funded(pool):
 
 def test_cli_commands(pool, db_url, capsys):
     funded(pool)
-    assert cli.main(["account", "peerA", "--db", db_url]) == 0
+    assert cli.main(["account", "peerA", "--db", db_url, "--json"]) == 0
     account = json.loads(capsys.readouterr().out)
     assert account["balance_units"] == 800 - 50 and account["slashed_units"] == 50 and account["may_serve"] is False
-    assert cli.main(["tx", "s1", "--db", db_url]) == 0
+    assert cli.main(["tx", "s1", "--db", db_url, "--json"]) == 0
     op = json.loads(capsys.readouterr().out)
     assert op["entries"][-1]["kind"] == "close" and op["receipts"][0]["token_count"] == 20
     assert cli.main(["tx", "nope", "--db", db_url]) == 1
     capsys.readouterr()
-    assert cli.main(["supply", "--db", db_url]) == 0
+    assert cli.main(["supply", "--db", db_url, "--json"]) == 0
     supply = json.loads(capsys.readouterr().out)
     assert supply["supply_units"] == supply["sum_of_balances_units"] == 10_000_000
     assert cli.main(["export", "--db", db_url]) == 0
@@ -41,6 +41,33 @@ def test_cli_commands(pool, db_url, capsys):
     kinds = {r["type"] for r in records}
     assert kinds == {"entry", "receipt", "checkpoint"}
     assert [r["seq"] for r in records if r["type"] == "entry"] == list(range(supply["entry_count"]))
+    assert cli.main(["checkpoints", "--db", db_url, "--json"]) == 0
+    checkpoints = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert checkpoints and checkpoints[-1]["entry_count"] == supply["entry_count"]
+    assert cli.main(["verify", "--db", db_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_cli_tables_by_default(pool, db_url, capsys):
+    """Without --json an auditor reads tables: the same figures, aligned, nothing to parse."""
+    funded(pool)
+    assert cli.main(["account", "peerA", "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["account", "peerA"] and "slashed" in out and "may serve" in out
+    assert [line.split()[:2] for line in lines if line.startswith(("balance", "slashed "))] == [["balance", "750"],
+                                                                                             ["slashed", "50"]]
+    header = next(line for line in lines if line.startswith("seq"))
+    assert header.split()[:4] == ["seq", "time", "(UTC)", "op"] and "penalty" in out
+    assert cli.main(["tx", "s1", "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("operation s1:") and "receipts (1)" in out and "[0, 4)" in out and "close" in out
+    assert cli.main(["supply", "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "10,000,000" in out and "head hash" in out and not out.lstrip().startswith("{")
+    assert cli.main(["checkpoints", "--db", db_url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["entries", "time"] and set(out[1]) <= {"-", " "} and len(out) >= 3
 
 
 def test_cli_data_dir_and_console_script(tmp_path, coordinator_key):

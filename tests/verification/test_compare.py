@@ -1,73 +1,20 @@
 """Tolerant comparison on the default model: honest drift passes, cheats fail, bad input is refused.
 
-The fixtures here (the default model loaded once, requests served through ShardRuntime as stages
-serve them, the recomputer) are imported by test_faults.py too."""
+Fixtures in conftest.py, shared prompts and the audit of one record in serving.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.audit_calibration import StageRecord, build_stages, load_tensors, perturb_layer, serve
-from node.models import model_id_of
+from bench.audit_calibration import perturb_layer
 from node.runtime import ShardRuntime
 from node.sampling import SamplingParams, gumbel_noise, sample
 from node.shard import Shard
-from verification.compare import (HIDDEN_THRESHOLDS, TOKEN_MARGIN_LOGITS, Verdict, combine, compare_hidden,
-                                  compare_tokens, token_gap_logits)
-from verification.recompute import Recomputer
+from tests.verification.serving import PROMPTS, PROMPTS_8, audit_record
+from verification.compare import HIDDEN_THRESHOLDS, TOKEN_MARGIN_LOGITS, compare_hidden, compare_tokens, token_gap_logits
 
 F32, BF16 = torch.float32, torch.bfloat16
-
-# short prompts of 32-40 tokens (any ids of the vocabulary do: no tokenizer needed)
-PROMPTS = [list(range(1000, 1040)), list(range(5000, 5072, 2))]
-PROMPTS_8 = [list(range(300 + 997 * i, 300 + 997 * i + 32 + i)) for i in range(8)]
-NEW_TOKENS = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the machine running the tests is small and shared (more threads only spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def model(default_model_dir):
-    config, tensors = load_tensors(default_model_dir)
-    return default_model_dir, config, tensors, model_id_of(default_model_dir)
-
-
-@pytest.fixture(scope="session")
-def recomputer(default_model_dir):
-    return Recomputer(default_model_dir, max_cached=6)
-
-
-@pytest.fixture(scope="session")
-def run_pool(model):
-    """run_pool(dtypes, batch, weights, fault_at, fault, chunks, prompts) -> records[prompt][stage]: requests
-    served by 3 stages [0,10) [10,20) [20,30) of the given dtypes, with `fault` on stage `fault_at`."""
-    model_dir, config, tensors, model_id = model
-
-    def run(dtypes, batch=1, weights=None, fault_at=None, fault=None, chunks=1, prompts=PROMPTS):
-        stages = build_stages(config, weights or tensors, model_id, dtypes, fault_at, fault)
-        faults = {fault_at: fault} if fault is not None else None
-        return serve(stages, prompts, batch, chunks, faults=faults, max_new_tokens=NEW_TOKENS)
-
-    return run
-
-
-def audit_record(recomputer: Recomputer, rec: StageRecord, params: SamplingParams = SamplingParams()) -> Verdict:
-    """A verifier's audit of one (request, stage): one prefill over its inputs, then compare."""
-    claimed = rec.claimed()
-    hidden, logits = recomputer.run(rec.shard, claimed.dtype, rec.stage_input())
-    verdict = compare_hidden(claimed, hidden, claimed.dtype)
-    if logits is not None:
-        tokens = compare_tokens(logits[rec.sampled_rows()], rec.tokens, rec.positions, params, claimed.dtype)
-        verdict = combine(verdict, tokens)
-    return verdict
 
 
 @pytest.mark.parametrize("dtypes,batch,chunks", [

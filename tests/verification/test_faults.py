@@ -8,8 +8,7 @@ import torch
 from node.faults import FAULT_KINDS, Fault, SkippedLayer
 from node.runtime import ShardRuntime
 from node.shard import Shard
-from tests.verification.test_compare import (PROMPTS, audit_record, model, one_thread, recomputer,  # noqa: F401
-                                             run_pool)  # (fixtures)
+from tests.verification.serving import PROMPTS, audit_record
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -1,0 +1,107 @@
+"""What a stage keeps of each request for audits (DESIGN decisions 4 and 5).
+
+While a session runs, the stage records every input it took and every output it sent. When the
+session closes it concatenates them, hashes them for the receipt it signs, and retains them for
+the audit window, so that a verifier can fetch them, check them against the receipt hashes, and
+recompute the stage. On the last stage the "output" is the hidden states behind the logits plus
+the sampled tokens and the positions they were sampled at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from node.transport.frames import DTYPES
+
+_DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+DEFAULT_WINDOW_S = 600.0
+DEFAULT_BUDGET_BYTES = 512 * 2**20
+
+
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    """Hex SHA-256 of tensors as they travel: dtype name, shape, then the raw little-endian bytes."""
+    h = hashlib.sha256(b"meshpool-tensors/1\x00")
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{_DTYPE_NAMES[t.dtype]}{list(t.shape)}\x00".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class SessionRecord:
+    """Inputs and outputs of one session on one stage, in the order they passed."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # last stage: where tokens were sampled
+    tokens: list[int] = field(default_factory=list)
+    n_tokens: int = 0
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, sampled: tuple[int, int] | None = None) -> None:
+        self.inputs.append(x.detach().to("cpu"))
+        self.outputs.append(out.detach().to("cpu"))
+        self.n_tokens += x.shape[0]
+        if sampled is not None:
+            self.positions.append(sampled[0])
+            self.tokens.append(sampled[1])
+
+    def seal(self) -> "Retained":
+        stage_input = torch.cat(self.inputs)
+        output = [torch.cat(self.outputs)]
+        if self.positions:
+            output += [torch.tensor(self.positions, dtype=torch.int64), torch.tensor(self.tokens, dtype=torch.int64)]
+        return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output))
+
+
+@dataclass(frozen=True)
+class Retained:
+    stage_input: torch.Tensor
+    output: list[torch.Tensor]  # [hidden] or, on the last stage, [hidden, positions, tokens]
+    input_hash: str
+    output_hash: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.stage_input, *self.output])
+
+
+class RetentionStore:
+    """Sealed records by request id, dropped after `window_s` or when over `budget_bytes` (oldest first)."""
+
+    def __init__(self, window_s: float = DEFAULT_WINDOW_S, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                 clock=time.monotonic):
+        self.window_s, self.budget_bytes, self.clock = window_s, budget_bytes, clock
+        self._items: OrderedDict[str, tuple[float, Retained]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, request_id: str, retained: Retained) -> None:
+        with self._lock:
+            old = self._items.pop(request_id, None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+            self._items[request_id] = (self.clock(), retained)
+            self._bytes += retained.nbytes
+            self._expire()
+
+    def get(self, request_id: str) -> Retained | None:
+        with self._lock:
+            self._expire()
+            item = self._items.get(request_id)
+            return item[1] if item else None
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._items:
+            at, oldest = next(iter(self._items.values()))
+            if now - at <= self.window_s and self._bytes <= self.budget_bytes:
+                return
+            self._bytes -= oldest.nbytes
+            self._items.popitem(last=False)

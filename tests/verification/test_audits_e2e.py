@@ -1,0 +1,185 @@
+"""Audits in a real pool: `coordinator serve` and `provider join` processes on 127.0.0.1.
+
+One pool, in phases (the tests run in file order and share it):
+1. honest providers serving in float32 and in bfloat16 side by side pass hundreds of audits;
+   an honest newcomer is promoted after K agreeing audits; a lying verifier is slashed and banned;
+2. the promoted newcomer serves once it is needed;
+3. each cheating kind of `--fault-injection` is caught and slashed within a few requests, and the
+   pool stops using the cheat.
+Every audit here is drawn with probability ~1, so the number of requests a cheat survives is
+bounded by the test, not by luck.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import time
+
+import pytest
+
+from coordinator.local_pool import LocalPool
+
+
+MODEL = "smollm2-135m-instruct"
+HALF_MODEL_MB = 480  # no provider holds the model alone: two are needed for a pipeline
+PROMOTION_AUDITS = 3
+PROMPTS = ["The capital of France is", "Water boils at", "List three colours:", "def add(a, b):",
+           "Once upon a time", "The largest planet is", "Translate 'cat' to French:", "2 + 2 ="]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    pool = LocalPool(tmp_path_factory.mktemp("audited-pool"), coordinator_args=[
+        "--audit-probability-ppm", "999999", "--promotion-audits", str(PROMOTION_AUDITS)])
+    pool.start_coordinator()
+    pool.peers = {}
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def account(pool, peer: str) -> dict:
+    return pool.get(f"/ledger/accounts/{peer}?recent=0")
+
+
+def audit_entries(pool) -> list[dict]:
+    found, after = [], -1
+    while True:
+        page = pool.get(f"/ledger/entries?after={after}&limit=1000")
+        found += [e for e in page["entries"] if e["kind"] == "audit"]
+        if not page["entries"]:
+            return found
+        after = page["next_after"]
+
+
+def complete(pool, key: str, i: int, max_tokens: int = 4) -> int:
+    body = {"model": MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens}
+    if i % 2:
+        body |= {"temperature": 0.8, "seed": i}  # sampled tokens are audited through the same seed
+    status, reply = pool.post("/v1/completions", body, api_key=key)
+    assert status == 200, reply
+    return reply["usage"]["completion_tokens"]
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def serving(pool) -> set[str]:
+    return {s["peer"] for p in pool.get("/pool")["pipelines"] for s in p["stages"]}
+
+
+def state_of(pool, peer: str) -> str:
+    return next(p["state"] for p in pool.get("/pool")["providers"] if p["peer"] == peer)
+
+
+def test_honest_mixed_precision_passes_hundreds_of_audits_and_verifiers_are_judged(pool):
+    p = pool.peers
+    p["fp32"] = pool.add_provider("fp32", HALF_MODEL_MB)
+    p["bf16"] = pool.add_provider("bf16", HALF_MODEL_MB, extra_args=["--dtype", "bfloat16"])
+    pool.wait_for(lambda s: serving(pool) == {p["fp32"], p["bf16"]}, what="a float32 + bfloat16 pipeline")
+    key = pool.add_consumer("auditee", 10**10)
+
+    def traffic(n: int, first: int = 0) -> None:
+        with concurrent.futures.ThreadPoolExecutor(4) as executor:
+            assert all(got > 0 for got in executor.map(lambda i: complete(pool, key, i), range(first, first + n)))
+
+    traffic(60)  # the two precisions audit each other (and the coordinator re-checks a share)
+    # newcomers join: they get the audits first, and the plan may change once one is promoted
+    p["newbie"] = pool.add_provider("newbie", HALF_MODEL_MB, vouch=False)
+    p["liar"] = pool.add_provider("liar", HALF_MODEL_MB, vouch=False, extra_args=["--fault-injection", "bad-verifier"])
+    traffic(60, first=60)
+    honest = {p["fp32"], p["bf16"], p["newbie"]}
+
+    def audited_enough():
+        entries = audit_entries(pool)
+        return entries if sum(e["meta"]["subject"] in honest for e in entries) >= 200 else None
+
+    entries = wait_until(audited_enough, 300, "200 audits of honest stages")
+    of_honest = [e for e in entries if e["meta"]["subject"] in honest]
+    assert all(e["meta"]["subject_passed"] for e in of_honest), [e for e in of_honest if not e["meta"]["subject_passed"]]
+    assert sum(e["meta"]["subject"] == p["bf16"] for e in entries) >= 55  # the bfloat16 stage, ~once per request
+    for peer in honest:
+        assert account(pool, peer)["slash_count"] == 0 and account(pool, peer)["slashed_units"] == 0
+    # the honest newcomer agreed with the referee K times: promoted
+    newbie = account(pool, p["newbie"])
+    assert newbie["audits_agreed"] >= PROMOTION_AUDITS and newbie["may_serve"]
+    assert state_of(pool, p["newbie"]) in ("idle", "serving")
+    # the lying verifier contradicted the referee, was slashed each time, and is banned after three
+    liar = wait_until(lambda: (a := account(pool, p["liar"]))["banned"] and a, 120, "the liar banned")
+    assert liar["slash_count"] >= 3 and liar["audits_disagreed"] >= 3 and not liar["may_serve"]
+    assert state_of(pool, p["liar"]) == "banned"
+    pool.kill(p["liar"])  # banned by peer id: the same key cannot come back
+    with pytest.raises(RuntimeError, match="banned"):
+        pool.add_provider("liar", HALF_MODEL_MB, vouch=False)
+    assert all(e["meta"]["verifier_agreed"] is False for e in entries if e["credit"] == p["liar"])
+    # verifiers the referee agreed with were paid from the verification fees
+    assert any(e["amount_units"] > 0 for e in entries if e["credit"] in honest)
+
+
+def test_retained_tensors_are_handed_only_to_ticket_holders(pool):
+    from node.protocol import AUDIT_DATA, AUDIT_FETCH, PROTO_AUDIT
+    from node.transport import Frame, P2PNode
+
+    p = pool.peers
+    fp32 = next(x for x in pool.get("/pool")["providers"] if x["peer"] == p["fp32"])
+    audited = next(e for e in audit_entries(pool) if e["meta"]["subject"] == p["fp32"])
+    request_id = audited["meta"]["audit_id"].rsplit(".", 1)[0]
+    snoop = P2PNode()
+    snoop.start()
+    try:
+        snoop.connect(fp32["addrs"][0])
+        for ticket in (b"", b"\x00" * 64):  # none, and one the coordinator never signed
+            reply = snoop.request(p["fp32"], PROTO_AUDIT, Frame(AUDIT_FETCH.type, AUDIT_FETCH.version, {
+                "request_id": request_id, "expires_ms": 2**62, "ticket": ticket}), timeout_s=30)
+            assert reply.type != AUDIT_DATA.type and not reply.fields["ok"]
+            assert "no valid ticket" in reply.fields["reason"]
+    finally:
+        snoop.close()
+
+
+def test_the_promoted_newcomer_serves(pool):
+    p = pool.peers
+    pool.kill(p["bf16"])  # now the pipeline needs the newcomer
+    pool.wait_for(lambda s: serving(pool) == {p["fp32"], p["newbie"]}, what="a pipeline with the promoted newcomer")
+    key = pool.add_consumer("after-promotion", 10**9)
+    assert complete(pool, key, 0) > 0
+    pool.kill(p["newbie"])  # make room: each cheat below is the only partner fp32 has
+
+
+@pytest.mark.parametrize("kind", ["noise", "skip", "wrong-model", "lazy"])
+def test_each_cheat_is_caught_slashed_and_dropped(pool, kind):
+    p = pool.peers
+    cheat = pool.add_provider(f"cheat-{kind}", HALF_MODEL_MB, extra_args=["--fault-injection", kind])
+    pool.wait_for(lambda s: serving(pool) == {p["fp32"], cheat}, what=f"a pipeline with the {kind} cheat")
+    key = pool.add_consumer(f"victim-{kind}", 10**9)
+    for i in range(3):  # every stage is audited after every request: the first audit of the cheat fails
+        complete(pool, key, i)
+        try:
+            wait_until(lambda: account(pool, cheat)["slash_count"] > 0, 30, "a slash")
+            break
+        except TimeoutError:
+            continue
+    cheated = pool.get(f"/ledger/accounts/{cheat}?recent=100")
+    assert cheated["slash_count"] >= 1 and cheated["reputation"] < 0 and not cheated["may_serve"]
+    penalties = [e for e in cheated["recent_entries"] if e["kind"] == "penalty"]
+    assert penalties and all(e["meta"]["reason"].startswith("audit ") for e in penalties)
+    # no longer trusted to serve: back to verifying, out of every pipeline
+    wait_until(lambda: cheat not in serving(pool) and state_of(pool, cheat) == "newcomer", 60, "the cheat dropped")
+    assert account(pool, p["fp32"])["slash_count"] == 0
+    pool.kill(cheat)
+
+
+def test_the_ledger_of_all_this_verifies(pool):
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "verify", "--data-dir", str(pool.root / "coordinator")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,149 @@
+"""Receipts and audits of one request through two real stages (StageWorker over ShardRuntime),
+in one process: what the stages sign and retain, what the coordinator pays on, what an audit
+concludes from the retained tensors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from coordinator.receipts import ReceiptBoard
+from ledger.errors import ReceiptError
+from ledger.receipts import StageReceipt
+from node.config import ModelConfig
+from node.faults import Fault
+from node.retention import RetentionStore, SessionRecord, tensor_digest
+from node.runtime import ShardRuntime
+from node.sampling import SamplingParams
+from node.shard import Shard
+from node.stage import StageWorker, step_frame
+from node.transport.identity import Identity
+from tests.node.random_models import make_random_model
+from verification.check import StageClaim, check_stage
+from verification.recompute import Recomputer
+
+PROMPT = [3, 17, 5, 9, 11]
+SAMPLING = SamplingParams(temperature=0.9, seed=1234)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_random_model("llama", path, n_layers=4)
+    return path
+
+
+def stages(model_dir, fault: Fault | None = None):
+    n = ModelConfig.load(model_dir).n_layers
+    out = []
+    for start, end in ((0, 2), (2, n)):
+        runtime = ShardRuntime(model_dir, Shard("m", start, end, n), max_sessions=4, max_seq_len=64)
+        if fault is not None and start == 0:
+            fault.install(runtime)
+        out.append(StageWorker(runtime, "p", Identity.generate(), RetentionStore(),
+                               fault if start == 0 else None))
+    return out
+
+
+def serve(workers, request_id: str, n_decode: int = 3) -> tuple[list[int], list[StageReceipt]]:
+    """Prefill, then decode steps batched with a second session; returns the tokens and the receipts."""
+    step = iter(range(1000))
+    tokens = {}
+    for sid, prompt in (("a", PROMPT), ("b", [1, 2])):
+        x = torch.tensor(prompt)
+        for w in workers:
+            out = w.step(step_frame("p", next(step), "prefill", [sid], [0], [SAMPLING], x))
+            x = out.tensors[0] if out.tensors else None
+        tokens[sid] = [out.fields["tokens"][0]]
+    for _ in range(n_decode):
+        positions = [len(PROMPT) + len(tokens["a"]) - 1, 2 + len(tokens["b"]) - 1]
+        x = torch.tensor([tokens["a"][-1], tokens["b"][-1]])
+        for w in workers:
+            out = w.step(step_frame("p", next(step), "decode", ["a", "b"], positions, [SAMPLING] * 2, x))
+            x = out.tensors[0] if out.tensors else None
+        for sid, t in zip(["a", "b"], out.fields["tokens"]):
+            tokens[sid].append(t)
+    receipts = [r for w in workers for r in w.close(["a", "b"], [request_id, ""])]
+    return tokens["a"], receipts
+
+
+def request_of(request_id, workers, tokens):
+    return SimpleNamespace(request_id=request_id, prompt_ids=list(PROMPT), tokens=list(tokens),
+                           tokens_processed=len(PROMPT) + len(tokens) - 1,
+                           stages=tuple((w.identity.peer_id_str, w.runtime.shard.start, w.runtime.shard.end)
+                                        for w in workers))
+
+
+def test_stages_sign_receipts_that_chain_and_the_coordinator_pays_on_them(model_dir):
+    workers = stages(model_dir)
+    tokens, receipts = serve(workers, "req-1")
+    assert len(receipts) == 2  # one per stage, none for the session closed without a request id
+    first, last = receipts
+    assert all(r.signature_valid() and r.request_id == "req-1" for r in receipts)
+    assert first.token_count == last.token_count == len(PROMPT) + len(tokens) - 1
+    assert first.input_hash == tensor_digest([torch.tensor(PROMPT + tokens[:-1])])
+    assert last.input_hash == first.output_hash  # what stage 0 sent is what stage 1 took
+    board = ReceiptBoard()
+    for w, r in zip(workers, receipts):
+        board.add(r.to_dict(), w.identity.peer_id_str)
+    assert board.collect(request_of("req-1", workers, tokens), "m", timeout_s=1) == receipts
+
+
+def test_receipts_that_do_not_match_are_refused_or_not_paid(model_dir):
+    workers = stages(model_dir)
+    tokens, receipts = serve(workers, "req-2")
+    board = ReceiptBoard()
+    stranger = Identity.generate()
+    with pytest.raises(ReceiptError, match="sent by"):  # a receipt for another provider's work
+        board.add(receipts[0].to_dict(), stranger.peer_id_str)
+    forged = {**receipts[0].to_dict(), "token_count": receipts[0].token_count + 100}
+    with pytest.raises(ReceiptError, match="signature"):
+        board.add(forged, workers[0].identity.peer_id_str)
+    for w, r in zip(workers, receipts):
+        board.add(r.to_dict(), w.identity.peer_id_str)
+    # the coordinator saw one token fewer than the stages claim: nothing checks out, nothing is paid
+    assert board.collect(request_of("req-2", workers, tokens[:-1]), "m", timeout_s=1) == []
+
+
+def test_audits_pass_honest_stages_and_fail_tampered_or_cheating_ones(model_dir):
+    recomputer = Recomputer(model_dir)
+    workers = stages(model_dir)
+    tokens, receipts = serve(workers, "req-3")
+    for w, r in zip(workers, receipts):
+        kept = w.retained.get("req-3")
+        claim = StageClaim("req-3", w.runtime.shard, r.input_hash, r.output_hash, SAMPLING)
+        outcome = check_stage(recomputer, claim, [kept.stage_input, *kept.output])
+        assert outcome.ok, outcome
+        forged = [kept.stage_input, kept.output[0] * 1.01, *kept.output[1:]]
+        assert "output hash" in check_stage(recomputer, claim, forged).reason
+    assert workers[1].retained.get("req-3").output[2].tolist() == tokens  # the last stage keeps what it sent
+
+    cheats = stages(model_dir, Fault.parse("noise:1e-2"))  # stage 0 perturbs what it sends, and signs it
+    _, receipts = serve(cheats, "req-4")
+    kept = cheats[0].retained.get("req-4")
+    claim = StageClaim("req-4", cheats[0].runtime.shard, receipts[0].input_hash, receipts[0].output_hash, SAMPLING)
+    outcome = check_stage(recomputer, claim, [kept.stage_input, *kept.output])
+    assert not outcome.ok and "relative L2" in outcome.reason
+
+
+def test_retention_forgets_after_the_window_or_over_the_budget():
+    now = [0.0]
+    store = RetentionStore(window_s=10.0, budget_bytes=3000, clock=lambda: now[0])
+    record = SessionRecord()
+    record.add(torch.zeros(4, 64), torch.ones(4, 64))  # 2 KiB sealed
+    store.put("a", record.seal())
+    assert store.get("a") is not None
+    store.put("b", record.seal())  # over the budget: the oldest goes
+    assert store.get("a") is None and store.get("b") is not None
+    now[0] = 11.0
+    assert store.get("b") is None
+
+
+def test_tensor_digest_covers_dtype_shape_and_bytes():
+    x = torch.arange(6, dtype=torch.float32)
+    assert tensor_digest([x]) == tensor_digest([x.clone()])
+    assert tensor_digest([x]) != tensor_digest([x.reshape(2, 3)])
+    assert tensor_digest([x]) != tensor_digest([x.to(torch.bfloat16)])
+    assert tensor_digest([x, x]) != tensor_digest([torch.cat([x, x])])
