@@ -92,7 +92,10 @@ class Browser:
                 return reply.get("result", {})
 
     def navigate(self, url: str) -> None:
+        """Go to `url` and return once its document is parsed (Page.navigate returns when it starts)."""
         self.call("Page.navigate", {"url": url}, session=True)
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState !== 'loading' && "
+                      "document.body !== null", what=f"{url} loaded")
 
     def evaluate(self, expression: str):
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
@@ -187,19 +190,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--screenshot", type=Path, help="also save a PNG of the page (e.g. docs/dashboard.png)")
+    parser.add_argument("--audit-probability-ppm", type=int, help="the pool's audit rate (default: the ledger's)")
+    parser.add_argument("--requests", type=int, default=2, help="requests made before the page is measured")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from coordinator.local_pool import LocalPool
 
     with tempfile.TemporaryDirectory(prefix="meshpool-bench-") as tmp:
-        pool = LocalPool(Path(tmp))
+        audits = ["--audit-probability-ppm", str(args.audit_probability_ppm)] if args.audit_probability_ppm else []
+        pool = LocalPool(Path(tmp), coordinator_args=audits)
         try:
             pool.start_coordinator()
             for i in range(3):
                 pool.add_provider(f"provider{i}", max_memory_mb=300)
             pool.wait_for(lambda s: s["pipelines"] and len(s["pipelines"][0]["stages"]) == 3, 180, "3 stages")
             key = pool.add_consumer("bench", 10**12)
-            for prompt in ("The capital of France is", "Once upon a time"):
+            for i in range(args.requests):
+                prompt = ("The capital of France is", "Once upon a time")[i % 2]
                 pool.post("/v1/completions", {"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 16},
                           api_key=key)
             weight = page_weight_bytes(pool.api)

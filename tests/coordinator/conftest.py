@@ -5,6 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordinator.local_pool import LocalPool
+
+THREE_STAGE_CAP_MB = 300  # no two providers hold the model: every pipeline has three stages
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, default_model_dir):
+    """A pool of one coordinator and three capped providers (processes), serving one 3-stage
+    pipeline, with a consumer key in `pool.api_key`; one per test module."""
+    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
+    try:
+        pool.start_coordinator()
+        for i in range(3):
+            pool.add_provider(f"provider{i}", max_memory_mb=THREE_STAGE_CAP_MB)
+        pool.wait_for(lambda s: s["pipelines"] and len(s["pipelines"][0]["stages"]) == 3, 180, "3 stages")
+        pool.api_key = pool.add_consumer("e2e", 10**12)
+        yield pool
+    finally:
+        pool.stop()
+
 
 @pytest.fixture(scope="session")
 def reference(default_reference):

@@ -54,20 +54,6 @@ def test_state_cuts_provider_strings_and_counts_nothing_of_consumers():
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory, default_model_dir):
-    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
-    try:
-        pool.start_coordinator()
-        for i in range(3):
-            pool.add_provider(f"provider{i}", max_memory_mb=CAP_MB)
-        pool.wait_for(lambda s: s["pipelines"] and len(s["pipelines"][0]["stages"]) == 3, 180, "3 stages")
-        pool.api_key = pool.add_consumer("dashboard", 10**12)
-        yield pool
-    finally:
-        pool.stop()
-
-
-@pytest.fixture(scope="module")
 def browser():
     if not find_chromium():
         pytest.skip("no chromium: scripts/chromium.sh installs it (apt-get install chromium)")

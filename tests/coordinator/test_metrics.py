@@ -143,20 +143,6 @@ def pool_with_audits(tmp_path):
 # -- a real pool --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory, default_model_dir):
-    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
-    try:
-        pool.start_coordinator()
-        for i in range(3):
-            pool.add_provider(f"provider{i}", max_memory_mb=CAP_MB)
-        pool.wait_for(lambda s: s["pipelines"] and len(s["pipelines"][0]["stages"]) == 3, 180, "3 stages")
-        pool.api_key = pool.add_consumer("metrics", 10**12)
-        yield pool
-    finally:
-        pool.stop()
-
-
 def scrape(pool: LocalPool) -> dict:
     response = httpx.get(pool.api + "/metrics", timeout=30)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")

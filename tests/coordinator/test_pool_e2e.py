@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 import torch
 
 from coordinator.local_pool import LocalPool
@@ -17,20 +16,6 @@ from coordinator.local_pool import LocalPool
 CAP_MB = 300
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are", "def fibonacci(n):"]
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory, default_model_dir):
-    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
-    try:
-        pool.start_coordinator()
-        for i in range(3):
-            pool.add_provider(f"provider{i}", max_memory_mb=CAP_MB)
-        pool.wait_for_pipelines(1)
-        pool.api_key = pool.add_consumer("e2e", 10**12)
-        yield pool
-    finally:
-        pool.stop()
 
 
 def complete(pool: LocalPool, prompt: str, max_tokens: int) -> tuple[int, dict]:
