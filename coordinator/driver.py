@@ -40,9 +40,8 @@ class GenerationRequest:
     # milliseconds as the stages report them); see coordinator/metrics.py
     on_step: Callable[[str, str, int, float, list], None] | None = None
     request_id: str = ""  # the ledger's name for it: stages sign their receipts with it
-    # the attempt that ran last (a failover replays the request): its session and its stages
-    session_id: str = ""
-    stages: tuple[tuple[str, int, int], ...] = ()  # (peer, start, end)
+    # the stages of the attempt that ran last (a failover replays the request): (peer, start, end)
+    stages: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def tokens_processed(self) -> int:
@@ -145,7 +144,7 @@ class PipelineDriver(threading.Thread):
     def _prefill(self, request: GenerationRequest) -> None:
         # A replayed request feeds its prompt plus the tokens it already produced.
         sid = f"s{next(_session_ids)}"
-        request.session_id, request.stages = sid, self.stages
+        request.stages = self.stages
         ids = request.prompt_ids + request.tokens
         frame = step_frame(self.pipeline_id, next(self._steps), "prefill", [sid], [0], [request.sampling],
                            torch.tensor(ids, dtype=torch.int64))

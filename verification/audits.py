@@ -49,7 +49,6 @@ class AuditJob:
     audit_id: str
     receipt: StageReceipt
     stage_index: int
-    n_layers: int
     sampling: SamplingParams
     token_ids: tuple[int, ...]  # what the coordinator sent and got back: prompt + generated
 
@@ -78,7 +77,6 @@ class Auditor:
         self.on_standing_changed = on_standing_changed
         self.referee_check_ppm = referee_check_ppm
         self.secret = secret or secrets.token_bytes(32)
-        self.results: list[AuditResult] = []  # the latest, newest last
         self.jobs: queue.Queue[AuditJob] = queue.Queue(maxsize=MAX_QUEUED_AUDITS)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="auditor", daemon=True)
@@ -94,7 +92,7 @@ class Auditor:
         """After a settlement: draw, for each paid stage, whether it is audited."""
         for index, receipt in enumerate(receipts):
             if should_audit(self.secret, receipt.request_id, index, self.params.audit_probability_ppm):
-                job = AuditJob(f"{receipt.request_id}.{index}", receipt, index, self.n_layers, request.sampling,
+                job = AuditJob(f"{receipt.request_id}.{index}", receipt, index, request.sampling,
                                tuple(request.prompt_ids + request.tokens))
                 try:
                     self.jobs.put_nowait(job)
@@ -121,7 +119,7 @@ class Auditor:
             log.info("audit %s skipped: %s is gone", job.audit_id, subject)
             return None
         claim = StageClaim(job.receipt.request_id,
-                           Shard(job.receipt.model, job.receipt.layer_start, job.receipt.layer_end, job.n_layers),
+                           Shard(job.receipt.model, job.receipt.layer_start, job.receipt.layer_end, self.n_layers),
                            job.receipt.input_hash, job.receipt.output_hash, job.sampling)
         verifier = self._pick_verifier(subject)
         answer = self._ask(verifier, job) if verifier else None
@@ -135,7 +133,6 @@ class Auditor:
         result = AuditResult(job.audit_id, subject, verifier if answer else None, verifier_ok, referee,
                              truth.ok, truth.reason)
         self._record(job, result, truth)
-        self.results = (self.results + [result])[-100:]
         return result
 
     def _pick_verifier(self, subject: str) -> str | None:
@@ -160,7 +157,7 @@ class Auditor:
         task = Frame(AUDIT_TASK.type, AUDIT_TASK.version, {
             "audit_id": job.audit_id, "request_id": r.request_id, "subject": r.provider_id,
             "subject_addrs": subject.addrs if subject else [], "model": r.model, "start": r.layer_start,
-            "end": r.layer_end, "n_layers": job.n_layers, "input_hash": r.input_hash, "output_hash": r.output_hash,
+            "end": r.layer_end, "n_layers": self.n_layers, "input_hash": r.input_hash, "output_hash": r.output_hash,
             "sampling": [s.temperature, s.top_p, s.seed], "expires_ms": expires_ms, "ticket": ticket})
         try:
             reply = self.node.request(verifier, PROTO_AUDIT, task, timeout_s=VERIFY_TIMEOUT_S)
