@@ -39,6 +39,9 @@ log = logging.getLogger("meshpool.api")
 REQUEST_TIMEOUT_S = 600.0
 RETRY_AFTER_S = 5
 LEDGER_THREADS = 8
+# Settling waits for the stages' receipts (up to coordinator.receipts.RECEIPT_WAIT_S when a stage
+# died), so it runs on threads of its own: admissions never queue behind it.
+SETTLE_THREADS = 32
 WS_FIRST_MESSAGE_TIMEOUT_S = 30.0
 MAX_WS_MESSAGE_BYTES = 1_000_000
 
@@ -55,6 +58,7 @@ class Service:
     accounts: Accounts
     limiter: RateLimiter
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(LEDGER_THREADS, "api-ledger"))
+    settler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(SETTLE_THREADS, "api-settle"))
     metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
@@ -213,7 +217,7 @@ class Generation:
     async def settle(self) -> None:
         args = self._settle_args()
         if args:
-            await self.svc.call(self.svc.accounts.finish, *args)
+            await asyncio.get_running_loop().run_in_executor(self.svc.settler, self.svc.accounts.finish, *args)
 
     def settle_soon(self) -> None:
         """From a cancelled task, where nothing can be awaited: cancel the generation, settle on a thread."""
@@ -221,7 +225,7 @@ class Generation:
         self.timer.end(499)  # metrics: no-op when the request already ended
         args = self._settle_args()
         if args:
-            future = self.svc.executor.submit(self.svc.accounts.finish, *args)
+            future = self.svc.settler.submit(self.svc.accounts.finish, *args)
             future.add_done_callback(lambda f: f.exception() and log.error("settling %s failed: %s",
                                                                              self.id, f.exception()))
 
