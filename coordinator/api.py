@@ -95,13 +95,12 @@ def _mount_observability(app: FastAPI, pool: Pool, model_id: str, accounts, metr
     from coordinator.metrics import PoolCollector
     from coordinator.metrics import make_router as metrics_router
     from ledger.api import make_router as ledger_router
-    from ledger.db import make_engine
     from ledger.reader import LedgerReader
 
     reader = None
-    ledger = getattr(accounts, "ledger", None)
-    if ledger is not None:  # a reader engine of its own: snapshot reads while the coordinator writes
-        reader = LedgerReader(make_engine(ledger.engine.url.render_as_string(hide_password=False), writer=False))
+    engine = getattr(accounts, "reader_engine", None)
+    if engine is not None:  # the accounts' read-only engine: snapshot reads while the coordinator writes
+        reader = LedgerReader(engine)
         app.include_router(ledger_router(reader))
     view = LedgerView(reader) if reader is not None else None
     metrics.registry.register(PoolCollector(pool, view))
