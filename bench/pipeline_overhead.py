@@ -34,7 +34,7 @@ from node.models import default_model_dir  # noqa: E402
 from node.protocol import RESULT  # noqa: E402
 from node.sampling import SamplingParams  # noqa: E402
 from node.stage import step_frame  # noqa: E402
-from node.transport.frames import Frame, encode_frame  # noqa: E402
+from wire.frames import Frame, encode_frame  # noqa: E402
 
 CAPS_MB = {1: None, 2: 450, 4: 230}  # memory caps that make the planner use exactly N stages
 PROMPT = "The history of the printing press begins"

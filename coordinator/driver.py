@@ -16,7 +16,7 @@ import torch
 
 from node.sampling import SamplingParams
 from node.stage import step_frame
-from node.transport.frames import Frame
+from wire.frames import Frame
 
 log = logging.getLogger("meshpool.coordinator")
 

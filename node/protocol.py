@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from node.transport.frames import Frame, MessageSpec, register_message
+from wire.frames import Frame, MessageSpec, register_message
 
 PROTO_CONTROL = "/meshpool/control/1"  # provider -> coordinator: register, heartbeat, leave
 PROTO_ASSIGN = "/meshpool/assign/1"  # coordinator -> provider: load a shard, or drop it

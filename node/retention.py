@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.transport.frames import DTYPES
+from wire.frames import DTYPES
 
 _DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
 DEFAULT_WINDOW_S = 600.0

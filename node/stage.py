@@ -15,7 +15,7 @@ from node.protocol import MAX_BATCH_SESSIONS, MAX_REQUEST_ID_CHARS, MAX_SESSION_
 from node.retention import RetentionStore, SessionRecord
 from node.runtime import SessionError, ShardRuntime
 from node.sampling import SamplingParams, sample
-from node.transport.frames import Frame
+from wire.frames import Frame
 from node.transport.identity import Identity
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .bridge import BridgeClosed, BridgeTimeout
 from .config import StreamClosed, TransportTimeout
-from .frames import Frame
+from wire.frames import Frame
 from .host import P2PNode, _with_timeout
 from .stream import Stream
 

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from .config import StreamClosed
-from .frames import Frame
+from wire.frames import Frame
 
 
 class BridgeClosed(Exception):

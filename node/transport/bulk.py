@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .config import BULK_CIPHERS, TransportError
-from .frames import FrameError
+from wire.frames import FrameError
 
 log = logging.getLogger("meshpool.transport")
 

@@ -25,7 +25,7 @@ import trio
 from . import bulk as bulkmod
 from .bridge import BridgeClosed, Inbox, Outbox
 from .config import RemoteError, StreamClosed, TransportConfig, TransportError
-from .frames import (
+from wire.frames import (
     PREFIX_BYTES,
     Frame,
     FrameError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .frames import FrameLimits
+from wire.frames import FrameLimits
 
 BULK_CIPHERS = ("aes-256-gcm", "none")
 

@@ -45,7 +45,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from .bulk import BulkListener
 from .channel import FrameStream
 from .config import StreamClosed, TransportConfig, TransportError, TransportTimeout
-from .frames import Frame
+from wire.frames import Frame
 from .identity import Identity
 from .stream import Stream
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .bridge import BridgeClosed, BridgeTimeout
 from .channel import FrameStream
 from .config import StreamClosed, TransportError, TransportTimeout
-from .frames import Frame
+from wire.frames import Frame
 
 if TYPE_CHECKING:
     from .host import P2PNode

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import trio
 
-from .frames import (
+from wire.frames import (
     PREFIX_BYTES,
     Frame,
     FrameError,

@@ -107,7 +107,7 @@ def test_hostile_peers_are_dropped_and_the_pool_keeps_serving(pool, reference, t
     from node.protocol import PROTO_CONTROL, PROTO_STAGE, REGISTER
     from node.stage import step_frame
     from node.transport import Frame, P2PNode, encode_frame
-    from node.transport.frames import MAGIC, PREFIX
+    from wire.frames import MAGIC, PREFIX
 
     state = wait_settled(pool)
     [stages] = stages_of(state)

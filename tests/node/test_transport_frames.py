@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import torch
 
-from node.transport.frames import (
+from wire.frames import (
     DTYPES,
     MAGIC,
     PREFIX,

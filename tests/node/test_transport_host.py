@@ -32,7 +32,7 @@ from node.transport import (
 )
 from node.transport.aio import AsyncP2PNode
 from node.transport.bulk import BulkReceiver, BulkSender, new_secrets
-from node.transport.frames import DTYPES, MAGIC, PREFIX
+from wire.frames import DTYPES, MAGIC, PREFIX
 
 ECHO = protocol_id("echo", 1)
 PIPE = protocol_id("pipe", 1)

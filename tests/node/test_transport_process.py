@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from node.transport import Frame, P2PNode, protocol_id
-from node.transport.frames import DTYPES
+from wire.frames import DTYPES
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO = protocol_id("echo", 1)
