@@ -34,8 +34,8 @@ from contracts.pricing import gas_units  # noqa: E402
 from contracts.stakes import slash_units_for  # noqa: E402
 from node.faults import Fault  # noqa: E402
 from node.models import default_model_dir, model_id_of  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
-from verification.recompute import Recomputer  # noqa: E402
+from wire.messages import SamplingParams  # noqa: E402
+from node.recompute import Recomputer  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 NEW_TOKENS = 16

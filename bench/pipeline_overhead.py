@@ -31,10 +31,8 @@ from coordinator.local_pool import LocalPool  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import default_model_dir  # noqa: E402
-from node.protocol import RESULT  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
-from node.stage import step_frame  # noqa: E402
-from wire.frames import Frame, encode_frame  # noqa: E402
+from wire.messages import Result, SamplingParams, Step  # noqa: E402
+from wire.frames import encode_frame  # noqa: E402
 
 CAPS_MB = {1: None, 2: 450, 4: 230}  # memory caps that make the planner use exactly N stages
 PROMPT = "The history of the printing press begins"
@@ -86,12 +84,10 @@ def local_latency_ms(model_dir: Path, ranges: list[tuple[int, int]], tokens: int
 
 def bytes_per_token(config: ModelConfig, n_stages: int) -> int:
     """Frame bytes one decode token puts on the wire, all hops together."""
-    sampling = [SamplingParams()]
-    ids = encode_frame(step_frame("0" * 16, 1, "decode", ["s0"], [100], sampling, torch.tensor([5])))
-    hidden = encode_frame(step_frame("0" * 16, 1, "decode", ["s0"], [100], sampling,
-                                     torch.zeros(1, config.hidden_size)))
-    result = encode_frame(Frame(RESULT.type, RESULT.version, {"pipeline": "0" * 16, "step": 1, "sessions": ["s0"],
-                                                              "tokens": [5], "stage_ms": [0.5] * n_stages}))
+    step = Step("0" * 16, 1, "decode", ("s0",), (100,), (SamplingParams(),), (), torch.tensor([5]))
+    ids = encode_frame(step.to_frame())
+    hidden = encode_frame(step.forward(torch.zeros(1, config.hidden_size), 0.5).to_frame())
+    result = encode_frame(Result("0" * 16, 1, ("s0",), (5,), (0.5,) * n_stages).to_frame())
     return len(ids) + (n_stages - 1) * len(hidden) + len(result)
 
 

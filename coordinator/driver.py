@@ -14,9 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from node.sampling import SamplingParams
-from node.stage import step_frame
-from wire.frames import Frame
+from wire.messages import Result, SamplingParams, Stage, Step
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -24,24 +22,30 @@ MAX_DECODE_BATCH = 32
 _session_ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationRequest:
+    """One consumer request as the pool runs it.
+
+    The API thread creates it; the driver of the pipeline it runs on, the planner (on a failover)
+    and the API thread (on a cancel) change it, always through the methods below and under `lock`.
+    Once `done` is set nothing changes any more, so settlement reads it without the lock."""
+
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: tuple[int, ...] = ()
+    request_id: str = ""  # the ledger's name for it: stages sign their receipts with it
+    # hooks, set before the request is submitted: on_token(token) after each token, on_step(pipeline id, kind, tokens of
+    # this observer's requests in the step, seconds the whole pipeline took, each stage's compute ms)
+    # after each step (coordinator/metrics.py); both run on the driver's thread
+    on_token: Callable[[int], None] | None = None
+    on_step: Callable[[str, str, int, float, tuple], None] | None = None
     tokens: list[int] = field(default_factory=list)
+    stages: tuple[Stage, ...] = ()  # the stages of the attempt that ran last (a failover replays it)
     replays: int = 0
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    on_token: Callable[[int], None] | None = None
-    # metrics: called by the driver after each step with (pipeline id, kind, tokens of this
-    # observer's requests in the step, seconds the whole pipeline took, each stage's compute
-    # milliseconds as the stages report them); see coordinator/metrics.py
-    on_step: Callable[[str, str, int, float, list], None] | None = None
-    request_id: str = ""  # the ledger's name for it: stages sign their receipts with it
-    # the stages of the attempt that ran last (a failover replays the request): (peer, start, end)
-    stages: tuple[tuple[str, int, int], ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def tokens_processed(self) -> int:
@@ -56,18 +60,39 @@ class GenerationRequest:
     def finish_reason(self) -> str:
         return "stop" if self.tokens and self.tokens[-1] in self.stop_ids else "length"
 
+    def start_attempt(self, stages: tuple[Stage, ...]) -> list[int]:
+        """A pipeline takes the request: what it must prefill (a replay: prompt plus tokens so far)."""
+        with self.lock:
+            self.stages = stages
+            return self.prompt_ids + self.tokens
+
     def add_token(self, token: int) -> None:
-        self.tokens.append(token)
+        with self.lock:
+            if self.done.is_set():
+                return
+            self.tokens.append(token)
         if self.on_token:
             self.on_token(token)
 
-    def fail(self, reason: str) -> None:
-        self.error = reason
+    def replay(self, max_replays: int) -> bool:
+        """Count a failed attempt; False once there were more than `max_replays`."""
+        with self.lock:
+            self.replays += 1
+            return self.replays <= max_replays
+
+    def finish(self) -> None:
         self.done.set()
+
+    def fail(self, reason: str) -> None:
+        with self.lock:
+            if self.done.is_set():
+                return
+            self.error = reason
+            self.done.set()
 
 
 class PipelineLink(Protocol):
-    def step(self, frame: Frame, timeout_s: float) -> Frame: ...
+    def step(self, step: Step, timeout_s: float) -> Result: ...
     def close_sessions(self, sessions: list[str], requests: list[str]) -> None: ...
     def abort(self, reason: str) -> None: ...
     def shutdown(self) -> None: ...
@@ -81,13 +106,13 @@ class PipelineDriver(threading.Thread):
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
                  step_timeout_s: float = 30.0, max_queue: int = 1024, max_batch: int = MAX_DECODE_BATCH,
-                 stages: tuple[tuple[str, int, int], ...] = ()):
+                 stages: tuple[Stage, ...] = ()):
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
         self.stages = stages
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
-        self.running: dict[str, GenerationRequest] = {}  # session id -> request
+        self.running: dict[str, GenerationRequest] = {}  # session id -> request; this thread's alone
         # never more sessions in flight than the stages have KV-cache slots for
         self.max_batch = min(MAX_DECODE_BATCH, max_batch)
         self.stopping = threading.Event()
@@ -95,7 +120,7 @@ class PipelineDriver(threading.Thread):
 
     @property
     def load(self) -> int:
-        return self.inbox.qsize() + len(self.running)
+        return self.inbox.qsize() + len(self.running)  # an estimate, read from other threads
 
     def submit(self, request: GenerationRequest) -> None:
         self.inbox.put_nowait(request)  # raises queue.Full: the pool answers "busy"
@@ -144,13 +169,12 @@ class PipelineDriver(threading.Thread):
     def _prefill(self, request: GenerationRequest) -> None:
         # A replayed request feeds its prompt plus the tokens it already produced.
         sid = f"s{next(_session_ids)}"
-        request.stages = self.stages
-        ids = request.prompt_ids + request.tokens
-        frame = step_frame(self.pipeline_id, next(self._steps), "prefill", [sid], [0], [request.sampling],
-                           torch.tensor(ids, dtype=torch.int64))
+        ids = request.start_attempt(self.stages)
+        step = Step(self.pipeline_id, next(self._steps), "prefill", (sid,), (0,), (request.sampling,), (),
+                    torch.tensor(ids, dtype=torch.int64))
         # running before the step: if the step fails, the failure hands the request back for replay
         self.running[sid] = request
-        [token] = self._step(frame, [sid], [request])
+        [token] = self._step(step, [request])
         request.add_token(token)
         if request.finished:
             self._finish(sid, request)
@@ -162,33 +186,30 @@ class PipelineDriver(threading.Thread):
         if not sids:
             return
         requests = [self.running[s] for s in sids]
-        frame = step_frame(
-            self.pipeline_id, next(self._steps), "decode", sids,
-            [len(r.prompt_ids) + len(r.tokens) - 1 for r in requests], [r.sampling for r in requests],
-            torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64),
-        )
-        for sid, request, token in zip(sids, requests, self._step(frame, sids, requests)):
+        step = Step(self.pipeline_id, next(self._steps), "decode", tuple(sids),
+                    tuple(len(r.prompt_ids) + len(r.tokens) - 1 for r in requests), tuple(r.sampling for r in requests),
+                    (), torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64))
+        for sid, request, token in zip(sids, requests, self._step(step, requests)):
             request.add_token(token)
             if request.finished:
                 self._finish(sid, request)
 
-    def _step(self, frame: Frame, sids: list[str], requests: list[GenerationRequest] = ()) -> list[int]:
+    def _step(self, step: Step, requests: list[GenerationRequest]) -> list[int]:
         started_s = time.perf_counter()
-        result = self.link.step(frame, self.step_timeout_s)
-        if result.fields.get("sessions") != sids or len(result.fields.get("tokens", [])) != len(sids):
-            raise StepFailed(f"result of step {frame.fields['step']} does not match its sessions")
-        _observe_step(self.pipeline_id, frame.fields["kind"], requests, time.perf_counter() - started_s,
-                      result.fields["stage_ms"])
-        return [int(t) for t in result.fields["tokens"]]
+        result = self.link.step(step, self.step_timeout_s)
+        if result.sessions != step.sessions:
+            raise StepFailed(f"result of step {step.step} does not match its sessions")
+        _observe_step(self.pipeline_id, step.kind, requests, time.perf_counter() - started_s, result.stage_ms)
+        return list(result.tokens)
 
     def _finish(self, sid: str, request: GenerationRequest) -> None:
         self.running.pop(sid, None)
         self.link.close_sessions([sid], [request.request_id])
-        request.done.set()
+        request.finish()
 
 
 def _observe_step(pipeline_id: str, kind: str, requests: list[GenerationRequest], seconds: float,
-                  stage_ms: list) -> None:
+                  stage_ms: tuple) -> None:
     """Metrics: one call per distinct observer (one per API app), however many requests it has."""
     observers: dict[Callable, int] = {}
     for r in requests:

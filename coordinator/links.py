@@ -7,12 +7,13 @@ import concurrent.futures
 import logging
 import threading
 
-from node.protocol import CLOSE, PROTO_STAGE
-from node.transport import Frame, P2PNode, Stream, TransportError
+from node.transport import P2PNode, Stream, TransportError
+from wire.messages import PROTO_STAGE, Close, Failed, Result, Step
 
 log = logging.getLogger("meshpool.coordinator")
 
 MAX_STEPS_IN_FLIGHT = 4096
+CLOSE_TIMEOUT_S = 5.0
 
 
 class StepAborted(ConnectionError):
@@ -35,20 +36,20 @@ class ResultBoard:
             self.waiting[(pipeline, step)] = (future, stage_peers)
             return future
 
-    def deliver(self, frame: Frame, from_peer: str) -> bool:
-        """Hand a stage.result or stage.failed to its step; False if it was not expected from that peer."""
-        key = (frame.fields["pipeline"], frame.fields["step"])
-        failed = frame.type == "stage.failed"
+    def deliver(self, message: Result | Failed, from_peer: str) -> bool:
+        """Hand a result or a failure report to its step; False if it was not expected from that peer."""
+        key = (message.pipeline, message.step)
+        failed = isinstance(message, Failed)
         with self.lock:
             future, stage_peers = self.waiting.get(key, (None, ()))
             if future is None or from_peer not in (stage_peers if failed else stage_peers[-1:]):
-                log.warning("%s for step %s from %s dropped: not expected from that peer", frame.type, key, from_peer)
+                log.warning("%s for step %s from %s dropped: not expected from that peer", message.TYPE, key, from_peer)
                 return False
             del self.waiting[key]
         if failed:
-            future.set_exception(StepAborted(frame.fields["reason"]))
+            future.set_exception(StepAborted(message.reason))
         else:
-            future.set_result(frame)
+            future.set_result(message)
         return True
 
     def forget(self, pipeline: str, step: int) -> None:
@@ -72,29 +73,28 @@ class StreamLink:
         self.stream: Stream | None = None
         self.aborted: str | None = None
 
-    def step(self, frame: Frame, timeout_s: float) -> Frame:
+    def step(self, step: Step, timeout_s: float) -> Result:
         if self.aborted:
             raise StepAborted(self.aborted)
-        step = frame.fields["step"]
-        future = self.board.expect(self.pipeline, step, self.stage_peers)
+        future = self.board.expect(self.pipeline, step.step, self.stage_peers)
         try:
             if self.stream is None:
                 self.stream = self.node.open_stream(self.stage0_peer, PROTO_STAGE, timeout_s=timeout_s)
-            self.stream.send(frame, timeout_s=timeout_s)
+            self.stream.send(step.to_frame(), timeout_s=timeout_s)
             return future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"step {step} of pipeline {self.pipeline} got no result in {timeout_s} s") from None
+            raise TimeoutError(f"step {step.step} of pipeline {self.pipeline} got no result in {timeout_s} s") from None
         except TransportError as exc:
             raise StepAborted(f"stage 0 ({self.stage0_peer}) unreachable: {exc}") from exc
         finally:
-            self.board.forget(self.pipeline, step)
+            self.board.forget(self.pipeline, step.step)
 
     def close_sessions(self, sessions: list[str], requests: list[str]) -> None:
         if self.stream is None or self.aborted:
             return
         try:
-            self.stream.send(Frame(CLOSE.type, CLOSE.version, {"pipeline": self.pipeline, "sessions": sessions,
-                                                               "requests": requests}), timeout_s=5.0)
+            self.stream.send(Close(self.pipeline, tuple(sessions), tuple(requests)).to_frame(),
+                             timeout_s=CLOSE_TIMEOUT_S)
         except TransportError as exc:
             log.info("closing sessions on %s: %s", self.pipeline, exc)
 

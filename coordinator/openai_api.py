@@ -32,7 +32,7 @@ from coordinator.pool import Pool, PoolBusy
 from coordinator.schemas import (MAX_NEW_TOKENS, Account, ChatCompletion, ChatCompletionRequest, Completion,
                                  CompletionRequest, ErrorBody, ModelList, SamplingFields, StreamRequest)
 from coordinator.streaming import Detokenizer, TokenStream
-from node.sampling import SamplingParams
+from wire.messages import SamplingParams
 
 log = logging.getLogger("meshpool.api")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -19,12 +20,16 @@ from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
                                  plan, provider_spec_from_profile)
 from coordinator.registry import Registry
+from wire.messages import Assign
 
 log = logging.getLogger("meshpool.coordinator")
 
 MAX_PENDING_REQUESTS = 1024
 MAX_REPLAYS = 8
 PENDING_TIMEOUT_S = 120.0  # a request waits this long for a pipeline, then fails with "busy"
+PLAN_INTERVAL_S = 0.5  # the planner looks at the registry at least this often
+PLANNER_JOIN_TIMEOUT_S = 10.0
+PLAN_RETRY_S = 0.5  # after a round that raised
 
 
 class PoolBusy(RuntimeError):
@@ -48,12 +53,17 @@ def pipeline_id(pipeline: Pipeline) -> str:
 
 
 class Pool:
+    """`lock` guards `active`, `pending`, `_pending_since_s`, `plan_error` and `suspects`: every other
+    thread reads them under it. Nothing blocks under it: drivers are stopped and joined, and shards
+    assigned, outside it (a failing driver takes it to hand its requests back)."""
+
     def __init__(
         self,
         registry: Registry,
         model_shape: ModelShape,
         model_id: str,
-        assign: Callable[[str, dict], None],
+        coordinator: tuple[str, tuple[str, ...]],
+        assign: Callable[[str, Assign], None],
         unassign: Callable[[str, str], None],
         make_link: Callable[[str, tuple[str, ...]], PipelineLink],
         probe: Callable[[str], bool],
@@ -61,7 +71,9 @@ class Pool:
         objective: Objective = Objective.THROUGHPUT,
         step_timeout_s: float = 30.0,
     ):
+        """`coordinator`: its peer id and addresses, stage 0's upstream and the last stage's downstream."""
         self.registry, self.model_shape, self.model_id = registry, model_shape, model_id
+        self.coordinator_peer, self.coordinator_addrs = coordinator
         self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
         self.workload, self.objective, self.step_timeout_s = workload, objective, step_timeout_s
         self.lock = threading.RLock()
@@ -82,13 +94,14 @@ class Pool:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=PLANNER_JOIN_TIMEOUT_S)
         with self.lock:
-            for active in self.active.values():
-                for request in active.driver.stop():
-                    request.fail("coordinator shutting down")
-            for request in self.pending:
-                request.fail("coordinator shutting down")
+            stopping, self.active = list(self.active.values()), {}
+            waiting, self.pending = self.pending, []
+        for active in stopping:  # outside the lock: a driver's failure path takes it
+            waiting += active.driver.stop()
+        for request in waiting:
+            request.fail("coordinator shutting down")
 
     def request_replan(self) -> None:
         self._wake.set()
@@ -114,6 +127,11 @@ class Pool:
             self.suspects.add(peer)
         self.request_replan()
 
+    def serves(self, peer: str) -> bool:
+        """Whether `peer` is a stage of an active pipeline."""
+        with self.lock:
+            return any(peer in a.pipeline.peer_ids for a in self.active.values())
+
     def fail_peer(self, peer: str, reason: str) -> None:
         """A provider is gone (dead, left, misbehaved): stop its pipelines and re-plan."""
         self.registry.set_state(peer, "dead", reason)
@@ -127,7 +145,7 @@ class Pool:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._wake.wait(timeout=0.5)
+            self._wake.wait(timeout=PLAN_INTERVAL_S)
             self._wake.clear()
             if self._stopping.is_set():
                 return
@@ -136,7 +154,7 @@ class Pool:
             except Exception:  # keep the planner alive whatever one round does
                 log.exception("re-planning failed")
                 self._wake.set()
-                time.sleep(0.5)
+                time.sleep(PLAN_RETRY_S)
 
     def _round(self) -> None:
         for peer in self.registry.expire():
@@ -183,8 +201,11 @@ class Pool:
             released |= set(active.pipeline.peer_ids)
             log.info("pipeline %s stopped", active.id)
         for peer in released - {p for pipeline in wanted.values() for p in pipeline.peer_ids}:
-            if self.registry.providers.get(peer) and self.registry.providers[peer].state != "dead":
+            record = self.registry.get(peer)
+            if record is not None and record.state != "dead":
                 self.unassign(peer, "")
+                if record.state == "leaving":  # its work moved elsewhere: it may go
+                    self.registry.set_state(peer, "dead", "left")
 
         # Assign outside the lock: loading shards takes seconds and requests may arrive meanwhile.
         started: dict[str, ActivePipeline] = {}
@@ -202,7 +223,7 @@ class Pool:
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
                                     step_timeout_s=self.step_timeout_s, max_batch=self.workload.batch,
-                                    stages=tuple((s.peer_id, s.start, s.end) for s in pipeline.stages))
+                                    stages=pipeline.stages)
             started[pid] = ActivePipeline(pid, pipeline, driver)
             busy |= set(pipeline.peer_ids)
 
@@ -223,14 +244,16 @@ class Pool:
     def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> None:
         stages = pipeline.stages
         # Last stage first, so that each stage's successor is ready when it connects.
-        # "" stands for the coordinator, before stage 0 and after the last stage.
         for i in reversed(range(len(stages))):
-            self.assign(stages[i].peer_id, {
-                "pipeline": pid, "model": self.model_id, "start": stages[i].start, "end": stages[i].end,
-                "n_layers": self.model_shape.n_layers,
-                "prev_peer": stages[i - 1].peer_id if i > 0 else "",
-                "next_peer": stages[i + 1].peer_id if i + 1 < len(stages) else "",
-            })
+            prev_peer = stages[i - 1].peer_id if i > 0 else self.coordinator_peer
+            if i + 1 < len(stages):
+                next_record = self.registry.get(stages[i + 1].peer_id)
+                next_peer, next_addrs = stages[i + 1].peer_id, tuple(next_record.addrs) if next_record else ()
+            else:
+                next_peer, next_addrs = self.coordinator_peer, self.coordinator_addrs
+            self.assign(stages[i].peer_id, Assign(
+                pid, self.model_id, stages[i].start, stages[i].end, self.model_shape.n_layers, prev_peer, next_peer,
+                next_addrs, self.workload.batch, self.workload.context_tokens))
 
     def _driver_failed(self, pid: str, requests: list[GenerationRequest], reason: str) -> None:
         with self.lock:
@@ -239,11 +262,10 @@ class Pool:
                 del self.active[pid]
                 self.suspects |= set(active.pipeline.peer_ids)
             for request in requests:
-                request.replays += 1
-                if request.replays > MAX_REPLAYS:
-                    request.fail(f"gave up after {MAX_REPLAYS} pipeline failures: {reason}")
-                else:
+                if request.replay(MAX_REPLAYS):
                     self.pending.append(request)
+                else:
+                    request.fail(f"gave up after {MAX_REPLAYS} pipeline failures: {reason}")
         self.request_replan()
 
     def _dispatch(self, request: GenerationRequest) -> bool:
@@ -252,7 +274,7 @@ class Pool:
             try:
                 driver.submit(request)
                 return True
-            except Exception:  # queue full: try the next pipeline
+            except queue.Full:  # try the next pipeline
                 continue
         return False
 

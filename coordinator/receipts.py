@@ -18,7 +18,7 @@ import torch
 
 from ledger.errors import ReceiptError
 from ledger.receipts import StageReceipt
-from node.retention import tensor_digest
+from verification.commitments import tensor_digest
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -32,11 +32,9 @@ class ReceiptBoard:
         self._by_request: OrderedDict[str, dict[str, StageReceipt]] = OrderedDict()
         self._cond = threading.Condition()
 
-    def add(self, data: object, from_peer: str) -> StageReceipt:
-        """A receipt a provider sent; raises ReceiptError unless it is well formed and its own."""
-        if not isinstance(data, dict):
-            raise ReceiptError("a receipt is a map of fields")
-        receipt = StageReceipt.from_dict(data)
+    def add(self, receipt: StageReceipt, from_peer: str) -> StageReceipt:
+        """A receipt a provider sent (well formed: wire/messages.py decoded it); raises ReceiptError
+        unless it is its own and signed by it."""
         if receipt.provider_id != from_peer:
             raise ReceiptError(f"receipt names provider {receipt.provider_id}, sent by {from_peer}")
         if not receipt.signature_valid():
@@ -54,7 +52,7 @@ class ReceiptBoard:
         """Wait (up to `timeout_s`) for a receipt from every stage of the last attempt of `request`
         (a GenerationRequest), then return those that check out, in stage order."""
         request_id, stages = request.request_id, request.stages
-        peers = {peer for peer, _, _ in stages}
+        peers = {stage.peer_id for stage in stages}
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while not peers <= set(self._by_request.get(request_id, {})):
@@ -69,7 +67,8 @@ class ReceiptBoard:
             return []
         ids = (request.prompt_ids + request.tokens)[:tokens_processed]
         paid, expected_input = [], tensor_digest([torch.tensor(ids, dtype=torch.int64)])
-        for index, (peer, start, end) in enumerate(stages):
+        for index, stage in enumerate(stages):
+            peer, start, end = stage.peer_id, stage.start, stage.end
             r = got.get(peer)
             if r is None:
                 log.warning("request %s: no receipt from stage %d (%s)", request_id, index, peer)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from contracts import DEFAULT_PARAMS, MoneyParams
@@ -32,7 +32,6 @@ class ProviderRecord:
     last_seen_s: float
     state: str = "newcomer"  # newcomer | idle | serving | leaving | dead | banned
     reason: str = ""
-    assignment: dict | None = field(default=None)
 
     def public(self, vouched: bool) -> dict:
         return {"peer": self.peer, "profile": self.profile, "vouched": vouched, "state": self.state,
@@ -61,32 +60,49 @@ def read_vouches(data_dir: str | Path) -> set[str]:
 
 
 class Registry:
+    """Thread-safe: every record lives in `_providers` and changes under `lock`; readers get copies."""
+
     def __init__(self, data_dir: str | Path, heartbeat_timeout_s: float = 5.0, clock=time.monotonic,
                  params: MoneyParams = DEFAULT_PARAMS):
         self.data_dir, self.params = Path(data_dir), params
-        self.standings: dict[str, Standing] = {}
+        self.standings: dict[str, Standing] = {}  # under lock
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.lock = threading.RLock()
-        self.providers: dict[str, ProviderRecord] = {}
+        self._providers: dict[str, ProviderRecord] = {}
         self._vouches: set[str] = set()
         self._vouch_mtime_ns = -1
 
     def register(self, peer: str, profile: dict, addrs: list[str], max_memory_bytes: int) -> ProviderRecord:
         with self.lock:
-            live = [p for p in self.providers.values() if p.state != "dead"]
-            if peer not in self.providers and len(live) >= MAX_PROVIDERS:
+            live = [p for p in self._providers.values() if p.state != "dead"]
+            if peer not in self._providers and len(live) >= MAX_PROVIDERS:
                 raise ValueError(f"the pool is full ({MAX_PROVIDERS} providers)")
             now = self.clock()
             if self.standings.get(peer, Standing()).banned:
                 raise ValueError("this peer id is banned from the pool")
             record = ProviderRecord(peer, profile, addrs, max_memory_bytes, joined_s=now, last_seen_s=now)
-            self.providers[peer] = record
+            self._providers[peer] = record
             record.state = "idle" if self.may_serve(peer) else "newcomer"
             return record
 
+    def get(self, peer: str) -> ProviderRecord | None:
+        """A copy of the provider's record, or None."""
+        with self.lock:
+            record = self._providers.get(peer)
+            return None if record is None else replace(record)
+
+    def records(self) -> list[ProviderRecord]:
+        with self.lock:
+            return [replace(p) for p in self._providers.values()]
+
+    def standing(self, peer: str) -> Standing | None:
+        with self.lock:
+            return self.standings.get(peer)
+
     def may_serve(self, peer: str) -> bool:
-        return may_serve(self.standings.get(peer, Standing()), self.params, self.is_vouched(peer))
+        with self.lock:
+            return may_serve(self.standings.get(peer, Standing()), self.params, self.is_vouched(peer))
 
     def set_standing(self, peer: str, standing: Standing) -> None:
         with self.lock:
@@ -94,7 +110,7 @@ class Registry:
 
     def heartbeat(self, peer: str) -> bool:
         with self.lock:
-            record = self.providers.get(peer)
+            record = self._providers.get(peer)
             if record is None or record.state == "dead":
                 return False
             record.last_seen_s = self.clock()
@@ -102,22 +118,23 @@ class Registry:
 
     def set_state(self, peer: str, state: str, reason: str = "") -> None:
         with self.lock:
-            if peer in self.providers:
-                self.providers[peer].state, self.providers[peer].reason = state, reason
+            if peer in self._providers:
+                self._providers[peer].state, self._providers[peer].reason = state, reason
 
     def expire(self) -> list[str]:
         """Mark providers silent for longer than the heartbeat timeout dead; return them."""
         with self.lock:
             now = self.clock()
-            gone = [p.peer for p in self.providers.values()
+            gone = [p.peer for p in self._providers.values()
                     if p.state not in ("dead",) and now - p.last_seen_s > self.heartbeat_timeout_s]
             for peer in gone:
                 self.set_state(peer, "dead", "heartbeat timeout")
             return gone
 
     def is_vouched(self, peer: str) -> bool:
-        self._refresh_vouches()
-        return peer in self._vouches
+        with self.lock:
+            self._refresh_vouches()
+            return peer in self._vouches
 
     def refresh(self) -> bool:
         """Promote newcomers now vouched for or promoted, send back those no longer allowed to serve,
@@ -125,7 +142,7 @@ class Registry:
         with self.lock:
             self._refresh_vouches()
             changed = False
-            for record in self.providers.values():
+            for record in self._providers.values():
                 if record.state in ("dead", "leaving", "banned"):
                     continue
                 allowed = self.may_serve(record.peer)
@@ -140,12 +157,12 @@ class Registry:
         """Providers that may be given stages now."""
         with self.lock:
             self._refresh_vouches()
-            return [p for p in self.providers.values() if p.state in ("idle", "serving")]
+            return [replace(p) for p in self._providers.values() if p.state in ("idle", "serving")]
 
     def snapshot(self) -> list[dict]:
         with self.lock:
             self._refresh_vouches()
-            return [p.public(p.peer in self._vouches) for p in self.providers.values()]
+            return [p.public(p.peer in self._vouches) for p in self._providers.values()]
 
     def _refresh_vouches(self) -> None:
         try:

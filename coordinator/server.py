@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 from pathlib import Path
 
 import uvicorn
@@ -18,6 +17,7 @@ import uvicorn
 from contracts import MoneyParams
 from coordinator.accounts import Accounts
 from coordinator.api import create_app
+from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import Pool
@@ -26,18 +26,18 @@ from ledger.errors import ReceiptError
 from ledger.reader import LedgerReader
 from node.config import ModelConfig
 from node.models import default_model_dir, model_id_of
-from node.protocol import (ACCOUNT, ACCOUNT_INFO, ACK, ASSIGN, FAILED, HEARTBEAT, LEAVE, PING, PROTO_ASSIGN,
-                           PROTO_CONTROL, PROTO_RESULT, RECEIPTS, REGISTER, RESULT, UNASSIGN, ack,
-                           signed_profile_bytes)
 from node.transport import Frame, P2PNode, Stream, StreamClosed, TransportConfig, TransportError, load_or_create
 from node.transport.identity import verify_for_peer
-from verification.audits import Auditor
+from wire.messages import (PROTO_ASSIGN, PROTO_CONTROL, PROTO_RESULT, AccountInfo, AccountQuery, Ack, Assign, Failed,
+                           Heartbeat, Leave, Message, MessageError, Ping, Receipts, Register, Result, Unassign, decode,
+                           refuse)
 
 log = logging.getLogger("meshpool.coordinator")
 
-ASSIGN_TIMEOUT_S = 120.0
-LEAVE_TIMEOUT_S = 60.0
-MAX_PROFILE_BYTES = 16 * 1024
+ASSIGN_TIMEOUT_S = 120.0  # loading a shard takes a while
+UNASSIGN_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 2.0
+RESULT_RECV_TIMEOUT_S = 3600.0  # a result stream idles while its pipeline has no work
 
 
 class AssignmentFailed(RuntimeError):
@@ -66,9 +66,9 @@ class Coordinator:
         raw = json.loads((model_dir / "config.json").read_text())
         # CPU providers serve in float32: plan with 4 bytes a parameter, the larger of the two.
         shape = ModelShape.from_hf_config(raw, name=self.model_id, bytes_per_param=4.0, activation_bytes=4)
-        self.pool = Pool(self.registry, shape, self.model_id, self._assign, self._unassign, self._make_link,
-                         self._probe, Workload(batch=max_sessions, context_tokens=context_tokens,
-                                               microbatches_in_flight=1))
+        self.pool = Pool(self.registry, shape, self.model_id, (self.identity.peer_id_str, ()), self._assign,
+                         self._unassign, self._make_link, self._probe,
+                         Workload(batch=max_sessions, context_tokens=context_tokens, microbatches_in_flight=1))
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
@@ -80,6 +80,7 @@ class Coordinator:
         self.node.set_handler(PROTO_CONTROL, self._on_control)
         self.node.set_stream_handler(PROTO_RESULT, self._on_results)
         addr = self.node.start()
+        self.pool.coordinator_addrs = (addr,)  # known once listening, before the planner's first round
         self.pool.start()
         if self.auditor is not None:
             self.auditor.start()
@@ -94,96 +95,86 @@ class Coordinator:
     # -- control --------------------------------------------------------------------------
 
     def _on_control(self, frame: Frame, peer: str) -> Frame:
-        if frame.type == REGISTER.type:
-            return self._register(frame, peer)
-        if frame.type == HEARTBEAT.type:
-            known = self.registry.heartbeat(peer)
-            return ack(known, "" if known else "unknown or expired provider")
-        if frame.type == LEAVE.type:
-            return self._leave(peer)
-        if frame.type == FAILED.type:
-            if not self.board.deliver(frame, peer):
-                return ack(False, "no such step in flight on a pipeline of yours")
-            if frame.fields["peer"] != peer:
-                self.pool.suspect(frame.fields["peer"])
-            return ack()
-        if frame.type == RECEIPTS.type:
-            return self._receipts(frame, peer)
-        if frame.type == ACCOUNT.type:
-            return self._account(peer)
-        return ack(False, f"unexpected {frame.type} on the control protocol")
+        try:
+            message = decode(frame, Register, Heartbeat, Leave, Failed, Receipts, AccountQuery)
+        except MessageError as exc:
+            return refuse(str(exc)).to_frame()
+        return self._control(message, peer).to_frame()
 
-    def _account(self, peer: str) -> Frame:
-        record = self.registry.providers.get(peer)
+    def _control(self, message: Message, peer: str) -> Message:
+        if isinstance(message, Register):
+            return self._register(message, peer)
+        if isinstance(message, Heartbeat):
+            known = self.registry.heartbeat(peer)
+            return Ack(known, "" if known else "unknown or expired provider")
+        if isinstance(message, Leave):
+            return self._leave(peer)
+        if isinstance(message, Failed):
+            if not self.board.deliver(message, peer):
+                return refuse("no such step in flight on a pipeline of yours")
+            if message.peer != peer:
+                self.pool.suspect(message.peer)
+            return Ack()
+        if isinstance(message, Receipts):
+            return self._receipts(message, peer)
+        return self._account(peer)
+
+    def _account(self, peer: str) -> Message:
+        record = self.registry.get(peer)
         if record is None:
-            return ack(False, "unknown provider")
+            return refuse("unknown provider")
         balance = reputation = 0
         if self.ledger_reader is not None:
             balance = self.ledger_reader.balance_units(peer)
             standing = self.ledger_reader.standing(peer)
             reputation = standing.reputation if standing else 0
-        return Frame(ACCOUNT_INFO.type, ACCOUNT_INFO.version,
-                     {"state": record.state, "balance_units": balance, "reputation": reputation})
+        return AccountInfo(record.state, balance, reputation)
 
-    def _receipts(self, frame: Frame, peer: str) -> Frame:
-        if self.accounts is None or peer not in self.registry.providers:
-            return ack(False, "receipts are taken from registered providers of a paying pool")
+    def _receipts(self, message: Receipts, peer: str) -> Ack:
+        if self.accounts is None or self.registry.get(peer) is None:
+            return refuse("receipts are taken from registered providers of a paying pool")
         try:
-            for data in frame.fields["receipts"][:64]:
-                self.accounts.receipts.add(data, peer)
+            for receipt in message.receipts:
+                self.accounts.receipts.add(receipt, peer)
         except ReceiptError as exc:
             log.warning("receipt from %s refused: %s", peer, exc)
-            return ack(False, f"receipt refused: {exc}")
-        return ack()
+            return refuse(f"receipt refused: {exc}")
+        return Ack()
 
-    def _register(self, frame: Frame, peer: str) -> Frame:
-        f = frame.fields
-        body = signed_profile_bytes(peer, f["profile"], f["addrs"], f["max_memory_bytes"])
-        if len(body) > MAX_PROFILE_BYTES:
-            return ack(False, f"profile over {MAX_PROFILE_BYTES} bytes")
-        if not verify_for_peer(peer, f["public_key"], body, f["signature"]):
-            log.warning("registration from %s with a bad signature refused", peer)
-            return ack(False, "the profile's signature does not match the peer id")
-        if f["max_memory_bytes"] <= 0 or not all(isinstance(a, str) for a in f["addrs"]):
-            return ack(False, "bad max_memory_bytes or addrs")
+    def _register(self, message: Register, peer: str) -> Ack:
         try:
-            provider_spec_from_profile(peer, f["profile"], f["max_memory_bytes"] // 2**20)
+            body = message.signed_bytes(peer)
+        except MessageError as exc:
+            return refuse(str(exc))
+        if not verify_for_peer(peer, message.public_key, body, message.signature):
+            log.warning("registration from %s with a bad signature refused", peer)
+            return refuse("the profile's signature does not match the peer id")
+        try:
+            provider_spec_from_profile(peer, message.profile, message.max_memory_bytes // 2**20)
         except ValueError as exc:  # ProfileError is a ValueError
-            return ack(False, f"bad profile: {exc}")
+            return refuse(f"bad profile: {exc}")
         if self.accounts is not None:
             # its ledger account (receipts must carry this key) and the standing it earned before
-            self.accounts.open_provider(peer, f["public_key"])
+            self.accounts.open_provider(peer, message.public_key)
             standing = self.ledger_reader.standing(peer)
             if standing is not None:
                 self.registry.set_standing(peer, standing)
         try:
-            record = self.registry.register(peer, f["profile"], f["addrs"], f["max_memory_bytes"])
+            record = self.registry.register(peer, message.profile, list(message.addrs), message.max_memory_bytes)
         except ValueError as exc:
-            return ack(False, str(exc))
+            return refuse(str(exc))
         log.info("provider %s registered (%s)", peer, record.state)
         self.pool.request_replan()
-        return ack()
+        return Ack()
 
-    def _leave(self, peer: str) -> Frame:
-        """Move the provider's work elsewhere, then let it go."""
-        if peer not in self.registry.providers:
-            return ack(False, "unknown provider")
+    def _leave(self, peer: str) -> Ack:
+        """Move the provider's work elsewhere: the planner unassigns it once no pipeline needs it,
+        and the provider, which waits for that, then goes (coordinator/pool.py)."""
+        if self.registry.get(peer) is None:
+            return refuse("unknown provider")
         self.registry.set_state(peer, "leaving", "left")
         self.pool.request_replan()
-        done = threading.Event()
-
-        def wait_free():
-            while not done.is_set():
-                if not any(peer in a.pipeline.peer_ids for a in list(self.pool.active.values())):
-                    done.set()
-                    return
-                done.wait(0.1)
-
-        threading.Thread(target=wait_free, daemon=True).start()
-        freed = done.wait(LEAVE_TIMEOUT_S)
-        done.set()
-        self.registry.set_state(peer, "dead", "left")
-        return ack(freed, "" if freed else "still assigned after the timeout")
+        return Ack()
 
     # -- data path ------------------------------------------------------------------------
 
@@ -191,43 +182,36 @@ class Coordinator:
         """Sampled tokens from the last stage of a pipeline, until the stream ends."""
         while True:
             try:
-                frame = stream.recv(timeout_s=3600.0)
+                frame = stream.recv(timeout_s=RESULT_RECV_TIMEOUT_S)
             except StreamClosed:
                 return
-            if frame.type != RESULT.type:
-                log.warning("unexpected %s from %s on the result stream", frame.type, stream.peer_id)
-                continue
-            self.board.deliver(frame, stream.peer_id)
+            try:
+                self.board.deliver(decode(frame, Result), stream.peer_id)
+            except MessageError as exc:
+                log.warning("bad frame from %s on the result stream: %s", stream.peer_id, exc)
 
     def _make_link(self, pipeline: str, stage_peers: tuple[str, ...]) -> StreamLink:
         return StreamLink(self.node, pipeline, stage_peers, self.board)
 
-    def _assign(self, peer: str, fields: dict) -> None:
-        nxt = fields["next_peer"] or self.node.peer_id
-        addrs = [self.node.addr] if nxt == self.node.peer_id else self.registry.providers[nxt].addrs
-        frame = Frame(ASSIGN.type, ASSIGN.version, {**fields, "prev_peer": fields["prev_peer"] or self.node.peer_id,
-                                                    "next_peer": nxt, "next_addrs": addrs,
-                                                    "max_sessions": self.max_sessions,
-                                                    "max_seq_len": self.context_tokens})
+    def _assign(self, peer: str, assignment: Assign) -> None:
         try:
-            reply = self.node.request(peer, PROTO_ASSIGN, frame, timeout_s=ASSIGN_TIMEOUT_S)
-        except TransportError as exc:
+            reply = decode(self.node.request(peer, PROTO_ASSIGN, assignment.to_frame(), timeout_s=ASSIGN_TIMEOUT_S))
+        except (TransportError, MessageError) as exc:
             raise AssignmentFailed(peer, f"unreachable: {exc}") from exc
-        if reply.type != ACK.type or not reply.fields.get("ok"):
-            raise AssignmentFailed(peer, reply.fields.get("reason", reply.type))
+        if not isinstance(reply, Ack) or not reply.ok:
+            raise AssignmentFailed(peer, getattr(reply, "reason", reply.TYPE))
 
     def _unassign(self, peer: str, pipeline: str) -> None:
         try:
-            self.node.request(peer, PROTO_ASSIGN, Frame(UNASSIGN.type, UNASSIGN.version, {"pipeline": pipeline}),
-                              timeout_s=10.0)
+            self.node.request(peer, PROTO_ASSIGN, Unassign(pipeline).to_frame(), timeout_s=UNASSIGN_TIMEOUT_S)
         except TransportError as exc:
             log.info("unassign %s: %s", peer, exc)
 
     def _probe(self, peer: str) -> bool:
         try:
-            reply = self.node.request(peer, PROTO_ASSIGN, Frame(PING.type, PING.version, {}), timeout_s=2.0)
-            return reply.type == ACK.type
-        except TransportError:
+            return isinstance(decode(self.node.request(peer, PROTO_ASSIGN, Ping().to_frame(),
+                                                       timeout_s=PROBE_TIMEOUT_S)), Ack)
+        except (TransportError, MessageError):
             return False
 
 

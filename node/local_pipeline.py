@@ -11,7 +11,8 @@ import torch
 from node.config import ModelConfig
 from node.models import model_id_of
 from node.runtime import ShardRuntime
-from node.sampling import SamplingParams, sample
+from wire.messages import SamplingParams
+from verification.sampling import sample
 from node.shard import Shard
 
 _session_ids = itertools.count()

@@ -17,39 +17,40 @@ from node.config import ModelConfig, ModelError
 from node.faults import Fault
 from node.models import model_id_of
 from node.profile import serving_dtype
-from node.protocol import (ACCOUNT, ACCOUNT_INFO, ACK, ASSIGN, CLOSE, FAILED, HEARTBEAT, LEAVE, PING,
-                           PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, RECEIPTS, REGISTER,
-                           STEP, UNASSIGN, ack, signed_profile_bytes)
 from node.retention import RetentionStore
 from node.runtime import ShardRuntime
 from node.shard import Shard, tensor_names
 from node.stage import StageWorker, StepError
 from node.status import ProviderStats
-from node.verifier import AuditService
 from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, TransportConfig, TransportError
+from node.verifier import AuditService
+from wire.messages import (PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, AccountInfo,
+                           AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message, MessageError, Ping,
+                           Receipts, Register, Step, Unassign, decode, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
 HEARTBEAT_INTERVAL_S = 1.0
 ACCOUNT_EVERY_BEATS = 5  # how often the provider asks for its balance and standing, in heartbeats
 STAGE_RECV_TIMEOUT_S = 3600.0
+CONTROL_TIMEOUT_S = 5.0  # a heartbeat, an account query, a failure report
+RECEIPTS_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+FORWARD_TIMEOUT_S = 30.0
+LEAVE_TIMEOUT_S = 60.0
 
 
 class Assignment:
-    """The shard a provider serves now, and where its outputs go."""
+    """The shard a provider serves now, and where its outputs go.
 
-    def __init__(self, fields: dict, worker: StageWorker):
-        self.fields, self.worker = fields, worker
+    Replaced whole (never changed in place) under Provider.assign_lock; other threads read the
+    reference once and keep using that object. `next_stream` belongs to the one thread that serves
+    the upstream stream (it opens, uses and resets it); whoever drops the assignment closes it."""
+
+    def __init__(self, spec: Assign, worker: StageWorker):
+        self.spec, self.worker = spec, worker
         self.next_stream: Stream | None = None
         self.lock = threading.Lock()  # one step at a time on the shard
-
-    @property
-    def pipeline(self) -> str:
-        return self.fields["pipeline"]
-
-    def same_shard(self, fields: dict) -> bool:
-        keys = ("model", "start", "end", "n_layers", "max_sessions", "max_seq_len")
-        return all(self.fields[k] == fields[k] for k in keys)
 
 
 class Provider:
@@ -68,10 +69,12 @@ class Provider:
         self.node = P2PNode(identity, TransportConfig(disconnect_on_bad_frame=True))
         self.coordinator_peer = ""
         self.stats = ProviderStats(peer=identity.peer_id_str)
-        self.audits = AuditService(self.node, model_dir, self.model_id, device, self.retained,
+        self.audits = AuditService(self.node, model_dir, device, self.retained,
                                    lambda: self.coordinator_peer, lies=bool(fault and fault.lies_as_verifier),
                                    on_audit=self.stats.add_audit)
         self.assignment: Assignment | None = None
+        self.unassigned = threading.Event()  # set while no shard is assigned
+        self.unassigned.set()
         self.assign_lock = threading.Lock()
         self.stopping = threading.Event()
 
@@ -87,92 +90,96 @@ class Provider:
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         return self.node.peer_id
 
-    def leave(self, timeout_s: float = 60.0) -> None:
+    def leave(self, timeout_s: float = LEAVE_TIMEOUT_S) -> None:
         """Tell the coordinator we go; it moves our work elsewhere and answers when we are free."""
         self.stopping.set()
         try:
-            self.node.request(self.coordinator_peer, PROTO_CONTROL,
-                              Frame(LEAVE.type, LEAVE.version, {"peer": self.node.peer_id}), timeout_s=timeout_s)
-        except TransportError as exc:
+            reply = self._control(Leave(self.node.peer_id))
+            if isinstance(reply, Ack) and reply.ok and not self.unassigned.wait(timeout_s):
+                log.warning("the coordinator did not release our shard within %.0f s", timeout_s)
+        except (TransportError, MessageError) as exc:
             log.warning("leave was not acknowledged: %s", exc)
         with self.assign_lock:
             self._drop_assignment()
         self.node.close()
 
+    def _control(self, message: Message, timeout_s: float = CONTROL_TIMEOUT_S) -> Message:
+        """One request to the coordinator on the control protocol; its decoded answer."""
+        return decode(self.node.request(self.coordinator_peer, PROTO_CONTROL, message.to_frame(), timeout_s=timeout_s))
+
     def _register(self) -> None:
-        addrs = [self.node.addr]
-        body = signed_profile_bytes(self.node.peer_id, self.profile, addrs, self.max_memory_bytes)
-        reply = self.node.request(self.coordinator_peer, PROTO_CONTROL, Frame(REGISTER.type, REGISTER.version, {
-            "profile": self.profile, "addrs": addrs, "max_memory_bytes": self.max_memory_bytes,
-            "public_key": self.identity.public_key_bytes, "signature": self.identity.sign(body),
-        }))
-        if reply.type != ACK.type or not reply.fields.get("ok"):
-            raise ConnectionError(f"the coordinator refused us: {reply.fields.get('reason', reply.type)}")
+        unsigned = Register(self.profile, (self.node.addr,), self.max_memory_bytes, self.identity.public_key_bytes, b"")
+        signature = self.identity.sign(unsigned.signed_bytes(self.node.peer_id))
+        reply = self._control(Register(**{**vars(unsigned), "signature": signature}), CONNECT_TIMEOUT_S)
+        if not isinstance(reply, Ack) or not reply.ok:
+            raise ConnectionError(f"the coordinator refused us: {getattr(reply, 'reason', reply)}")
 
     def _heartbeat_loop(self) -> None:
-        beat = Frame(HEARTBEAT.type, HEARTBEAT.version, {"peer": self.node.peer_id})
-        asking = Frame(ACCOUNT.type, ACCOUNT.version, {"peer": self.node.peer_id})
         beats = 0
         while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
             try:
-                reply = self.node.request(self.coordinator_peer, PROTO_CONTROL, beat, timeout_s=5.0)
-                if not reply.fields.get("ok") and not self.stopping.is_set():
-                    log.warning("the coordinator no longer knows us (%s); registering again", reply.fields.get("reason"))
+                reply = self._control(Heartbeat(self.node.peer_id))
+                if isinstance(reply, Ack) and not reply.ok and not self.stopping.is_set():
+                    log.warning("the coordinator no longer knows us (%s); registering again", reply.reason)
                     self._register()
                 beats += 1
                 if beats % ACCOUNT_EVERY_BEATS == 1:
-                    info = self.node.request(self.coordinator_peer, PROTO_CONTROL, asking, timeout_s=5.0)
-                    if info.type == ACCOUNT_INFO.type:
-                        f = info.fields
-                        self.stats.update(state=f["state"], credits_earned_units=f["balance_units"],
-                                          reputation=f["reputation"])
-            except (TransportError, ConnectionError) as exc:
+                    info = self._control(AccountQuery(self.node.peer_id))
+                    if isinstance(info, AccountInfo):
+                        self.stats.update(state=info.state, credits_earned_units=info.balance_units,
+                                          reputation=info.reputation)
+            except (TransportError, ConnectionError, MessageError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     # -- assignments ----------------------------------------------------------------------
 
     def _on_assign(self, frame: Frame, peer: str) -> Frame:
         if peer != self.coordinator_peer:
-            return ack(False, "only the coordinator assigns shards")
-        if frame.type == PING.type:
-            return ack()
+            return refuse("only the coordinator assigns shards").to_frame()
+        try:
+            message = decode(frame, Assign, Unassign, Ping)
+        except MessageError as exc:
+            return refuse(str(exc)).to_frame()
+        if isinstance(message, Ping):
+            return Ack().to_frame()
         with self.assign_lock:
-            if frame.type == UNASSIGN.type:
+            if isinstance(message, Unassign):
                 self._drop_assignment()
-                return ack()
-            if frame.type != ASSIGN.type:
-                return ack(False, f"unexpected {frame.type}")
-            f = frame.fields
-            if f["model"] != self.model_id:
-                return ack(False, f"this provider serves {self.model_id}, not {f['model']}")
-            old = self.assignment
-            try:
-                if old is not None and old.same_shard(f):
-                    runtime = old.worker.runtime  # same layers: keep the loaded weights
-                    for sid in list(runtime.sessions):
-                        runtime.close(sid)
-                else:
-                    self._drop_assignment()
-                    shard = Shard(f["model"], f["start"], f["end"], f["n_layers"])
-                    with tqdm(total=len(tensor_names(ModelConfig.load(self.model_dir), shard)),
-                              desc=f"loading layers [{shard.start}, {shard.end})", leave=False,
-                              disable=not sys.stderr.isatty()) as bar:
-                        runtime = ShardRuntime(
-                            self.model_dir, shard, device=self.device, dtype=self.dtype,
-                            max_sessions=f["max_sessions"], max_seq_len=f["max_seq_len"],
-                            on_tensor_loaded=lambda _name: bar.update(),
-                        )
-                    if self.fault is not None:
-                        self.fault.install(runtime)
-            except (ModelError, ValueError) as exc:
-                return ack(False, str(exc))
-            if old is not None and old.next_stream is not None:
-                old.next_stream.close()
-            self.assignment = Assignment(dict(f), StageWorker(runtime, f["pipeline"], self.identity, self.retained,
-                                                              self.fault))
-            self.stats.update(stages=[[f["start"], f["end"]]], state="serving")
-            log.info("serving layers [%d, %d) in pipeline %s", f["start"], f["end"], f["pipeline"])
-            return ack()
+                return Ack().to_frame()
+            return self._assign(message).to_frame()
+
+    def _assign(self, spec: Assign) -> Ack:
+        if spec.model != self.model_id:
+            return refuse(f"this provider serves {self.model_id}, not {spec.model}")
+        old = self.assignment
+        try:
+            if old is not None and old.spec.same_shard(spec):
+                runtime = old.worker.runtime  # same layers: keep the loaded weights
+                for sid in list(runtime.sessions):
+                    runtime.close(sid)
+            else:
+                self._drop_assignment()
+                shard = Shard(spec.model, spec.start, spec.end, spec.n_layers)
+                with tqdm(total=len(tensor_names(ModelConfig.load(self.model_dir), shard)),
+                          desc=f"loading layers [{shard.start}, {shard.end})", leave=False,
+                          disable=not sys.stderr.isatty()) as bar:
+                    runtime = ShardRuntime(
+                        self.model_dir, shard, device=self.device, dtype=self.dtype,
+                        max_sessions=spec.max_sessions, max_seq_len=spec.max_seq_len,
+                        on_tensor_loaded=lambda _name: bar.update(),
+                    )
+                if self.fault is not None:
+                    self.fault.install(runtime)
+        except (ModelError, ValueError) as exc:
+            return refuse(str(exc))
+        if old is not None and old.next_stream is not None:
+            old.next_stream.close()
+        self.assignment = Assignment(spec, StageWorker(runtime, spec.pipeline, self.identity, self.retained,
+                                                       self.fault))
+        self.unassigned.clear()
+        self.stats.update(stages=[[spec.start, spec.end]], state="serving")
+        log.info("serving layers [%d, %d) in pipeline %s", spec.start, spec.end, spec.pipeline)
+        return Ack()
 
     def _drop_assignment(self) -> None:
         self.stats.update(stages=[])
@@ -180,6 +187,7 @@ class Provider:
             if self.assignment.next_stream is not None:
                 self.assignment.next_stream.close()
             self.assignment = None
+        self.unassigned.set()
 
     # -- data path ------------------------------------------------------------------------
 
@@ -194,62 +202,63 @@ class Provider:
             if assignment is None:
                 log.warning("step from %s while no shard is assigned", stream.peer_id)
                 continue
-            if stream.peer_id != assignment.fields["prev_peer"]:
+            if stream.peer_id != assignment.spec.prev_peer:
                 log.warning("dropping stage stream from %s: not the upstream of pipeline %s",
-                            stream.peer_id, assignment.pipeline)
+                            stream.peer_id, assignment.spec.pipeline)
                 return
-            if frame.type == CLOSE.type:
+            try:
+                message = decode(frame, Step, Close)
+            except MessageError as exc:
+                self._report_failure(frame.fields.get("pipeline"), frame.fields.get("step"),
+                                     f"malformed {frame.type}: {exc}", stream.peer_id)
+                continue
+            if isinstance(message, Close):
                 with assignment.lock:
-                    receipts = assignment.worker.close(frame.fields["sessions"], frame.fields["requests"])
+                    receipts = assignment.worker.close(message)
                 if not assignment.worker.runtime.shard.is_last:
-                    self._forward(assignment, frame)
+                    self._forward(assignment, message)
                 if receipts:
                     self._send_receipts(receipts)
-            elif frame.type == STEP.type:
-                self._step(assignment, frame)
             else:
-                log.warning("unexpected %s from %s on the stage stream", frame.type, stream.peer_id)
+                self._step(assignment, message)
 
-    def _step(self, assignment: Assignment, frame: Frame) -> None:
+    def _step(self, assignment: Assignment, step: Step) -> None:
         try:
             with assignment.lock:
-                out = assignment.worker.step(frame)
-        except (StepError, ValueError, KeyError) as exc:
-            self._report_failure(frame, f"stage [{assignment.fields['start']}, {assignment.fields['end']}) "
-                                        f"refused step: {exc}", self.node.peer_id)
+                out = assignment.worker.step(step)
+        except StepError as exc:
+            self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, {assignment.spec.end}) "
+                                 f"refused step: {exc}", self.node.peer_id)
             return
-        self.stats.add_step(frame.tensors[0].shape[0])
+        self.stats.add_step(step.x.shape[0])
         self._forward(assignment, out)
 
-    def _forward(self, assignment: Assignment, frame: Frame) -> None:
-        nxt = assignment.fields["next_peer"]
+    def _forward(self, assignment: Assignment, message: Message) -> None:
+        nxt = assignment.spec.next_peer
         protocol = PROTO_RESULT if nxt == self.coordinator_peer else PROTO_STAGE
         try:
             if assignment.next_stream is None:
-                self.node.connect(assignment.fields["next_addrs"][0], timeout_s=10.0)
-                assignment.next_stream = self.node.open_stream(nxt, protocol, timeout_s=10.0)
-            assignment.next_stream.send(frame, timeout_s=30.0)
+                self.node.connect(assignment.spec.next_addrs[0], timeout_s=CONNECT_TIMEOUT_S)
+                assignment.next_stream = self.node.open_stream(nxt, protocol, timeout_s=CONNECT_TIMEOUT_S)
+            assignment.next_stream.send(message.to_frame(), timeout_s=FORWARD_TIMEOUT_S)
         except TransportError as exc:
             assignment.next_stream = None
-            if frame.type != CLOSE.type:
-                self._report_failure(frame, f"next stage {nxt} unreachable: {exc}", nxt)
+            if isinstance(message, Step):
+                self._report_failure(message.pipeline, message.step, f"next stage {nxt} unreachable: {exc}", nxt)
 
     def _send_receipts(self, receipts: list) -> None:
-        frame = Frame(RECEIPTS.type, RECEIPTS.version, {"receipts": [r.to_dict() for r in receipts]})
         try:
-            reply = self.node.request(self.coordinator_peer, PROTO_CONTROL, frame, timeout_s=10.0)
-            if not reply.fields.get("ok"):
-                log.warning("the coordinator refused our receipts: %s", reply.fields.get("reason"))
-        except TransportError as exc:
+            reply = self._control(Receipts(tuple(receipts)), RECEIPTS_TIMEOUT_S)
+            if isinstance(reply, Ack) and not reply.ok:
+                log.warning("the coordinator refused our receipts: %s", reply.reason)
+        except (TransportError, MessageError) as exc:
             log.warning("could not send receipts: %s", exc)
 
-    def _report_failure(self, frame: Frame, reason: str, peer: str) -> None:
+    def _report_failure(self, pipeline, step, reason: str, peer: str) -> None:
         log.warning("%s", reason)
-        failed = Frame(FAILED.type, FAILED.version, {
-            "pipeline": frame.fields.get("pipeline", ""), "step": frame.fields.get("step", -1),
-            "reason": reason, "peer": peer,
-        })
+        pipeline = pipeline if isinstance(pipeline, str) else ""
+        step = step if isinstance(step, int) and not isinstance(step, bool) else -1
         try:
-            self.node.request(self.coordinator_peer, PROTO_CONTROL, failed, timeout_s=5.0)
-        except TransportError as exc:
+            self._control(Failed(pipeline, step, reason[:2000], peer))
+        except (TransportError, MessageError) as exc:
             log.warning("could not report the failure to the coordinator: %s", exc)

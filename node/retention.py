@@ -9,7 +9,6 @@ the sampled tokens and the positions they were sampled at.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -17,21 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wire.frames import DTYPES
+from verification.commitments import tensor_digest
 
-_DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
 DEFAULT_WINDOW_S = 600.0
 DEFAULT_BUDGET_BYTES = 512 * 2**20
-
-
-def tensor_digest(tensors: list[torch.Tensor]) -> str:
-    """Hex SHA-256 of tensors as they travel: dtype name, shape, then the raw little-endian bytes."""
-    h = hashlib.sha256(b"meshpool-tensors/1\x00")
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{_DTYPE_NAMES[t.dtype]}{list(t.shape)}\x00".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass

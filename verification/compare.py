@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from node.sampling import SamplingParams, gumbel_noise, sample
+from wire.messages import SamplingParams
+from verification.sampling import gumbel_noise, sample
 
 # Components compared by top-k agreement, per position.
 TOPK_K = 32
@@ -192,12 +193,3 @@ def compare_tokens(recomputed_logits: torch.Tensor, claimed_tokens: list[int], p
                        token_mismatches=mismatches, near_ties=near_ties, worst_position=i)
     return Verdict(True, "tokens agree" + (f" ({near_ties} near-ties)" if near_ties else ""),
                    tokens_checked=n, token_mismatches=mismatches, near_ties=near_ties)
-
-
-def combine(hidden: Verdict, tokens: Verdict) -> Verdict:
-    """The last stage's verdict: its hidden states and its tokens must both pass."""
-    ok = hidden.ok and tokens.ok
-    reason = "; ".join(v.reason for v in (hidden, tokens) if not v.ok) or f"{hidden.reason}; {tokens.reason}"
-    return Verdict(ok, reason, hidden.rel_l2_max, hidden.topk_agreement_min, tokens.tokens_checked,
-                   tokens.token_mismatches, tokens.near_ties,
-                   hidden.worst_position if not hidden.ok else tokens.worst_position)

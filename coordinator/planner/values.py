@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from wire.messages import Stage  # one stage of a pipeline, as it travels
+
 
 class Objective(str, Enum):
     LATENCY = "latency"  # lowest per-token latency of one stream: one pipeline
@@ -33,17 +35,6 @@ class Workload:
             raise ValueError(f"batch and context_tokens must be >= 1, got {self}")
         if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
             raise ValueError(f"microbatches_in_flight must be >= 1, got {self.microbatches_in_flight}")
-
-
-@dataclass(frozen=True)
-class Stage:
-    peer_id: str
-    start: int  # first layer, inclusive
-    end: int  # last layer, exclusive
-
-    @property
-    def n_layers(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from coordinator.api import create_app
 from coordinator.pool import PoolBusy
 from coordinator.streaming import Detokenizer
 from ledger.receipts import StageReceipt
-from node.retention import tensor_digest
+from verification.commitments import tensor_digest
 from node.transport.identity import Identity
+from wire.messages import Stage
 
 MODEL = "smollm2-135m-instruct"
 N_LAYERS = 30
@@ -48,7 +49,7 @@ class ScriptedPool:
         if self.busy:
             raise PoolBusy("no pipeline can serve: scripted")
         self.requests.append(request)
-        request.stages = ((self.identity.peer_id_str, 0, N_LAYERS),)
+        request.start_attempt((Stage(self.identity.peer_id_str, 0, N_LAYERS),))
         threading.Thread(target=self._run, args=(request,), daemon=True).start()
 
     def _run(self, request) -> None:
@@ -57,13 +58,13 @@ class ScriptedPool:
                 break
             time.sleep(self.delay_s)
             request.add_token(token)
-        request.done.set()
+        request.finish()
         n = request.tokens_processed
         receipt = StageReceipt(request.request_id, MODEL, 0, N_LAYERS, n, tensor_digest(
             [torch.tensor((request.prompt_ids + request.tokens)[:n], dtype=torch.int64)]), "0" * 64,
             self.identity.peer_id_str, self.identity.public_key_bytes.hex())
         receipt = StageReceipt(**{**receipt.to_dict(), "signature": self.identity.sign(receipt.signed_bytes()).hex()})
-        self.accounts.receipts.add(receipt.to_dict(), self.identity.peer_id_str)
+        self.accounts.receipts.add(receipt, self.identity.peer_id_str)
 
     def snapshot(self) -> dict:
         return {"providers": [], "pipelines": [], "pending_requests": 0, "plan_error": ""}

@@ -104,10 +104,9 @@ def test_hostile_peers_are_dropped_and_the_pool_keeps_serving(pool, reference, t
     from libp2p.custom_types import TProtocol
     from libp2p.peer.id import ID
 
-    from node.protocol import PROTO_CONTROL, PROTO_STAGE, REGISTER
-    from node.stage import step_frame
-    from node.transport import Frame, P2PNode, encode_frame
+    from node.transport import P2PNode, encode_frame
     from wire.frames import MAGIC, PREFIX
+    from wire.messages import PROTO_CONTROL, PROTO_STAGE, Register, SamplingParams, Step, decode
 
     state = wait_settled(pool)
     [stages] = stages_of(state)
@@ -138,13 +137,13 @@ def test_hostile_peers_are_dropped_and_the_pool_keeps_serving(pool, reference, t
     send_raw(pool.p2p_addr, PROTO_CONTROL, b"\x00garbage" * 100)  # not a frame
     send_raw(pool.p2p_addr, PROTO_CONTROL, PREFIX.pack(MAGIC, 16, 1 << 40))  # a 1 TB frame
     # a registration whose signature does not match the sender
-    forged = as_rogue(pool.p2p_addr, lambda rogue, peer: rogue.request(peer, PROTO_CONTROL, Frame(
-        REGISTER.type, REGISTER.version, {"profile": {}, "addrs": [], "max_memory_bytes": 1,
-                                          "public_key": b"\x00" * 32, "signature": b"\x00" * 64})))
-    assert forged.fields == {"ok": False, "reason": "the profile's signature does not match the peer id"}
+    forged = as_rogue(pool.p2p_addr, lambda rogue, peer: rogue.request(peer, PROTO_CONTROL, Register(
+        {}, (), 1, b"\x00" * 32, b"\x00" * 64).to_frame()))
+    reply = decode(forged)
+    assert not reply.ok and reply.reason == "the profile's signature does not match the peer id"
     # a step with the wrong hidden size, sent to a middle stage by a peer that is not its upstream
-    bad = step_frame(state["pipelines"][0]["id"], 1, "decode", ["x"], [0], [], torch.zeros(1, 7))
-    send_raw(stage1_addr, PROTO_STAGE, encode_frame(bad))
+    bad = Step(state["pipelines"][0]["id"], 1, "decode", ("x",), (0,), (SamplingParams(),), (), torch.zeros(1, 7))
+    send_raw(stage1_addr, PROTO_STAGE, encode_frame(bad.to_frame()))
 
     log = pool.coordinator.log()
     assert "dropping stream /meshpool/control/1" in log and "bad magic" in log and "exceeds the limit" in log

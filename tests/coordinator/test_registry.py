@@ -23,11 +23,11 @@ def test_a_newcomer_serves_once_promoted_and_goes_back_to_verifying_when_slashed
     reg = registry(tmp_path)
     assert join(reg, "new") == "newcomer" and not reg.candidates()
     reg.set_standing("new", Standing(reputation=2, audits_agreed=2))
-    assert not reg.refresh() and reg.providers["new"].state == "newcomer"  # K = 3 not reached
+    assert not reg.refresh() and reg.get("new").state == "newcomer"  # K = 3 not reached
     reg.set_standing("new", Standing(reputation=3, audits_agreed=3))
     assert reg.refresh() and [p.peer for p in reg.candidates()] == ["new"]
     reg.set_standing("new", Standing(reputation=-17, audits_agreed=3, slash_count=1))
-    assert reg.refresh() and reg.providers["new"].state == "newcomer" and not reg.candidates()
+    assert reg.refresh() and reg.get("new").state == "newcomer" and not reg.candidates()
 
 
 def test_a_vouched_provider_serves_at_once_until_a_slash_makes_its_reputation_negative(tmp_path):
@@ -37,7 +37,7 @@ def test_a_vouched_provider_serves_at_once_until_a_slash_makes_its_reputation_ne
     reg.set_standing("vouched", Standing(reputation=5, audits_passed=5))
     assert not reg.refresh()
     reg.set_standing("vouched", Standing(reputation=-15, audits_passed=5, slash_count=1))
-    assert reg.refresh() and reg.providers["vouched"].state == "newcomer"
+    assert reg.refresh() and reg.get("vouched").state == "newcomer"
 
 
 def test_a_banned_peer_is_marked_and_cannot_register_again(tmp_path):
@@ -45,6 +45,6 @@ def test_a_banned_peer_is_marked_and_cannot_register_again(tmp_path):
     reg = registry(tmp_path)
     join(reg, "cheat")
     reg.set_standing("cheat", Standing(reputation=-60, slash_count=3, banned=True))
-    assert reg.refresh() and reg.providers["cheat"].state == "banned" and not reg.candidates()
+    assert reg.refresh() and reg.get("cheat").state == "banned" and not reg.candidates()
     with pytest.raises(ValueError, match="banned"):
         join(reg, "cheat")

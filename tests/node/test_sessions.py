@@ -7,7 +7,8 @@ import torch
 
 from node.config import ModelConfig
 from node.runtime import SessionError, ShardRuntime
-from node.sampling import SamplingParams, gumbel_noise, sample
+from wire.messages import SamplingParams
+from verification.sampling import gumbel_noise, sample
 from node.shard import Shard
 from tests.node.random_models import make_random_model
 

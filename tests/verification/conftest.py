@@ -9,7 +9,7 @@ import torch
 from bench.audit_calibration import build_stages, load_tensors, serve
 from node.models import model_id_of
 from tests.verification.serving import NEW_TOKENS, PROMPTS
-from verification.recompute import Recomputer
+from node.recompute import Recomputer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from bench.audit_calibration import StageRecord
-from node.sampling import SamplingParams
-from verification.compare import Verdict, combine, compare_hidden, compare_tokens
-from verification.recompute import Recomputer
+from node.recompute import Recomputer
+from verification.check import Outcome, check_stage
+from verification.commitments import tensor_digest
+from wire.messages import AuditTask, SamplingParams
 
 # short prompts of 32-40 tokens (any ids of the vocabulary do: no tokenizer needed)
 PROMPTS = [list(range(1000, 1040)), list(range(5000, 5072, 2))]
@@ -13,12 +16,13 @@ PROMPTS_8 = [list(range(300 + 997 * i, 300 + 997 * i + 32 + i)) for i in range(8
 NEW_TOKENS = 8
 
 
-def audit_record(recomputer: Recomputer, rec: StageRecord, params: SamplingParams = SamplingParams()) -> Verdict:
-    """A verifier's audit of one (request, stage): one prefill over its inputs, then compare."""
-    claimed = rec.claimed()
-    hidden, logits = recomputer.run(rec.shard, claimed.dtype, rec.stage_input())
-    verdict = compare_hidden(claimed, hidden, claimed.dtype)
-    if logits is not None:
-        tokens = compare_tokens(logits[rec.sampled_rows()], rec.tokens, rec.positions, params, claimed.dtype)
-        verdict = combine(verdict, tokens)
-    return verdict
+def audit_record(recomputer: Recomputer, rec: StageRecord, params: SamplingParams = SamplingParams()) -> Outcome:
+    """A verifier's audit of one (request, stage), through the production check_stage: the tensors
+    the stage retained, held to the hashes its receipt would carry, recomputed and compared."""
+    output = [rec.claimed()]
+    if rec.shard.is_last:
+        output += [torch.tensor(rec.positions, dtype=torch.int64), torch.tensor(rec.tokens, dtype=torch.int64)]
+    stage_input, shard = rec.stage_input(), rec.shard
+    task = AuditTask("audit", "request", "subject", (), shard.model_id, shard.start, shard.end, shard.n_layers,
+                     tensor_digest([stage_input]), tensor_digest(output), params, 0, b"")
+    return check_stage(lambda _task, dtype, x: recomputer.run(shard, dtype, x), task, [stage_input, *output])

@@ -127,8 +127,8 @@ def test_honest_mixed_precision_passes_hundreds_of_audits_and_verifiers_are_judg
 
 
 def test_retained_tensors_are_handed_only_to_ticket_holders(pool):
-    from node.protocol import AUDIT_DATA, AUDIT_FETCH, PROTO_AUDIT
-    from node.transport import Frame, P2PNode
+    from node.transport import P2PNode
+    from wire.messages import PROTO_AUDIT, Ack, AuditFetch, decode
 
     p = pool.peers
     fp32 = next(x for x in pool.get("/pool")["providers"] if x["peer"] == p["fp32"])
@@ -139,10 +139,9 @@ def test_retained_tensors_are_handed_only_to_ticket_holders(pool):
     try:
         snoop.connect(fp32["addrs"][0])
         for ticket in (b"", b"\x00" * 64):  # none, and one the coordinator never signed
-            reply = snoop.request(p["fp32"], PROTO_AUDIT, Frame(AUDIT_FETCH.type, AUDIT_FETCH.version, {
-                "request_id": request_id, "expires_ms": 2**62, "ticket": ticket}), timeout_s=30)
-            assert reply.type != AUDIT_DATA.type and not reply.fields["ok"]
-            assert "no valid ticket" in reply.fields["reason"]
+            reply = decode(snoop.request(p["fp32"], PROTO_AUDIT, AuditFetch(request_id, 2**62, ticket).to_frame(),
+                                         timeout_s=30))
+            assert isinstance(reply, Ack) and not reply.ok and "no valid ticket" in reply.reason
     finally:
         snoop.close()
 

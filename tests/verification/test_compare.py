@@ -9,7 +9,8 @@ import torch
 
 from bench.audit_calibration import perturb_layer
 from node.runtime import ShardRuntime
-from node.sampling import SamplingParams, gumbel_noise, sample
+from wire.messages import SamplingParams
+from verification.sampling import gumbel_noise, sample
 from node.shard import Shard
 from tests.verification.serving import PROMPTS, PROMPTS_8, audit_record
 from verification.compare import HIDDEN_THRESHOLDS, TOKEN_MARGIN_LOGITS, compare_hidden, compare_tokens, token_gap_logits
@@ -33,7 +34,7 @@ def test_honest_stages_pass(run_pool, recomputer, dtypes, batch, chunks):
             verdict = audit_record(recomputer, rec)
             assert verdict.ok, (rec.shard, verdict)
     last = records[0][-1]
-    assert verdict.tokens_checked == len(last.tokens) > 1
+    assert verdict.metrics["tokens_checked"] == len(last.tokens) > 1
 
 
 @pytest.mark.parametrize("layer", [10, 19])  # first and last layer of the middle stage
@@ -43,7 +44,7 @@ def test_one_layer_changed_by_1e_3_fails_in_float32(model, run_pool, recomputer,
     for per_stage in records:
         verdict = audit_record(recomputer, per_stage[1])
         assert not verdict.ok and "relative L2" in verdict.reason
-        assert verdict.rel_l2_max > 10 * HIDDEN_THRESHOLDS[F32].rel_l2_max
+        assert verdict.metrics["rel_l2_max"] > 10 * HIDDEN_THRESHOLDS[F32].rel_l2_max
         assert audit_record(recomputer, per_stage[0]).ok  # the stage before is honest
 
 

@@ -13,16 +13,19 @@ from coordinator.receipts import ReceiptBoard
 from ledger.errors import ReceiptError
 from ledger.receipts import StageReceipt
 from node.config import ModelConfig
+from node.models import model_id_of
 from node.faults import Fault
-from node.retention import RetentionStore, SessionRecord, tensor_digest
+from node.retention import RetentionStore, SessionRecord
+from verification.commitments import tensor_digest
 from node.runtime import ShardRuntime
-from node.sampling import SamplingParams
+from wire.messages import SamplingParams
 from node.shard import Shard
-from node.stage import StageWorker, step_frame
+from node.stage import StageWorker
 from node.transport.identity import Identity
 from tests.node.random_models import make_random_model
-from verification.check import StageClaim, check_stage
-from verification.recompute import Recomputer
+from verification.check import check_stage
+from wire.messages import AuditTask, Close, Stage, Step
+from node.recompute import Recomputer
 
 PROMPT = [3, 17, 5, 9, 11]
 SAMPLING = SamplingParams(temperature=0.9, seed=1234)
@@ -39,7 +42,7 @@ def stages(model_dir, fault: Fault | None = None):
     n = ModelConfig.load(model_dir).n_layers
     out = []
     for start, end in ((0, 2), (2, n)):
-        runtime = ShardRuntime(model_dir, Shard("m", start, end, n), max_sessions=4, max_seq_len=64)
+        runtime = ShardRuntime(model_dir, Shard(model_id_of(model_dir), start, end, n), max_sessions=4, max_seq_len=64)
         if fault is not None and start == 0:
             fault.install(runtime)
         out.append(StageWorker(runtime, "p", Identity.generate(), RetentionStore(),
@@ -54,26 +57,32 @@ def serve(workers, request_id: str, n_decode: int = 3) -> tuple[list[int], list[
     for sid, prompt in (("a", PROMPT), ("b", [1, 2])):
         x = torch.tensor(prompt)
         for w in workers:
-            out = w.step(step_frame("p", next(step), "prefill", [sid], [0], [SAMPLING], x))
-            x = out.tensors[0] if out.tensors else None
-        tokens[sid] = [out.fields["tokens"][0]]
+            out = w.step(Step("p", next(step), "prefill", (sid,), (0,), (SAMPLING,), (), x))
+            x = getattr(out, "x", None)
+        tokens[sid] = [out.tokens[0]]
     for _ in range(n_decode):
         positions = [len(PROMPT) + len(tokens["a"]) - 1, 2 + len(tokens["b"]) - 1]
         x = torch.tensor([tokens["a"][-1], tokens["b"][-1]])
         for w in workers:
-            out = w.step(step_frame("p", next(step), "decode", ["a", "b"], positions, [SAMPLING] * 2, x))
-            x = out.tensors[0] if out.tensors else None
-        for sid, t in zip(["a", "b"], out.fields["tokens"]):
+            out = w.step(Step("p", next(step), "decode", ("a", "b"), tuple(positions), (SAMPLING,) * 2, (), x))
+            x = getattr(out, "x", None)
+        for sid, t in zip(["a", "b"], out.tokens):
             tokens[sid].append(t)
-    receipts = [r for w in workers for r in w.close(["a", "b"], [request_id, ""])]
+    receipts = [r for w in workers for r in w.close(Close("p", ("a", "b"), (request_id, "")))]
     return tokens["a"], receipts
 
 
 def request_of(request_id, workers, tokens):
     return SimpleNamespace(request_id=request_id, prompt_ids=list(PROMPT), tokens=list(tokens),
                            tokens_processed=len(PROMPT) + len(tokens) - 1,
-                           stages=tuple((w.identity.peer_id_str, w.runtime.shard.start, w.runtime.shard.end)
+                           stages=tuple(Stage(w.identity.peer_id_str, w.runtime.shard.start, w.runtime.shard.end)
                                         for w in workers))
+
+
+def audit_task(request_id: str, worker, receipt) -> AuditTask:
+    shard = worker.runtime.shard
+    return AuditTask(f"{request_id}.0", request_id, receipt.provider_id, (), shard.model_id, shard.start, shard.end,
+                     shard.n_layers, receipt.input_hash, receipt.output_hash, SAMPLING, 0, b"")
 
 
 def test_stages_sign_receipts_that_chain_and_the_coordinator_pays_on_them(model_dir):
@@ -87,8 +96,8 @@ def test_stages_sign_receipts_that_chain_and_the_coordinator_pays_on_them(model_
     assert last.input_hash == first.output_hash  # what stage 0 sent is what stage 1 took
     board = ReceiptBoard()
     for w, r in zip(workers, receipts):
-        board.add(r.to_dict(), w.identity.peer_id_str)
-    assert board.collect(request_of("req-1", workers, tokens), "m", timeout_s=1) == receipts
+        board.add(r, w.identity.peer_id_str)
+    assert board.collect(request_of("req-1", workers, tokens), model_id_of(model_dir), timeout_s=1) == receipts
 
 
 def test_receipts_that_do_not_match_are_refused_or_not_paid(model_dir):
@@ -97,14 +106,14 @@ def test_receipts_that_do_not_match_are_refused_or_not_paid(model_dir):
     board = ReceiptBoard()
     stranger = Identity.generate()
     with pytest.raises(ReceiptError, match="sent by"):  # a receipt for another provider's work
-        board.add(receipts[0].to_dict(), stranger.peer_id_str)
-    forged = {**receipts[0].to_dict(), "token_count": receipts[0].token_count + 100}
+        board.add(receipts[0], stranger.peer_id_str)
+    forged = StageReceipt(**{**receipts[0].to_dict(), "token_count": receipts[0].token_count + 100})
     with pytest.raises(ReceiptError, match="signature"):
         board.add(forged, workers[0].identity.peer_id_str)
     for w, r in zip(workers, receipts):
-        board.add(r.to_dict(), w.identity.peer_id_str)
+        board.add(r, w.identity.peer_id_str)
     # the coordinator saw one token fewer than the stages claim: nothing checks out, nothing is paid
-    assert board.collect(request_of("req-2", workers, tokens[:-1]), "m", timeout_s=1) == []
+    assert board.collect(request_of("req-2", workers, tokens[:-1]), model_id_of(model_dir), timeout_s=1) == []
 
 
 def test_audits_pass_honest_stages_and_fail_tampered_or_cheating_ones(model_dir):
@@ -113,19 +122,20 @@ def test_audits_pass_honest_stages_and_fail_tampered_or_cheating_ones(model_dir)
     tokens, receipts = serve(workers, "req-3")
     for w, r in zip(workers, receipts):
         kept = w.retained.get("req-3")
-        claim = StageClaim("req-3", w.runtime.shard, r.input_hash, r.output_hash, SAMPLING)
-        outcome = check_stage(recomputer, claim, [kept.stage_input, *kept.output])
+        task = audit_task("req-3", w, r)
+        outcome = check_stage(recomputer.for_task, task, [kept.stage_input, *kept.output])
         assert outcome.ok, outcome
         forged = [kept.stage_input, kept.output[0] * 1.01, *kept.output[1:]]
-        assert "output hash" in check_stage(recomputer, claim, forged).reason
+        outcome = check_stage(recomputer.for_task, task, forged)
+        assert outcome.outcome == "fail" and "output hash" in outcome.reason
     assert workers[1].retained.get("req-3").output[2].tolist() == tokens  # the last stage keeps what it sent
 
     cheats = stages(model_dir, Fault.parse("noise:1e-2"))  # stage 0 perturbs what it sends, and signs it
     _, receipts = serve(cheats, "req-4")
     kept = cheats[0].retained.get("req-4")
-    claim = StageClaim("req-4", cheats[0].runtime.shard, receipts[0].input_hash, receipts[0].output_hash, SAMPLING)
-    outcome = check_stage(recomputer, claim, [kept.stage_input, *kept.output])
-    assert not outcome.ok and "relative L2" in outcome.reason
+    outcome = check_stage(recomputer.for_task, audit_task("req-4", cheats[0], receipts[0]),
+                          [kept.stage_input, *kept.output])
+    assert outcome.outcome == "fail" and "relative L2" in outcome.reason
 
 
 def test_retention_forgets_after_the_window_or_over_the_budget():

@@ -30,11 +30,12 @@ from ledger.reader import LedgerReader
 from ledger.receipts import StageReceipt
 from ledger.service import LedgerService
 from ledger.state import FEES_VERIFICATION
-from node.protocol import ACK, AUDIT_TASK, AUDIT_VERDICT, PROTO_AUDIT, ticket_bytes
-from node.sampling import SamplingParams
-from node.shard import Shard
-from node.transport import Frame, Identity, P2PNode, TransportError
-from verification.check import Outcome, StageClaim, check_stage, fetch_retained
+from node.recompute import Recomputer
+from node.transport import Identity, P2PNode, TransportError
+from node.verifier import fetch_retained
+from verification.check import FAIL, PASS, UNCHECKED, Outcome, check_stage, is_last
+from wire.messages import (PROTO_AUDIT, AuditTask, AuditVerdict, MessageError, SamplingParams, decode,
+                           ticket_bytes)
 
 log = logging.getLogger("meshpool.audits")
 
@@ -57,10 +58,10 @@ class AuditJob:
 class AuditResult:
     audit_id: str
     subject: str
-    verifier: str | None
-    verifier_ok: bool | None  # None: no verifier answered
+    verifier: str | None  # None: no verifier judged (none answered, or it could not check)
+    verifier_outcome: str | None  # what that verifier said: PASS or FAIL
     refereed: bool
-    passed: bool
+    outcome: str  # PASS, FAIL or UNCHECKED: the verdict that counts
     reason: str
 
 
@@ -68,8 +69,6 @@ class Auditor:
     def __init__(self, node: P2PNode, identity: Identity, registry: Registry, ledger: LedgerService,
                  reader: LedgerReader, model_dir: Path, n_layers: int, on_standing_changed: Callable[[], None],
                  referee_check_ppm: int = 200_000, secret: bytes | None = None):
-        from verification.recompute import Recomputer
-
         self.node, self.identity, self.registry = node, identity, registry
         self.ledger, self.reader, self.params = ledger, reader, ledger.params
         self.recomputer = Recomputer(model_dir)
@@ -114,77 +113,69 @@ class Auditor:
 
     def audit(self, job: AuditJob) -> AuditResult | None:
         subject = job.receipt.provider_id
-        record = self.registry.providers.get(subject)
+        record = self.registry.get(subject)
         if record is None or record.state == "dead":
             log.info("audit %s skipped: %s is gone", job.audit_id, subject)
             return None
-        claim = StageClaim(job.receipt.request_id,
-                           Shard(job.receipt.model, job.receipt.layer_start, job.receipt.layer_end, self.n_layers),
-                           job.receipt.input_hash, job.receipt.output_hash, job.sampling)
         verifier = self._pick_verifier(subject)
-        answer = self._ask(verifier, job) if verifier else None
-        verifier_ok = None if answer is None else answer.ok
+        answer = self._ask(verifier, job, record.addrs) if verifier else None
+        if answer is not None and answer.outcome == UNCHECKED:  # the verifier could not judge: no verdict
+            answer = None
         referee = (answer is None or not answer.ok or not self.registry.may_serve(verifier)
                    or secrets.randbelow(PPM) < self.referee_check_ppm)
-        truth = self._referee(claim, job, record.addrs) if referee else answer
-        if truth is None:
-            log.info("audit %s skipped: %s did not hand over its tensors", job.audit_id, subject)
+        truth = self._referee(job, record.addrs) if referee else answer
+        if truth.outcome == UNCHECKED:
+            log.info("audit %s of %s could not be checked: %s", job.audit_id, subject, truth.reason)
             return None
-        result = AuditResult(job.audit_id, subject, verifier if answer else None, verifier_ok, referee,
-                             truth.ok, truth.reason)
+        result = AuditResult(job.audit_id, subject, verifier if answer else None,
+                             answer.outcome if answer else None, referee, truth.outcome, truth.reason)
         self._record(job, result, truth)
         return result
 
     def _pick_verifier(self, subject: str) -> str | None:
         """A live provider other than the subject: newcomers first, then idle ones, then serving."""
         rank = {"newcomer": 0, "idle": 1, "serving": 2}
-        live = [p for p in list(self.registry.providers.values()) if p.peer != subject and p.state in rank]
+        live = [p for p in self.registry.records() if p.peer != subject and p.state in rank]
         if not live:
             return None
         best = min(rank[p.state] for p in live)
         choices = [p.peer for p in live if rank[p.state] == best]
         return choices[secrets.randbelow(len(choices))]
 
-    def _ticket(self, request_id: str, peer: str) -> tuple[int, bytes]:
-        expires_ms = time.time_ns() // 1_000_000 + int(TICKET_LIFETIME_S * 1000)
-        return expires_ms, self.identity.sign(ticket_bytes(request_id, peer, expires_ms))
-
-    def _ask(self, verifier: str, job: AuditJob) -> Outcome | None:
+    def _task(self, job: AuditJob, verifier: str, subject_addrs: list[str]) -> AuditTask:
         r = job.receipt
-        expires_ms, ticket = self._ticket(r.request_id, verifier)
-        subject = self.registry.providers.get(r.provider_id)
-        s = job.sampling
-        task = Frame(AUDIT_TASK.type, AUDIT_TASK.version, {
-            "audit_id": job.audit_id, "request_id": r.request_id, "subject": r.provider_id,
-            "subject_addrs": subject.addrs if subject else [], "model": r.model, "start": r.layer_start,
-            "end": r.layer_end, "n_layers": self.n_layers, "input_hash": r.input_hash, "output_hash": r.output_hash,
-            "sampling": [s.temperature, s.top_p, s.seed], "expires_ms": expires_ms, "ticket": ticket})
+        expires_ms = time.time_ns() // 1_000_000 + int(TICKET_LIFETIME_S * 1000)
+        ticket = self.identity.sign(ticket_bytes(r.request_id, verifier, expires_ms))
+        return AuditTask(job.audit_id, r.request_id, r.provider_id, tuple(subject_addrs), r.model, r.layer_start,
+                         r.layer_end, self.n_layers, r.input_hash, r.output_hash, job.sampling, expires_ms, ticket)
+
+    def _ask(self, verifier: str, job: AuditJob, subject_addrs: list[str]) -> Outcome | None:
+        task = self._task(job, verifier, subject_addrs)
         try:
-            reply = self.node.request(verifier, PROTO_AUDIT, task, timeout_s=VERIFY_TIMEOUT_S)
-        except TransportError as exc:
+            reply = decode(self.node.request(verifier, PROTO_AUDIT, task.to_frame(), timeout_s=VERIFY_TIMEOUT_S))
+        except (TransportError, MessageError) as exc:
             log.info("verifier %s did not answer audit %s: %s", verifier, job.audit_id, exc)
             return None
-        if reply.type != AUDIT_VERDICT.type or reply.fields["audit_id"] != job.audit_id:
-            reason = reply.fields.get("reason", reply.type) if reply.type == ACK.type else reply.type
-            log.info("verifier %s refused audit %s: %s", verifier, job.audit_id, reason)
+        if not isinstance(reply, AuditVerdict) or reply.audit_id != job.audit_id:
+            log.info("verifier %s refused audit %s: %s", verifier, job.audit_id, getattr(reply, "reason", reply))
             return None
-        return Outcome(reply.fields["ok"], reply.fields["reason"], reply.fields["metrics"])
+        return Outcome(reply.outcome, reply.reason, reply.metrics)
 
-    def _referee(self, claim: StageClaim, job: AuditJob, addrs: list[str]) -> Outcome | None:
-        """The coordinator's own judgement; None if the subject cannot be reached at all."""
-        expires_ms, ticket = self._ticket(claim.request_id, self.node.peer_id)
+    def _referee(self, job: AuditJob, subject_addrs: list[str]) -> Outcome:
+        """The coordinator's own judgement."""
+        task = self._task(job, self.node.peer_id, subject_addrs)
         try:
-            tensors = fetch_retained(self.node, job.receipt.provider_id, addrs, claim.request_id, expires_ms, ticket)
-        except TransportError:
-            return None
-        except ValueError as exc:  # reachable, but did not keep what it signed for
-            return Outcome(False, str(exc), {})
-        outcome = check_stage(self.recomputer, claim, tensors)
-        if outcome.ok and claim.shard.is_last:
+            tensors = fetch_retained(self.node, task, task.expires_ms, task.ticket)
+        except TransportError as exc:
+            return Outcome(UNCHECKED, f"the stage cannot be reached: {exc}")
+        except MessageError as exc:  # reachable, but did not keep what it signed for
+            return Outcome(FAIL, str(exc))
+        outcome = check_stage(self.recomputer.for_task, task, tensors)
+        if outcome.ok and is_last(task):
             # the tokens it retained must be the tokens it sent
             positions, tokens = tensors[2].tolist(), tensors[3].tolist()
             if any(job.token_ids[p] != t for p, t in zip(positions, tokens) if p < len(job.token_ids)):
-                return Outcome(False, "retained tokens differ from the tokens the stage sent", outcome.metrics)
+                return Outcome(FAIL, "retained tokens differ from the tokens the stage sent", outcome.metrics)
         return outcome
 
     # -- ledger ---------------------------------------------------------------------------
@@ -192,7 +183,7 @@ class Auditor:
     def _record(self, job: AuditJob, result: AuditResult, truth: Outcome) -> None:
         r = job.receipt
         gain = gas_units(r.token_count, r.layer_end - r.layer_start, self.params)
-        verifier_agreed = result.verifier_ok is not None and result.verifier_ok == truth.ok
+        verifier_agreed = result.verifier_outcome is not None and result.verifier_outcome == truth.outcome
         # evidence for the ledger, which takes no floats: scalar measurements, as text where fractional
         metrics = {str(k)[:40]: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in list(truth.metrics.items())[:16]
                    if isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 200)}
@@ -205,11 +196,11 @@ class Auditor:
         changed = False
         for peer in {r.provider_id, result.verifier} - {None}:
             standing = self.reader.standing(peer)
-            if standing is not None and standing != self.registry.standings.get(peer):
+            if standing is not None and standing != self.registry.standing(peer):
                 self.registry.set_standing(peer, standing)
                 changed = True
         log.info("audit %s of %s: %s (verifier %s said %s, refereed %s)", job.audit_id, r.provider_id,
-                 "passed" if truth.ok else f"FAILED: {truth.reason}", result.verifier, result.verifier_ok,
+                 "passed" if truth.ok else f"FAILED: {truth.reason}", result.verifier, result.verifier_outcome,
                  result.refereed)
         if changed:
             self.on_standing_changed()
@@ -221,13 +212,13 @@ class Auditor:
             fee = min(gain, self.reader.balance_units(FEES_VERIFICATION)) if verifier_agreed else 0
             self.ledger.record_audit(f"audit:{job.audit_id}", audit_id=job.audit_id, verifier_id=result.verifier,
                                      subject_id=r.provider_id, verifier_agreed=verifier_agreed,
-                                     subject_passed=result.passed, fee_units=fee)
+                                     subject_passed=result.outcome == PASS, fee_units=fee)
             if not verifier_agreed:
                 self.ledger.slash(f"slash:{job.audit_id}:verifier", result.verifier,
                                   slash_units_for(max(gain, 1), self.params),
                                   f"audit {job.audit_id}: the referee contradicts the verifier",
-                                  {"audit_id": job.audit_id, "verifier_said_ok": result.verifier_ok})
-        if not result.passed:
+                                  {"audit_id": job.audit_id, "verifier_said_ok": result.verifier_outcome == PASS})
+        if result.outcome == FAIL:
             self.ledger.slash(f"slash:{job.audit_id}:stage", r.provider_id, slash_units_for(gain, self.params),
                               f"audit {job.audit_id}: {result.reason}"[:200],
                               {"audit_id": job.audit_id, "request_id": r.request_id, "stage": job.stage_index,

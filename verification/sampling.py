@@ -8,24 +8,9 @@ device or on the batch, so a verifier can recompute the exact choice from the lo
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if not (0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+from wire.messages import SamplingParams
 
 
 def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
