@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ledger.receipts import StageReceipt
 from node.faults import Fault
 from node.retention import RetentionStore, SessionRecord

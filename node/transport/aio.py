@@ -15,12 +15,12 @@ from typing import Any
 from .bridge import BridgeClosed, BridgeTimeout
 from .config import StreamClosed, TransportTimeout
 from wire.frames import Frame
-from .host import P2PNode, _with_timeout
+from .calls import Handler, with_timeout
 from .stream import Stream
 
 
-async def _acall(node: P2PNode, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-    fut = node.submit(_with_timeout, timeout_s, fn, *args)
+async def _acall(node, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+    fut = node.submit(with_timeout, timeout_s, fn, *args)
     try:
         return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s + 5.0)
     except asyncio.TimeoutError:
@@ -30,7 +30,7 @@ async def _acall(node: P2PNode, timeout_s: float, fn: Callable[..., Any], *args:
 class AsyncP2PNode:
     """Wraps a started or not-yet-started P2PNode; start/close block briefly."""
 
-    def __init__(self, node: P2PNode) -> None:
+    def __init__(self, node) -> None:
         self.node = node
 
     @property
@@ -63,11 +63,9 @@ class AsyncP2PNode:
 
 
 def _handler(kind: str, fn: Callable[..., Any]) -> Any:
-    from .host import _Handler
-
     if not asyncio.iscoroutinefunction(fn):
         raise TypeError("AsyncP2PNode handlers must be coroutine functions")
-    return _Handler(kind, fn, asyncio.get_running_loop())
+    return Handler(kind, fn, asyncio.get_running_loop())
 
 
 class AsyncStream:

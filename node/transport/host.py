@@ -29,7 +29,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -42,7 +41,9 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from .aio import AsyncStream
 from .bulk import BulkListener
+from .calls import Handler, with_timeout
 from .channel import FrameStream
 from .config import StreamClosed, TransportConfig, TransportError, TransportTimeout
 from wire.frames import Frame
@@ -58,13 +59,6 @@ def protocol_id(name: str, version: int) -> str:
     """`/meshpool/<name>/<n>`, the only protocol ids a P2PNode serves."""
     assert name and "/" not in name and version >= 0
     return f"{PROTOCOL_PREFIX}{name}/{version}"
-
-
-@dataclass(frozen=True)
-class _Handler:
-    kind: str  # "request" | "stream"
-    fn: Callable[..., Any]
-    loop: asyncio.AbstractEventLoop | None  # set for coroutine functions
 
 
 async def _await_cf(fut: concurrent.futures.Future) -> Any:
@@ -87,14 +81,6 @@ async def _await_cf(fut: concurrent.futures.Future) -> Any:
     return fut.result()
 
 
-async def _with_timeout(timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        with trio.fail_after(timeout_s):
-            return await fn(*args)
-    except trio.TooSlowError:
-        raise TransportTimeout(f"{getattr(fn, '__name__', 'call')} timed out after {timeout_s} s") from None
-
-
 class P2PNode:
     """A libp2p host (TCP + Noise + Yamux) serving /meshpool/* protocols."""
 
@@ -105,7 +91,7 @@ class P2PNode:
         self.addr: str | None = None
         self.bulk_port: int | None = None
         self.stats: Counter[str] = Counter()  # updated in the trio thread; read for tests and metrics
-        self._handlers: dict[str, _Handler] = {}
+        self._handlers: dict[str, Handler] = {}
         self._streams: set[FrameStream] = set()
         self._bulk: BulkListener | None = None
         self._pending_calls = threading.BoundedSemaphore(self.cfg.max_pending_calls)
@@ -225,7 +211,7 @@ class P2PNode:
 
     def call(self, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
         """Blocking submit: result of `await fn(*args)` within timeout_s."""
-        fut = self.submit(_with_timeout, timeout_s, fn, *args)
+        fut = self.submit(with_timeout, timeout_s, fn, *args)
         try:
             return fut.result(timeout=timeout_s + 5.0)  # trio enforces timeout_s; this is a backstop
         except concurrent.futures.TimeoutError:
@@ -239,12 +225,12 @@ class P2PNode:
     def set_handler(self, protocol: str, fn: Callable[[Frame, str], Any], *, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Request/response: fn(frame, peer_id) -> reply Frame. Sync fns run in a
         worker thread (bounded by handler_threads); coroutine fns on `loop`."""
-        self._register(protocol, _Handler("request", fn, self._loop_for(fn, loop)))
+        self._register(protocol, Handler("request", fn, self._loop_for(fn, loop)))
 
     def set_stream_handler(self, protocol: str, fn: Callable[[Any], Any], *, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Long-lived streams: fn(Stream) in a worker thread, or an async fn(AsyncStream) on `loop`.
         The stream is closed when fn returns."""
-        self._register(protocol, _Handler("stream", fn, self._loop_for(fn, loop)))
+        self._register(protocol, Handler("stream", fn, self._loop_for(fn, loop)))
 
     def request(self, peer: str, protocol: str, frame: Frame, timeout_s: float | None = None) -> Frame:
         """Open a stream, send one frame, return the reply frame."""
@@ -266,7 +252,7 @@ class P2PNode:
             return loop
         return None
 
-    def _register(self, protocol: str, handler: _Handler) -> None:
+    def _register(self, protocol: str, handler: Handler) -> None:
         if not protocol.startswith(PROTOCOL_PREFIX):
             raise ValueError(f"protocol {protocol!r} must look like /meshpool/<name>/<n>")
         self._handlers[protocol] = handler
@@ -359,13 +345,13 @@ class P2PNode:
         finally:
             self._streams.discard(fs)
 
-    async def _invoke(self, handler: _Handler, *args: Any) -> Any:
+    async def _invoke(self, handler: Handler, *args: Any) -> Any:
         if handler.loop is not None:
             return await _await_cf(asyncio.run_coroutine_threadsafe(handler.fn(*args), handler.loop))
         limiter = self._handler_limiter if handler.kind == "request" else self._stream_limiter
         return await trio.to_thread.run_sync(handler.fn, *args, limiter=limiter, abandon_on_cancel=True)
 
-    async def _serve_request(self, fs: FrameStream, handler: _Handler) -> None:
+    async def _serve_request(self, fs: FrameStream, handler: Handler) -> None:
         try:
             with trio.fail_after(self.cfg.request_timeout_s):
                 request = await fs.recv()
@@ -385,8 +371,7 @@ class P2PNode:
             reason = f"{type(e).__name__}: {e}"[:500]
             await fs.send(Frame("transport.error", 1, {"reason": reason}), control=True)
 
-    async def _serve_stream(self, fs: FrameStream, handler: _Handler) -> None:
-        from .aio import AsyncStream  # aio imports this module
+    async def _serve_stream(self, fs: FrameStream, handler: Handler) -> None:
 
         stream = Stream(self, fs)
         arg = AsyncStream(stream) if handler.loop is not None else stream

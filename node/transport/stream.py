@@ -5,15 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .bridge import BridgeClosed, BridgeTimeout
 from .channel import FrameStream
 from .config import StreamClosed, TransportError, TransportTimeout
 from wire.frames import Frame
-
-if TYPE_CHECKING:
-    from .host import P2PNode
 
 log = logging.getLogger("meshpool.transport")
 
@@ -27,7 +24,7 @@ class Stream:
     before. recv() takes from the stream's inbox without a trip through trio.
     """
 
-    def __init__(self, node: "P2PNode", fs: FrameStream) -> None:
+    def __init__(self, node, fs: FrameStream) -> None:
         self.node = node
         self._fs = fs
         self.peer_id = fs.peer_id
