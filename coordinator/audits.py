@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from contracts.audits import should_audit
+from coordinator import incidents
 from contracts.pricing import gas_units
 from contracts.stakes import slash_units_for
 from coordinator.registry import Registry
@@ -109,7 +110,7 @@ class Auditor:
             try:
                 self.audit(job)
             except Exception:  # one broken audit must not stop the others
-                log.exception("audit %s failed", job.audit_id)
+                incidents.record("auditor")
 
     def audit(self, job: AuditJob) -> AuditResult | None:
         subject = job.receipt.provider_id

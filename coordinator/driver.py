@@ -14,11 +14,12 @@ from typing import Callable, Protocol
 
 import torch
 
-from wire.messages import Result, SamplingParams, Stage, Step
+from coordinator import incidents
+from wire.messages import MAX_BATCH_SESSIONS, Result, SamplingParams, Stage, Step
 
 log = logging.getLogger("meshpool.coordinator")
 
-MAX_DECODE_BATCH = 32
+MAX_QUEUED_REQUESTS = 1024  # waiting for one pipeline
 _session_ids = itertools.count()
 
 
@@ -105,7 +106,7 @@ class StepFailed(RuntimeError):
 class PipelineDriver(threading.Thread):
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
-                 step_timeout_s: float = 30.0, max_queue: int = 1024, max_batch: int = MAX_DECODE_BATCH,
+                 max_batch: int, step_timeout_s: float = 30.0, max_queue: int = MAX_QUEUED_REQUESTS,
                  stages: tuple[Stage, ...] = ()):
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
@@ -113,8 +114,10 @@ class PipelineDriver(threading.Thread):
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
         self.running: dict[str, GenerationRequest] = {}  # session id -> request; this thread's alone
-        # never more sessions in flight than the stages have KV-cache slots for
-        self.max_batch = min(MAX_DECODE_BATCH, max_batch)
+        # never more sessions in flight than the stages have KV-cache slots for (the assignment's max_sessions)
+        if not 0 < max_batch <= MAX_BATCH_SESSIONS:
+            raise ValueError(f"max_batch must be in 1..{MAX_BATCH_SESSIONS}, got {max_batch}")
+        self.max_batch = max_batch
         self.stopping = threading.Event()
         self._steps = itertools.count()
 
@@ -143,6 +146,10 @@ class PipelineDriver(threading.Thread):
             log.warning(reason)
             self.stopping.set()
             self.on_failure(self.pipeline_id, self._drain(), reason)
+        except Exception as exc:  # a bug here: its requests are replayed elsewhere, and it is counted
+            incidents.record("driver")
+            self.stopping.set()
+            self.on_failure(self.pipeline_id, self._drain(), f"pipeline {self.pipeline_id} driver error: {exc!r}")
         finally:
             self.link.shutdown()
 

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from coordinator import incidents
+
 log = logging.getLogger("meshpool.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -205,6 +207,11 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("meshpool_pipelines", "Pipelines serving now", value=len(snapshot.get("pipelines", [])))
         yield GaugeMetricFamily("meshpool_requests_pending", "Requests waiting for a pipeline",
                                 value=snapshot.get("pending_requests", 0))
+        unexpected = CounterMetricFamily("meshpool_unexpected_errors", "Unexpected exceptions the coordinator "
+                                         "survived (each logged with its traceback), by where", labels=["where"])
+        for where, n in incidents.counts().items():
+            unexpected.add_metric([where], n)
+        yield unexpected
         if self.ledger_view is None:
             return
         try:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from coordinator import incidents
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
                                  plan, provider_spec_from_profile)
@@ -34,6 +35,14 @@ PLAN_RETRY_S = 0.5  # after a round that raised
 
 class PoolBusy(RuntimeError):
     """No pipeline can take the request now (none exists, or all queues are full)."""
+
+
+class AssignmentFailed(RuntimeError):
+    """A provider did not take the stage it was assigned (unreachable, or it refused)."""
+
+    def __init__(self, peer: str, reason: str):
+        super().__init__(f"{peer}: {reason}")
+        self.peer = peer
 
 
 @dataclass
@@ -152,7 +161,7 @@ class Pool:
             try:
                 self._round()
             except Exception:  # keep the planner alive whatever one round does
-                log.exception("re-planning failed")
+                incidents.record("planner")
                 self._wake.set()
                 time.sleep(PLAN_RETRY_S)
 
@@ -214,16 +223,13 @@ class Pool:
                 continue
             try:
                 self._assign_pipeline(pid, pipeline)
-            except Exception as exc:  # a provider that cannot take its stage is not used again
+            except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
-                peer = getattr(exc, "peer", None)
-                if peer:
-                    self.registry.set_state(peer, "dead", f"assignment failed: {exc}")
+                self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    step_timeout_s=self.step_timeout_s, max_batch=self.workload.batch,
-                                    stages=pipeline.stages)
+                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=pipeline.stages)
             started[pid] = ActivePipeline(pid, pipeline, driver)
             busy |= set(pipeline.peer_ids)
 

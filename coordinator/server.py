@@ -20,7 +20,7 @@ from coordinator.api import create_app
 from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
-from coordinator.pool import Pool
+from coordinator.pool import AssignmentFailed, Pool
 from coordinator.registry import Registry
 from ledger.errors import ReceiptError
 from ledger.reader import LedgerReader
@@ -38,12 +38,6 @@ ASSIGN_TIMEOUT_S = 120.0  # loading a shard takes a while
 UNASSIGN_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0
 RESULT_RECV_TIMEOUT_S = 3600.0  # a result stream idles while its pipeline has no work
-
-
-class AssignmentFailed(RuntimeError):
-    def __init__(self, peer: str, reason: str):
-        super().__init__(f"{peer}: {reason}")
-        self.peer = peer
 
 
 class Coordinator:
