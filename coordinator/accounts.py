@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import threading
@@ -42,6 +43,8 @@ from ledger.receipts import StageReceipt
 from ledger.service import LedgerService
 from ledger.state import CONSUMER, PROVIDER
 from node.transport.identity import KEY_FILE, load_or_create
+
+log = logging.getLogger("meshpool.accounts")
 
 KEY_PREFIX = "mp-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -181,9 +184,13 @@ class Accounts:
         # pays the tokens the pool made after it stopped reading).
         completion_tokens = len(request.tokens) if request is not None else 0
         # The row first: a crash before the hold resolves leaves a row the restart's void prices at 0.
-        self.store.record(charge.consumer.account_id, UsageRow(
-            charge.request_id, f"hold:{charge.request_id}", charge.model, charge.prompt_tokens, completion_tokens,
-            finish_reason, time.time_ns() // 1_000_000))
+        # It carries no money, so failing to write it must not keep the hold from resolving.
+        try:
+            self.store.record(charge.consumer.account_id, UsageRow(
+                charge.request_id, f"hold:{charge.request_id}", charge.model, charge.prompt_tokens,
+                completion_tokens, finish_reason, time.time_ns() // 1_000_000))
+        except Exception:
+            log.exception("request %s: its usage row was not written", charge.request_id)
         outcome = self.settler.resolve(charge.request_id, receipts, "no stage receipt: nothing to pay for", request)
         return Usage(charge.request_id, charge.prompt_tokens, completion_tokens, finish_reason, outcome)
 
