@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     p.add_argument("--rate-limit-rps", type=float, default=10.0, help="requests a second per API key (0: no limit)")
-    p.add_argument("--db", help="ledger database URL (default: sqlite in DATA_DIR/ledger.db; postgresql://...)")
+    p.add_argument("--db", help="ledger database URL (postgresql://...), recorded in DATA_DIR/ledger.url for the "
+                   "commands given only --data-dir (default: the one recorded there, else sqlite DATA_DIR/ledger.db)")
     p.add_argument("--audit-probability-ppm", type=int,
                    help="a new ledger's audit probability per (request, stage), in parts per million")
     p.add_argument("--promotion-audits", type=int,
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("--credits", required=True, type=int, help="credit units to mint into the account")
     p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--db", help="ledger database URL (default: the one `serve --db` recorded in DATA_DIR, "
+                   "else sqlite DATA_DIR/ledger.db)")
     p.set_defaults(func=_consumer_add)
 
     p = sub.add_parser("demo", help="a local pool of several providers on the default model")
@@ -81,15 +84,22 @@ def _demo(args) -> int:
 
 
 def _consumer_add(args) -> int:
+    from sqlalchemy.exc import DBAPIError
+
     from coordinator.accounts import Accounts, ConsumerExists
+    from ledger.errors import LedgerError
 
     if args.credits < 0:
         print("coordinator: --credits must be >= 0", file=sys.stderr)
         return 2
-    accounts = Accounts(args.data_dir)
+    try:
+        accounts = Accounts(args.data_dir, db=args.db)
+    except (LedgerError, DBAPIError) as exc:
+        print(f"coordinator: cannot open the ledger: {exc}", file=sys.stderr)
+        return 2
     try:
         key = accounts.add_consumer(args.name, args.credits)
-    except (ConsumerExists, ValueError) as exc:
+    except (ConsumerExists, ValueError, LedgerError) as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2
     finally:

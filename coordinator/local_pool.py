@@ -91,10 +91,11 @@ class LocalPool:
         subprocess.run([sys.executable, "-m", "coordinator.cli", "vouch", peer, "--data-dir",
                         str(self.root / "coordinator")], check=True, capture_output=True, timeout=60)
 
-    def add_consumer(self, name: str, credits_units: int) -> str:
-        """`coordinator consumer add`: a consumer account with credits; returns its API key."""
+    def add_consumer(self, name: str, credits_units: int, db: str | None = None) -> str:
+        """`coordinator consumer add` (with `--db` if given): a consumer account with credits; returns its API key."""
         done = subprocess.run([sys.executable, "-m", "coordinator.cli", "consumer", "add", name, "--credits",
-                               str(credits_units), "--data-dir", str(self.root / "coordinator")],
+                               str(credits_units), "--data-dir", str(self.root / "coordinator"),
+                               *(["--db", db] if db else [])],
                               check=True, capture_output=True, text=True, timeout=60)
         return done.stdout.strip().splitlines()[-1]
 

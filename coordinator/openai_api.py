@@ -3,9 +3,9 @@
 
 One request's life: authenticate (API key -> consumer), rate-limit, tokenize, hold its maximum
 price (402 if the balance cannot cover it), submit to the pool (503 if no pipeline can take it),
-stream tokens through the detokenizer, then resolve the hold for the tokens actually produced.
-A client that goes away cancels the generation; ledger calls run on a thread pool, never on the
-event loop.
+stream tokens through the detokenizer, then resolve the hold (`Accounts.finish`: the ledger settles
+on the stages' receipts); the usage it reports is what was billed. A client that goes away cancels
+the generation; ledger calls run on a thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from coordinator.accounts import Accounts, Charge, Consumer, InsufficientFunds, RateLimiter
+from coordinator.accounts import Accounts, Charge, Consumer, InsufficientFunds, RateLimiter, Usage
 from coordinator.api import APIError, error_body
 from coordinator.driver import GenerationRequest
 from coordinator.metrics import Metrics
@@ -103,6 +103,7 @@ class Generation:
         self.detok = Detokenizer(svc.tokenizer, body.stops())
         self.prompt_ids: list[int] = []
         self.charge: Charge | None = None
+        self.billed: Usage | None = None  # set by settle()
         self.request: GenerationRequest | None = None
         self.cancelled = False
         self.settled = False
@@ -185,19 +186,15 @@ class Generation:
             yield rest
 
     @property
-    def completion_tokens(self) -> int:
-        return len(self.detok.ids)
-
-    @property
     def finish_reason(self) -> str:
         if self.detok.stopped or (self.detok.ids and self.detok.ids[-1] in self.svc.stop_ids):
             return "stop"
         return "length"
 
     def usage(self) -> dict:
-        n = len(self.prompt_ids)
-        return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
-                "total_tokens": n + self.completion_tokens}
+        """What the request was billed for; after settle()."""
+        n, produced = self.billed.prompt_tokens, self.billed.completion_tokens
+        return {"prompt_tokens": n, "completion_tokens": produced, "total_tokens": n + produced}
 
     def cancel(self, reason: str) -> None:
         if self.request is not None and not self.request.done.is_set():
@@ -208,16 +205,14 @@ class Generation:
         if self.charge is None or self.settled:
             return None
         self.settled = True
-        produced = self.completion_tokens
-        if self.request is not None and not self.detok.stopped:
-            produced = max(produced, len(self.request.tokens))  # a client that left pays what was produced
         reason = "cancelled" if self.cancelled and not self.detok.stopped else self.finish_reason
-        return self.charge, produced, reason, self.request
+        return self.charge, self.request, reason
 
     async def settle(self) -> None:
         args = self._settle_args()
         if args:
-            await asyncio.get_running_loop().run_in_executor(self.svc.settler, self.svc.accounts.finish, *args)
+            self.billed = await asyncio.get_running_loop().run_in_executor(self.svc.settler, self.svc.accounts.finish,
+                                                                           *args)
 
     def settle_soon(self) -> None:
         """From a cancelled task, where nothing can be awaited: cancel the generation, settle on a thread."""
@@ -226,8 +221,8 @@ class Generation:
         args = self._settle_args()
         if args:
             future = self.svc.settler.submit(self.svc.accounts.finish, *args)
-            future.add_done_callback(lambda f: f.exception() and log.error("settling %s failed: %s",
-                                                                             self.id, f.exception()))
+            future.add_done_callback(lambda f: f.exception() and log.error("settling %s failed", self.id,
+                                                                             exc_info=f.exception()))
 
     # -- OpenAI shapes --------------------------------------------------------------------
 

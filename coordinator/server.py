@@ -22,6 +22,7 @@ from coordinator.links import ResultBoard, StreamLink
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
 from coordinator.registry import Registry
+from ledger.db import remember_url
 from ledger.errors import ReceiptError
 from ledger.reader import LedgerReader
 from node.config import ModelConfig
@@ -68,7 +69,7 @@ class Coordinator:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
                                    self.ledger_reader, model_dir, self.config.n_layers,
                                    self.pool.request_replan, referee_check_ppm=referee_check_ppm)
-            accounts.on_settled = self.auditor.consider
+            accounts.subscribe(self.auditor.consider)
 
     def start(self) -> str:
         self.node.set_handler(PROTO_CONTROL, self._on_control)
@@ -218,8 +219,10 @@ def serve(data_dir: Path, model_dir: Path | None, p2p_port: int, api_port: int, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # the ledger, DATA_DIR/ledger.db unless --db names another
+    # the ledger: --db, else the database a past `serve --db` recorded here, else DATA_DIR/ledger.db
     accounts = Accounts(data_dir, ModelConfig.load(model_dir).n_layers, db=db, params=params)
+    if db:  # `consumer add` and `ledger …` given this data directory open the same database
+        remember_url(data_dir, db)
     accounts.ledger.recover()  # holds a crash left open are refunded: nothing runs yet
     coordinator = Coordinator(data_dir, model_dir, p2p_port=p2p_port, accounts=accounts, **coordinator_kwargs)
     app = create_app(coordinator.pool, tokenizer, coordinator.model_id,

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         where = p.add_mutually_exclusive_group()
         where.add_argument("--db", help="database URL (postgresql://…, sqlite:///…) or SQLite file path")
-        where.add_argument("--data-dir", help="use DATA_DIR/ledger.db (default $MESHPOOL_DATA_DIR or ~/.meshpool)")
+        where.add_argument("--data-dir", help="the ledger of a coordinator's data directory: the database "
+                           "`coordinator serve --db` recorded there, else DATA_DIR/ledger.db "
+                           "(default $MESHPOOL_DATA_DIR or ~/.meshpool)")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         return p
 
@@ -155,7 +157,11 @@ def _print_checkpoints(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    url = resolve_url(args.db, args.data_dir)
+    try:
+        url = resolve_url(args.db, args.data_dir)
+    except LedgerError as exc:
+        print(f"ledger: {exc}", file=sys.stderr)
+        return 2
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         print(f"ledger: no ledger database at {url[len('sqlite:///'):]}", file=sys.stderr)
         return 2
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{report.minted_units - report.burned_units} units, head {report.head_hash}, "
                   f"tree root {report.tree_root}, coordinator key {report.public_key} ({elapsed_ms} ms)")
             return 0
-        reader = LedgerReader.open(args.db, args.data_dir)
+        reader = LedgerReader.open(url)
         if args.command == "account":
             _show(args, reader.account(args.account_id, args.recent), _print_account)
         elif args.command == "tx":

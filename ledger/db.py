@@ -1,5 +1,9 @@
 """Engines: SQLite (default, DATA_DIR/ledger.db, WAL) or PostgreSQL (`postgresql://…`, via psycopg 3).
 
+A data directory names one ledger: `coordinator serve --db URL` records URL in DATA_DIR/ledger.url
+(mode 0600: it may hold a password), and every command given only `--data-dir` (`coordinator
+consumer add`, `ledger …`) opens that database rather than DATA_DIR/ledger.db.
+
 SQLite writers must take the write lock when their transaction begins, not at their first write,
 or two writers that both read first deadlock into SQLITE_BUSY. pysqlite's own transaction handling
 is switched off and every transaction starts with BEGIN IMMEDIATE (the recipe in SQLAlchemy's
@@ -15,7 +19,11 @@ from pathlib import Path
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 
+from ledger.errors import LedgerError
+
 DB_FILE = "ledger.db"
+URL_FILE = "ledger.url"
+MAX_URL_CHARS = 4096
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -24,7 +32,8 @@ def default_data_dir() -> Path:
 
 
 def resolve_url(db: str | None = None, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """A SQLAlchemy URL from `--db` (URL or file path) or `--data-dir` (DATA_DIR/ledger.db)."""
+    """A SQLAlchemy URL from `--db` (URL or file path), else the one DATA_DIR/ledger.url records,
+    else DATA_DIR/ledger.db (`data_dir` None: $MESHPOOL_DATA_DIR or ~/.meshpool)."""
     if db:
         if db.startswith(("postgresql://", "postgres://")):
             return "postgresql+psycopg://" + db.split("://", 1)[1]
@@ -32,7 +41,36 @@ def resolve_url(db: str | None = None, data_dir: str | os.PathLike[str] | None =
             return db
         return f"sqlite:///{Path(db).resolve()}"
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
-    return f"sqlite:///{(directory / DB_FILE).resolve()}"
+    return remembered_url(directory) or f"sqlite:///{(directory / DB_FILE).resolve()}"
+
+
+def remembered_url(data_dir: str | os.PathLike[str]) -> str | None:
+    """The database URL that `coordinator serve --db` recorded in `data_dir`, if any."""
+    path = Path(data_dir) / URL_FILE
+    try:
+        text = path.read_text()[:MAX_URL_CHARS + 1].strip()
+    except FileNotFoundError:
+        return None
+    if "://" not in text or len(text) > MAX_URL_CHARS or "\n" in text:
+        raise LedgerError(f"{path} does not hold one database URL; remove it or run `coordinator serve --db URL`")
+    return text
+
+
+def remember_url(data_dir: str | os.PathLike[str], db: str) -> str:
+    """Record `--db` in DATA_DIR/ledger.url (created 0600, replaced atomically); returns the URL."""
+    url = resolve_url(db)
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{URL_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only narrow the mode; an old file may have had another
+        os.write(fd, (url + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / URL_FILE)
+    return url
 
 
 def make_engine(url: str, *, writer: bool = True, sqlite_synchronous: str = "FULL") -> Engine:

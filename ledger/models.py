@@ -58,7 +58,7 @@ class AccountRow(Base):
 class HoldRow(Base):
     __tablename__ = "holds"
     id: Mapped[str] = mapped_column(String(160), primary_key=True)
-    account_id: Mapped[str] = mapped_column(String(128))
+    account_id: Mapped[str] = mapped_column(String(128), index=True)  # a consumer's spending: LedgerReader.spending
     request_id: Mapped[str] = mapped_column(String(128), index=True)
     amount_units: Mapped[int] = mapped_column(BigInteger)
     released_units: Mapped[int] = mapped_column(BigInteger)

@@ -73,6 +73,30 @@ class LedgerReader:
         with self.engine.connect() as conn:
             return int(conn.execute(select(accounts.c.balance_units).where(accounts.c.id == account_id)).scalar() or 0)
 
+    def spending(self, account_id: str) -> dict:
+        """A consumer's credits as the ledger holds them: free, held by open holds, paid by closed ones
+        (to stages and fees; refunds went back to the balance)."""
+        with self.engine.connect() as conn:
+            balance = conn.execute(select(accounts.c.balance_units).where(accounts.c.id == account_id)).scalar()
+            held = conn.execute(select(func.coalesce(func.sum(holds.c.amount_units - holds.c.released_units), 0))
+                                .where(holds.c.account_id == account_id, holds.c.status == OPEN)).scalar()
+            paid = conn.execute(select(func.coalesce(func.sum(holds.c.paid_units), 0))
+                                .where(holds.c.account_id == account_id)).scalar()
+        return {"balance_units": int(balance or 0), "held_units": int(held), "paid_units": int(paid)}
+
+    def hold(self, hold_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(holds).where(holds.c.id == hold_id)).mappings().first()
+        return dict(row) if row else None
+
+    def paid_units(self, hold_ids: list[str]) -> dict[str, int]:
+        """What each of these holds paid (0 while open or once voided); unknown ids are left out."""
+        wanted = sorted(set(hold_ids))[:MAX_PAGE]
+        if not wanted:
+            return {}
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(holds.c.id, holds.c.paid_units).where(holds.c.id.in_(wanted))).all())
+
     def entries(self, after: int = -1, limit: int = 100) -> list[dict]:
         limit = max(1, min(limit, MAX_PAGE))
         with self.engine.connect() as conn:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import MetaData, func, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -71,12 +71,16 @@ def _now_ms() -> int:
 
 class LedgerService:
     def __init__(self, engine: Engine, signing_key: Ed25519PrivateKey, *, params: MoneyParams | None = None,
-                 checkpoint_every_entries: int = 1000, clock_ms: Callable[[], int] = _now_ms) -> None:
+                 checkpoint_every_entries: int = 1000, clock_ms: Callable[[], int] = _now_ms,
+                 beside: Sequence[MetaData] = ()) -> None:
         """Open the ledger in `engine`, creating its tables and genesis entry if it is new.
 
         `params`: the money parameters of a new ledger (default DEFAULT_PARAMS); an existing ledger
-        keeps those of its genesis entry, and giving other ones raises KeyMismatch."""
+        keeps those of its genesis entry, and giving other ones raises KeyMismatch.
+        `beside`: other tables to keep in the same database (the coordinator's API keys and usage),
+        created with the ledger's under the same lock. The log never refers to them."""
         self.engine = engine
+        self._beside = tuple(beside)
         self._key = signing_key
         self.public_key = public_key_hex(signing_key)
         self.params = params
@@ -101,6 +105,8 @@ class LedgerService:
             if is_postgres(self.engine):  # two services starting at once must not race on CREATE TABLE
                 conn.execute(text("SELECT pg_advisory_xact_lock(7275846)"))
             Base.metadata.create_all(conn)
+            for metadata in self._beside:
+                metadata.create_all(conn)
             genesis = conn.execute(select(entries.c.meta_json).where(entries.c.seq == 0)).scalar()
         if self.params is None:
             self.params = MoneyParams.from_dict(json.loads(genesis)["params"]) if genesis else DEFAULT_PARAMS

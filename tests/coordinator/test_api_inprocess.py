@@ -23,7 +23,9 @@ import pytest
 import torch
 import uvicorn
 
-from coordinator.accounts import Accounts, RateLimiter
+from contracts import DEFAULT_PARAMS
+from contracts.pricing import quote
+from coordinator.accounts import Accounts, RateLimiter, hash_key
 from coordinator.api import create_app
 from coordinator.pool import PoolBusy
 from coordinator.streaming import Detokenizer
@@ -112,6 +114,11 @@ def conserved(server, key: str, minted: int) -> dict:
     return a
 
 
+def cost_units(tokens_processed: int) -> int:
+    """What a request whose one stage processed `tokens_processed` tokens pays: its gas and the fees."""
+    return quote(tokens_processed, 0, N_LAYERS, DEFAULT_PARAMS).total_units
+
+
 def expected_text(tokenizer, n: int) -> str:
     return tokenizer.decode(tokenizer(TEXT)["input_ids"][:n], skip_special_tokens=True)
 
@@ -145,7 +152,7 @@ def test_completions_stream_and_not_give_the_same_text_and_usage(server, tokeniz
     assert "".join(p.choices[0].delta.content or "" for p in pieces) == chat.choices[0].message.content
     assert pieces[-1].choices[0].finish_reason == "length"
     a = conserved(server, key, 10**7)
-    cost = server["accounts"].cost_units
+    cost = cost_units
     assert a["held_units"] == 0 and a["requests"] == 4
     # each request pays every token its stage processed (the last token produced is never fed back)
     assert a["spent_units"] == sum(cost(u["prompt_tokens"] + u["completion_tokens"] - 1) for u in a["recent_usage"])
@@ -160,7 +167,7 @@ def test_stop_sequences_end_generation_and_charge_only_what_was_produced(server,
     # the stages' work is paid: the tokens produced, up to the one that completed the stop sequence
     produced = len(server["pool"].requests[-1].tokens)
     assert r.usage.completion_tokens <= produced < 20
-    assert a["spent_units"] == server["accounts"].cost_units(r.usage.prompt_tokens + produced - 1)
+    assert a["spent_units"] == cost_units(r.usage.prompt_tokens + produced - 1)
 
 
 def test_errors_have_the_openai_shape_and_move_no_credit(server):
@@ -233,7 +240,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation_and_pays_for_what_
     # what the pool had produced when the hold was resolved (a step in flight may add one after)
     assert 0 < produced < 30 and produced <= len(request.tokens) <= produced + 1
     assert a["recent_usage"][0]["finish_reason"] == "cancelled"
-    assert a["spent_units"] == server["accounts"].cost_units(a["recent_usage"][0]["prompt_tokens"] + produced - 1)
+    assert a["spent_units"] == cost_units(a["recent_usage"][0]["prompt_tokens"] + produced - 1)
 
 
 def test_websocket_streams_the_same_chunks(server, tokenizer):
@@ -278,7 +285,9 @@ def test_consumer_add_prints_a_key_that_is_stored_hashed(server):
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("mp-") and len(key) > 40
-    assert key.encode() not in (server["data_dir"] / "api_keys.db").read_bytes()
+    assert not (server["data_dir"] / "api_keys.db").exists()  # keys live in the ledger's database, hashed
+    stored = b"".join(p.read_bytes() for p in server["data_dir"].glob("ledger.db*"))
+    assert key.encode() not in stored and hash_key(key).encode() in stored
     assert account(server, key)["balance_units"] == 5000  # the running coordinator sees it at once
     again = subprocess.run([sys.executable, "-m", "coordinator.cli", "consumer", "add", "bob", "--credits", "5",
                             "--data-dir", str(server["data_dir"])], capture_output=True, text=True, timeout=60)

@@ -192,8 +192,8 @@ def test_tokens_generated_grow_by_exactly_the_completion_tokens(pool):
 def secrets_of(pool: LocalPool) -> list[str]:
     """Every form in which a key, a key hash or a private key could show: they must not."""
     found = [pool.api_key]
-    with sqlite3.connect(pool.root / "coordinator" / "api_keys.db") as conn:
-        found += [row[0] for row in conn.execute("SELECT key_sha256 FROM api_keys")]
+    with sqlite3.connect(pool.root / "coordinator" / "ledger.db") as conn:  # keys live beside the ledger
+        found += [row[0] for row in conn.execute("SELECT key_sha256 FROM consumer_keys")]
     for key_file in Path(pool.root).glob("*/node_ed25519.key"):  # the coordinator's and each provider's
         raw = key_file.read_bytes()
         found += [raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode().rstrip("="),

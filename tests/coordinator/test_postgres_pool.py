@@ -1,0 +1,84 @@
+"""The pool on PostgreSQL, run the way an operator runs it: `coordinator serve --db URL`, consumers
+added with `coordinator consumer add` (relying on the URL the data directory remembers, and once
+with `--db`), completions served and paid through /v1/completions, `ledger verify` on that database.
+Nothing of the money lands in a SQLite file of the data directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from coordinator.local_pool import LocalPool
+from ledger.db import URL_FILE, resolve_url
+
+PG_ENV = "MESHPOOL_TEST_POSTGRES_URL"
+MODEL = "smollm2-135m-instruct"
+CREDITS = 10**9
+
+
+@pytest.fixture
+def pg_url():
+    """A URL for an empty schema of the test server (search_path in the URL), dropped afterwards."""
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"needs PostgreSQL: set {PG_ENV} (scripts/postgres.sh prints a URL)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(resolve_url(base))
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def account(pool: LocalPool, key: str) -> dict:
+    request = urllib.request.Request(pool.api + "/v1/account", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_a_pool_on_postgresql_takes_consumers_serves_and_pays(tmp_path, pg_url, default_model_dir):
+    pool = LocalPool(tmp_path / "pool", coordinator_args=["--db", pg_url, "--rate-limit-rps", "0"])
+    data_dir = pool.root / "coordinator"
+    try:
+        pool.start_coordinator()
+        assert stat.S_IMODE((data_dir / URL_FILE).stat().st_mode) == 0o600
+        pool.add_provider("provider0")  # the whole model: one stage
+        pool.wait_for_pipelines(1)
+        keys = {"bar": pool.add_consumer("bar", CREDITS),  # no --db: the data directory's URL
+                "baz": pool.add_consumer("baz", CREDITS, db=pg_url)}
+        for name, key in keys.items():
+            status, body = pool.post("/v1/completions", {"model": MODEL, "prompt": f"Hello {name},",
+                                                         "max_tokens": 6, "temperature": 0}, api_key=key)
+            assert status == 200, body
+            assert body["usage"]["completion_tokens"] == 6
+        deadline = time.monotonic() + 60
+        while pool.get("/ledger/supply")["open_holds"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        supply = pool.get("/ledger/supply")
+        assert supply["open_holds"] == 0 and supply["supply_units"] == 2 * CREDITS
+        for key in keys.values():
+            a = account(pool, key)
+            assert a["held_units"] == 0 and 0 < a["spent_units"] and a["balance_units"] + a["spent_units"] == CREDITS
+            assert [u["cost_units"] for u in a["recent_usage"]] == [a["spent_units"]]
+        # the money is all in PostgreSQL: no SQLite ledger, no key file in the data directory
+        assert not (data_dir / "ledger.db").exists() and not (data_dir / "api_keys.db").exists()
+    finally:
+        pool.stop()
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "verify", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ledger verify: OK" in done.stdout, done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "account", "consumer:bar", "--json", "--db", pg_url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and '"balance_units"' in done.stdout, done.stderr
