@@ -89,6 +89,7 @@ def create_app(pool: Pool, tokenizer, model_id: str, max_context_tokens: int, st
 
     app = FastAPI(title="meshpool coordinator", description=DESCRIPTION)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.max_body_bytes = max_body_bytes
     metrics = Metrics(model_id)
     app.state.metrics = metrics
 
