@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator,
+                      model_validator)
 
 MAX_PROMPT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
@@ -31,7 +32,16 @@ def _unicode(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_unicode)]
+def text(min_chars: int = 0, max_chars: int | None = None):
+    """A string of valid Unicode, its length limits in the schema (checked before the Unicode check)."""
+    return Annotated[str, StringConstraints(min_length=min_chars, max_length=max_chars), AfterValidator(_unicode)]
+
+
+ModelName = text(1, 256)
+StopText = text(1, MAX_STOP_CHARS)
+PromptText = text(1, MAX_PROMPT_CHARS)
+MessageText = text(0, MAX_PROMPT_CHARS)
+ApiKeyText = text(0, MAX_API_KEY_CHARS)
 STRICT = ConfigDict(extra="ignore", strict=True)  # JSON types as they are: no coercion of bools or strings
 
 
@@ -46,42 +56,34 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     model_config = STRICT
 
-    model: Annotated[Text, Field(min_length=1, max_length=256)]
+    model: ModelName
     max_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy; default 1 as in OpenAI")] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: Annotated[int | None, Field(ge=0, lt=2**63, description="sampling seed; random when absent")] = None
     n: Annotated[int, Field(ge=1, le=1, description="only 1 is supported")] = 1
-    stop: Text | Annotated[list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-                          Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
-        if isinstance(value, str):
-            if not 0 < len(value) <= MAX_STOP_CHARS:
-                raise ValueError(f"a stop sequence has 1-{MAX_STOP_CHARS} characters")
-            return [value]
-        return value or []
+        return [value] if isinstance(value, str) else value or []
 
     def stops(self) -> list[str]:
         return list(self.stop or [])
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
         description="one prompt (a list of one string is accepted)")
     max_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 16
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value):
-        text = value[0] if isinstance(value, list) else value
-        if not 0 < len(text) <= MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompt must have 1-{MAX_PROMPT_CHARS} characters")
-        return text
+        return value[0] if isinstance(value, list) else value
 
     def chars(self) -> int:
         return len(self.prompt)
@@ -91,7 +93,7 @@ class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[Text, Field(max_length=MAX_PROMPT_CHARS)]
+    content: MessageText
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -115,7 +117,7 @@ class StreamRequest(BaseModel):
     """The first (and only) message a client sends on the WebSocket: a completion or a chat request."""
     model_config = STRICT
 
-    api_key: Annotated[Text, Field(max_length=MAX_API_KEY_CHARS)] | None = None
+    api_key: ApiKeyText | None = None
     completion: CompletionRequest | None = None
     chat: ChatCompletionRequest | None = None
 
