@@ -35,7 +35,12 @@ request holds its maximum price in escrow and pays for the tokens produced.
 `{"api_key": "mp-...", "completion": <CompletionRequest>}` or `{"api_key": ..., "chat":
 <ChatCompletionRequest>}` (or set the Authorization header instead of `api_key`); receive the same
 chunks as the `stream: true` responses, then `{"object": "done", "id", "finish_reason", "usage"}`
-and a normal close, or `{"error": <ErrorDetail>, "status": <HTTP status>}` and a close."""
+and a normal close, or `{"error": <ErrorDetail>, "status": <HTTP status>}` and a close with a code
+(1003 a binary frame, 1007 not JSON, 1008 the wrong shape or a refused key, 1009 over 1 MB).
+
+**Limits**: bodies over the app's limit (2 MiB by default) are a 413 before they are read; a prompt
+that cannot fit the context by its length alone is a 422 `context_length_exceeded` before it is
+tokenized; an address that sent too many bad keys gets 429 with Retry-After."""
 
 
 class APIError(Exception):
