@@ -25,7 +25,11 @@ from collections import OrderedDict
 
 from starlette.exceptions import HTTPException
 
-MAX_BODY_BYTES = 2 * 2**20  # > the largest prompt that fits any context we serve, JSON-escaped
+from coordinator.schemas import ErrorBody, ErrorDetail
+
+# Room for the largest valid request: MAX_PROMPT_CHARS (100,000) characters at up to 12 bytes each
+# once JSON-escaped (an astral character as two \uXXXX escapes), plus the other fields.
+MAX_BODY_BYTES = 2 * 2**20
 # Failed logins: a burst of LOGIN_BURST bad keys, then one every 1/LOGIN_REFILL_PER_S seconds.
 LOGIN_BURST = 20
 LOGIN_REFILL_PER_S = 1.0
@@ -98,8 +102,6 @@ async def _send_413(send, max_bytes: int) -> None:
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error shape, from the schema the docs show."""
-    from coordinator.schemas import ErrorBody, ErrorDetail
-
     return ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
 
 

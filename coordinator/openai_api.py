@@ -133,7 +133,8 @@ class Service:
         n, limit = body.chars(), self.max_prompt_chars()
         if n > limit:
             param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            raise APIError(422, f"the {param} hold {n} characters; at most {limit} fit the context of "
+            holds = "the messages hold" if param == "messages" else "the prompt has"
+            raise APIError(422, f"{holds} {n} characters; at most {limit} fit the context of "
                                 f"{self.max_context_tokens} tokens (a token is at most {self.max_chars_per_token} "
                                 f"characters)", "invalid_request_error", param=param, code="context_length_exceeded")
 
