@@ -297,7 +297,8 @@ class Generation:
             delta = ChunkDelta(role="assistant", content="") if role else ChunkDelta(content=text)
             return ChatCompletionChunk(**head, choices=[ChatChunkChoice(index=0, delta=delta,
                                                                         finish_reason=finish_reason)])
-        return CompletionChunk(**head, choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)])
+        choice = CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)
+        return CompletionChunk(**head, choices=[choice])
 
     def usage_chunk(self) -> CompletionChunk | ChatCompletionChunk:
         kind = ChatCompletionChunk if self.kind == "chat" else CompletionChunk

@@ -318,3 +318,12 @@ def test_websocket_frames_of_the_wrong_kind_are_closed_with_a_reason(server, key
                                                                                  "max_tokens": 3}})))
     assert code == 1000 and strict_json(got[-1])["object"] == "done"
     assert strict_json(got[-1])["usage"]["completion_tokens"] == 3
+
+
+def test_a_stage_reporting_nan_does_not_poison_the_metrics():
+    from coordinator.metrics import Metrics
+
+    m = Metrics(MODEL)
+    m.observe_step("p0", "decode", 1, 0.01, [math.nan, math.inf, 2.0])
+    text = m.render().decode()
+    assert "NaN" not in text and "Inf" not in text.replace("+Inf", "")  # +Inf is the last bucket's name
