@@ -14,6 +14,7 @@ series), `status` an HTTP status code, `pipeline` at most MAX_PIPELINE_SERIES li
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -36,6 +37,10 @@ RECENT_TTFT = 64
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 STEP_BUCKETS_S = TOKEN_BUCKETS_S
+
+
+def _finite_or_0(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 class Metrics:
@@ -89,7 +94,8 @@ class Metrics:
                      stage_ms: list | tuple = ()) -> None:
         """Called by a driver thread after each step; never raises into it."""
         try:
-            stage_s = [min(max(float(ms), 0.0), 1e6) / 1000 for ms in stage_ms[:MAX_STAGE_SERIES]]
+            # a stage's own report: NaN or an infinity counts as 0, so no sum is poisoned for good
+            stage_s = [min(max(_finite_or_0(float(ms)), 0.0), 1e6) / 1000 for ms in stage_ms[:MAX_STAGE_SERIES]]
             for index, s in enumerate(stage_s):
                 self.stage_step.labels(str(index)).observe(s)
             if stage_s:

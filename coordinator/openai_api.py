@@ -1,17 +1,19 @@
 """The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (SSE with
 `stream: true`), /v1/account and the WebSocket /v1/stream.
 
-One request's life: authenticate (API key -> consumer), rate-limit, tokenize, hold its maximum
+One request's life: its body bounded and parsed strictly at the edge (`edge.BodyLimit`, the
+strict models of `schemas`), authenticate (API key -> consumer; an address that sent too many bad
+keys waits), rate-limit, bound the prompt's characters by the context, tokenize, hold its maximum
 price (402 if the balance cannot cover it), submit to the pool (503 if no pipeline can take it),
 stream tokens through the detokenizer, then resolve the hold (`Accounts.finish`: the ledger settles
 on the stages' receipts); the usage it reports is what was billed. A client that goes away cancels
-the generation; ledger calls run on a thread pool, never on the event loop.
+the generation; ledger calls run on a thread pool, never on the event loop. Every body sent
+(responses, chunks, errors) is built from a model of `schemas`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -22,15 +24,17 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from coordinator.accounts import Accounts, Charge, Consumer, InsufficientFunds, RateLimiter, Usage
-from coordinator.api import APIError, error_body
+from coordinator.accounts import Accounts, Charge, Consumer, InsufficientFunds, RateLimiter
+from coordinator.edge import DEFAULT_MAX_CHARS_PER_TOKEN, APIError, LoginThrottle, validation_message
 from coordinator.driver import GenerationRequest
 from coordinator.metrics import Metrics
 from coordinator.pool import Pool, PoolBusy
-from coordinator.schemas import (MAX_NEW_TOKENS, Account, ChatCompletion, ChatCompletionRequest, Completion,
-                                 CompletionRequest, ErrorBody, ModelList, SamplingFields, StreamRequest)
+from coordinator.schemas import (MAX_NEW_TOKENS, Account, AssistantMessage, ChatChoice, ChatChunkChoice,
+                                 ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta, Completion,
+                                 CompletionChoice, CompletionChunk, CompletionRequest, ErrorBody, ErrorDetail,
+                                 ModelCard, ModelList, SamplingFields, StreamDone, StreamError, StreamRequest, Usage)
 from coordinator.streaming import Detokenizer, TokenStream
 from wire.messages import SamplingParams
 
@@ -44,8 +48,29 @@ LEDGER_THREADS = 8
 SETTLE_THREADS = 32
 WS_FIRST_MESSAGE_TIMEOUT_S = 30.0
 MAX_WS_MESSAGE_BYTES = 1_000_000
+# WebSocket close codes (RFC 6455 7.4.1) for a first message the server cannot take
+WS_UNSUPPORTED_DATA = 1003  # a binary frame
+WS_INVALID_PAYLOAD = 1007  # text that is not JSON
+WS_POLICY_VIOLATION = 1008  # JSON of the wrong shape; a refused key, credit or rate
+WS_TOO_BIG = 1009
+WS_SERVER_ERROR = 1011
 
-ERRORS = {status: {"model": ErrorBody} for status in (401, 402, 404, 422, 429, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 402, 404, 413, 422, 429, 503)}
+
+
+def error_model(exc: APIError) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
+
+
+async def _close_quietly(ws: WebSocket, code: int, reason: str) -> None:
+    try:
+        await ws.close(code=code, reason=reason)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+
+
+def sse_event(model: BaseModel) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
 
 
 @dataclass
@@ -60,6 +85,8 @@ class Service:
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(LEDGER_THREADS, "api-ledger"))
     settler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(SETTLE_THREADS, "api-settle"))
     metrics: Metrics | None = None
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    max_chars_per_token: int = DEFAULT_MAX_CHARS_PER_TOKEN  # see edge.max_chars_per_token
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -68,10 +95,23 @@ class Service:
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def authenticate(self, authorization: str | None) -> Consumer:
+    async def authenticate(self, authorization: str | None, address: str | None = None) -> Consumer:
+        """The consumer of a key; 401 for a bad one, 429 for an address that sent too many bad ones
+        (checked before the lookup, so a good key guessed then is refused too)."""
         scheme, _, key = (authorization or "").partition(" ")
-        consumer = await self.call(self.accounts.lookup, key.strip()) if scheme.lower() == "bearer" else None
+        presented = scheme.lower() == "bearer" and bool(key.strip())
+        address = address or "unknown"
+        if presented:
+            wait_s = self.login_throttle.wait_s(address)
+            if wait_s > 0:
+                self.metrics.rejected(None, 429)  # metrics
+                raise APIError(429, "too many invalid API keys from this address; wait before trying again",
+                               "rate_limit_exceeded", code="too_many_failed_logins",
+                               headers={"Retry-After": str(max(1, round(wait_s + 0.5)))})
+        consumer = await self.call(self.accounts.lookup, key.strip()) if presented else None
         if consumer is None:
+            if presented:
+                self.login_throttle.failed(address)
             self.metrics.rejected(None, 401)  # metrics
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            "invalid_request_error", code="invalid_api_key")
@@ -83,12 +123,31 @@ class Service:
                            headers={"Retry-After": str(max(1, round(wait_s + 0.5)))})
         return consumer
 
+    def max_prompt_chars(self) -> int:
+        """No prompt longer than this can fit: each token stands for at most `max_chars_per_token`
+        characters, and the context must keep room for one new token."""
+        return max(1, self.max_context_tokens - 1) * self.max_chars_per_token
+
+    def check_chars(self, body: SamplingFields) -> None:
+        """Refuse a prompt that cannot fit the context, from its length alone: before tokenizing it."""
+        n, limit = body.chars(), self.max_prompt_chars()
+        if n > limit:
+            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+            holds = "the messages hold" if param == "messages" else "the prompt has"
+            raise APIError(422, f"{holds} {n} characters; at most {limit} fit the context of "
+                                f"{self.max_context_tokens} tokens (a token is at most {self.max_chars_per_token} "
+                                f"characters)", "invalid_request_error", param=param, code="context_length_exceeded")
+
     def prompt_ids(self, body: SamplingFields) -> list[int]:
-        if isinstance(body, ChatCompletionRequest):
-            messages = [m.model_dump() for m in body.messages]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return self.tokenizer(body.prompt)["input_ids"]
+        try:
+            if isinstance(body, ChatCompletionRequest):
+                messages = [m.model_dump() for m in body.messages]
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            return self.tokenizer(body.prompt)["input_ids"]
+        except Exception as exc:  # the schema admits only valid text; anything else is still the input's fault
+            log.warning("tokenizing a prompt failed: %r", exc)
+            raise APIError(422, "the prompt could not be tokenized", "invalid_request_error", param="prompt") from None
 
 
 class Generation:
@@ -103,7 +162,7 @@ class Generation:
         self.detok = Detokenizer(svc.tokenizer, body.stops())
         self.prompt_ids: list[int] = []
         self.charge: Charge | None = None
-        self.billed: Usage | None = None  # set by settle()
+        self.billed = None  # what settle() billed: an accounts.Usage
         self.request: GenerationRequest | None = None
         self.cancelled = False
         self.settled = False
@@ -122,8 +181,9 @@ class Generation:
     async def _start(self) -> None:
         svc, body = self.svc, self.body
         if body.model != svc.model_id:
-            raise APIError(404, f"model {body.model!r} is not served here; try {svc.model_id!r}",
+            raise APIError(404, f"this model is not served here; try {svc.model_id!r}",
                            "invalid_request_error", param="model", code="model_not_found")
+        svc.check_chars(body)
         self.prompt_ids = await svc.call(svc.prompt_ids, body)
         if not self.prompt_ids:
             raise APIError(422, "the prompt has no tokens", "invalid_request_error", param="prompt")
@@ -191,10 +251,10 @@ class Generation:
             return "stop"
         return "length"
 
-    def usage(self) -> dict:
+    def usage(self) -> Usage:
         """What the request was billed for; after settle()."""
         n, produced = self.billed.prompt_tokens, self.billed.completion_tokens
-        return {"prompt_tokens": n, "completion_tokens": produced, "total_tokens": n + produced}
+        return Usage(prompt_tokens=n, completion_tokens=produced, total_tokens=n + produced)
 
     def cancel(self, reason: str) -> None:
         if self.request is not None and not self.request.done.is_set():
@@ -226,30 +286,31 @@ class Generation:
 
     # -- OpenAI shapes --------------------------------------------------------------------
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None = None,
+              role: bool = False) -> CompletionChunk | ChatCompletionChunk:
         head = {"id": self.id, "created": self.created, "model": self.svc.model_id}
         if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        return {**head, "object": "text_completion",
-                "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+            delta = ChunkDelta(role="assistant", content="") if role else ChunkDelta(content=text)
+            return ChatCompletionChunk(**head, choices=[ChatChunkChoice(index=0, delta=delta,
+                                                                        finish_reason=finish_reason)])
+        choice = CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)
+        return CompletionChunk(**head, choices=[choice])
 
-    def usage_chunk(self) -> dict:
-        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.svc.model_id,
-                "choices": [], "usage": self.usage()}
+    def usage_chunk(self) -> CompletionChunk | ChatCompletionChunk:
+        kind = ChatCompletionChunk if self.kind == "chat" else CompletionChunk
+        return kind(id=self.id, created=self.created, model=self.svc.model_id, choices=[], usage=self.usage())
 
-    def body_of(self, text: str) -> dict:
+    def body_of(self, text: str) -> Completion | ChatCompletion:
         head = {"id": self.id, "created": self.created, "model": self.svc.model_id, "usage": self.usage()}
         if self.kind == "chat":
-            return {**head, "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": self.finish_reason}]}
-        return {**head, "object": "text_completion", "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}]}
+            return ChatCompletion(**head, choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
+                                                              finish_reason=self.finish_reason)])
+        return Completion(**head, choices=[CompletionChoice(index=0, text=text, finish_reason=self.finish_reason)])
 
-    async def chunks(self) -> AsyncIterator[dict]:
+    def done(self) -> StreamDone:
+        return StreamDone(id=self.id, finish_reason=self.finish_reason, usage=self.usage())
+
+    async def chunks(self) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
         """The stream as OpenAI chunks: role (chat), deltas, the finish, usage if asked."""
         if self.kind == "chat":
             yield self.chunk(None, role=True)
@@ -262,12 +323,12 @@ def make_router(svc: Service) -> APIRouter:
     v1 = APIRouter(prefix="/v1", responses=ERRORS)
 
     async def consumer(request: Request) -> Consumer:
-        return await svc.authenticate(request.headers.get("authorization"))
+        return await svc.authenticate(request.headers.get("authorization"),
+                                      request.client.host if request.client else None)
 
     @v1.get("/models", response_model=ModelList)
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": svc.model_id, "object": "model", "created": 0,
-                                            "owned_by": "meshpool"}]}
+    def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=svc.model_id)])
 
     @v1.get("/account", response_model=Account, summary="balance, held and spent credits, recent usage")
     async def account(who: Consumer = Depends(consumer)) -> dict:
@@ -290,12 +351,12 @@ def make_router(svc: Service) -> APIRouter:
     async def sse(gen: Generation, http: Request) -> AsyncIterator[str]:
         try:
             async for chunk in gen.chunks():
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield sse_event(chunk)
             await gen.settle()
             if gen.body.stream_options and gen.body.stream_options.include_usage:
-                yield f"data: {json.dumps(gen.usage_chunk())}\n\n"
+                yield sse_event(gen.usage_chunk())
         except APIError as exc:
-            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+            yield sse_event(error_model(exc))
         finally:
             gen.settle_soon()  # no-op after a normal end; cancels and settles when the client left
         yield "data: [DONE]\n\n"
@@ -316,33 +377,61 @@ def make_router(svc: Service) -> APIRouter:
     async def stream(ws: WebSocket):
         """One request a connection: send {"completion": {...}} or {"chat": {...}} (plus "api_key" unless
         the Authorization header is set); receive the same chunks as the SSE stream, then
-        {"object": "done", "finish_reason", "usage"}, or {"error": {...}}; then the server closes."""
+        {"object": "done", "finish_reason", "usage"}, or {"error": {...}, "status"}; then the server
+        closes. A first frame the server cannot take (binary, not JSON, the wrong shape, too big) gets
+        the error and a close with a code that says why (1003, 1007, 1008, 1009)."""
         await ws.accept()
         gen = None
+        close_code = None
         try:
-            raw = await asyncio.wait_for(ws.receive_text(), WS_FIRST_MESSAGE_TIMEOUT_S)
+            message = await asyncio.wait_for(ws.receive(), WS_FIRST_MESSAGE_TIMEOUT_S)
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                close_code = WS_UNSUPPORTED_DATA
+                raise APIError(400, "send the request as one text frame of JSON, not binary", "invalid_request_error")
             if len(raw) > MAX_WS_MESSAGE_BYTES:
-                raise APIError(422, f"message over {MAX_WS_MESSAGE_BYTES} bytes", "invalid_request_error")
+                close_code = WS_TOO_BIG
+                raise APIError(413, f"message over {MAX_WS_MESSAGE_BYTES} characters", "invalid_request_error")
             try:
                 req = StreamRequest.model_validate_json(raw)
             except ValidationError as exc:
-                raise APIError(422, str(exc.errors(include_url=False)[:3]), "invalid_request_error") from exc
+                errors = exc.errors(include_url=False, include_input=False, include_context=False)
+                if errors and errors[0].get("type") == "json_invalid":
+                    close_code = WS_INVALID_PAYLOAD
+                    raise APIError(400, "the message is not valid JSON", "invalid_request_error") from None
+                close_code = WS_POLICY_VIOLATION
+                message_, param = validation_message(errors)
+                raise APIError(422, message_, "invalid_request_error", param=param) from None
             if (req.completion is None) == (req.chat is None):
+                close_code = WS_POLICY_VIOLATION
                 raise APIError(422, "send exactly one of 'completion' and 'chat'", "invalid_request_error")
             auth = ws.headers.get("authorization") or (f"Bearer {req.api_key}" if req.api_key else None)
-            who = await svc.authenticate(auth)
+            who = await svc.authenticate(auth, ws.client.host if ws.client else None)
             gen = Generation(svc, who, req.chat or req.completion, "chat" if req.chat else "text")
             await gen.start()
             async for chunk in gen.chunks():
-                await ws.send_json(chunk)
+                await ws.send_text(chunk.model_dump_json())
             await gen.settle()
-            await ws.send_json({"object": "done", "id": gen.id, "finish_reason": gen.finish_reason,
-                                "usage": gen.usage()})
+            await ws.send_text(gen.done().model_dump_json())
             await ws.close()
         except APIError as exc:
-            await ws.send_json({**error_body(exc.message, exc.type, exc.param, exc.code), "status": exc.status})
-            await ws.close(code=1008 if exc.status in (401, 402, 429) else 1011 if exc.status >= 500 else 1003)
-        except (WebSocketDisconnect, asyncio.TimeoutError):
+            err = StreamError(error=error_model(exc).error, status=exc.status)
+            if close_code is None:
+                close_code = (WS_POLICY_VIOLATION if exc.status in (401, 402, 429) else
+                              WS_SERVER_ERROR if exc.status >= 500 else WS_UNSUPPORTED_DATA)
+            try:
+                await ws.send_text(err.model_dump_json())
+                # a close frame's reason holds at most 123 bytes
+                await ws.close(code=close_code, reason=exc.message.encode()[:120].decode(errors="ignore"))
+            except (WebSocketDisconnect, RuntimeError):
+                pass  # the client left first
+        except asyncio.TimeoutError:
+            if gen is None:  # no request in time
+                await _close_quietly(ws, WS_POLICY_VIOLATION, "no request within "
+                                                              f"{WS_FIRST_MESSAGE_TIMEOUT_S:g} s")
+        except WebSocketDisconnect:
             pass
         finally:
             if gen is not None:

@@ -7,6 +7,9 @@
     GET /ledger/supply                   minted, burned, balances, escrow, head
     GET /ledger/proofs/inclusion?seq=S&tree_size=N       RFC 9162 audit path
     GET /ledger/proofs/consistency?first=M&second=N      RFC 9162 consistency proof
+
+Every integer in a query is bounded here, at the route, to what the database holds (a signed 64-bit
+integer): a larger one is a 422, never an overflow inside the driver.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from fastapi import APIRouter, HTTPException, Query
 from ledger.errors import LedgerError, UnknownAccount
 from ledger.merkle import ProofError
 from ledger.reader import MAX_PAGE, LedgerReader
+
+INT64_END = 2**63  # sequence numbers and tree sizes are stored as signed 64-bit integers: [0, 2**63)
 
 
 def make_router(reader: LedgerReader) -> APIRouter:
@@ -29,7 +34,8 @@ def make_router(reader: LedgerReader) -> APIRouter:
             raise HTTPException(404, str(exc)) from exc
 
     @router.get("/entries")
-    def get_entries(after: int = Query(-1, ge=-1), limit: int = Query(100, ge=1, le=MAX_PAGE)) -> dict:
+    def get_entries(after: int = Query(-1, ge=-1, lt=INT64_END, description="-1: from the start"),
+                    limit: int = Query(100, ge=1, le=MAX_PAGE)) -> dict:
         found = reader.entries(after, limit)
         return {"entries": found, "next_after": found[-1]["seq"] if found else after}
 
@@ -41,7 +47,8 @@ def make_router(reader: LedgerReader) -> APIRouter:
         return found
 
     @router.get("/checkpoints")
-    def get_checkpoints(after: int = Query(-1, ge=-1), limit: int = Query(100, ge=1, le=MAX_PAGE)) -> dict:
+    def get_checkpoints(after: int = Query(-1, ge=-1, lt=INT64_END, description="-1: from the start"),
+                        limit: int = Query(100, ge=1, le=MAX_PAGE)) -> dict:
         return {"checkpoints": reader.checkpoints(after, limit)}
 
     @router.get("/supply")
@@ -49,14 +56,14 @@ def make_router(reader: LedgerReader) -> APIRouter:
         return reader.supply()
 
     @router.get("/proofs/inclusion")
-    def get_inclusion(seq: int = Query(ge=0), tree_size: int = Query(ge=1)) -> dict:
+    def get_inclusion(seq: int = Query(ge=0, lt=INT64_END), tree_size: int = Query(ge=1, lt=INT64_END)) -> dict:
         try:
             return reader.inclusion_proof(seq, tree_size)
         except (ProofError, LedgerError) as exc:
             raise HTTPException(400, str(exc)) from exc
 
     @router.get("/proofs/consistency")
-    def get_consistency(first: int = Query(ge=0), second: int = Query(ge=0)) -> dict:
+    def get_consistency(first: int = Query(ge=0, lt=INT64_END), second: int = Query(ge=0, lt=INT64_END)) -> dict:
         try:
             return reader.consistency_proof(first, second)
         except (ProofError, LedgerError) as exc:

@@ -7,12 +7,16 @@
 
 Read-only and unauthenticated: the state holds nothing secret (no consumer, no key). The page
 runs under a Content-Security-Policy that allows only its own script, style and feed.
+
+The state is encoded by `edge.dumps` (NaN and infinities as null, allow_nan=False): a browser's
+JSON.parse rejects a bare NaN, and one provider's bad figure would stop the feed for every viewer.
+A state that cannot be built or encoded skips one update; the feed goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +24,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 
 from coordinator.dashboard.state import DashboardState
+from coordinator.edge import dumps
+
+log = logging.getLogger("meshpool.dashboard")
 
 STATIC = Path(__file__).parent / "static"
 FEED_INTERVAL_S = 1.0
@@ -60,8 +67,8 @@ def make_router(state: DashboardState) -> APIRouter:
         return asset("style.css")
 
     @router.get("/dashboard/state", summary="the dashboard's state: providers, pipelines, rates, audits, ledger")
-    async def get_state() -> dict:
-        return await current()
+    async def get_state() -> Response:
+        return Response(dumps(await current()), media_type="application/json")
 
     @router.get("/dashboard/events", summary="the dashboard's state as server-sent events, once a second")
     async def events(request: Request):
@@ -73,7 +80,10 @@ def make_router(state: DashboardState) -> APIRouter:
             try:
                 yield "retry: 2000\n\n"
                 while not await request.is_disconnected():
-                    yield f"data: {json.dumps(await current(), separators=(',', ':'))}\n\n"
+                    try:
+                        yield f"data: {dumps(await current())}\n\n"
+                    except Exception as exc:  # one bad update is skipped, not the feed ended
+                        log.warning("dashboard: building the state failed: %r", exc)
                     await asyncio.sleep(FEED_INTERVAL_S)
             finally:
                 clients["n"] -= 1

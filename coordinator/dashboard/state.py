@@ -10,6 +10,7 @@ the page shows them as text, never as HTML. No consumer account, key or key hash
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
@@ -26,7 +27,9 @@ def _text(value) -> str:
 
 
 def _number(value, default=None):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+    """A finite number from a provider's profile, else `default` (NaN is not JSON a browser reads)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else default
 
 
 def device_summary(profile: dict) -> dict:

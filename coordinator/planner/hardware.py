@@ -67,14 +67,34 @@ class ProfileError(ValueError):
     """A hardware profile the planner cannot turn into a provider."""
 
 
+MAX_PROFILE_DEPTH = 16  # a profile is a few levels deep: host, devices, one device's figures
+
+
+def _check_finite(peer_id: str, value, where: str = "profile", depth: int = 0) -> None:
+    """Every number anywhere in the profile is finite: a NaN or an infinity is refused at
+    registration, so it can never reach the planner, the dashboard or /pool."""
+    if depth > MAX_PROFILE_DEPTH:
+        raise ProfileError(f"{peer_id}: profile nested deeper than {MAX_PROFILE_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProfileError(f"{peer_id}: {where} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(peer_id, item, f"{where}.{str(key)[:40]}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(peer_id, item, f"{where}[{i}]", depth + 1)
+
+
 def provider_spec_from_profile(peer_id: str, profile: dict, max_memory_mb: int | None = None) -> ProviderSpec:
     """A ProviderSpec from the JSON-able hardware profile a provider announces.
 
     Uses the first device; its free memory (else total) capped by `max_memory_mb`
-    (the argument, else the profile's own "max_memory_mb" key).
+    (the argument, else the profile's own "max_memory_mb" key). A profile holding NaN or an
+    infinity anywhere is refused, whether or not the planner reads that figure.
     """
     if not isinstance(profile, dict):
         raise ProfileError(f"{peer_id}: profile must be a JSON object, got {type(profile).__name__}")
+    _check_finite(peer_id, profile)
     devices = profile.get("devices")
     if not isinstance(devices, list) or not devices or not isinstance(devices[0], dict):
         raise ProfileError(f"{peer_id}: profile lists no devices")
