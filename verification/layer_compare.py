@@ -71,15 +71,32 @@ class LayerVerdict:
                     stats=None if self.stats is None else self.stats.to_dict())
 
 
-# Thresholds against the float32 reference (weights rounded to the serving dtype, then float32),
-# from bench/layer_audit.json. Filled in from the measured honest and cheat distributions below.
+# Thresholds, from bench/layer_audit.json (CPU run, default model, 30-layer stage, 16 requests of
+# 32-240 tokens + 8 decoded, prefill + decode b1 and 3-chunk prefill + decode b8: 960 honest layer
+# audits per dtype; cheats on the 4 longest requests, every layer).
+#   float32, vs the float32 reference: honest median of e_t <= 5e-7, p90 <= 9e-7 (the decode and
+#            chunked rows: other kernels; prefill rows are bit-identical on one CPU). Weakest cheat:
+#            tamper (1e-3 relative weight noise) median >= 1.0e-3; int8 >= 7.8e-3; skip-layer 1.0.
+#            Thresholds 1e-4 / 2e-4: 100x the honest figures (room for GPU kernels), 10x below tamper.
+#   bfloat16, vs the float32 reference: honest median p99 0.013, p90 p99 0.027, flat over depth.
+#            int4 >= 0.094 and skip-layer / other-model ~1: caught. fp8 >= 0.021, int8 >= 0.0095 and
+#            tamper >= 0.0043 sit inside or just above the honest spread: bf16 rounding inside the
+#            layer (2^-9 per op) hides them from a float32 reference.
+#            Thresholds 0.04 / 0.08: 3x the honest p99s, int4 2.3x above.
 REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
-    torch.float32: LayerThresholds(median_max=1e-3, quantile_max=1e-3, ulp_fraction_max=1.0),
-    torch.bfloat16: LayerThresholds(median_max=0.5, quantile_max=0.5, ulp_fraction_max=1.0),
+    torch.float32: LayerThresholds(median_max=1e-4, quantile_max=2e-4),
+    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.08),
 }
-# Thresholds against a same-recipe recompute (the verifier runs the layer in the serving dtype).
+# Against a same-recipe recompute (the verifier also runs the layer in the serving dtype), on top
+# of the reference's thresholds. Honest, where the serving kernels differ from the verifier's
+# (chunked prefill's masked attention, batched decode) on one CPU: median error against s p99
+# 0.0033, elements > 1 ulp off p99 0.075, drift ratio 0.9-1.1. Cheats: int8 median >= 0.0093 and
+# > 1 ulp >= 0.46; fp8 >= 0.021 / 0.71; tamper 0.0027 / 0.12: inside the honest spread once kernels
+# differ. Thresholds halfway or nearer the honest side: 0.006, 0.25, drift ratio 2.5.
+# NOT yet measured across hardware (GPU serving vs CPU verifier): rerun bench/layer_audit.py --device cuda.
 SAME_RECIPE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
-    torch.bfloat16: LayerThresholds(median_max=0.5, quantile_max=0.5, ulp_fraction_max=1.0),
+    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.08, ulp_fraction_max=0.25,
+                                    drift_ratio_max=2.5, same_median_max=0.006),
 }
 
 
