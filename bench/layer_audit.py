@@ -50,6 +50,7 @@ RANDOM_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B and Meta-Llama-3-
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
 }
 RANDOM_VOCAB = 4096
+MAX_PROMPT_TOKENS = 160
 WEIGHT_STD = 0.02  # Llama's initializer_range
 # Embeddings of rms 4: the residual stream ~3-5x a layer's update, as in the default model's middle layers.
 EMBED_STD = 4.0
@@ -100,13 +101,14 @@ def make_prompts(base: list[list[int]], n: int, vocab: int, seed: int) -> list[l
     """n prompts: the base ones, then pairs of them joined (longer contexts); random ids without a base."""
     if not base:
         g = torch.Generator().manual_seed(seed)
-        return [torch.randint(0, vocab, (int(torch.randint(72, 160, (1,), generator=g)),), generator=g).tolist()
+        return [torch.randint(0, vocab, (int(torch.randint(72, MAX_PROMPT_TOKENS, (1,), generator=g)),),
+                              generator=g).tolist()
                 for _ in range(n)]
     pairs = itertools.cycle([(i, j) for i in range(len(base)) for j in range(len(base)) if i != j])
     out = list(base[:n])
     while len(out) < n:
         i, j = next(pairs)
-        out.append((base[i] + base[j])[:240])
+        out.append((base[i] + base[j])[:MAX_PROMPT_TOKENS])
     return out
 
 
@@ -144,17 +146,26 @@ def serve(rt: ShardRuntime, prompts: list[list[int]], batch: int, chunks: int, n
     return out
 
 
+def _timed(clock: dict | None, key: str, fn, *a):
+    t0 = time.perf_counter()
+    out = fn(*a).cpu()  # .cpu() waits for a GPU
+    if clock is not None:
+        clock[key] = clock.get(key, 0.0) + time.perf_counter() - t0
+    return out
+
+
 def audit_request(ref32: LayerReference, same: LayerReference | None, shard: Shard, ids: torch.Tensor,
-                  b: torch.Tensor) -> list[dict]:
-    """Every check of one request: the embeddings (stage 0), then each layer alone."""
+                  b: torch.Tensor, clock: dict | None = None) -> list[dict]:
+    """Every check of one request: the embeddings (stage 0), then each layer alone. `clock`
+    accumulates the seconds of the float32 and same-recipe recomputes."""
     rows = []
     if shard.is_first:
         v = check_embedding(b[0], ref32.embed(ids).to(b.dtype))
         rows.append(dict(layer=-1, outcome=v.outcome))
     for i in range(shard.n_shard_layers):
         x, y = b[i], b[i + 1]
-        r = ref32.layer(shard.start + i, x).cpu()
-        s = None if same is None else same.layer(shard.start + i, x).cpu()
+        r = _timed(clock, "reference_s", ref32.layer, shard.start + i, x)
+        s = None if same is None else _timed(clock, "same_recipe_s", same.layer, shard.start + i, x)
         v_ref = check_layer(x, y, r, shard.start + i, thresholds=REFERENCE_THRESHOLDS)
         row = dict(layer=shard.start + i, outcome=v_ref.outcome, **v_ref.stats.to_dict())
         if s is not None:
@@ -174,7 +185,7 @@ def quantiles(vals: list[float]) -> dict:
     return dict(min=vals[0], p01=q(0.01), median=q(0.5), p99=q(0.99), max=vals[-1])
 
 
-STAT_KEYS = ("median", "quantile", "drift_ratio", "same_median", "ulp_fraction_same")
+STAT_KEYS = ("median", "quantile", "max", "drift_ratio", "same_median", "ulp_fraction_same")
 
 
 def summarise(rows: list[dict], touched=None) -> dict:
@@ -227,15 +238,20 @@ def run_shape(name: str, args, results: dict) -> None:
         all_rows = []
         for scen, batch, chunks in SCENARIOS:
             rt = runtime()
-            rows = [r for ids, b in serve(rt, prompts, batch, chunks, args.new_tokens)
-                    for r in audit_request(ref32, same, shard, ids, b)]
-            del rt
+            t0 = time.perf_counter()
+            served = serve(rt, prompts, batch, chunks, args.new_tokens)
+            clock = dict(serve_s=time.perf_counter() - t0)
+            rows = [r for ids, b in served for r in audit_request(ref32, same, shard, ids, b, clock)]
+            del rt, served
             all_rows += rows
             s = summarise(rows)
+            s["seconds"] = clock
             shape_out["honest"][f"{dname} {scen}"] = s
             show(name, dname, f"honest {scen}", s)
         shape_out["honest"][f"{dname} all"] = summarise(all_rows)
-        shape_out[f"{dname} per-layer median"] = per_layer_curve(all_rows)
+        curve = shape_out[f"{dname} per-layer median"] = per_layer_curve(all_rows)
+        print(f"  {dname} honest median of e_t per layer (median over requests): "
+              + " ".join(f"{v:.2g}" for v in curve.values()), flush=True)
         if same is not None:
             shape_out[f"{dname} per-layer drift ratio"] = per_layer_curve(all_rows, "drift_ratio")
         for kind in args.cheats:
@@ -261,7 +277,7 @@ def run_shape(name: str, args, results: dict) -> None:
 
 
 HEADER = (f"{'shape':13} {'dtype':8} {'scenario':24} {'audits':>6} {'fail':>5} {'failS':>5} "
-          f"{'med p99/min':>11} {'q90 p99/min':>11} {'ratio':>6} {'sameMed':>8} {'ulpS':>6} {'stage':>6}")
+          f"{'med p99/min':>11} {'q90 p99/min':>11} {'max p99/min':>11} {'ratio':>6} {'sameMed':>8} {'ulpS':>6} {'stage':>6}")
 
 
 def show(shape: str, dtype: str, scen: str, s: dict) -> None:
@@ -275,7 +291,7 @@ def show(shape: str, dtype: str, scen: str, s: dict) -> None:
     fails = s["failed_ref"] + (s.get("embedding_failed", 0) if scen == "token" else 0)
     stage = f"{s['stage_caught_ref']}/{s['stage_audits']}" if "stage_audits" in s else ""
     print(f"{shape:13} {dtype:8} {scen:24} {audits:>6} {fails:>5} {s.get('failed_same', ''):>5} "
-          f"{g('median'):>11.3g} {g('quantile'):>11.3g} {g('drift_ratio'):>6.2f} {g('same_median'):>8.3g} "
+          f"{g('median'):>11.3g} {g('quantile'):>11.3g} {g('max'):>11.3g} {g('drift_ratio'):>6.2f} {g('same_median'):>8.3g} "
           f"{g('ulp_fraction_same'):>6.3f} {stage:>6}", flush=True)
 
 
@@ -291,6 +307,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--cheats", default=",".join(CHEATS))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--replace", action="store_true", help="drop other shapes' figures already in --out")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = p.parse_args()
     if args.threads:
@@ -310,7 +327,12 @@ def main() -> None:
     for name in args.shapes.split(","):
         run_shape(name, args, results["shapes"])
     results["elapsed_s"] = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    out = Path(args.out)
+    if out.exists() and not args.replace:  # keep the other shapes' figures (runs per shape, or per device)
+        old = json.loads(out.read_text())
+        if old.get("device") == args.device:
+            results["shapes"] = {**old.get("shapes", {}), **results["shapes"]}
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"elapsed {results['elapsed_s']:.0f} s; wrote {args.out}")
 
 

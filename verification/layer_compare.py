@@ -4,11 +4,14 @@ For layer i the stage committed its input x (T, D) and output y (T, D), in its s
 verifier recomputed r = layer_i(x) (verification/layers.py). Per position t the statistic is the
 error relative to the layer's own update, not to the residual stream,
 
-    e_t = ||y_t - r_t|| / ||r_t - x_t||
+    e_t = ||y_t - r_t|| / (||r_t - x_t|| + eps ||r_t||)        (eps: the dtype's machine epsilon)
 
 so neither the width nor the depth of the model (the stream grows with depth, the update does not)
-moves it. Over the T positions of a request: the median (a cheat on the weights moves every row)
-and the 90th percentile (a cheat on attention, e.g. a window, moves only the later rows). Besides,
+moves it; the eps term only matters on rows whose update is below the dtype's resolution of the
+stream (an attention-sink row), where rounding the output alone is the honest error. Over the T
+positions of a request: the median (a cheat on the weights moves every row), the 90th percentile
+(a cheat on attention, e.g. a window, moves only the later rows) and the maximum (a cheat on a few
+rows, e.g. only the decode steps). Besides,
 the fraction of elements more than one ulp (of the serving dtype) away from round(r): against a
 same-recipe recompute, honest hardware mostly lands within one rounding step.
 
@@ -50,6 +53,7 @@ class LayerStats:
 class LayerThresholds:
     median_max: float  # fail when the median of e_t exceeds this
     quantile_max: float  # fail when the QUANTILE of e_t exceeds this
+    max_max: float = float("inf")  # fail when the largest e_t exceeds this
     ulp_fraction_max: float = 1.0  # fail when more elements than this are > 1 ulp off (1.0: not used)
     drift_ratio_max: float = float("inf")  # fail when the drift ratio exceeds this (needs s)
     same_median_max: float = float("inf")  # fail when the median error against s exceeds this (needs s)
@@ -71,31 +75,37 @@ class LayerVerdict:
                     stats=None if self.stats is None else self.stats.to_dict())
 
 
-# Thresholds, from bench/layer_audit.json (CPU run, default model, 30-layer stage, 16 requests of
-# 32-240 tokens + 8 decoded, prefill + decode b1 and 3-chunk prefill + decode b8: 960 honest layer
-# audits per dtype; cheats on the 4 longest requests, every layer).
-#   float32, vs the float32 reference: honest median of e_t <= 5e-7, p90 <= 9e-7 (the decode and
-#            chunked rows: other kernels; prefill rows are bit-identical on one CPU). Weakest cheat:
-#            tamper (1e-3 relative weight noise) median >= 1.0e-3; int8 >= 7.8e-3; skip-layer 1.0.
-#            Thresholds 1e-4 / 2e-4: 100x the honest figures (room for GPU kernels), 10x below tamper.
-#   bfloat16, vs the float32 reference: honest median p99 0.013, p90 p99 0.027, flat over depth.
-#            int4 >= 0.094 and skip-layer / other-model ~1: caught. fp8 >= 0.021, int8 >= 0.0095 and
-#            tamper >= 0.0043 sit inside or just above the honest spread: bf16 rounding inside the
-#            layer (2^-9 per op) hides them from a float32 reference.
-#            Thresholds 0.04 / 0.08: 3x the honest p99s, int4 2.3x above.
+# Thresholds, from bench/layer_audit.json (this 2-core CPU, default model, one 30-layer stage,
+# 12 requests of 32-160 tokens + 8 decoded, served as prefill + decode b1 and as a 3-chunk prefill
+# + decode b8: 720 honest layer audits per dtype; cheats on the 4 longest requests, every layer).
+#   float32 vs the float32 reference. Honest: median of e_t <= 5e-7, p90 <= 9e-7, max <= 1.6e-6
+#            (decode and chunked rows: other kernels; one prefill is bit-identical on one CPU).
+#            Weakest cheat, tamper (1e-3 relative weight noise): median >= 1.03e-3, p90 >= 1.34e-3,
+#            max >= 1.64e-3; int8 median >= 7.8e-3; window p90 >= 5.7e-3; skip-layer 1.0.
+#            Thresholds 1e-4 / 2e-4 / 5e-4: ~100-300x the honest figures (room for GPU kernels),
+#            well under half-way to tamper. All 960 cheat layer audits fail.
+#   bfloat16 vs the float32 reference. Honest: median <= 0.0139 (per layer 0.004-0.012, flat in
+#            depth), p90 <= 0.030, max <= 0.235 (rows whose update is tiny against the stream).
+#            Caught: int4 (median >= 0.090), skip-layer / other-model (~1), window (p90 up to 0.68).
+#            fp8 (median >= 0.020) sits just above the honest maximum, int8 (>= 0.0094) and tamper
+#            (>= 0.0041) inside the honest spread: bf16 rounding inside the layer (2^-9 per op) hides
+#            them from a float32 reference. Thresholds 0.04 / 0.06 / 0.5: 2-3x the honest maxima,
+#            at most half-way to int4 (median, p90) and to skip-layer (max).
 REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
-    torch.float32: LayerThresholds(median_max=1e-4, quantile_max=2e-4),
-    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.08),
+    torch.float32: LayerThresholds(median_max=1e-4, quantile_max=2e-4, max_max=5e-4),
+    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.5),
 }
-# Against a same-recipe recompute (the verifier also runs the layer in the serving dtype), on top
-# of the reference's thresholds. Honest, where the serving kernels differ from the verifier's
-# (chunked prefill's masked attention, batched decode) on one CPU: median error against s p99
-# 0.0033, elements > 1 ulp off p99 0.075, drift ratio 0.9-1.1. Cheats: int8 median >= 0.0093 and
-# > 1 ulp >= 0.46; fp8 >= 0.021 / 0.71; tamper 0.0027 / 0.12: inside the honest spread once kernels
-# differ. Thresholds halfway or nearer the honest side: 0.006, 0.25, drift ratio 2.5.
-# NOT yet measured across hardware (GPU serving vs CPU verifier): rerun bench/layer_audit.py --device cuda.
+# bfloat16 against a same-recipe recompute s (the verifier also runs the layer in bf16, the serving
+# op sequence), on top of the reference's thresholds. Honest rows whose kernels differ from the
+# verifier's (masked attention of chunked prefill, batched decode) on one CPU: median error against
+# s <= 0.0033, elements > 1 ulp off <= 0.082, drift ratio 1.00-1.01. Cheats: int8 >= 0.0092 /
+# >= 0.46 / >= 1.09; fp8 >= 0.021 / 0.72 / 1.43; int4 0.090 / 0.92 / 5.0; tamper 0.0026-0.0067 /
+# 0.13-0.20 / 0.90-1.00: inside the honest spread in part, so caught on 97 of 120 layers only.
+# Thresholds 0.006 and 0.25: at most half-way from the honest maxima to int8; drift ratio 2.5.
+# NOT measured across hardware (GPU serving vs CPU verifier), where the honest fraction > 1 ulp and
+# the error against s will be larger: rerun bench/layer_audit.py --device cuda before relying on them.
 SAME_RECIPE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
-    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.08, ulp_fraction_max=0.25,
+    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.5, ulp_fraction_max=0.25,
                                     drift_ratio_max=2.5, same_median_max=0.006),
 }
 
@@ -116,8 +126,9 @@ def layer_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, dtype: torc
     update = (r64 - x64).norm(dim=-1)  # (T,)
     stream = x64.norm(dim=-1)
     floor = 1e-30 + 1e-12 * stream  # an update of nothing: any error is infinite
+    scale = update + torch.finfo(dtype).eps * r64.norm(dim=-1)  # (T,) the update, or the output's rounding
     err = (y64 - r64).norm(dim=-1)  # (T,)
-    e = err / update.maximum(floor)
+    e = err / scale.maximum(floor)
     drift_ratio = same_median = float("nan")
     rounded = ref.to(dtype).float()
     if same is not None:
@@ -125,7 +136,7 @@ def layer_stats(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, dtype: torc
         own = (s64 - r64).norm(dim=-1)
         if float(own.pow(2).sum()) > 0:
             drift_ratio = float((err.pow(2).sum() / own.pow(2).sum()).sqrt())
-        same_median = float(((y64 - s64).norm(dim=-1) / update.maximum(floor)).median())
+        same_median = float(((y64 - s64).norm(dim=-1) / scale.maximum(floor)).median())
         rounded = same.to(dtype).float()
     off = (y.float() - rounded).abs() > ulp(rounded, dtype) * 1.0001
     return LayerStats(
@@ -170,6 +181,7 @@ def check_layer(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, layer: int 
     for value, limit, what in (
             (stats.median, limits.median_max, "median error relative to the update"),
             (stats.quantile, limits.quantile_max, f"p{QUANTILE * 100:.0f} error relative to the update"),
+            (stats.max, limits.max_max, "largest error relative to the update"),
             (stats.ulp_fraction, limits.ulp_fraction_max, "fraction of elements > 1 ulp off"),
             (stats.drift_ratio, limits.drift_ratio_max, "error over the verifier's own same-recipe error"),
             (stats.same_median, limits.same_median_max, "median error against the same-recipe recompute")):

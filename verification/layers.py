@@ -14,6 +14,10 @@ itself for a same-recipe recompute, which runs the serving path's op sequence).
     y = ref.layer(shard.start + i, boundaries[i])         # (T, D) in float32
     e = ref.embed(ids)                                    # stage 0: boundary 0
     logits = ref.head(boundaries[-1])                     # last stage: final norm + head
+    verdict = audit_boundaries(ref, same, stage_input, boundaries)   # all of it, one verdict
+
+The last stage's tokens are checked as before (verification/compare.py `compare_tokens`) on
+`ref.head` of its last boundary's sampled rows.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from node.config import ModelConfig
 from node.layers import DecoderLayer, rope_tables
 from node.runtime import ShardModel
 from node.shard import Checkpoint, Shard, tensor_names
+from verification.layer_compare import COULD_NOT_CHECK, LayerVerdict, check_embedding, check_layer, combine
 
 MAX_TOKENS = 1 << 15  # positions one re-execution may cover
 
@@ -112,3 +117,32 @@ class LayerReference:
             raise ValueError(f"{self.shard} is not the last stage")
         self._check_hidden(h)
         return F.linear(self.model.norm(h.to(self.device, self.compute_dtype)), self.model.head_weight())
+
+
+def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_input: torch.Tensor,
+                     boundaries: torch.Tensor) -> tuple[LayerVerdict, list[LayerVerdict]]:
+    """A stage audit from its committed boundaries (L + 1, T, D): the embeddings of stage 0's token
+    ids bit for bit, then every layer alone against `ref` (float32) and, for a low-precision stage,
+    `same` (its serving dtype). Returns (the stage's verdict, each boundary's verdict)."""
+    shard, L = ref.shard, ref.shard.n_shard_layers
+    if not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 3 or boundaries.shape[0] != L + 1 \
+            or boundaries.shape[2] != ref.config.hidden_size:
+        v = LayerVerdict(COULD_NOT_CHECK, f"boundaries {tuple(getattr(boundaries, 'shape', ()))} are not "
+                                          f"({L + 1}, T, {ref.config.hidden_size})")
+        return v, [v]
+    verdicts = []
+    try:
+        if shard.is_first:
+            verdicts.append(check_embedding(boundaries[0], ref.embed(stage_input).to(boundaries.dtype)))
+        elif stage_input.shape != boundaries[0].shape or not torch.equal(stage_input.to(boundaries.dtype),
+                                                                        boundaries[0]):
+            # the receipt's input hash binds boundary 0 to what upstream sent
+            verdicts.append(LayerVerdict("fail", "boundary 0 is not the stage's input", shard.start))
+        for i in range(L):
+            x, y = boundaries[i], boundaries[i + 1]
+            r = ref.layer(shard.start + i, x).cpu()
+            s = None if same is None else same.layer(shard.start + i, x).cpu()
+            verdicts.append(check_layer(x.cpu(), y.cpu(), r, shard.start + i, same=s))
+    except ValueError as exc:  # e.g. token ids outside the vocabulary: nothing to re-execute
+        verdicts.append(LayerVerdict(COULD_NOT_CHECK, f"cannot re-execute: {exc}", shard.start))
+    return combine(verdicts), verdicts

@@ -17,7 +17,7 @@ from node.runtime import ShardRuntime
 from node.shard import Checkpoint, Shard, tensor_names
 from verification.layer_compare import (COULD_NOT_CHECK, FAIL, PASS, REFERENCE_THRESHOLDS, SAME_RECIPE_THRESHOLDS,
                                         check_embedding, check_layer, combine)
-from verification.layers import LayerReference
+from verification.layers import LayerReference, audit_boundaries
 
 F32, BF16 = torch.float32, torch.bfloat16
 # 90-100 tokens: longer than the window cheat's 64
@@ -73,6 +73,36 @@ def test_boundaries_of_decode_match_one_prefill(stage):
     assert not plain.sessions["p"].boundaries
 
 
+def test_audit_boundaries_gives_one_verdict(stage):
+    config, shard, tensors, refs = stage
+    rt = ShardRuntime.from_tensors(config, shard, tensors, dtype=BF16, max_sessions=2, max_seq_len=128,
+                                   capture_boundaries=True)
+    (ids, b), = serve(rt, PROMPTS[:1], 1, 2, 3)
+    verdict, each = audit_boundaries(*refs[BF16], ids, b)
+    assert verdict.outcome == PASS and len(each) == shard.n_shard_layers + 1
+    assert audit_boundaries(*refs[BF16], ids, b[:-1])[0].outcome == COULD_NOT_CHECK
+    forged = b.clone()
+    forged[2, 5] += 0.5  # one row of one boundary changed after the fact
+    verdict, each = audit_boundaries(*refs[BF16], ids, forged)
+    assert verdict.outcome == FAIL and verdict.layer == 1
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_a_cheat_on_the_decoded_rows_alone_fails_against_the_reference(stage, dtype):
+    """Prefill honest, the decode steps of one layer skipped: the largest row error shows it."""
+    config, shard, tensors, refs = stage
+    rt = ShardRuntime.from_tensors(config, shard, tensors, dtype=dtype, max_sessions=2, max_seq_len=128,
+                                   capture_boundaries=True)
+    (ids, b), = serve(rt, PROMPTS[:1], 1, 1, 4)
+    forged = b.clone()
+    forged[2, -4:] = forged[1, -4:]  # layer 1 "skipped" on the 4 decoded rows; later layers honest from there
+    forged[3, -4:] = refs[dtype][0].layer(2, forged[2])[-4:].to(dtype)  # layer 2 honest from its input
+    verdicts = [check_layer(forged[i], forged[i + 1], refs[dtype][0].layer(i, forged[i]), i,
+                            thresholds=REFERENCE_THRESHOLDS) for i in range(3)]
+    assert [v.outcome for v in verdicts] == [PASS, FAIL, PASS], [v.reason for v in verdicts]
+    assert "largest" in verdicts[1].reason
+
+
 CHEATS = ["int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model"]
 
 
@@ -115,6 +145,8 @@ def test_thresholds_sit_nearer_the_honest_side():
     checks = [  # dtype, statistic, threshold, cheat it must catch
         ("float32", "median", REFERENCE_THRESHOLDS[F32].median_max, "tamper"),
         ("float32", "quantile", REFERENCE_THRESHOLDS[F32].quantile_max, "tamper"),
+        ("float32", "max", REFERENCE_THRESHOLDS[F32].max_max, "tamper"),
+        ("bfloat16", "max", REFERENCE_THRESHOLDS[BF16].max_max, "skip-layer"),
         ("bfloat16", "median", REFERENCE_THRESHOLDS[BF16].median_max, "int4"),
         ("bfloat16", "quantile", REFERENCE_THRESHOLDS[BF16].quantile_max, "int4"),
         ("bfloat16", "same_median", SAME_RECIPE_THRESHOLDS[BF16].same_median_max, "int8"),
