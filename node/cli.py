@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="what the shard computes in (default: float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--fault-injection", metavar="KIND",
-                   help="misbehave on purpose, to test the auditors: noise, skip, wrong-model, lazy, bad-verifier")
+                   help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
+                        "bad-verifier, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_join)
 

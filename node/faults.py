@@ -14,6 +14,15 @@ Kinds:
                    random init, each tensor Gaussian with that tensor's own mean and std.
 - lazy             runs none of its layers: echoes its input (stage 0 returns the embeddings).
 - bad-verifier     serves honestly, but lies as a verifier (`lies_as_verifier`).
+Cheaper or sloppier copies of the work, on every layer of the range unless said otherwise:
+- int8             linear weights rounded to 8 bits, one absmax scale per output channel.
+- fp8              linear weights rounded to float8_e4m3, one absmax scale per tensor.
+- int4             linear weights rounded to 4 bits, one absmax scale per group of 32 inputs.
+- tamper           every weight (norms too) x (1 + 1e-3 N(0, 1)), seeded.
+- skip-layer       one layer skipped: the middle one of the range.
+- window           attention sees only the last WINDOW_TOKENS tokens (itself included).
+- token            stage 0: the first token of every prefill step (T > 1) embedded as the next id.
+- other-model      another model's layers: as wrong-model, from another seed.
 Skipped layers are replaced by an identity module with the layer's signature, so the KV-cache
 bookkeeping (slots, positions) is unchanged.
 """
@@ -25,8 +34,65 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier")
+FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier",
+               "int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")
+QUANTIZED_KINDS = ("int8", "fp8", "int4")
 DEFAULT_NOISE_REL = 1e-2
+TAMPER_REL = 1e-3
+WINDOW_TOKENS = 64
+INT4_GROUP = 32
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """`w` (out, in) rounded the way a cheaper copy would hold it, dequantized back to float32."""
+    w = w.float()
+    if kind == "int8":
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127  # (out, 1)
+        return (w / scale).round().clamp(-127, 127) * scale
+    if kind == "int4":
+        out, n_in = w.shape
+        g = w.reshape(out, -1, INT4_GROUP) if n_in % INT4_GROUP == 0 else w[:, None, :]  # (out, groups, 32)
+        scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 7
+        return ((g / scale).round().clamp(-8, 7) * scale).reshape(out, n_in)
+    if kind == "fp8":
+        scale = w.abs().amax().clamp_min(1e-30) / FP8_MAX
+        return (w / scale).to(torch.float8_e4m3fn).float() * scale
+    raise ValueError(f"no quantizer {kind!r}")
+
+
+class WindowedAttention(nn.Module):
+    """An Attention whose every query sees only the last `window` tokens up to itself."""
+
+    def __init__(self, attn: nn.Module, window: int):
+        super().__init__()
+        self.attn, self.window = attn, window
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
+        T = x.shape[1]
+        if mask is None:  # a fresh prefill: plain causal over T tokens
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+        # masks here are a prefix of True per row (causal): keep only its last `window` entries
+        from_end = mask.flip(-1).cumsum(-1).flip(-1)  # (B, 1, T, L): True entries at or after each key
+        return self.attn(x, cos, sin, k_cache, v_cache, write, read, mask & (from_end <= self.window))
+
+
+class SwappedTokenEmbedding(nn.Module):
+    """An embedding that embeds the first token of every step as the next id of the vocabulary."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.embed = embed
+
+    @property
+    def weight(self) -> torch.Tensor:  # a tied head still reads the true matrix
+        return self.embed.weight
+
+    def forward(self, ids):  # (B, T)
+        if ids.shape[1] > 1:  # prefill steps only; decode rows pass unchanged
+            ids = ids.clone()
+            ids[:, 0] = (ids[:, 0] + 1) % self.embed.num_embeddings
+        return self.embed(ids)
 
 
 class SkippedLayer(nn.Module):
@@ -84,13 +150,38 @@ class Fault:
             for i in range(keep, n):
                 layers[i] = SkippedLayer()
             runtime.graphs = None  # CUDA graphs captured the real layers: decode through the modules
-        elif self.kind == "wrong-model":
+        elif self.kind == "skip-layer":
+            layers[n // 2] = SkippedLayer()
+            runtime.graphs = None
+        elif self.kind == "window":
+            for layer in layers:
+                layer.attn = WindowedAttention(layer.attn, WINDOW_TOKENS)
+            runtime.graphs = None
+        elif self.kind == "token":
+            if runtime.model.embed is None:
+                raise ValueError("the 'token' fault needs stage 0 (it changes an input token)")
+            runtime.model.embed = SwappedTokenEmbedding(runtime.model.embed)
+            runtime.graphs = None
+        elif self.kind in QUANTIZED_KINDS or self.kind == "tamper":
             generator = torch.Generator().manual_seed(self.seed)
+            with torch.no_grad():
+                for layer in layers:
+                    for name, p in layer.named_parameters():
+                        if self.kind == "tamper":
+                            noise = torch.randn(p.shape, generator=generator).to(p.device)
+                            fake = p.float() * (1 + TAMPER_REL * noise)
+                        elif p.dim() == 2:  # linear weights; norms and biases stay
+                            fake = quantize(p, self.kind)
+                        else:
+                            continue
+                        p.copy_(fake.to(p.dtype))  # in place: CUDA graphs keep pointing at p
+        elif self.kind in ("wrong-model", "other-model"):
+            generator = torch.Generator().manual_seed(self.seed + (1 << 20 if self.kind == "other-model" else 0))
             with torch.no_grad():
                 for layer in layers:
                     for p in layer.parameters():
                         mean, std = p.float().mean(), p.float().std() if p.numel() > 1 else torch.tensor(0.0)
-                        fake = torch.randn(p.shape, generator=generator) * std + mean
+                        fake = (torch.randn(p.shape, generator=generator) * std.cpu() + mean.cpu()).to(p.device)
                         p.copy_(fake.to(p.dtype))  # in place: CUDA graphs keep pointing at p
 
     def perturb(self, out: torch.Tensor) -> torch.Tensor:

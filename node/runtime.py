@@ -5,12 +5,19 @@ applies the final norm and LM head and returns logits; every other stage returns
 Decode steps of different sessions run as one batch. On a CUDA device decode runs fused kernels
 replayed from CUDA graphs (node/cuda_graphs.py); prefill, and every step on the CPU, run the
 layers of node/layers.py.
+
+With `capture_boundaries` a runtime also keeps, per session, the hidden state at every layer
+boundary of its range in its serving dtype: (n_shard_layers + 1, T, D), row 0 the stage's input
+(stage 0: the embeddings), row i + 1 the output of its i-th layer. An audit re-checks each layer
+alone from them (verification/layers.py). Off by default: then nothing is kept or copied.
+Capturing decodes through the layers of node/layers.py (the CUDA graphs would need a static
+(L + 1, B, D) buffer written inside the captured step).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +44,8 @@ class Session:
     slot: int
     n_tokens: int = 0  # tokens already in this session's cache
     last_used_s: float = 0.0
+    # with capture_boundaries: (L + 1, t, D) per step, in order; concatenated on first read
+    boundaries: list[torch.Tensor] = field(default_factory=list)
 
 
 class ShardModel(nn.Module):
@@ -103,12 +112,14 @@ class ShardRuntime:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         cuda_graphs: bool = True,
         on_tensor_loaded=None,
+        capture_boundaries: bool = False,
     ):
         """`cuda_graphs`: on a CUDA device, decode through fused kernels and CUDA graphs (False:
-        the layers of node/layers.py, as on the CPU). `on_tensor_loaded(name)`: loading progress."""
+        the layers of node/layers.py, as on the CPU). `on_tensor_loaded(name)`: loading progress.
+        `capture_boundaries`: keep every session's layer-boundary hidden states (`boundaries`)."""
         config = ModelConfig.load(model_dir)
         self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device, dtype,
-                    max_sessions, max_seq_len, idle_timeout_s, cuda_graphs)
+                    max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_boundaries)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],
@@ -117,11 +128,12 @@ class ShardRuntime:
         runtime = cls.__new__(cls)
         kwargs = {**dict(device="cpu", dtype=torch.float32, max_sessions=DEFAULT_MAX_SESSIONS,
                          max_seq_len=DEFAULT_MAX_SEQ_LEN, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S,
-                         cuda_graphs=True), **kwargs}
+                         cuda_graphs=True, capture_boundaries=False), **kwargs}
         runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
         return runtime
 
-    def _build(self, config, shard, load, device, dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs):
+    def _build(self, config, shard, load, device, dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
+               capture_boundaries=False):
         self.config = config
         if shard.n_layers != self.config.n_layers:
             raise ModelError(f"shard says {shard.n_layers} layers, the model has {self.config.n_layers}")
@@ -135,7 +147,11 @@ class ShardRuntime:
         self.loaded_tensors = load(self.model)
         cos, sin = rope_tables(self.config, self.max_seq_len)
         self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
-        use_graphs = cuda_graphs and self.device.type == "cuda" and triton_usable(self.device)
+        self.capture_boundaries = capture_boundaries
+        # the hidden states of the latest step's boundaries, [input, after layer 0, ...], each (B, T, D)
+        self._taken: list[torch.Tensor] | None = None
+        use_graphs = (cuda_graphs and not capture_boundaries and self.device.type == "cuda"
+                      and triton_usable(self.device))
         # the graphs pad batches with rows that write into one extra slot, owned by no session
         self.cache = KVCache(
             shard.n_shard_layers, max_sessions + (1 if use_graphs else 0), self.config.n_kv_heads, self.max_seq_len,
@@ -212,6 +228,9 @@ class ShardRuntime:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(diagonal=start)[None, None]
         positions = slice(start, start + T)
         h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read, mask)
+        if self._taken is not None:
+            session.boundaries.append(torch.stack(self._taken)[:, 0])  # (L + 1, T, D)
+            self._taken = None
         session.n_tokens += T
         session.last_used_s = time.monotonic()
         h = h[0]  # (T, D)
@@ -249,6 +268,11 @@ class ShardRuntime:
         else:
             x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
             out = self._decode_layers(x, slot_list, pos_list)
+        if self._taken is not None:
+            taken = torch.stack(self._taken)[:, :, 0]  # (L + 1, B, D)
+            for row, s in enumerate(sessions):
+                s.boundaries.append(taken[:, row:row + 1])
+            self._taken = None
         now = time.monotonic()
         for s in sessions:
             s.n_tokens += 1
@@ -286,9 +310,33 @@ class ShardRuntime:
 
     def _forward(self, x, cos, sin, write, read, mask) -> torch.Tensor:
         h = self.model.embed(x) if self.shard.is_first else x.to(self.dtype)  # (B, T, D)
+        if self.capture_boundaries:
+            return self._forward_captured(h, cos, sin, write, read, mask)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask)
         return h
+
+    def _forward_captured(self, h, cos, sin, write, read, mask) -> torch.Tensor:
+        taken = [h]  # each layer returns a new tensor: keeping references copies nothing
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask)
+            taken.append(h)
+        self._taken = taken
+        return h
+
+    def boundaries(self, session_id: str) -> torch.Tensor:
+        """The layer-boundary hidden states of every position fed to an open session so far:
+        (n_shard_layers + 1, T, D) in the serving dtype, on the runtime's device."""
+        if not self.capture_boundaries:
+            raise SessionError("this runtime does not capture layer boundaries")
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"unknown session {session_id!r}")
+        if not session.boundaries:
+            raise SessionError(f"session {session_id!r} has run no step yet")
+        if len(session.boundaries) > 1:
+            session.boundaries[:] = [torch.cat(session.boundaries, dim=1)]
+        return session.boundaries[0]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.norm(h), self.model.head_weight())

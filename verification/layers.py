@@ -1,0 +1,148 @@
+"""Re-execution of ONE layer at a time, for a per-layer audit (DESIGN 5).
+
+A stage commits to the hidden state at every layer boundary of its range, in the dtype it serves
+in (node/runtime.py `capture_boundaries`). The verifier re-runs each layer i alone, over all the
+request's positions in one causal prefill, from the committed input of layer i, and compares with
+the committed output of layer i (verification/layer_compare.py). Honest drift is then one layer's
+drift whatever the stage's depth; a cheat shows at every layer it touches.
+
+The reference holds the weights exactly as the stage should: the checkpoint's tensors rounded to
+the serving dtype, then held in the compute dtype (float32 for the reference; the serving dtype
+itself for a same-recipe recompute, which runs the serving path's op sequence).
+
+    ref = LayerReference.from_checkpoint(model_dir, shard, serving_dtype=torch.bfloat16)
+    y = ref.layer(shard.start + i, boundaries[i])         # (T, D) in float32
+    e = ref.embed(ids)                                    # stage 0: boundary 0
+    logits = ref.head(boundaries[-1])                     # last stage: final norm + head
+    verdict = audit_boundaries(ref, same, stage_input, boundaries)   # all of it, one verdict
+
+The last stage's tokens are checked as before (verification/compare.py `compare_tokens`) on
+`ref.head` of its last boundary's sampled rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from node.config import ModelConfig
+from node.layers import DecoderLayer, rope_tables
+from node.runtime import ShardModel
+from node.shard import Checkpoint, Shard, tensor_names
+from verification.layer_compare import COULD_NOT_CHECK, LayerVerdict, check_embedding, check_layer, combine
+
+MAX_TOKENS = 1 << 15  # positions one re-execution may cover
+
+
+def run_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder layer over T positions (a fresh causal prefill, no cache): x (T, D) -> (T, D)."""
+    kv: dict[str, torch.Tensor] = {}
+
+    def write(name, new):  # new: (1, Hkv, T, Dh); the "cache" is just this step's keys/values
+        kv[name] = new
+
+    def read(name):
+        return kv[name]
+
+    return layer(x[None], cos[None, None], sin[None, None], "k", "v", write, read, None)[0]
+
+
+class LayerReference:
+    """The layers of one shard with the serving dtype's weights, run one at a time in `compute_dtype`."""
+
+    def __init__(self, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],
+                 serving_dtype: torch.dtype, compute_dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        if shard.n_layers != config.n_layers:
+            raise ValueError(f"shard {shard} does not fit a model of {config.n_layers} layers")
+        self.config, self.shard = config, shard
+        self.serving_dtype, self.compute_dtype, self.device = serving_dtype, compute_dtype, torch.device(device)
+        names = tensor_names(config, shard)
+        rounded = {n: tensors[n].to(serving_dtype).to(compute_dtype) for n in names}  # as the stage holds them
+        self.model = ShardModel(config, shard, compute_dtype, self.device).eval()
+        self.model.load_tensors(rounded)
+        self._rope_tokens = 0
+        self.cos = self.sin = None
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, shard: Shard, serving_dtype: torch.dtype,
+                        compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        config = ModelConfig.load(model_dir)
+        # loaded in float32: rounding to the serving dtype happens once, in __init__
+        tensors = Checkpoint(model_dir).load(tensor_names(config, shard), dtype=torch.float32, device="cpu")
+        return cls(config, shard, tensors, serving_dtype, compute_dtype, device)
+
+    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if T > self._rope_tokens:
+            cos, sin = rope_tables(self.config, max(T, 256))
+            # the serving runtime casts the tables to its dtype: so does a same-recipe recompute
+            self.cos, self.sin = cos.to(self.device, self.compute_dtype), sin.to(self.device, self.compute_dtype)
+            self._rope_tokens = max(T, 256)
+        return self.cos[:T], self.sin[:T]
+
+    def _check_hidden(self, x: torch.Tensor) -> None:
+        D = self.config.hidden_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != D or not 0 < x.shape[0] <= MAX_TOKENS \
+                or not x.is_floating_point():
+            raise ValueError(f"expected hidden states (T <= {MAX_TOKENS}, {D}), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+
+    @torch.inference_mode()
+    def layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `index` (absolute, within the shard) over the committed input x (T, D) of that layer,
+        upcast as it is: returns its output (T, D) in the compute dtype."""
+        if not self.shard.start <= index < self.shard.end:
+            raise ValueError(f"layer {index} is outside {self.shard}")
+        self._check_hidden(x)
+        cos, sin = self._rope(x.shape[0])
+        return run_layer(self.model.layers[index - self.shard.start], x.to(self.device, self.compute_dtype), cos, sin)
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Stage 0's boundary 0: the embeddings (T, D) of token ids (T,)."""
+        if self.model.embed is None:
+            raise ValueError(f"{self.shard} does not embed tokens")
+        if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32) or not 0 < ids.numel() <= MAX_TOKENS:
+            raise ValueError(f"expected token ids (T,), got {ids.dtype} {tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        return self.model.embed(ids.to(self.device, torch.int64))
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last stage: final norm and LM head over its last boundary h (T, D): logits (T, V)."""
+        if self.model.norm is None:
+            raise ValueError(f"{self.shard} is not the last stage")
+        self._check_hidden(h)
+        return F.linear(self.model.norm(h.to(self.device, self.compute_dtype)), self.model.head_weight())
+
+
+def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_input: torch.Tensor,
+                     boundaries: torch.Tensor) -> tuple[LayerVerdict, list[LayerVerdict]]:
+    """A stage audit from its committed boundaries (L + 1, T, D): the embeddings of stage 0's token
+    ids bit for bit, then every layer alone against `ref` (float32) and, for a low-precision stage,
+    `same` (its serving dtype). Returns (the stage's verdict, each boundary's verdict)."""
+    shard, L = ref.shard, ref.shard.n_shard_layers
+    if not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 3 or boundaries.shape[0] != L + 1 \
+            or boundaries.shape[2] != ref.config.hidden_size:
+        v = LayerVerdict(COULD_NOT_CHECK, f"boundaries {tuple(getattr(boundaries, 'shape', ()))} are not "
+                                          f"({L + 1}, T, {ref.config.hidden_size})")
+        return v, [v]
+    verdicts = []
+    try:
+        if shard.is_first:
+            verdicts.append(check_embedding(boundaries[0], ref.embed(stage_input).to(boundaries.dtype)))
+        elif stage_input.shape != boundaries[0].shape or not torch.equal(stage_input.to(boundaries.dtype),
+                                                                        boundaries[0]):
+            # the receipt's input hash binds boundary 0 to what upstream sent
+            verdicts.append(LayerVerdict("fail", "boundary 0 is not the stage's input", shard.start))
+        for i in range(L):
+            x, y = boundaries[i], boundaries[i + 1]
+            r = ref.layer(shard.start + i, x).cpu()
+            s = None if same is None else same.layer(shard.start + i, x).cpu()
+            verdicts.append(check_layer(x.cpu(), y.cpu(), r, shard.start + i, same=s))
+    except ValueError as exc:  # e.g. token ids outside the vocabulary: nothing to re-execute
+        verdicts.append(LayerVerdict(COULD_NOT_CHECK, f"cannot re-execute: {exc}", shard.start))
+    return combine(verdicts), verdicts
