@@ -1,7 +1,7 @@
 """Per-layer audit calibration: honest drift and cheats, one layer checked at a time.
 
 A stage served with `capture_boundaries` commits to the hidden state at every layer boundary. Each
-audit here re-executes ONE layer of ONE request (verification/layers.py) from the committed input
+audit here re-executes ONE layer of ONE request (node/layer_reference.py) from the committed input
 of that layer, in float32 with the weights rounded to the serving dtype (the reference), and in
 the serving dtype itself (same recipe), then compares (verification/layer_compare.py). Stage 0's
 boundary 0 (the embeddings) is checked bit for bit.
@@ -36,7 +36,7 @@ from node.runtime import ShardRuntime  # noqa: E402
 from node.shard import Shard, tensor_names  # noqa: E402
 from verification.layer_compare import (FAIL, REFERENCE_THRESHOLDS, SAME_RECIPE_THRESHOLDS,  # noqa: E402
                                         check_embedding, check_layer, combine)
-from verification.layers import LayerReference  # noqa: E402
+from node.layer_reference import LayerReference  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 CHEATS = ("int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")

@@ -9,7 +9,7 @@ layers of node/layers.py.
 With `capture_boundaries` a runtime also keeps, per session, the hidden state at every layer
 boundary of its range in its serving dtype: (n_shard_layers + 1, T, D), row 0 the stage's input
 (stage 0: the embeddings), row i + 1 the output of its i-th layer. An audit re-checks each layer
-alone from them (verification/layers.py). Off by default: then nothing is kept or copied.
+alone from them (node/layer_reference.py). Off by default: then nothing is kept or copied.
 Capturing decodes through the layers of node/layers.py (the CUDA graphs would need a static
 (L + 1, B, D) buffer written inside the captured step).
 """

@@ -1,7 +1,7 @@
 """Per-layer comparison of a stage's committed layer boundaries with a single-layer re-execution.
 
 For layer i the stage committed its input x (T, D) and output y (T, D), in its serving dtype; the
-verifier recomputed r = layer_i(x) (verification/layers.py). Per position t the statistic is the
+verifier recomputed r = layer_i(x) (node/layer_reference.py). Per position t the statistic is the
 error relative to the layer's own update, not to the residual stream,
 
     e_t = ||y_t - r_t|| / (||r_t - x_t|| + eps ||r_t||)        (eps: the dtype's machine epsilon)

@@ -1,5 +1,5 @@
 """Per-layer audits on the default model: a 3-layer stage [0, 3) served through ShardRuntime with its
-layer boundaries captured, each layer re-executed alone (verification/layers.py) and compared
+layer boundaries captured, each layer re-executed alone (node/layer_reference.py) and compared
 (verification/layer_compare.py). Honest serving passes, every cheat fails, garbage is could-not-check."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from node.runtime import ShardRuntime
 from node.shard import Checkpoint, Shard, tensor_names
 from verification.layer_compare import (COULD_NOT_CHECK, FAIL, PASS, REFERENCE_THRESHOLDS, SAME_RECIPE_THRESHOLDS,
                                         check_embedding, check_layer, combine)
-from verification.layers import LayerReference, audit_boundaries
+from node.layer_reference import LayerReference, audit_boundaries
 
 F32, BF16 = torch.float32, torch.bfloat16
 # 90-100 tokens: longer than the window cheat's 64
