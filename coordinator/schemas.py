@@ -42,7 +42,8 @@ StopText = text(1, MAX_STOP_CHARS)
 PromptText = text(1, MAX_PROMPT_CHARS)
 MessageText = text(0, MAX_PROMPT_CHARS)
 ApiKeyText = text(0, MAX_API_KEY_CHARS)
-STRICT = ConfigDict(extra="ignore", strict=True)  # JSON types as they are: no coercion of bools or strings
+# JSON types as they are: no coercion of bools or strings, no NaN or infinity (Python's parser reads them)
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):

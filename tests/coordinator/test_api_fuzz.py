@@ -5,6 +5,11 @@ fields, out-of-range values) go to the real app in this process, with a valid ke
 authentication to tokenizing, admission and the (scripted, instant) pool. The property: no answer
 is a 5xx, every error is in OpenAI's shape, every answer is JSON a browser can parse, and the app
 still serves afterwards. Fixed seed and a few hundred cases: reproducible and quick.
+
+The schema-driven generator rarely makes the values attackers send first (integers past 64 bits,
+lone surrogates, NaN), so a second property puts those into every field of the two generation
+routes and every integer of the ledger's queries; on the code before the edge limits it finds the
+ledger's 64-bit overflow at once.
 """
 
 from __future__ import annotations
@@ -84,5 +89,53 @@ def test_the_api_answers_any_request_its_schema_allows_or_forbids_without_a_5xx(
                        headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         assert any(path.endswith("completions") and status == 200 for path, status in seen)  # got to the pool
+    finally:
+        accounts.close()
+
+
+# Values the schema-driven generator rarely or never makes: integers past 64 bits, lone
+# surrogates, NaN and infinities (Python's JSON parser reads them), JSON of the wrong kind.
+HOSTILE = st.one_of(
+    st.integers(min_value=2**63 - 1, max_value=2**80), st.integers(max_value=-(2**63) + 1, min_value=-(2**80)),
+    st.booleans(), st.none(), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(), max_size=20),
+    st.lists(st.integers() | st.text(max_size=5), max_size=5), st.dictionaries(st.text(max_size=5), st.integers(),
+                                                                             max_size=3))
+BODY_FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+               "n", "stop", "stream", "stream_options")
+LEDGER_INT_ROUTES = ("/ledger/entries?after={}", "/ledger/checkpoints?after={}", "/ledger/accounts/x?recent={}",
+                     "/ledger/proofs/inclusion?seq={}&tree_size=1", "/ledger/proofs/consistency?first=0&second={}")
+
+
+def test_hostile_values_in_any_field_never_crash_the_api(tmp_path, tokenizer):  # noqa: F811
+    from starlette.testclient import TestClient
+
+    accounts = Accounts(tmp_path, N_LAYERS)
+    app = create_app(ScriptedPool(tokenizer, accounts, delay_s=0.0), tokenizer, MODEL, 512, (2,), accounts,
+                     rate_limit_rps=0)
+    key = accounts.add_consumer("hostile", 10**15)
+    base = {"/v1/completions": {"model": MODEL, "prompt": "Paris", "max_tokens": 2},
+            "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Paris"}],
+                                     "max_tokens": 2}}
+
+    @seed(FUZZ_SEED)
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(sorted(base)), field=st.sampled_from(BODY_FIELDS), value=HOSTILE,
+           ledger=st.sampled_from(LEDGER_INT_ROUTES), number=st.integers(min_value=-(2**70), max_value=2**70))
+    def one(c, path, field, value, ledger, number):
+        body = json.dumps({**base[path], field: value})  # NaN, Infinity and "\ud800" escapes as Python writes them
+        r = c.post(path, content=body, headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
+        assert r.status_code < 500, (path, field, r.text[:300])
+        if r.status_code >= 400:
+            assert set(json.loads(r.text)["error"]) == {"message", "type", "param", "code"}, r.text[:300]
+            assert key not in r.text
+        r = c.get(ledger.format(number))
+        assert r.status_code < 500, (ledger, number, r.text[:300])
+
+    try:
+        with TestClient(app) as c:
+            one(c)
+            r = c.post("/v1/completions", json=base["/v1/completions"], headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         accounts.close()
