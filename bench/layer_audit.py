@@ -324,15 +324,16 @@ def main() -> None:
           "reference; failS: vs same recipe; stage: stage audits caught (any boundary fails) / run")
     print(HEADER)
     started = time.perf_counter()
-    for name in args.shapes.split(","):
-        run_shape(name, args, results["shapes"])
-    results["elapsed_s"] = time.perf_counter() - started
     out = Path(args.out)
     if out.exists() and not args.replace:  # keep the other shapes' figures (runs per shape, or per device)
         old = json.loads(out.read_text())
         if old.get("device") == args.device:
-            results["shapes"] = {**old.get("shapes", {}), **results["shapes"]}
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            results["shapes"] = old.get("shapes", {})
+    for name in args.shapes.split(","):
+        results["shapes"].pop(name, None)
+        run_shape(name, args, results["shapes"])
+        results["elapsed_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(results, indent=1, default=str) + "\n")  # after each shape
     print(f"elapsed {results['elapsed_s']:.0f} s; wrote {args.out}")
 
 

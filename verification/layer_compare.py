@@ -76,18 +76,19 @@ class LayerVerdict:
 
 
 # Thresholds, from bench/layer_audit.json (this 2-core CPU, default model, one 30-layer stage,
-# 12 requests of 32-160 tokens + 8 decoded, served as prefill + decode b1 and as a 3-chunk prefill
-# + decode b8: 720 honest layer audits per dtype; cheats on the 4 longest requests, every layer).
-#   float32 vs the float32 reference. Honest: median of e_t <= 5e-7, p90 <= 9e-7, max <= 1.6e-6
+# 24 requests of 32-160 tokens + 8 decoded, served as prefill + decode b1 and as a 3-chunk prefill
+# + decode b8: 1440 honest layer audits per dtype, none failed; cheats on the 4 longest requests,
+# every layer. Random-weight Llama-3.2-1B / 3-8B shapes (4 / 2 layers) land inside these bounds.)
+#   float32 vs the float32 reference. Honest: median of e_t <= 5e-7, p90 <= 9e-7, max <= 2.6e-6
 #            (decode and chunked rows: other kernels; one prefill is bit-identical on one CPU).
-#            Weakest cheat, tamper (1e-3 relative weight noise): median >= 1.03e-3, p90 >= 1.34e-3,
-#            max >= 1.64e-3; int8 median >= 7.8e-3; window p90 >= 5.7e-3; skip-layer 1.0.
+#            Weakest cheat, tamper (1e-3 relative weight noise): median >= 1.07e-3, p90 >= 1.33e-3,
+#            max >= 1.73e-3; int8 median >= 8.0e-3; window p90 >= 1.9e-2; skip-layer 1.0.
 #            Thresholds 1e-4 / 2e-4 / 5e-4: ~100-300x the honest figures (room for GPU kernels),
 #            well under half-way to tamper. All 960 cheat layer audits fail.
 #   bfloat16 vs the float32 reference. Honest: median <= 0.0139 (per layer 0.004-0.012, flat in
-#            depth), p90 <= 0.030, max <= 0.235 (rows whose update is tiny against the stream).
-#            Caught: int4 (median >= 0.090), skip-layer / other-model (~1), window (p90 up to 0.68).
-#            fp8 (median >= 0.020) sits just above the honest maximum, int8 (>= 0.0094) and tamper
+#            depth), p90 <= 0.030, max <= 0.243 (rows whose update is tiny against the stream).
+#            Caught: int4 (median >= 0.090), skip-layer / other-model (~1), window (112 of 120 layers).
+#            fp8 (median >= 0.020, 96 of 120 layers fail) sits just above the honest maximum, int8 (>= 0.0094) and tamper
 #            (>= 0.0041) inside the honest spread: bf16 rounding inside the layer (2^-9 per op) hides
 #            them from a float32 reference. Thresholds 0.04 / 0.06 / 0.5: 2-3x the honest maxima,
 #            at most half-way to int4 (median, p90) and to skip-layer (max).
@@ -98,9 +99,9 @@ REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
 # bfloat16 against a same-recipe recompute s (the verifier also runs the layer in bf16, the serving
 # op sequence), on top of the reference's thresholds. Honest rows whose kernels differ from the
 # verifier's (masked attention of chunked prefill, batched decode) on one CPU: median error against
-# s <= 0.0033, elements > 1 ulp off <= 0.082, drift ratio 1.00-1.01. Cheats: int8 >= 0.0092 /
-# >= 0.46 / >= 1.09; fp8 >= 0.021 / 0.72 / 1.43; int4 0.090 / 0.92 / 5.0; tamper 0.0026-0.0067 /
-# 0.13-0.20 / 0.90-1.00: inside the honest spread in part, so caught on 97 of 120 layers only.
+# s <= 0.0033, elements > 1 ulp off <= 0.082, drift ratio 1.00-1.01. Cheats: int8 >= 0.0095 /
+# >= 0.46 / >= 1.15; fp8 >= 0.021 / 0.73 / 1.62; int4 0.090 / 0.92 / 5.7; tamper >= 0.0028 /
+# >= 0.13 / 0.91-1.00: partly inside the honest spread, caught on 100 of 120 layers only.
 # Thresholds 0.006 and 0.25: at most half-way from the honest maxima to int8; drift ratio 2.5.
 # NOT measured across hardware (GPU serving vs CPU verifier), where the honest fraction > 1 ulp and
 # the error against s will be larger: rerun bench/layer_audit.py --device cuda before relying on them.
