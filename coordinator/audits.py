@@ -31,7 +31,7 @@ from ledger.reader import LedgerReader
 from ledger.receipts import StageReceipt
 from ledger.service import LedgerService
 from ledger.state import FEES_VERIFICATION
-from node.recompute import Recomputer
+from node.layer_reference import LayerAuditor
 from node.transport import Identity, P2PNode, TransportError
 from node.verifier import fetch_retained
 from verification.check import FAIL, PASS, UNCHECKED, Outcome, check_stage, is_last
@@ -40,6 +40,8 @@ from wire.messages import (PROTO_AUDIT, AuditTask, AuditVerdict, MessageError, S
 
 log = logging.getLogger("meshpool.audits")
 
+WITHHELD_LIMIT = 3  # audits in a row a stage may fail to hand over its tensors before that is an offence
+ESCALATION_AUDITS = 8  # after a marginal failure: the provider's next stages audited, all refereed
 TICKET_LIFETIME_S = 300.0
 VERIFY_TIMEOUT_S = 120.0
 MAX_QUEUED_AUDITS = 10_000
@@ -66,18 +68,52 @@ class AuditResult:
     reason: str
 
 
+class Escalation:
+    """Escalate before slashing on the margin. A first marginal failure of a provider (its worst layer
+    statistic within verification.check.MARGINAL_EXCESS of the threshold) slashes nobody: its next
+    `audits` stages are all audited and refereed, and a failure among them, marginal or clear, is
+    recorded and slashed. A clear failure is recorded at once. Thread-safe: settlement threads ask who
+    is suspect, the auditor's thread decides."""
+
+    def __init__(self, audits: int = ESCALATION_AUDITS):
+        self.audits = audits
+        self._owed: dict[str, int] = {}  # peer -> escalated audits still owed
+        self._lock = threading.Lock()
+
+    def suspects(self) -> set[str]:
+        with self._lock:
+            return set(self._owed)
+
+    def decides(self, subject: str, truth: Outcome) -> bool:
+        """Whether this verdict of `subject` is recorded now (False: withheld, the provider escalated)."""
+        with self._lock:
+            owed = self._owed.get(subject)
+            if owed is None:
+                if truth.marginal:
+                    self._owed[subject] = self.audits
+                    return False
+                return True
+            if truth.outcome == FAIL or owed <= 1:
+                del self._owed[subject]
+            else:
+                self._owed[subject] = owed - 1
+            return True
+
+
 class Auditor:
     def __init__(self, node: P2PNode, identity: Identity, registry: Registry, ledger: LedgerService,
                  reader: LedgerReader, model_dir: Path, n_layers: int, on_standing_changed: Callable[[], None],
                  referee_check_ppm: int = 200_000, secret: bytes | None = None):
         self.node, self.identity, self.registry = node, identity, registry
         self.ledger, self.reader, self.params = ledger, reader, ledger.params
-        self.recomputer = Recomputer(model_dir)
+        self.layer_auditor = LayerAuditor(model_dir)
         self.n_layers = n_layers
         self.on_standing_changed = on_standing_changed
         self.referee_check_ppm = referee_check_ppm
         self.secret = secret or secrets.token_bytes(32)
         self.jobs: queue.Queue[AuditJob] = queue.Queue(maxsize=MAX_QUEUED_AUDITS)
+        self.escalation = Escalation()
+        self._withheld: dict[str, int] = {}  # peer -> audits in a row it withheld its tensors; auditor thread only
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="auditor", daemon=True)
 
@@ -90,8 +126,10 @@ class Auditor:
 
     def consider(self, request, receipts: list[StageReceipt]) -> None:
         """After a settlement: draw, for each paid stage, whether it is audited."""
+        suspects = self.escalation.suspects()
         for index, receipt in enumerate(receipts):
-            if should_audit(self.secret, receipt.request_id, index, self.params.audit_probability_ppm):
+            if receipt.provider_id in suspects or should_audit(self.secret, receipt.request_id, index,
+                                                               self.params.audit_probability_ppm):
                 job = AuditJob(f"{receipt.request_id}.{index}", receipt, index, request.sampling,
                                tuple(request.prompt_ids + request.tokens))
                 try:
@@ -122,16 +160,33 @@ class Auditor:
         answer = self._ask(verifier, job, record.addrs) if verifier else None
         if answer is not None and answer.outcome == UNCHECKED:  # the verifier could not judge: no verdict
             answer = None
-        referee = (answer is None or not answer.ok or not self.registry.may_serve(verifier)
+        suspect = subject in self.escalation.suspects()
+        referee = (suspect or answer is None or not answer.ok or not self.registry.may_serve(verifier)
                    or secrets.randbelow(PPM) < self.referee_check_ppm)
         truth = self._referee(job, record.addrs) if referee else answer
+        truth = self._withholding(subject, truth)
         if truth.outcome == UNCHECKED:
             log.info("audit %s of %s could not be checked: %s", job.audit_id, subject, truth.reason)
+            return None
+        if not self.escalation.decides(subject, truth):
+            log.warning("audit %s of %s failed on the margin (%s): escalating", job.audit_id, subject, truth.reason)
             return None
         result = AuditResult(job.audit_id, subject, verifier if answer else None,
                              answer.outcome if answer else None, referee, truth.outcome, truth.reason)
         self._record(job, result, truth)
         return result
+
+    def _withholding(self, subject: str, truth: Outcome) -> Outcome:
+        """A stage that cannot be checked blames nobody once (its retention may have run out); one
+        that withholds its tensors WITHHELD_LIMIT audits in a row has failed them."""
+        if not truth.metrics.get("withheld"):
+            self._withheld.pop(subject, None)
+            return truth
+        self._withheld[subject] = self._withheld.get(subject, 0) + 1
+        if self._withheld[subject] < WITHHELD_LIMIT:
+            return truth
+        del self._withheld[subject]
+        return Outcome(FAIL, f"withheld its retained tensors {WITHHELD_LIMIT} audits in a row ({truth.reason})")
 
     def _pick_verifier(self, subject: str) -> str | None:
         """A live provider other than the subject: newcomers first, then idle ones, then serving."""
@@ -148,7 +203,8 @@ class Auditor:
         expires_ms = time.time_ns() // 1_000_000 + int(TICKET_LIFETIME_S * 1000)
         ticket = self.identity.sign(ticket_bytes(r.request_id, verifier, expires_ms))
         return AuditTask(job.audit_id, r.request_id, r.provider_id, tuple(subject_addrs), r.model, r.layer_start,
-                         r.layer_end, self.n_layers, r.input_hash, r.output_hash, job.sampling, expires_ms, ticket)
+                         r.layer_end, self.n_layers, r.input_hash, r.output_hash, r.layers_hash, r.dtype, job.sampling,
+                         expires_ms, ticket)
 
     def _ask(self, verifier: str, job: AuditJob, subject_addrs: list[str]) -> Outcome | None:
         task = self._task(job, verifier, subject_addrs)
@@ -169,9 +225,9 @@ class Auditor:
             tensors = fetch_retained(self.node, task, task.expires_ms, task.ticket)
         except TransportError as exc:
             return Outcome(UNCHECKED, f"the stage cannot be reached: {exc}")
-        except MessageError as exc:  # reachable, but did not keep what it signed for
-            return Outcome(FAIL, str(exc))
-        outcome = check_stage(self.recomputer.for_task, task, tensors)
+        except MessageError as exc:  # reachable, but did not hand over what it signed for
+            return Outcome(UNCHECKED, f"withheld: {exc}", {"withheld": True})
+        outcome = check_stage(self.layer_auditor, task, tensors)
         if outcome.ok and is_last(task):
             # the tokens it retained must be the tokens it sent
             positions, tokens = tensors[2].tolist(), tensors[3].tolist()

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a new ledger's K: agreeing audits a newcomer needs before it may serve")
     p.add_argument("--referee-check-ppm", type=int, default=200_000,
                    help="share of agreeing verdicts from serving verifiers that the coordinator re-checks")
+    p.add_argument("--serving-dtype", choices=("float32", "bfloat16"), default="",  # wire.messages.SERVING_DTYPES
+                   help="the precision every stage serves in (default: each provider's own --dtype)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
@@ -70,7 +72,7 @@ def _serve(args) -> int:
         serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
               context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s,
               rate_limit_rps=args.rate_limit_rps, db=args.db, params=params,
-              referee_check_ppm=args.referee_check_ppm)
+              referee_check_ppm=args.referee_check_ppm, serving_dtype=args.serving_dtype)
     except (ModelError, ContractError, LedgerError) as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2

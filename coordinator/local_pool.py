@@ -29,13 +29,15 @@ class Process:
 
 class LocalPool:
     def __init__(self, root: Path, model_dir: Path | None = None, heartbeat_timeout_s: float = 3.0,
-                 context_tokens: int = 512, max_sessions: int = 8, coordinator_args: list[str] = ()):
+                 context_tokens: int = 512, max_sessions: int = 8, coordinator_args: list[str] = (),
+                 compute_threads: int = 1):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_dir = model_dir
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.context_tokens, self.max_sessions = context_tokens, max_sessions
         self.coordinator_args = list(coordinator_args)
+        self.compute_threads = compute_threads
         self.coordinator: Process | None = None
         self.providers: dict[str, Process] = {}  # peer id -> process
         self.p2p_addr = self.api = ""
@@ -47,9 +49,10 @@ class LocalPool:
         log = open(log_path, "w")
         popen = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
-            # Many processes share this machine's cores: one compute thread each, or OpenMP's
-            # spinning threads starve the others (and their libp2p event loops) of CPU.
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, start_new_session=True,
+            # Many processes share this machine's cores: one compute thread each by default, or
+            # OpenMP's spinning threads starve the others (and their libp2p event loops) of CPU.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.compute_threads)},
+            start_new_session=True,
         )
         proc = Process(name, popen, log_path)
         deadline = time.monotonic() + READY_TIMEOUT_S

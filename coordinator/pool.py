@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from coordinator import incidents
@@ -21,7 +21,7 @@ from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
                                  plan, provider_spec_from_profile)
 from coordinator.registry import Registry
-from wire.messages import Assign
+from wire.messages import SERVING_DTYPES, Assign, Stage
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -79,12 +79,16 @@ class Pool:
         workload: Workload,
         objective: Objective = Objective.THROUGHPUT,
         step_timeout_s: float = 30.0,
+        serving_dtype: str = "",
     ):
-        """`coordinator`: its peer id and addresses, stage 0's upstream and the last stage's downstream."""
+        """`coordinator`: its peer id and addresses, stage 0's upstream and the last stage's downstream.
+        `serving_dtype`: the precision every stage is assigned; "" lets each provider serve in the one
+        its profile asks for (`serving_dtype`, float32 when it names none)."""
         self.registry, self.model_shape, self.model_id = registry, model_shape, model_id
         self.coordinator_peer, self.coordinator_addrs = coordinator
         self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
         self.workload, self.objective, self.step_timeout_s = workload, objective, step_timeout_s
+        self.serving_dtype = serving_dtype
         self.lock = threading.RLock()
         self.active: dict[str, ActivePipeline] = {}
         self.pending: list[GenerationRequest] = []
@@ -222,14 +226,14 @@ class Pool:
             if pid in keep or busy & set(pipeline.peer_ids):
                 continue
             try:
-                self._assign_pipeline(pid, pipeline)
+                stages = self._assign_pipeline(pid, pipeline)
             except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
                 self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=pipeline.stages)
+                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages)
             started[pid] = ActivePipeline(pid, pipeline, driver)
             busy |= set(pipeline.peer_ids)
 
@@ -247,8 +251,9 @@ class Pool:
             self.pending = orphans + self.pending
             self._flush_pending()
 
-    def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> None:
-        stages = pipeline.stages
+    def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> tuple[Stage, ...]:
+        """Assign every stage; the stages as assigned, each with the precision it serves in."""
+        stages = tuple(replace(s, dtype=self._dtype_for(s.peer_id)) for s in pipeline.stages)
         # Last stage first, so that each stage's successor is ready when it connects.
         for i in reversed(range(len(stages))):
             prev_peer = stages[i - 1].peer_id if i > 0 else self.coordinator_peer
@@ -259,7 +264,16 @@ class Pool:
                 next_peer, next_addrs = self.coordinator_peer, self.coordinator_addrs
             self.assign(stages[i].peer_id, Assign(
                 pid, self.model_id, stages[i].start, stages[i].end, self.model_shape.n_layers, prev_peer, next_peer,
-                next_addrs, self.workload.batch, self.workload.context_tokens))
+                next_addrs, self.workload.batch, self.workload.context_tokens, stages[i].dtype))
+        return stages
+
+    def _dtype_for(self, peer: str) -> str:
+        """The coordinator decides each stage's precision; the stage's receipt commits to it."""
+        if self.serving_dtype:
+            return self.serving_dtype
+        record = self.registry.get(peer)
+        wanted = record.profile.get("serving_dtype") if record else None
+        return wanted if wanted in SERVING_DTYPES else "float32"
 
     def _driver_failed(self, pid: str, requests: list[GenerationRequest], reason: str) -> None:
         with self.lock:

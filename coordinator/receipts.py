@@ -74,7 +74,8 @@ class ReceiptBoard:
                 log.warning("request %s: no receipt from stage %d (%s)", request_id, index, peer)
                 break
             checks = (("model", r.model == model), ("layers", (r.layer_start, r.layer_end) == (start, end)),
-                      ("token count", r.token_count == tokens_processed), ("input hash", r.input_hash == expected_input))
+                      ("token count", r.token_count == tokens_processed), ("input hash", r.input_hash == expected_input),
+                      ("dtype", not stage.dtype or r.dtype == stage.dtype))
             wrong = [name for name, ok in checks if not ok]
             if wrong:
                 # An input hash unlike the predecessor's output hash means one of the two retained

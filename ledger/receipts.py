@@ -32,6 +32,10 @@ class StageReceipt:
     provider_id: str  # the provider's ledger account id (its peer id)
     public_key: str  # hex raw Ed25519 public key of the provider
     signature: str = ""  # hex Ed25519 signature over signed_bytes()
+    # hex SHA-256 of the hidden states at every layer boundary of the range, (L + 1, T, D): what a
+    # per-layer audit re-executes from ("" commits to nothing: such a receipt fails its audit)
+    layers_hash: str = ""
+    dtype: str = ""  # the precision the stage served in, as the coordinator assigned it
 
     def body(self) -> dict:
         data = asdict(self)

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="Hugging Face-format model directory (default: the shipped model)")
     p.add_argument("--quick-profile", action="store_true", help="smaller, faster hardware measurements")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="what the shard computes in (default: float32 on a CPU, bfloat16 on a GPU)")
+                   help="the precision to ask the coordinator for (default: float32 on a CPU, bfloat16 on a GPU)")
+    p.add_argument("--retention-mb", type=int, default=512,
+                   help="memory for the tensors kept for audits (every layer boundary of recent requests)")
     p.add_argument("--fault-injection", metavar="KIND",
                    help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
                         "bad-verifier, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
@@ -87,6 +89,7 @@ def _join(args) -> int:
     from node.models import default_model_dir
     from node.profile import available_devices, measure
     from node.provider import Provider
+    from node.retention import RetentionStore
     from node.status import StatusLine, StatusWriter
     from node.transport.identity import load_or_create
 
@@ -106,7 +109,8 @@ def _join(args) -> int:
     max_memory_bytes = (args.max_memory_mb * 2**20 if args.max_memory_mb
                         else profile.devices[0].memory_free_bytes)
     provider = Provider(identity, args.coordinator, model_dir, device, profile.to_dict(), max_memory_bytes,
-                        dtype=getattr(torch, args.dtype) if args.dtype else None, fault=fault)
+                        dtype=getattr(torch, args.dtype) if args.dtype else None, fault=fault,
+                        retained=RetentionStore(budget_bytes=args.retention_mb * 2**20))
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,6 +22,8 @@ The last stage's tokens are checked as before (verification/compare.py `compare_
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -29,9 +31,11 @@ import torch.nn.functional as F
 
 from node.config import ModelConfig
 from node.layers import DecoderLayer, rope_tables
+from node.models import model_id_of
 from node.runtime import ShardModel
 from node.shard import Checkpoint, Shard, tensor_names
 from verification.layer_compare import COULD_NOT_CHECK, LayerVerdict, check_embedding, check_layer, combine
+from wire.messages import AuditTask
 
 MAX_TOKENS = 1 << 15  # positions one re-execution may cover
 
@@ -146,3 +150,40 @@ def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_inp
     except ValueError as exc:  # e.g. token ids outside the vocabulary: nothing to re-execute
         verdicts.append(LayerVerdict(COULD_NOT_CHECK, f"cannot re-execute: {exc}", shard.start))
     return combine(verdicts), verdicts
+
+
+class LayerAuditor:
+    """verification.check's ReExecute for one model directory: re-executes every layer of an audited
+    stage against a float32 reference of the weights the stage was assigned (its dtype), on `device`.
+    References are kept per (shard, dtype), a few at a time."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_cached: int = 2):
+        if max_cached < 1:
+            raise ValueError("max_cached must be >= 1")
+        self.model_dir, self.device, self.max_cached = Path(model_dir), torch.device(device), max_cached
+        self.model_id = model_id_of(self.model_dir)
+        self._references: OrderedDict[tuple[Shard, torch.dtype], LayerReference] = OrderedDict()
+        self._lock = threading.Lock()  # one re-execution at a time: references are large
+
+    def __call__(self, task: AuditTask, stage_input: torch.Tensor, boundaries: torch.Tensor,
+                 rows: list[int]) -> tuple[LayerVerdict, list[LayerVerdict], torch.Tensor | None]:
+        if task.model != self.model_id:
+            raise ValueError(f"this verifier holds {self.model_id}, not {task.model}")
+        shard = Shard(task.model, task.start, task.end, task.n_layers)
+        dtype = getattr(torch, task.dtype)
+        with self._lock:
+            ref = self._reference(shard, dtype)
+            verdict, verdicts = audit_boundaries(ref, None, stage_input, boundaries)
+            logits = ref.head(boundaries[-1][rows]).cpu() if shard.is_last and rows else None
+        return verdict, verdicts, logits
+
+    def _reference(self, shard: Shard, dtype: torch.dtype) -> LayerReference:
+        key = (shard, dtype)
+        if key in self._references:
+            self._references.move_to_end(key)
+            return self._references[key]
+        ref = LayerReference.from_checkpoint(self.model_dir, shard, serving_dtype=dtype, device=self.device)
+        self._references[key] = ref
+        while len(self._references) > self.max_cached:
+            self._references.popitem(last=False)
+        return ref

@@ -26,7 +26,7 @@ from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, Trans
 from node.verifier import AuditService
 from wire.messages import (PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, AccountInfo,
                            AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message, MessageError, Ping,
-                           Receipts, Register, Step, Unassign, decode, refuse)
+                           Receipts, Register, Step, Unassign, decode, dtype_name, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
@@ -62,7 +62,9 @@ class Provider:
         self.identity, self.coordinator_addr = identity, coordinator_addr
         self.model_dir, self.device = model_dir, device
         self.dtype = dtype or serving_dtype(device.type)
-        self.profile, self.max_memory_bytes = profile, max_memory_bytes
+        # the profile asks for a precision; the coordinator decides it in each assignment
+        self.profile = {**profile, "serving_dtype": dtype_name(self.dtype)}
+        self.max_memory_bytes = max_memory_bytes
         self.model_id = model_id_of(model_dir)
         self.fault = fault
         self.retained = retained or RetentionStore()
@@ -163,10 +165,11 @@ class Provider:
                 with tqdm(total=len(tensor_names(ModelConfig.load(self.model_dir), shard)),
                           desc=f"loading layers [{shard.start}, {shard.end})", leave=False,
                           disable=not sys.stderr.isatty()) as bar:
+                    # every layer boundary is kept: the receipt commits to them, audits re-execute from them
                     runtime = ShardRuntime(
-                        self.model_dir, shard, device=self.device, dtype=self.dtype,
+                        self.model_dir, shard, device=self.device, dtype=getattr(torch, spec.dtype),
                         max_sessions=spec.max_sessions, max_seq_len=spec.max_seq_len,
-                        on_tensor_loaded=lambda _name: bar.update(),
+                        on_tensor_loaded=lambda _name: bar.update(), capture_boundaries=True,
                     )
                 if self.fault is not None:
                     self.fault.install(runtime)

@@ -40,12 +40,17 @@ class SessionRecord:
             self.positions.append(sampled[0])
             self.tokens.append(sampled[1])
 
-    def seal(self) -> "Retained":
+    def seal(self, boundaries: torch.Tensor | None = None) -> "Retained":
+        """`boundaries`: the hidden states at every layer boundary (L + 1, T, D), if the runtime kept them."""
         stage_input = torch.cat(self.inputs)
         output = [torch.cat(self.outputs)]
         if self.positions:
             output += [torch.tensor(self.positions, dtype=torch.int64), torch.tensor(self.tokens, dtype=torch.int64)]
-        return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output))
+        if boundaries is None:
+            return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output))
+        boundaries = boundaries.detach().to("cpu")
+        return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output), boundaries,
+                        tensor_digest([boundaries]))
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,17 @@ class Retained:
     output: list[torch.Tensor]  # [hidden] or, on the last stage, [hidden, positions, tokens]
     input_hash: str
     output_hash: str
+    boundaries: torch.Tensor | None = None  # (L + 1, T, D): the input of each layer, then the last output
+    layers_hash: str = ""
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """What an audit fetches: [input, *output] and the boundaries when kept."""
+        return [self.stage_input, *self.output, *([] if self.boundaries is None else [self.boundaries])]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.stage_input, *self.output])
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 class RetentionStore:

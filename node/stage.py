@@ -9,11 +9,11 @@ import time
 
 from ledger.receipts import StageReceipt
 from node.faults import Fault
-from node.retention import RetentionStore, SessionRecord
+from node.retention import Retained, RetentionStore, SessionRecord
 from node.runtime import SessionError, ShardRuntime
 from node.transport.identity import Identity
 from verification.sampling import sample
-from wire.messages import Close, Result, Step
+from wire.messages import Close, Result, Step, dtype_name
 
 
 class StepError(ValueError):
@@ -82,21 +82,24 @@ class StageWorker:
         """Free the sessions; for each named with a request id, seal its record and sign a receipt."""
         receipts = []
         for sid, request_id in zip(close.sessions, close.requests):
-            self.runtime.close(sid)
             record = self.records.pop(sid, None)
-            if record is None or not request_id:
-                continue
-            if self.identity is not None and self.retained is not None:
-                retained = record.seal()
+            keep = record is not None and request_id and self.identity is not None and self.retained is not None
+            boundaries = None
+            if keep and self.runtime.capture_boundaries and sid in self.runtime.sessions:
+                boundaries = self.runtime.boundaries(sid)
+            self.runtime.close(sid)
+            if keep:
+                retained = record.seal(boundaries)
                 self.retained.put(request_id, retained)
-                receipts.append(self._sign(request_id, record.n_tokens, retained.input_hash, retained.output_hash))
+                receipts.append(self._sign(request_id, record.n_tokens, retained))
         return receipts
 
-    def _sign(self, request_id: str, n_tokens: int, input_hash: str, output_hash: str) -> StageReceipt:
+    def _sign(self, request_id: str, n_tokens: int, retained: Retained) -> StageReceipt:
         shard = self.runtime.shard
         unsigned = StageReceipt(request_id=request_id, model=shard.model_id, layer_start=shard.start,
-                                layer_end=shard.end, token_count=n_tokens, input_hash=input_hash,
-                                output_hash=output_hash, provider_id=self.identity.peer_id_str,
-                                public_key=self.identity.public_key_bytes.hex())
+                                layer_end=shard.end, token_count=n_tokens, input_hash=retained.input_hash,
+                                output_hash=retained.output_hash, provider_id=self.identity.peer_id_str,
+                                public_key=self.identity.public_key_bytes.hex(), layers_hash=retained.layers_hash,
+                                dtype=dtype_name(self.runtime.dtype))
         signature = self.identity.sign(unsigned.signed_bytes()).hex()
         return StageReceipt(**{**unsigned.to_dict(), "signature": signature})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from node.recompute import Recomputer
+from node.layer_reference import LayerAuditor
 from node.retention import RetentionStore
 from node.transport import Frame, P2PNode, TransportError
 from node.transport.identity import verify_by_peer_id
@@ -57,8 +57,8 @@ class AuditService:
         self.node, self.model_dir, self.device = node, model_dir, device
         self.retained, self.coordinator_peer, self.lies = retained, coordinator_peer, lies
         self.on_audit = on_audit or (lambda: None)
-        self._recomputer: Recomputer | None = None
-        self._lock = threading.Lock()  # guards _recomputer's creation
+        self._auditor: LayerAuditor | None = None
+        self._lock = threading.Lock()  # guards _auditor's creation
 
     def handle(self, frame: Frame, peer: str) -> Frame:
         try:
@@ -81,7 +81,7 @@ class AuditService:
         kept = self.retained.get(fetch.request_id)
         if kept is None:
             return refuse(f"nothing retained for request {fetch.request_id!r}").to_frame()
-        return AuditData(fetch.request_id, (kept.stage_input, *kept.output)).to_frame()
+        return AuditData(fetch.request_id, tuple(kept.tensors)).to_frame()
 
     def _verify(self, task: AuditTask) -> Outcome:
         self.on_audit()
@@ -91,12 +91,12 @@ class AuditService:
             tensors = fetch_retained(self.node, task, task.expires_ms, task.ticket)
         except (TransportError, MessageError) as exc:
             return Outcome(UNCHECKED, f"could not fetch the stage's tensors: {exc}")
-        outcome = check_stage(self._get_recomputer().for_task, task, tensors)
+        outcome = check_stage(self._get_auditor(), task, tensors)
         log.info("audit %s of %s: %s %s", task.audit_id, task.subject, outcome.outcome, outcome.reason)
         return outcome
 
-    def _get_recomputer(self) -> Recomputer:
+    def _get_auditor(self) -> LayerAuditor:
         with self._lock:
-            if self._recomputer is None:
-                self._recomputer = Recomputer(self.model_dir, device=self.device)
-            return self._recomputer
+            if self._auditor is None:
+                self._auditor = LayerAuditor(self.model_dir, device=self.device)
+            return self._auditor

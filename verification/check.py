@@ -1,12 +1,18 @@
 """Judge one stage of one request from what it retained: hold the tensors to the receipt's hashes,
-recompute the layers, compare. Verifiers and the coordinator's referee both call `check_stage`;
-fetching the tensors and recomputing are theirs (node/verifier.py, node/recompute.py), so this
-module stays pure.
+re-execute every layer alone from its committed input, compare. Verifiers and the coordinator's
+referee both call `check_stage`; fetching the tensors and re-executing layers are theirs
+(node/verifier.py, node/layer_reference.py), so this module stays pure.
+
+A stage commits, besides its input and output, to the hidden state at every boundary of its layer
+range (the receipt's `layers_hash`), in the precision the coordinator assigned it (the receipt's
+`dtype`). Each layer is then checked on its own (verification/layer_compare.py): honest drift is
+one layer's drift whatever the stage's depth, and a cheat shows at the layer it touches.
 
 Three outcomes: "pass", "fail" (evidence of wrong work: what the stage handed over contradicts its
-receipt, or its outputs are not what its layers compute), and "unchecked" (nothing can be concluded:
-the honest recomputation itself is not finite, or the verifier cannot run it). Only a fail blames the
-stage; an unchecked audit blames nobody and is never a pass.
+receipt or its assignment, or its layers do not compute what the model's layers compute), and
+"unchecked" (nothing can be concluded: the honest re-execution itself is not finite, or the
+verifier cannot run it). Only a fail blames the stage; an unchecked audit blames nobody and is
+never a pass.
 """
 
 from __future__ import annotations
@@ -17,13 +23,22 @@ from typing import Callable
 import torch
 
 from verification.commitments import tensor_digest
-from verification.compare import compare_hidden, compare_tokens
+from verification.compare import compare_tokens
+from verification.layer_compare import COULD_NOT_CHECK, FAIL as LAYER_FAIL, REFERENCE_THRESHOLDS, LayerVerdict
 from wire.messages import AuditTask
 
 PASS, FAIL, UNCHECKED = "pass", "fail", "unchecked"
+# A layer failure whose worst statistic is at most this many times its threshold is marginal: the
+# auditor escalates it (more of the provider's work audited) before anybody is slashed. Everything
+# else that fails (a hash, the dtype, a boundary unlike the output, a token, a layer far over its
+# threshold) is clear.
+MARGINAL_EXCESS = 2.0
 
-# (task, dtype, stage input) -> (hidden states (T, D), logits (T, V) on the last stage else None)
-Recompute = Callable[[AuditTask, torch.dtype, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+# (task, stage input, boundaries (L + 1, T, D), rows) -> (the stage's verdict, each boundary's
+# verdict, the last stage's logits (len(rows), V) at those rows, else None); raises ValueError when
+# it cannot re-execute at all
+ReExecute = Callable[[AuditTask, torch.Tensor, torch.Tensor, list[int]],
+                     tuple[LayerVerdict, list[LayerVerdict], torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -36,40 +51,76 @@ class Outcome:
     def ok(self) -> bool:
         return self.outcome == PASS
 
+    @property
+    def marginal(self) -> bool:
+        """A failure within MARGINAL_EXCESS of a layer threshold (metrics["excess"])."""
+        return self.outcome == FAIL and 0 < self.metrics.get("excess", 0) <= MARGINAL_EXCESS
+
+
+def excess(verdict: LayerVerdict, dtype: torch.dtype) -> float:
+    """How far a failed layer's statistics are over their thresholds: the largest ratio."""
+    limits, stats = REFERENCE_THRESHOLDS.get(dtype), verdict.stats
+    if limits is None or stats is None:
+        return float("inf")
+    ratios = [stats.median / limits.median_max, stats.quantile / limits.quantile_max, stats.max / limits.max_max]
+    return max((r for r in ratios if r == r), default=float("inf"))  # NaN-free
+
 
 def is_last(task: AuditTask) -> bool:
     return task.end == task.n_layers
 
 
-def check_stage(recompute: Recompute, task: AuditTask, tensors: list[torch.Tensor]) -> Outcome:
-    """Judge a stage from its retained [input, *output] tensors against the receipt in `task`."""
-    if len(tensors) != (4 if is_last(task) else 2):
+def layer_metrics(verdicts: list[LayerVerdict]) -> dict:
+    """The evidence an audit records: layers checked and the worst per-layer statistics."""
+    stats = [v.stats for v in verdicts if v.stats is not None]
+    metrics = {"layers_checked": len(stats)}
+    for name in ("median", "quantile", "max"):
+        values = [getattr(s, name) for s in stats if getattr(s, name) == getattr(s, name)]  # not NaN
+        if values:
+            metrics[f"worst_{name}"] = max(values)
+    return metrics
+
+
+def check_stage(reexecute: ReExecute, task: AuditTask, tensors: list[torch.Tensor]) -> Outcome:
+    """Judge a stage from its retained [input, *output, boundaries] against the receipt in `task`."""
+    if not task.layers_hash:
+        return Outcome(FAIL, "the receipt commits to no layer boundaries")
+    if len(tensors) != (5 if is_last(task) else 3):
         return Outcome(FAIL, f"{len(tensors)} retained tensors, not what this stage keeps")
-    stage_input, output = tensors[0], tensors[1:]
+    stage_input, output, boundaries = tensors[0], tensors[1:-1], tensors[-1]
     if tensor_digest([stage_input]) != task.input_hash:
         return Outcome(FAIL, "retained input does not match the receipt's input hash")
     if tensor_digest(output) != task.output_hash:
         return Outcome(FAIL, "retained output does not match the receipt's output hash")
-    claimed_hidden = output[0]
-    if not claimed_hidden.is_floating_point() or claimed_hidden.dim() != 2:
-        return Outcome(FAIL, "retained output is not a matrix of hidden states")
-    dtype = claimed_hidden.dtype  # recompute in the precision the stage served in
+    if tensor_digest([boundaries]) != task.layers_hash:
+        return Outcome(FAIL, "retained layer boundaries do not match the receipt's layers hash")
+    claimed = output[0]
+    for name, t in (("output", claimed), ("layer boundaries", boundaries)):
+        if str(t.dtype).removeprefix("torch.") != task.dtype:
+            return Outcome(FAIL, f"{name} in {t.dtype}, but the stage was assigned {task.dtype}")
+    if claimed.dim() != 2 or boundaries.dim() != 3 or boundaries.shape[0] != task.end - task.start + 1 \
+            or tuple(boundaries.shape[1:]) != tuple(claimed.shape):
+        return Outcome(FAIL, f"boundaries {tuple(boundaries.shape)} do not fit "
+                             f"{task.end - task.start} layers and an output of {tuple(claimed.shape)}")
+    if not torch.equal(boundaries[-1], claimed):
+        return Outcome(FAIL, "the output sent is not the last layer's output")
+    rows: list[int] = []
+    if is_last(task):
+        positions = output[1].tolist()
+        if any(not 0 < p <= claimed.shape[0] for p in positions):
+            return Outcome(FAIL, "sampled positions outside the request")
+        rows = [p - 1 for p in positions]  # the token chosen at position p comes from row p - 1
     try:
-        hidden, logits = recompute(task, dtype, stage_input)
+        verdict, verdicts, logits = reexecute(task, stage_input, boundaries, rows)
     except ValueError as exc:
-        return Outcome(UNCHECKED, f"cannot recompute: {exc}")
-    try:
-        verdict = compare_hidden(claimed_hidden, hidden, dtype)
-    except ValueError as exc:  # the honest recomputation itself overflowed: nothing to conclude
-        return Outcome(UNCHECKED, str(exc))
-    metrics = verdict.to_dict()
-    if not verdict.ok:
+        return Outcome(UNCHECKED, f"cannot re-execute: {exc}")
+    metrics = layer_metrics(verdicts)
+    if verdict.outcome == LAYER_FAIL:
+        metrics["excess"] = excess(verdict, claimed.dtype)
         return Outcome(FAIL, verdict.reason, metrics)
+    if verdict.outcome == COULD_NOT_CHECK:
+        return Outcome(UNCHECKED, verdict.reason, metrics)
     if logits is None:
         return Outcome(PASS, verdict.reason, metrics)
-    positions, tokens = output[1].tolist(), output[2].tolist()
-    if any(not 0 < p <= hidden.shape[0] for p in positions):
-        return Outcome(FAIL, "sampled positions outside the request", metrics)
-    # the token chosen at position p comes from the logits of position p - 1
-    token_verdict = compare_tokens(logits[[p - 1 for p in positions]], tokens, positions, task.sampling, dtype)
-    return Outcome(PASS if token_verdict.ok else FAIL, token_verdict.reason, {**metrics, **token_verdict.to_dict()})
+    tokens = compare_tokens(logits, output[2].tolist(), positions, task.sampling, claimed.dtype)
+    return Outcome(PASS if tokens.ok else FAIL, tokens.reason, {**metrics, **tokens.to_dict()})

@@ -30,6 +30,10 @@ import torch
 
 PASS, FAIL, COULD_NOT_CHECK = "pass", "fail", "could-not-check"
 QUANTILE = 0.9  # the high quantile over positions
+# Below this many positions the quantile is one of the few largest rows, which honestly include an
+# attention-sink row whose update is tiny against the stream (e up to 0.24 in bf16): the quantile is
+# judged only from here on (a window cheat shows past its 64 tokens anyway); median and max always.
+QUANTILE_MIN_POSITIONS = 32
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ def check_layer(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, layer: int 
     stats = layer_stats(x, y, ref.to(x.device), y.dtype, None if same is None else same.to(x.device))
     for value, limit, what in (
             (stats.median, limits.median_max, "median error relative to the update"),
-            (stats.quantile, limits.quantile_max, f"p{QUANTILE * 100:.0f} error relative to the update"),
+            (stats.quantile if stats.positions >= QUANTILE_MIN_POSITIONS else float("nan"), limits.quantile_max,
+             f"p{QUANTILE * 100:.0f} error relative to the update"),
             (stats.max, limits.max_max, "largest error relative to the update"),
             (stats.ulp_fraction, limits.ulp_fraction_max, "fraction of elements > 1 ulp off"),
             (stats.drift_ratio, limits.drift_ratio_max, "error over the verifier's own same-recipe error"),

@@ -53,6 +53,7 @@ MAX_PROFILE_BYTES = 16 * 1024  # a registration's signed body
 MAX_METRICS = 32  # entries in an audit verdict's metrics
 MAX_CONTEXT_TOKENS = 1 << 20  # positions a session can claim
 STEP_KINDS = ("prefill", "decode")
+SERVING_DTYPES = ("float32", "bfloat16")  # precisions the coordinator may assign a stage
 AUDIT_OUTCOMES = ("pass", "fail", "unchecked")  # unchecked: the verifier could not check, nobody is to blame
 
 
@@ -123,10 +124,19 @@ class Stage:
     peer_id: str
     start: int  # first layer, inclusive
     end: int  # last layer, exclusive
+    dtype: str = ""  # the precision it was assigned ("" before the pool assigns it)
 
     @property
     def n_layers(self) -> int:
         return self.end - self.start
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_dtype(name: Any) -> None:
+    _require(name in SERVING_DTYPES, f"dtype must be one of {SERVING_DTYPES}, got {name!r}")
 
 
 def check_layer_range(start: Any, end: Any, n_layers: Any) -> None:
@@ -347,7 +357,7 @@ class Assign(Message):
     and the next peer of the last stage)."""
 
     TYPE = "pool.assign"
-    VERSION = 2
+    VERSION = 3
     pipeline: str
     model: str
     start: int
@@ -358,9 +368,11 @@ class Assign(Message):
     next_addrs: tuple[str, ...]
     max_sessions: int
     max_seq_len: int
+    dtype: str  # the precision the coordinator decided this stage serves in (SERVING_DTYPES)
 
     def validate(self) -> None:
         check_layer_range(self.start, self.end, self.n_layers)
+        check_dtype(self.dtype)
         _text(self.prev_peer, "prev_peer", MAX_PEER_ID_CHARS, allow_empty=False)
         _text(self.next_peer, "next_peer", MAX_PEER_ID_CHARS, allow_empty=False)
         _texts(self.next_addrs, "next_addrs", MAX_ADDRS, MAX_ADDR_CHARS)
@@ -369,7 +381,7 @@ class Assign(Message):
         _require(1 <= self.max_seq_len <= MAX_CONTEXT_TOKENS, f"max_seq_len must be in 1..{MAX_CONTEXT_TOKENS}")
 
     def same_shard(self, other: "Assign") -> bool:
-        keys = ("model", "start", "end", "n_layers", "max_sessions", "max_seq_len")
+        keys = ("model", "start", "end", "n_layers", "max_sessions", "max_seq_len", "dtype")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -491,7 +503,7 @@ class AuditTask(Message):
     lets the verifier fetch the subject's retained tensors."""
 
     TYPE = "audit.task"
-    VERSION = 2
+    VERSION = 3
     audit_id: str
     request_id: str
     subject: str
@@ -502,6 +514,8 @@ class AuditTask(Message):
     n_layers: int
     input_hash: str
     output_hash: str
+    layers_hash: str  # the receipt's commitment to every layer boundary
+    dtype: str  # the precision the stage was assigned and signed for
     sampling: SamplingParams
     expires_ms: int
     ticket: bytes
@@ -553,10 +567,12 @@ class AuditFetch(Message):
 
 
 class AuditData(Message):
-    """The retained input, then the output: [hidden] or, from a last stage, [hidden, positions, tokens]."""
+    """The retained input, then the output ([hidden] or, from a last stage, [hidden, positions,
+    tokens]), then the layer boundaries (L + 1, T, D) when the stage kept them."""
 
     TYPE = "audit.data"
-    TENSORS = (2, 4)
+    VERSION = 2
+    TENSORS = (2, 5)
     request_id: str
     tensors: tuple = field(repr=False, compare=False, default=())
 

@@ -9,6 +9,7 @@ import torch
 from bench.audit_calibration import build_stages, load_tensors, serve
 from node.models import model_id_of
 from tests.verification.serving import NEW_TOKENS, PROMPTS
+from node.layer_reference import LayerAuditor
 from node.recompute import Recomputer
 
 
@@ -30,6 +31,11 @@ def model(default_model_dir):
 @pytest.fixture(scope="session")
 def recomputer(default_model_dir):
     return Recomputer(default_model_dir, max_cached=6)
+
+
+@pytest.fixture(scope="session")
+def auditor(default_model_dir):
+    return LayerAuditor(default_model_dir, max_cached=6)
 
 
 @pytest.fixture(scope="session")

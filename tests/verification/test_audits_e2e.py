@@ -174,7 +174,7 @@ def test_the_promoted_newcomer_serves(pool, audited):
     assert complete(pool, key, 0) > 0
 
 
-@pytest.mark.parametrize("kind", ["noise", "skip", "wrong-model", "lazy"])
+@pytest.mark.parametrize("kind", ["noise", "skip", "wrong-model", "lazy", "tamper", "int8"])
 def test_each_cheat_is_caught_slashed_and_dropped(pool, fp32_without_partner, kind):
     p = pool.peers
     cheat = pool.add_provider(f"cheat-{kind}", HALF_MODEL_MB, extra_args=["--fault-injection", kind])

@@ -30,25 +30,25 @@ def test_parse():
 
 @pytest.mark.parametrize("stage", [1, 2], ids=["middle", "last"])
 @pytest.mark.parametrize("kind", ["noise", "noise:1e-3", "skip", "wrong-model", "lazy"])
-def test_every_serving_fault_fails_its_audit(run_pool, recomputer, kind, stage):
+def test_every_serving_fault_fails_its_audit(run_pool, auditor, kind, stage):
     fault = Fault.parse(kind, seed=1)
     records = run_pool((F32,) * 3, batch=2, fault_at=stage, fault=fault)
     for per_stage in records:
-        verdict = audit_record(recomputer, per_stage[stage])
+        verdict = audit_record(auditor, per_stage[stage])
         assert not verdict.ok, (kind, verdict)
-        assert audit_record(recomputer, per_stage[0]).ok  # the honest stage upstream still passes
+        assert audit_record(auditor, per_stage[0]).ok  # the honest stage upstream still passes
 
 
 @pytest.mark.parametrize("kind", ["noise:0.1", "skip", "lazy"])
-def test_coarse_faults_fail_in_bfloat16(run_pool, recomputer, kind):
+def test_coarse_faults_fail_in_bfloat16(run_pool, auditor, kind):
     records = run_pool((BF16,) * 3, batch=2, fault_at=1, fault=Fault.parse(kind))
-    assert not any(audit_record(recomputer, per_stage[1]).ok for per_stage in records)
+    assert not any(audit_record(auditor, per_stage[1]).ok for per_stage in records)
 
 
-def test_bad_verifier_serves_honestly_but_lies(run_pool, recomputer):
+def test_bad_verifier_serves_honestly_but_lies(run_pool, auditor):
     fault = Fault.parse("bad-verifier")
     records = run_pool((F32,) * 3, fault_at=1, fault=fault)
-    honest = audit_record(recomputer, records[0][1])
+    honest = audit_record(auditor, records[0][1])
     assert honest.ok and fault.lies_as_verifier
     assert fault.verifier_report(honest.ok) is False and fault.verifier_report(False) is True
     assert not Fault.parse("skip").lies_as_verifier

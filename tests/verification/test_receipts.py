@@ -25,7 +25,7 @@ from node.transport.identity import Identity
 from tests.node.random_models import make_random_model
 from verification.check import check_stage
 from wire.messages import AuditTask, Close, Stage, Step
-from node.recompute import Recomputer
+from node.layer_reference import LayerAuditor
 
 PROMPT = [3, 17, 5, 9, 11]
 SAMPLING = SamplingParams(temperature=0.9, seed=1234)
@@ -42,7 +42,8 @@ def stages(model_dir, fault: Fault | None = None):
     n = ModelConfig.load(model_dir).n_layers
     out = []
     for start, end in ((0, 2), (2, n)):
-        runtime = ShardRuntime(model_dir, Shard(model_id_of(model_dir), start, end, n), max_sessions=4, max_seq_len=64)
+        runtime = ShardRuntime(model_dir, Shard(model_id_of(model_dir), start, end, n), max_sessions=4, max_seq_len=64,
+                               capture_boundaries=True)
         if fault is not None and start == 0:
             fault.install(runtime)
         out.append(StageWorker(runtime, "p", Identity.generate(), RetentionStore(),
@@ -82,7 +83,8 @@ def request_of(request_id, workers, tokens):
 def audit_task(request_id: str, worker, receipt) -> AuditTask:
     shard = worker.runtime.shard
     return AuditTask(f"{request_id}.0", request_id, receipt.provider_id, (), shard.model_id, shard.start, shard.end,
-                     shard.n_layers, receipt.input_hash, receipt.output_hash, SAMPLING, 0, b"")
+                     shard.n_layers, receipt.input_hash, receipt.output_hash, receipt.layers_hash, receipt.dtype,
+                     SAMPLING, 0, b"")
 
 
 def test_stages_sign_receipts_that_chain_and_the_coordinator_pays_on_them(model_dir):
@@ -117,25 +119,29 @@ def test_receipts_that_do_not_match_are_refused_or_not_paid(model_dir):
 
 
 def test_audits_pass_honest_stages_and_fail_tampered_or_cheating_ones(model_dir):
-    recomputer = Recomputer(model_dir)
+    auditor = LayerAuditor(model_dir)
     workers = stages(model_dir)
     tokens, receipts = serve(workers, "req-3")
     for w, r in zip(workers, receipts):
         kept = w.retained.get("req-3")
         task = audit_task("req-3", w, r)
-        outcome = check_stage(recomputer.for_task, task, [kept.stage_input, *kept.output])
-        assert outcome.ok, outcome
-        forged = [kept.stage_input, kept.output[0] * 1.01, *kept.output[1:]]
-        outcome = check_stage(recomputer.for_task, task, forged)
+        assert r.layers_hash and r.dtype == "float32"  # the receipt commits to every layer boundary
+        outcome = check_stage(auditor, task, kept.tensors)
+        assert outcome.ok and outcome.metrics["layers_checked"] == w.runtime.shard.n_shard_layers, outcome
+        forged = [kept.stage_input, kept.output[0] * 1.01, *kept.output[1:], kept.boundaries]
+        outcome = check_stage(auditor, task, forged)
         assert outcome.outcome == "fail" and "output hash" in outcome.reason
+        boundaries = kept.boundaries.clone()
+        boundaries[1] *= 1.01  # a boundary unlike the one committed to
+        outcome = check_stage(auditor, task, [*kept.tensors[:-1], boundaries])
+        assert outcome.outcome == "fail" and "layers hash" in outcome.reason
     assert workers[1].retained.get("req-3").output[2].tolist() == tokens  # the last stage keeps what it sent
 
     cheats = stages(model_dir, Fault.parse("noise:1e-2"))  # stage 0 perturbs what it sends, and signs it
     _, receipts = serve(cheats, "req-4")
     kept = cheats[0].retained.get("req-4")
-    outcome = check_stage(recomputer.for_task, audit_task("req-4", cheats[0], receipts[0]),
-                          [kept.stage_input, *kept.output])
-    assert outcome.outcome == "fail" and "relative L2" in outcome.reason
+    outcome = check_stage(auditor, audit_task("req-4", cheats[0], receipts[0]), kept.tensors)
+    assert outcome.outcome == "fail" and "not the last layer's output" in outcome.reason
 
 
 def test_retention_forgets_after_the_window_or_over_the_budget():

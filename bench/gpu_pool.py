@@ -1,0 +1,170 @@
+"""The real pool on a GPU machine: coordinator and providers as processes, over libp2p and HTTP,
+on a random-weight Llama-3-8B-shaped model in bfloat16, every stage of every request audited.
+
+    python bench/gpu_pool.py --tokenizer-dir DIR [--stages 1,2] [--requests 16] [--clients 4]
+
+For each pipeline shape (1 stage: one provider holding all 32 layers; 2 stages: two providers whose
+memory caps split the layers) it serves `--requests` completions from `--clients` concurrent
+clients through `/v1/completions`, then waits for the audits (p = 99.9999 %) and reads their
+outcomes from the ledger: passed, failed, slashes. Prints a table; writes JSON to `--out`.
+
+The checkpoint is written on the machine (no hub): Llama-3-8B shapes (hidden 4096, 32 layers,
+32/8 heads, intermediate 14336) with the tokenizer of `--tokenizer-dir` (its vocabulary), weights
+N(0, 0.02), embeddings N(0, 4) so the residual stream is a few times a layer's update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from coordinator.local_pool import LocalPool  # noqa: E402
+from node.models import model_id_of  # noqa: E402
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+             num_hidden_layers=32, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are", "def fibonacci(n):",
+           "The history of the printing press begins with"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def write_model(path: Path, tokenizer_dir: Path, n_layers: int, device: str) -> None:
+    """A random Llama-3-8B-shaped checkpoint in bfloat16, one safetensors file per layer."""
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", **SHAPE, "num_hidden_layers": n_layers}
+    (path / "config.json").write_text(json.dumps(config))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    g = torch.Generator(device).manual_seed(0)
+    D, I, H, Hkv = SHAPE["hidden_size"], SHAPE["intermediate_size"], 32, 8
+    Dh = D // H
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(torch.bfloat16).cpu()
+
+    index = {}
+    files = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(vocab, D, std=4.0),
+                                         "model.norm.weight": (1 + rand(D, std=0.1).float()).bfloat16(),
+                                         "lm_head.weight": rand(vocab, D)}}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        files[f"model-layer{i:02d}.safetensors"] = {
+            p + "input_layernorm.weight": (1 + rand(D, std=0.1).float()).bfloat16(),
+            p + "post_attention_layernorm.weight": (1 + rand(D, std=0.1).float()).bfloat16(),
+            p + "self_attn.q_proj.weight": rand(H * Dh, D), p + "self_attn.k_proj.weight": rand(Hkv * Dh, D),
+            p + "self_attn.v_proj.weight": rand(Hkv * Dh, D), p + "self_attn.o_proj.weight": rand(D, H * Dh),
+            p + "mlp.gate_proj.weight": rand(I, D), p + "mlp.up_proj.weight": rand(I, D),
+            p + "mlp.down_proj.weight": rand(D, I)}
+    for file, tensors in files.items():
+        save_file(tensors, str(path / file))
+        index.update({name: file for name in tensors})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+
+
+def audit_entries(pool: LocalPool) -> list[dict]:
+    found, after = [], -1
+    while True:
+        page = pool.get(f"/ledger/entries?after={after}&limit=1000")
+        found += [e for e in page["entries"] if e["kind"] in ("audit", "penalty")]
+        if not page["entries"]:
+            return found
+        after = page["next_after"]
+
+
+def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
+    # the coordinator referees on its CPU (the other hardware), with a few of the host's cores
+    pool = LocalPool(root, model_dir, context_tokens=args.context_tokens, max_sessions=8, compute_threads=8,
+                     coordinator_args=["--audit-probability-ppm", "999999", "--serving-dtype", "bfloat16"])
+    try:
+        pool.start_coordinator()
+        # the planner plans at 4 bytes a parameter: 32 GB for the 8B shape; a cap of 20 GB splits it in two
+        cap = [] if n_stages == 1 else ["--max-memory-mb", "20000"]
+        started_s = time.perf_counter()
+        for i in range(n_stages):
+            pool.add_provider(f"gpu{i}", extra_args=["--device", args.device, "--retention-mb", "8192", *cap])
+        state = pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
+                              what=f"a {n_stages}-stage pipeline", timeout_s=300)
+        ready_s = time.perf_counter() - started_s
+        key = pool.add_consumer("bench", 10**12)
+        model = model_id_of(model_dir)
+
+        def one(i: int) -> int:
+            status, reply = pool.post("/v1/completions", {"model": model, "prompt": PROMPTS[i % len(PROMPTS)],
+                                                          "max_tokens": args.tokens, "temperature": 0},
+                                      api_key=key, timeout_s=300)
+            return reply["usage"]["completion_tokens"] if status == 200 else -status
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as ex:
+            counts = list(ex.map(one, range(args.requests)))
+        serve_s = time.perf_counter() - t0
+        expected = 2 * n_stages * args.requests  # stages audited + (verifier) entries: wait for the audits
+        deadline = time.monotonic() + args.audit_wait_s
+        while time.monotonic() < deadline:
+            entries = audit_entries(pool)
+            if sum(e["kind"] == "audit" for e in entries) >= n_stages * args.requests:
+                break
+            time.sleep(2)
+        entries = audit_entries(pool)
+        audits = [e for e in entries if e["kind"] == "audit"]
+        failed = [e["meta"] for e in audits if not e["meta"]["subject_passed"]]
+        return {"stages": n_stages, "pipeline": state["pipelines"][0]["stages"], "ready_s": round(ready_s, 1),
+                "requests": args.requests, "clients": args.clients, "errors": [c for c in counts if c < 0],
+                "tokens": sum(c for c in counts if c > 0), "serve_s": round(serve_s, 2),
+                "tokens_per_s": round(sum(c for c in counts if c > 0) / serve_s, 1),
+                "audits": len(audits), "audits_failed": len(failed), "failed": failed[:5],
+                "penalties": sum(e["kind"] == "penalty" for e in entries), "audits_expected": expected // 2,
+                "coordinator_log_tail": pool.coordinator.log()[-3000:] if failed else ""}
+    finally:
+        pool.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer-dir", required=True, type=Path, help="a model directory with tokenizer files")
+    p.add_argument("--model-dir", type=Path, help="write (or reuse) the checkpoint here")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--device", default="cuda:0", help="where the providers serve (cpu for a smoke run)")
+    p.add_argument("--stages", default="1,2")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--context-tokens", type=int, default=512)
+    p.add_argument("--audit-wait-s", type=float, default=180)
+    p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))
+    model_dir = args.model_dir or root / "llama-3-8b-random"
+    if not (model_dir / "config.json").exists():
+        t0 = time.perf_counter()
+        write_model(model_dir, args.tokenizer_dir, args.layers, args.device)
+        print(f"checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for n in [int(x) for x in args.stages.split(",")]:
+        rows.append(run_shape(root / f"pool{n}", model_dir, n, args))
+        r = rows[-1]
+        print(f"{n} stage(s) {r['pipeline']}: {r['tokens']} tokens in {r['serve_s']} s = {r['tokens_per_s']} tok/s, "
+              f"{r['clients']} clients; audits {r['audits']} ({r['audits_failed']} failed), "
+              f"penalties {r['penalties']}, errors {r['errors']}", flush=True)
+        if r["failed"]:
+            print(json.dumps(r["failed"], indent=1)[:3000], flush=True)
+        device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+        args.out.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
