@@ -76,7 +76,7 @@ def test_default_stake_by_hand():
     # G = 131_072 layer-tokens x 10 = 1_310_720; S(G) = (950_000 x G // 50_000 + 1) x 2
     assert max_stage_gain_units(DEFAULT_PARAMS) == 1_310_720
     assert required_stake_units(DEFAULT_PARAMS) == 49_807_362
-    assert max_context_tokens(22, DEFAULT_PARAMS) == 5_957  # the default model's 22 layers
+    assert max_context_tokens(30, DEFAULT_PARAMS) == 4_369  # the default model has 30 layers
     assert stake_shortfall_units(0, DEFAULT_PARAMS) == 49_807_362
     assert stake_shortfall_units(49_807_362 + 5, DEFAULT_PARAMS) == 0
     # p close to 1: almost every cheat is caught, a small stake deters
