@@ -127,8 +127,9 @@ def _vouch(args) -> int:
     added = add_vouch(args.data_dir, args.peer)
     print(f"vouched for {args.peer}" if added else f"{args.peer} was already vouched for")
     stake = _required_stake(args.data_dir)
-    print(f"the coordinator locks {stake or 'the required'} units of stake for it, funded by the operator, "
-          f"once (op stake:vouch:{args.peer} in the ledger), as soon as it has registered")
+    amount = f"{stake} units of stake" if stake is not None else "the required stake"
+    print(f"the coordinator locks {amount} for it, funded by the operator, once (op stake:vouch:{args.peer} "
+          f"in the ledger), as soon as it has registered")
     return 0
 
 
