@@ -51,6 +51,8 @@ class StakeKeeper:
         account = self.reader.account_state(peer)
         if account is None or account.kind != PROVIDER:
             return None
+        if account.standing.banned:  # no stake for a peer that may never serve again
+            return account.standing
         if vouched and not self._vouch_funded(peer):
             self._fund_vouch(peer)
             account = self.reader.account_state(peer)
