@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass, replace
 
 from contracts.params import PPM_DENOMINATOR, ContractError, MoneyParams, check_units
-from contracts.stakes import check_probability_ppm
+from contracts.stakes import check_probability_ppm, required_stake_units
 
 
 def deters_cheating(p_ppm: int, slash_units: int, gain_units: int) -> bool:
@@ -45,7 +45,10 @@ def should_audit(secret_seed: bytes, request_id: str, stage_index: int, p_ppm: i
 
 @dataclass(frozen=True)
 class Standing:
-    """A provider's record, all derived from ledger entries."""
+    """A provider's record, all derived from ledger entries.
+
+    `stake_units` is what the provider has locked (escrow:stakes): the ledger keeps it on the
+    account, beside this record, and `LedgerReader.standing` puts it here for `may_serve`."""
 
     reputation: int = 0
     audits_agreed: int = 0  # as verifier: agreed with the referee
@@ -53,6 +56,7 @@ class Standing:
     audits_passed: int = 0  # as audited stage: found correct
     slash_count: int = 0
     banned: bool = False
+    stake_units: int = 0
 
 
 def after_verifying(standing: Standing, agreed_with_referee: bool, params: MoneyParams) -> Standing:
@@ -78,10 +82,20 @@ def after_slash(standing: Standing, params: MoneyParams) -> Standing:
 
 
 def may_serve(standing: Standing, params: MoneyParams, vouched: bool = False) -> bool:
-    """Promotion rule: not banned, agreed with the referee on K audits, reputation above zero.
+    """Who serves: not banned, the stake locked, and either vouched or promoted by audits.
 
-    A provider the operator vouched for skips the K audits, not the slashes: it serves while its
-    reputation (0 at first, + per passed audit, - per slash) is not negative."""
+    Serving needs `required_stake_units(params)` locked, so that the slash for any stage it runs is
+    taken from locked credits (contracts.stakes). Promotion: agreed with the referee on K audits,
+    reputation above zero. A provider the operator vouched for skips the K audits, not the slashes:
+    it serves while its reputation (0 at first, + per passed audit, - per slash) is not negative.
+    A slash that leaves the stake short stops it serving until the stake is topped up."""
+    if standing.banned or standing.stake_units < required_stake_units(params):
+        return False
+    return may_serve_but_for_stake(standing, params, vouched)
+
+
+def may_serve_but_for_stake(standing: Standing, params: MoneyParams, vouched: bool = False) -> bool:
+    """The audit half of `may_serve`: whether locking the required stake is all that is missing."""
     if standing.banned:
         return False
     if vouched:

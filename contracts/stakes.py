@@ -31,10 +31,53 @@ def slash_units_for(gain_units: int, params: MoneyParams) -> int:
     return min(slash, MAX_AMOUNT_UNITS)
 
 
+def max_stage_gain_units(params: MoneyParams) -> int:
+    """The most gas one stage can earn on one request: the per-request cap of layer-tokens x gas price.
+
+    A stage earns tokens processed x layers run x gas price (contracts.pricing), and no stage runs
+    more layer-tokens than the whole request: (prompt + max_tokens) x n_layers. The coordinator
+    keeps every request within `params.max_request_layer_tokens` (`max_context_tokens`), so this
+    bounds the gain of any (request, stage)."""
+    return check_units("max_stage_gain_units",
+                       params.max_request_layer_tokens * params.gas_price_units_per_layer_token)
+
+
+def max_context_tokens(n_layers: int, params: MoneyParams) -> int:
+    """The longest request (prompt + max_tokens) whose stages' gain the required stake covers.
+
+    (prompt + max_tokens) x n_layers <= max_request_layer_tokens; 0 means no request fits."""
+    check_units("n_layers", n_layers, allow_zero=False)
+    return params.max_request_layer_tokens // n_layers
+
+
 def required_stake_units(params: MoneyParams) -> int:
-    """Stake a serving provider keeps locked: the slash for cheating on the largest stage of a request."""
-    max_gain = params.max_request_layer_tokens * params.gas_price_units_per_layer_token
-    return slash_units_for(max_gain, params)
+    """Stake a provider keeps locked to serve: the slash for cheating on the largest stage of a request.
+
+    Derivation. Let G = max_request_layer_tokens x gas price (`max_stage_gain_units`): no stage
+    earns more on one request. A stage caught cheating on a request where it earned g <= G is
+    slashed S(g) = (floor((1 - p) g / p) + 1) x f (`slash_units_for`, f = slash_safety_factor >= 1),
+    the smallest amount with p S > (1 - p) g, times f. S is non-decreasing in g, so
+    S(g) <= S(G) for every stage of every request. With
+
+        required = S(G) = (floor((1_000_000 - p_ppm) x G / p_ppm) + 1) x f
+
+    locked, `plan_slash` takes any one slash wholly from the stake (slashes take stake first), so
+    p x slash > (1 - p) x gain is paid by locked credits, not by a balance the cheat may have spent.
+    The verifier's slash for a wrong verdict is S(max(gain, 1)) <= S(G) too (G >= 1 when the cap is).
+
+    At the defaults (p = 50_000 ppm, gas 10, cap 32 x 4096 = 131_072 layer-tokens, f = 2):
+    G = 1_310_720, S(G) = (floor(950_000 x 1_310_720 / 50_000) + 1) x 2 = 49_807_362 units.
+
+    Raises ContractError where G or S(G) overflows 2**63 - 1 (such params cannot be staked for)."""
+    max_gain = max_stage_gain_units(params)
+    stake = min_deterring_slash_units(max_gain, params.audit_probability_ppm) * params.slash_safety_factor
+    return check_units("required_stake_units", stake)
+
+
+def stake_shortfall_units(stake_units: int, params: MoneyParams) -> int:
+    """What must still be locked before a provider holding `stake_units` may serve (0: enough)."""
+    check_units("stake_units", stake_units)
+    return max(0, required_stake_units(params) - stake_units)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@
   out is not charged: with no receipt at all the hold is voided. Work of attempts a failover
   abandoned is not charged either; the consumer pays once for each token. A settlement the
   database does not take at once is retried until it lands (coordinator/settlement.py).
-- Provider accounts are opened, with the provider's public key, when it registers.
+- Provider accounts are opened, with the provider's public key, when it registers; the stake it
+  needs to serve is locked by coordinator/stakes.py.
 """
 
 from __future__ import annotations

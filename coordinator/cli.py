@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("vouch", help="mark a provider as trusted to serve (works while the coordinator runs)")
+    p = sub.add_parser("vouch", help="let a provider serve: the coordinator locks an operator-funded stake for it "
+                       "(works while the coordinator runs)")
     p.add_argument("peer")
     p.add_argument("--data-dir", required=True, type=Path)
     p.set_defaults(func=_vouch)
@@ -127,7 +128,29 @@ def _vouch(args) -> int:
         return 2
     added = add_vouch(args.data_dir, args.peer)
     print(f"vouched for {args.peer}" if added else f"{args.peer} was already vouched for")
+    stake = _required_stake(args.data_dir)
+    amount = f"{stake} units of stake" if stake is not None else "the required stake"
+    print(f"the coordinator locks {amount} for it, funded by the operator, once (op stake:vouch:{args.peer} "
+          f"in the ledger), as soon as it has registered")
     return 0
+
+
+def _required_stake(data_dir: Path) -> int | None:
+    """The stake a provider needs in this data directory's ledger, if there is one to read."""
+    from contracts.stakes import required_stake_units
+    from ledger.db import remembered_url
+    from ledger.reader import LedgerReader
+
+    try:
+        if remembered_url(data_dir) is None and not (data_dir / "ledger.db").exists():
+            return None
+        reader = LedgerReader.open(data_dir=data_dir)
+        try:
+            return required_stake_units(reader.params)
+        finally:
+            reader.engine.dispose()
+    except Exception:  # a ledger that cannot be read now changes nothing of the vouch
+        return None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Vouches are the operator's word that a provider may serve. They live in DATA_DIR
 id a line) so that `coordinator vouch` works while the coordinator runs: the registry re-reads the
 file when it changes. The other way to serve is earned: the ledger's record of a provider's audits
 (its Standing, set here by the auditor) promotes a newcomer that agreed with the referee K times,
-sends a slashed provider back to verifying, and bans a repeat offender.
+sends a slashed provider back to verifying, and bans a repeat offender. Either way it serves only
+with the required stake locked (contracts.audits.may_serve): each planner round, `refresh` asks the
+stake keeper (coordinator/stakes.py) to lock it for vouched peers and for those it alone holds back.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contracts import DEFAULT_PARAMS, MoneyParams
 from contracts.audits import Standing, may_serve
+
+if TYPE_CHECKING:
+    from coordinator.stakes import StakeKeeper
 
 VOUCH_FILE = "vouched"
 MAX_PROVIDERS = 1024
@@ -63,8 +69,9 @@ class Registry:
     """Thread-safe: every record lives in `_providers` and changes under `lock`; readers get copies."""
 
     def __init__(self, data_dir: str | Path, heartbeat_timeout_s: float = 5.0, clock=time.monotonic,
-                 params: MoneyParams = DEFAULT_PARAMS):
-        self.data_dir, self.params = Path(data_dir), params
+                 params: MoneyParams = DEFAULT_PARAMS, stakes: "StakeKeeper | None" = None):
+        """`stakes`: locks stakes in the ledger (without one, standings carry what tests set)."""
+        self.data_dir, self.params, self.stakes = Path(data_dir), params, stakes
         self.standings: dict[str, Standing] = {}  # under lock
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
@@ -136,9 +143,28 @@ class Registry:
             self._refresh_vouches()
             return peer in self._vouches
 
+    def lock_stakes(self) -> None:
+        """Lock the stakes that can be locked now (vouched peers, promoted ones whose balance covers
+        it) and take the standings the ledger has afterwards. Ledger calls run outside `lock`."""
+        if self.stakes is None:
+            return
+        with self.lock:
+            self._refresh_vouches()
+            todo = [(p.peer, p.peer in self._vouches, self.standings.get(p.peer)) for p in self._providers.values()
+                    if p.state in ("newcomer", "idle", "serving")
+                    and self.stakes.may_lock(p.peer, self.standings.get(p.peer, Standing()), p.peer in self._vouches)]
+        for peer, vouched, seen in todo:
+            standing = self.stakes.ensure(peer, vouched)
+            with self.lock:
+                # the auditor may have set a standing meanwhile, from a read older than ours or not:
+                # keep its one, and the next round, which finds the lock taken, reads again
+                if standing is not None and self.standings.get(peer) is seen:
+                    self.standings[peer] = standing
+
     def refresh(self) -> bool:
-        """Promote newcomers now vouched for or promoted, send back those no longer allowed to serve,
-        mark the banned; True if any changed."""
+        """Lock the stakes that can be locked, promote newcomers now vouched for or promoted, send back
+        those no longer allowed to serve, mark the banned; True if any changed."""
+        self.lock_stakes()
         with self.lock:
             self._refresh_vouches()
             changed = False

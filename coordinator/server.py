@@ -14,7 +14,8 @@ from pathlib import Path
 
 import uvicorn
 
-from contracts import MoneyParams
+from contracts import ContractError, MoneyParams
+from contracts.stakes import max_context_tokens
 from coordinator.accounts import Accounts
 from coordinator.api import create_app
 from coordinator.audits import Auditor
@@ -22,6 +23,7 @@ from coordinator.links import ResultBoard, StreamLink
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
 from coordinator.registry import Registry
+from coordinator.stakes import StakeKeeper
 from ledger.db import remember_url
 from ledger.errors import ReceiptError
 from ledger.reader import LedgerReader
@@ -52,8 +54,9 @@ class Coordinator:
         self.model_id = model_id_of(model_dir)
         self.accounts = accounts
         self.ledger_reader = LedgerReader(accounts.reader_engine) if accounts else None
+        self.stakes = StakeKeeper(accounts.ledger, self.ledger_reader) if accounts else None
         self.registry = Registry(data_dir, heartbeat_timeout_s=heartbeat_timeout_s,
-                                 **({"params": accounts.ledger.params} if accounts else {}))
+                                 **({"params": accounts.ledger.params, "stakes": self.stakes} if accounts else {}))
         self.identity = load_or_create(data_dir)
         # a peer that sends a malformed frame is hung up on, not only its stream
         self.node = P2PNode(self.identity, TransportConfig(listen_port=p2p_port, disconnect_on_bad_frame=True))
@@ -151,9 +154,10 @@ class Coordinator:
         except ValueError as exc:  # ProfileError is a ValueError
             return refuse(f"bad profile: {exc}")
         if self.accounts is not None:
-            # its ledger account (receipts must carry this key) and the standing it earned before
+            # its ledger account (receipts must carry this key), the stake a vouch funds or its
+            # balance covers (coordinator/stakes.py), and the standing it earned before
             self.accounts.open_provider(peer, message.public_key)
-            standing = self.ledger_reader.standing(peer)
+            standing = self.stakes.ensure(peer, self.registry.is_vouched(peer))
             if standing is not None:
                 self.registry.set_standing(peer, standing)
         try:
@@ -227,8 +231,13 @@ def serve(data_dir: Path, model_dir: Path | None, p2p_port: int, api_port: int, 
         remember_url(data_dir, db)
     accounts.ledger.recover()  # holds a crash left open are refunded: nothing runs yet
     coordinator = Coordinator(data_dir, model_dir, p2p_port=p2p_port, accounts=accounts, **coordinator_kwargs)
+    # no request may run more layer-tokens than the required stake covers (contracts.stakes)
+    stake_tokens = max_context_tokens(coordinator.config.n_layers, accounts.ledger.params)
+    if stake_tokens < 2:
+        raise ContractError(f"the ledger's max_request_layer_tokens covers {stake_tokens} tokens through "
+                            f"{coordinator.config.n_layers} layers: no request fits")
     app = create_app(coordinator.pool, tokenizer, coordinator.model_id,
-                     min(coordinator.context_tokens, coordinator.config.max_context_tokens),
+                     min(coordinator.context_tokens, coordinator.config.max_context_tokens, stake_tokens),
                      coordinator.config.eos_token_ids, accounts, rate_limit_rps=rate_limit_rps)
     # Bind the API socket first so the ready line can name the real port when --api-port is 0.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine
 
 from contracts import MoneyParams, audits
+from contracts.stakes import required_stake_units
 from ledger import merkle
 from ledger.db import make_engine, resolve_url
 from ledger.errors import LedgerError, UnknownAccount
 from ledger.models import accounts, chain_head, checkpoints, entries, holds, receipts
-from ledger.state import ESCROW_REQUESTS, ESCROW_STAKES, OPEN, PROVIDER, VERIFIER
+from ledger.state import ESCROW_REQUESTS, ESCROW_STAKES, OPEN, PROVIDER, VERIFIER, AccountState
 from ledger.store import account_from_row
 
 MAX_PAGE = 1000
@@ -24,6 +26,11 @@ def entry_dict(row) -> dict:
             "debit": row["debit_id"], "credit": row["credit_id"], "amount_units": row["amount_units"],
             "ref": row["ref_id"], "meta": json.loads(row["meta_json"]), "ts_ms": row["ts_ms"],
             "prev_hash": row["prev_hash"], "entry_hash": row["entry_hash"], "signature": row["signature"]}
+
+
+def _with_stake(a: AccountState) -> audits.Standing:
+    """The account's standing carrying its locked stake, as `contracts.audits.may_serve` reads it."""
+    return replace(a.standing, stake_units=a.stake_units)
 
 
 class LedgerReader:
@@ -55,19 +62,30 @@ class LedgerReader:
                                                           entries.c.credit_id == account_id, entries.c.ref_id == account_id))
                                 .order_by(entries.c.seq.desc()).limit(recent)).mappings().all()
         a = account_from_row(row)
+        standing = _with_stake(a)
         return {"id": a.id, "kind": a.kind, "public_key": a.public_key, "balance_units": a.balance_units,
-                "stake_units": a.stake_units, "slashed_units": a.slashed_units,
+                "stake_units": a.stake_units, "required_stake_units": required_stake_units(self.params),
+                "slashed_units": a.slashed_units,
                 "reputation": a.standing.reputation, "audits_agreed": a.standing.audits_agreed,
                 "audits_disagreed": a.standing.audits_disagreed, "audits_passed": a.standing.audits_passed,
                 "slash_count": a.standing.slash_count, "banned": a.standing.banned,
-                "may_serve": a.kind in (PROVIDER, VERIFIER) and audits.may_serve(a.standing, self.params),
+                "may_serve": a.kind in (PROVIDER, VERIFIER) and audits.may_serve(standing, self.params),
                 "recent_entries": [entry_dict(r) for r in rows]}
 
     def standing(self, account_id: str) -> audits.Standing | None:
-        """A provider's record as the ledger derives it; None for an unknown account."""
+        """A provider's record as the ledger derives it, with its locked stake; None for an unknown account."""
         with self.engine.connect() as conn:
             row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
-        return None if row is None else account_from_row(row).standing
+        return None if row is None else _with_stake(account_from_row(row))
+
+    def account_state(self, account_id: str) -> AccountState | None:
+        """An account's row (balance, stake, slashed units; its standing with the stake); None if unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
+        if row is None:
+            return None
+        a = account_from_row(row)
+        return replace(a, standing=_with_stake(a))
 
     def balance_units(self, account_id: str) -> int:
         with self.engine.connect() as conn:

@@ -170,6 +170,18 @@ class LedgerService:
     def lock_stake(self, op_id: str, provider_id: str, amount_units: int) -> OpResult:
         return self._simple(op_id, "stake", provider_id, state.ESCROW_STAKES, amount_units, "")
 
+    def fund_stake(self, op_id: str, provider_id: str, amount_units: int, memo: str) -> OpResult:
+        """An operator-funded stake: mint `amount_units` to the provider and lock them, in one operation.
+
+        Both legs land together or neither does; the op id makes a resend lock nothing more."""
+        state.check_amount(amount_units)
+        if not isinstance(memo, str) or not 0 < len(memo) <= 200:
+            raise InvalidTransfer("a funded stake needs a memo of 1-200 characters")
+        return self._run(op_id, {"op": "fund_stake", "provider": provider_id, "amount_units": amount_units,
+                                 "memo": memo},
+                         lambda view, conn: [leg_rules.Leg("mint", None, provider_id, amount_units, meta={"memo": memo}),
+                                             leg_rules.Leg("stake", provider_id, state.ESCROW_STAKES, amount_units)])
+
     def unlock_stake(self, op_id: str, provider_id: str, amount_units: int) -> OpResult:
         return self._simple(op_id, "unstake", state.ESCROW_STAKES, provider_id, amount_units, "")
 

@@ -174,7 +174,12 @@ def test_audits_promote_newcomers_and_pay_verifiers(pool):
         svc.record_audit(f"audit-{i}", audit_id=f"a{i}", verifier_id="peerB", subject_id="peerA",
                          verifier_agreed=True, subject_passed=True, fee_units=10)
     view = LedgerReader(svc.engine).account("peerB", 0)
-    assert view["may_serve"] and view["audits_agreed"] == k and view["balance_units"] == 10 * k
+    assert view["audits_agreed"] == k and view["balance_units"] == 10 * k
+    assert not view["may_serve"]  # promoted, but serving needs the stake locked
+    stake = required_stake_units(svc.params)
+    svc.mint("earned", "peerB", stake)  # as if its fees had covered it
+    svc.lock_stake("stake:peerB", "peerB", stake)
+    assert LedgerReader(svc.engine).account("peerB", 0)["may_serve"]
     assert balance(svc, "fees:verification") == pool_units - 10 * k
     with pytest.raises(InsufficientFunds):
         svc.record_audit("audit-big", audit_id="ab", verifier_id="peerB", subject_id="peerA",
@@ -221,6 +226,40 @@ def test_provider_keys_must_be_canonical(service):
 
 def test_default_stake_covers_a_slash(pool):
     assert required_stake_units(pool.svc.params) > 0
+
+
+def test_a_funded_stake_locks_once_and_slashes_take_it_first(pool):
+    svc, reader = pool.svc, LedgerReader(pool.svc.engine)
+    stake = required_stake_units(svc.params)
+    supply = reader.supply()["minted_units"]
+    assert svc.fund_stake("stake:vouch:peerA", "peerA", stake, "vouch").status == "created"
+    assert svc.fund_stake("stake:vouch:peerA", "peerA", stake, "vouch").status == "exists"  # vouched twice
+    with pytest.raises(IdempotencyConflict):
+        svc.fund_stake("stake:vouch:peerA", "peerA", stake + 1, "vouch")
+    view = reader.account("peerA", 0)
+    assert (view["stake_units"], view["balance_units"], view["required_stake_units"]) == (stake, 0, stake)
+    assert reader.standing("peerA").stake_units == stake
+    assert reader.supply()["minted_units"] == supply + stake and balance(svc, "escrow:stakes") == stake
+    # no account yet, or not a provider: nothing is minted, nothing locked
+    before = snapshot(svc)
+    for bad in (lambda: svc.fund_stake("stake:vouch:nobody", "nobody", stake, "vouch"),
+                lambda: svc.fund_stake("stake:vouch:alice", "consumer:alice", stake, "vouch")):
+        with pytest.raises((UnknownAccount, InvalidTransfer)):
+            bad()
+    with pytest.raises(InvalidTransfer):
+        svc.fund_stake("stake:vouch:peerB", "peerB", 0, "vouch")
+    assert snapshot(svc) == before
+    # a slash comes out of the stake first; what is left is short of the requirement
+    svc.transfer("pay", "consumer:alice", "peerA", 1_000)
+    svc.slash("slash-1", "peerA", 600, "output differs from referee", {"audit_id": "a1"})
+    view = reader.account("peerA", 0)
+    assert (view["stake_units"], view["balance_units"], view["slashed_units"]) == (stake - 600, 1_000, 600)
+    assert reader.standing("peerA").stake_units == stake - 600
+    # conservation: balances sum to supply; escrow:stakes holds exactly the stakes
+    s = reader.supply()
+    assert s["sum_of_balances_units"] == s["supply_units"] and s["escrow_stakes_units"] == stake - 600
+    report = verify(svc.engine)
+    assert report.ok, report.error
 
 
 def test_batch_group_commits_and_isolates_refusals(pool):
