@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -75,14 +76,25 @@ def write_model(path: Path, tokenizer_dir: Path, n_layers: int, device: str) -> 
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
 
 
-def audit_entries(pool: LocalPool) -> list[dict]:
-    found, after = [], -1
+AUDIT_LINE = re.compile(r"audit (\S+) of (\S+): (passed|FAILED: .*?) \(verifier")
+
+
+def audit_outcomes(pool: LocalPool) -> dict:
+    """What the auditor concluded, from the coordinator's log (audits refereed without a verifier
+    leave no ledger entry unless they fail): passed, failed, unchecked, escalated, and penalties."""
+    log = pool.coordinator.log()
+    verdicts = AUDIT_LINE.findall(log)
+    failed = [{"audit": a, "subject": s, "reason": v} for a, s, v in verdicts if v != "passed"]
+    penalties, after = 0, -1
     while True:
         page = pool.get(f"/ledger/entries?after={after}&limit=1000")
-        found += [e for e in page["entries"] if e["kind"] in ("audit", "penalty")]
+        penalties += sum(e["kind"] == "penalty" for e in page["entries"])
         if not page["entries"]:
-            return found
+            break
         after = page["next_after"]
+    return {"audits": len(verdicts), "audits_failed": len(failed), "failed": failed[:5],
+            "unchecked": log.count("could not be checked"), "escalated": log.count("escalating"),
+            "penalties": penalties}
 
 
 def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
@@ -112,23 +124,16 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         with concurrent.futures.ThreadPoolExecutor(args.clients) as ex:
             counts = list(ex.map(one, range(args.requests)))
         serve_s = time.perf_counter() - t0
-        expected = 2 * n_stages * args.requests  # stages audited + (verifier) entries: wait for the audits
-        deadline = time.monotonic() + args.audit_wait_s
-        while time.monotonic() < deadline:
-            entries = audit_entries(pool)
-            if sum(e["kind"] == "audit" for e in entries) >= n_stages * args.requests:
-                break
+        deadline = time.monotonic() + args.audit_wait_s  # every stage of every request is audited
+        while time.monotonic() < deadline and audit_outcomes(pool)["audits"] < n_stages * args.requests:
             time.sleep(2)
-        entries = audit_entries(pool)
-        audits = [e for e in entries if e["kind"] == "audit"]
-        failed = [e["meta"] for e in audits if not e["meta"]["subject_passed"]]
+        outcomes = audit_outcomes(pool)
         return {"stages": n_stages, "pipeline": state["pipelines"][0]["stages"], "ready_s": round(ready_s, 1),
                 "requests": args.requests, "clients": args.clients, "errors": [c for c in counts if c < 0],
                 "tokens": sum(c for c in counts if c > 0), "serve_s": round(serve_s, 2),
-                "tokens_per_s": round(sum(c for c in counts if c > 0) / serve_s, 1),
-                "audits": len(audits), "audits_failed": len(failed), "failed": failed[:5],
-                "penalties": sum(e["kind"] == "penalty" for e in entries), "audits_expected": expected // 2,
-                "coordinator_log_tail": pool.coordinator.log()[-3000:] if failed else ""}
+                "tokens_per_s": round(sum(c for c in counts if c > 0) / serve_s, 1), **outcomes,
+                "audits_expected": n_stages * args.requests,
+                "coordinator_log_tail": pool.coordinator.log()[-3000:] if outcomes["audits_failed"] else ""}
     finally:
         pool.stop()
 
@@ -159,7 +164,8 @@ def main() -> None:
         r = rows[-1]
         print(f"{n} stage(s) {r['pipeline']}: {r['tokens']} tokens in {r['serve_s']} s = {r['tokens_per_s']} tok/s, "
               f"{r['clients']} clients; audits {r['audits']} ({r['audits_failed']} failed), "
-              f"penalties {r['penalties']}, errors {r['errors']}", flush=True)
+              f"unchecked {r['unchecked']}, escalated {r['escalated']}, penalties {r['penalties']}, "
+              f"errors {r['errors']}", flush=True)
         if r["failed"]:
             print(json.dumps(r["failed"], indent=1)[:3000], flush=True)
         device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
