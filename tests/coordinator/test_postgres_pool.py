@@ -6,22 +6,20 @@ Nothing of the money lands in a SQLite file of the data directory."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
-from urllib.parse import quote
 
 import pytest
-from sqlalchemy import create_engine, text
 
+from contracts import DEFAULT_PARAMS
+from contracts.stakes import required_stake_units
 from coordinator.local_pool import LocalPool
-from ledger.db import URL_FILE, resolve_url
+from ledger.db import URL_FILE
+from tests.postgres import empty_schema_url
 
-PG_ENV = "MESHPOOL_TEST_POSTGRES_URL"
 MODEL = "smollm2-135m-instruct"
 CREDITS = 10**9
 
@@ -29,17 +27,8 @@ CREDITS = 10**9
 @pytest.fixture
 def pg_url():
     """A URL for an empty schema of the test server (search_path in the URL), dropped afterwards."""
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"needs PostgreSQL: set {PG_ENV} (scripts/postgres.sh prints a URL)")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(resolve_url(base))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with empty_schema_url("a pool on PostgreSQL") as url:
+        yield url
 
 
 def account(pool: LocalPool, key: str) -> dict:
@@ -67,7 +56,8 @@ def test_a_pool_on_postgresql_takes_consumers_serves_and_pays(tmp_path, pg_url, 
         while pool.get("/ledger/supply")["open_holds"] and time.monotonic() < deadline:
             time.sleep(0.2)
         supply = pool.get("/ledger/supply")
-        assert supply["open_holds"] == 0 and supply["supply_units"] == 2 * CREDITS
+        # the consumers' credits and the stake the coordinator locked for the vouched provider
+        assert supply["open_holds"] == 0 and supply["supply_units"] == 2 * CREDITS + required_stake_units(DEFAULT_PARAMS)
         for key in keys.values():
             a = account(pool, key)
             assert a["held_units"] == 0 and 0 < a["spent_units"] and a["balance_units"] + a["spent_units"] == CREDITS

@@ -7,20 +7,16 @@ Without the variable the PostgreSQL half is skipped, saying why.
 
 from __future__ import annotations
 
-import os
-import uuid
-from urllib.parse import quote
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import create_engine, text
 
 from ledger.chain import public_key_hex
 from ledger.db import make_engine, resolve_url
 from ledger.receipts import sign_receipt
 from ledger.service import LedgerService
+from tests.postgres import empty_schema_url
 
-PG_ENV = "MESHPOOL_TEST_POSTGRES_URL"
 KEY_SEED = bytes(range(32))
 
 
@@ -30,18 +26,8 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"PostgreSQL half: set {PG_ENV} (scripts/postgres.sh prints a URL)")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(resolve_url(base))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in base else "?"
-    yield f"{base}{sep}options={quote(f'-csearch_path={schema}')}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with empty_schema_url("the PostgreSQL half") as url:
+        yield url
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import threading
 import time
 import urllib.request
 
+from contracts import DEFAULT_PARAMS
+from contracts.stakes import required_stake_units
 from coordinator.accounts import Accounts
 from coordinator.local_pool import LocalPool
 
@@ -71,8 +73,10 @@ def test_bank(tmp_path):
             time.sleep(0.5)
         supply = pool.get("/ledger/supply")
         assert supply["open_holds"] == 0 and supply["escrow_requests_units"] == 0
-        assert supply["minted_units"] == CONSUMERS * CREDITS and supply["burned_units"] == 0
-        assert supply["sum_of_balances_units"] == supply["supply_units"] == CONSUMERS * CREDITS
+        # minted: the consumers' credits and the operator-funded stake of each of the 6 vouched providers
+        minted = CONSUMERS * CREDITS + 6 * required_stake_units(DEFAULT_PARAMS)
+        assert supply["minted_units"] == minted and supply["burned_units"] == 0
+        assert supply["sum_of_balances_units"] == supply["supply_units"] == minted
         spent = 0
         for key in keys:
             request = urllib.request.Request(pool.api + "/v1/account", headers={"Authorization": f"Bearer {key}"})
