@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 from node.config import ModelConfig
-from node.models import model_id_of
 from node.runtime import ShardRuntime
 from node.shard import Shard
-from wire.messages import AuditTask
 
 MIN_SEQ_LEN = 256  # smallest KV cache a runtime is opened with; grown by powers of two
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,16 +29,9 @@ class Recomputer:
             raise ValueError("max_cached must be >= 1")
         self.model_dir, self.device, self.max_cached = Path(model_dir), torch.device(device), max_cached
         self.config = ModelConfig.load(self.model_dir)
-        self.model_id = model_id_of(self.model_dir)
         self._runtimes: OrderedDict[tuple[Shard, torch.dtype], ShardRuntime] = OrderedDict()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-
-    def for_task(self, task: AuditTask, dtype: torch.dtype, stage_input: torch.Tensor):
-        """`run` for the stage an audit task names (verification.check.Recompute)."""
-        if task.model != self.model_id:
-            raise ValueError(f"this verifier holds {self.model_id}, not {task.model}")
-        return self.run(Shard(task.model, task.start, task.end, task.n_layers), dtype, stage_input)
 
     def run(self, shard: Shard, dtype: torch.dtype, stage_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden (T, D), logits (T, V) on the last stage else None) of `shard` over `stage_input`:

@@ -1,5 +1,9 @@
 """Tolerant comparison of a stage's claimed outputs with a verifier's recomputation (DESIGN 5).
 
+Production audits compare layer by layer (verification/layer_compare.py) and use only
+`compare_tokens` from here; `compare_hidden` is the whole-stage comparison they replaced, kept as
+the baseline bench/audit_calibration.py measures (its drift compounds over depth).
+
 Hidden states (T, D) are compared position by position: the relative L2 error
 ||claimed - recomputed|| / ||recomputed|| (the worst position decides) and the agreement of the
 K largest-magnitude components (the worst position decides). Tokens of the last stage are
