@@ -25,7 +25,7 @@ import torch
 from verification.commitments import tensor_digest
 from verification.compare import compare_tokens
 from verification.layer_compare import COULD_NOT_CHECK, FAIL as LAYER_FAIL, REFERENCE_THRESHOLDS, LayerVerdict
-from wire.messages import AuditTask
+from wire.messages import AuditTask, dtype_name
 
 PASS, FAIL, UNCHECKED = "pass", "fail", "unchecked"
 # A layer failure whose worst statistic is at most this many times its threshold is marginal: the
@@ -96,7 +96,7 @@ def check_stage(reexecute: ReExecute, task: AuditTask, tensors: list[torch.Tenso
         return Outcome(FAIL, "retained layer boundaries do not match the receipt's layers hash")
     claimed = output[0]
     for name, t in (("output", claimed), ("layer boundaries", boundaries)):
-        if str(t.dtype).removeprefix("torch.") != task.dtype:
+        if dtype_name(t.dtype) != task.dtype:
             return Outcome(FAIL, f"{name} in {t.dtype}, but the stage was assigned {task.dtype}")
     if claimed.dim() != 2 or boundaries.dim() != 3 or boundaries.shape[0] != task.end - task.start + 1 \
             or tuple(boundaries.shape[1:]) != tuple(claimed.shape):

@@ -163,7 +163,8 @@ class Message:
     """Base of every message: subclasses are frozen dataclasses with TYPE and VERSION.
 
     Plain fields (str, int, bool, bytes, float, dict, tuples of str/int/float) travel as they are;
-    a subclass with tensors or nested values overrides `_encode_fields` / `_decode_fields`."""
+    SamplingParams (alone or in tuples) travel as lists; a subclass with tensors or other nested
+    values overrides `_encode_fields` / `_decode_fields`."""
 
     TYPE: ClassVar[str]
     VERSION: ClassVar[int] = 1
@@ -191,11 +192,7 @@ class Message:
         return Frame(self.TYPE, self.VERSION, self._encode_fields(), self._tensors())
 
     def _encode_fields(self) -> dict:
-        out = {}
-        for name, hint in self._hints.items():
-            value = getattr(self, name)
-            out[name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return {name: _encode_value(getattr(self, name)) for name in self._hints}
 
     def _tensors(self) -> list[torch.Tensor]:
         return []
@@ -222,12 +219,27 @@ class Message:
         return message
 
 
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, SamplingParams):
+        return value.encode()
+    if isinstance(value, tuple):
+        return [_encode_value(v) for v in value]
+    return value
+
+
 def _decode_plain(hints: dict[str, Any], f: dict) -> dict:
-    """Fields of plain types, strictly typed (no bool where a number is wanted); tuples from lists."""
+    """Fields strictly typed (no bool where a number is wanted); tuples from lists; SamplingParams
+    from their [temperature, top_p, seed] lists, at most MAX_BATCH_SESSIONS of them."""
     out = {}
     for name, hint in hints.items():
         value = f[name]
-        if typing.get_origin(hint) is tuple:
+        if hint is SamplingParams:
+            value = SamplingParams.decode(value)
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is SamplingParams:
+            _require(isinstance(value, list) and len(value) <= MAX_BATCH_SESSIONS,
+                     f"{name} is a list of at most {MAX_BATCH_SESSIONS} entries")
+            value = tuple(SamplingParams.decode(v) for v in value)
+        elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
             _require(isinstance(value, (list, tuple)), f"{name} must be a list")
             kinds = _FIELD_TYPES[item]
@@ -418,20 +430,12 @@ class Step(Message):
     def _tensor_fields(cls) -> tuple[str, ...]:
         return ("x",)
 
-    def _encode_fields(self) -> dict:
-        return {"pipeline": self.pipeline, "step": self.step, "kind": self.kind, "sessions": list(self.sessions),
-                "positions": list(self.positions), "sampling": [s.encode() for s in self.sampling],
-                "stage_ms": list(self.stage_ms)}
-
     def _tensors(self) -> list[torch.Tensor]:
         return [self.x]
 
     @classmethod
     def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        _require(isinstance(f["sampling"], list) and len(f["sampling"]) <= MAX_BATCH_SESSIONS,
-                 f"sampling is a list of at most {MAX_BATCH_SESSIONS} entries")
-        out = _decode_plain({k: h for k, h in cls._hints.items() if k != "sampling"}, f)
-        return {**out, "sampling": tuple(SamplingParams.decode(s) for s in f["sampling"]), "x": tensors[0]}
+        return {**_decode_plain(cls._hints, f), "x": tensors[0]}
 
     def validate(self) -> None:
         _require(self.kind in STEP_KINDS, f"unknown step kind {self.kind!r}")
@@ -519,14 +523,6 @@ class AuditTask(Message):
     sampling: SamplingParams
     expires_ms: int
     ticket: bytes
-
-    def _encode_fields(self) -> dict:
-        return {**super()._encode_fields(), "sampling": self.sampling.encode()}
-
-    @classmethod
-    def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        out = _decode_plain({k: h for k, h in cls._hints.items() if k != "sampling"}, f)
-        return {**out, "sampling": SamplingParams.decode(f["sampling"])}
 
     def validate(self) -> None:
         check_layer_range(self.start, self.end, self.n_layers)
