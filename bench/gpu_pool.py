@@ -93,21 +93,27 @@ def audit_outcomes(pool: LocalPool) -> dict:
             break
         after = page["next_after"]
     return {"audits": len(verdicts), "audits_failed": len(failed), "failed": failed[:5],
+            "same_recipe_audits": log.count("same recipe yes"),
             "unchecked": log.count("could not be checked"), "escalated": log.count("escalating"),
             "penalties": penalties}
 
 
 def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
-    # the coordinator referees on its CPU (the other hardware), with a few of the host's cores
+    # the coordinator referees on its CPU (the other hardware), with a few of the host's cores;
+    # witnesses (newcomers on the same GPU) stay newcomers: they only verify
+    dtype = ["--serving-dtype", args.serving_dtype] if args.serving_dtype != "auto" else []
     pool = LocalPool(root, model_dir, context_tokens=args.context_tokens, max_sessions=8, compute_threads=8,
-                     coordinator_args=["--audit-probability-ppm", "999999", "--serving-dtype", "bfloat16"])
+                     coordinator_args=["--audit-probability-ppm", "999999", "--promotion-audits", "100000", *dtype])
     try:
         pool.start_coordinator()
         # the planner plans at 4 bytes a parameter: 32 GB for the 8B shape; a cap of 20 GB splits it in two
         cap = [] if n_stages == 1 else ["--max-memory-mb", "20000"]
         started_s = time.perf_counter()
+        for i in range(args.witnesses):
+            pool.add_provider(f"witness{i}", vouch=False, extra_args=["--device", args.device])
+        fault = ["--fault-injection", args.fault] if args.fault else []
         for i in range(n_stages):
-            pool.add_provider(f"gpu{i}", extra_args=["--device", args.device, "--retention-mb", "8192", *cap])
+            pool.add_provider(f"gpu{i}", extra_args=["--device", args.device, "--retention-mb", "8192", *cap, *fault])
         state = pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
                               what=f"a {n_stages}-stage pipeline", timeout_s=300)
         ready_s = time.perf_counter() - started_s
@@ -129,6 +135,7 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
             time.sleep(2)
         outcomes = audit_outcomes(pool)
         return {"stages": n_stages, "pipeline": state["pipelines"][0]["stages"], "ready_s": round(ready_s, 1),
+                "witnesses": args.witnesses, "fault": args.fault, "serving_dtype": args.serving_dtype,
                 "requests": args.requests, "clients": args.clients, "errors": [c for c in counts if c < 0],
                 "tokens": sum(c for c in counts if c > 0), "serve_s": round(serve_s, 2),
                 "tokens_per_s": round(sum(c for c in counts if c > 0) / serve_s, 1), **outcomes,
@@ -150,6 +157,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--context-tokens", type=int, default=512)
     p.add_argument("--audit-wait-s", type=float, default=180)
+    p.add_argument("--serving-dtype", default="bfloat16", choices=("auto", "float32", "bfloat16"),
+                   help="the coordinator's --serving-dtype (auto: bfloat16 only with two witnesses of the class)")
+    p.add_argument("--witnesses", type=int, default=0, help="newcomers on the same GPU that only verify")
+    p.add_argument("--fault", default="", help="the serving providers' --fault-injection (e.g. int8)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))
@@ -163,13 +174,16 @@ def main() -> None:
         rows.append(run_shape(root / f"pool{n}", model_dir, n, args))
         r = rows[-1]
         print(f"{n} stage(s) {r['pipeline']}: {r['tokens']} tokens in {r['serve_s']} s = {r['tokens_per_s']} tok/s, "
-              f"{r['clients']} clients; audits {r['audits']} ({r['audits_failed']} failed), "
+              f"{r['clients']} clients; audits {r['audits']} ({r['audits_failed']} failed, "
+              f"{r['same_recipe_audits']} by a same-class verifier), "
               f"unchecked {r['unchecked']}, escalated {r['escalated']}, penalties {r['penalties']}, "
               f"errors {r['errors']}", flush=True)
         if r["failed"]:
             print(json.dumps(r["failed"], indent=1)[:3000], flush=True)
         device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
         args.out.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+        if args.fault and not r["penalties"]:
+            print(f"the {args.fault} cheat was NOT slashed", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ def _timed(clock: dict | None, key: str, fn, *a):
 
 def audit_request(ref32: LayerReference, same: LayerReference | None, shard: Shard, ids: torch.Tensor,
                   b: torch.Tensor, clock: dict | None = None) -> list[dict]:
+    # a same-recipe recompute is judged by the thresholds of the verifier's device type
+    same_thresholds = None if same is None else SAME_RECIPE_THRESHOLDS[same.device.type]
     """Every check of one request: the embeddings (stage 0), then each layer alone. `clock`
     accumulates the seconds of the float32 and same-recipe recomputes."""
     rows = []
@@ -169,7 +171,7 @@ def audit_request(ref32: LayerReference, same: LayerReference | None, shard: Sha
         v_ref = check_layer(x, y, r, shard.start + i, thresholds=REFERENCE_THRESHOLDS)
         row = dict(layer=shard.start + i, outcome=v_ref.outcome, **v_ref.stats.to_dict())
         if s is not None:
-            v_same = check_layer(x, y, r, shard.start + i, same=s)
+            v_same = check_layer(x, y, r, shard.start + i, same=s, thresholds=same_thresholds)
             st = v_same.stats
             row.update(outcome_same=v_same.outcome, drift_ratio=st.drift_ratio, same_median=st.same_median,
                        ulp_fraction_same=st.ulp_fraction)
@@ -319,7 +321,8 @@ def main() -> None:
                    host=platform.processor() or platform.machine(),
                    gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                    thresholds_ref={str(k): vars(v) for k, v in REFERENCE_THRESHOLDS.items()},
-                   thresholds_same={str(k): vars(v) for k, v in SAME_RECIPE_THRESHOLDS.items()}, shapes={})
+                   thresholds_same={device: {str(k): vars(v) for k, v in table.items()}
+                                    for device, table in SAME_RECIPE_THRESHOLDS.items()}, shapes={})
     print("honest rows: p99 of each statistic; cheat rows: min over the layers it touches. fail: vs the fp32 "
           "reference; failS: vs same recipe; stage: stage audits caught (any boundary fails) / run")
     print(HEADER)

@@ -17,6 +17,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,6 +67,7 @@ class AuditResult:
     refereed: bool
     outcome: str  # PASS, FAIL or UNCHECKED: the verdict that counts
     reason: str
+    same_recipe: bool = False  # the verifier also re-ran the stage's own recipe (its hardware class)
 
 
 class Escalation:
@@ -113,6 +115,9 @@ class Auditor:
         self.secret = secret or secrets.token_bytes(32)
         self.jobs: queue.Queue[AuditJob] = queue.Queue(maxsize=MAX_QUEUED_AUDITS)
         self.escalation = Escalation()
+        # (request, provider) -> whether its audit was drawn when its receipt came; told to the stage
+        self._draws: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._draws_lock = threading.Lock()
         self._withheld: dict[str, int] = {}  # peer -> audits in a row it withheld its tensors; auditor thread only
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="auditor", daemon=True)
@@ -124,12 +129,28 @@ class Auditor:
         self._stopping.set()
         self._thread.join(timeout=VERIFY_TIMEOUT_S)
 
+    def retains(self, receipt: StageReceipt) -> bool:
+        """When a stage's receipt arrives: draw whether that (request, stage) will be audited, so that
+        the stage keeps only what will be asked for. It learns the draw after it has signed."""
+        drawn = receipt.provider_id in self.escalation.suspects() or should_audit(
+            self.secret, receipt.request_id, receipt.layer_start, self.params.audit_probability_ppm)
+        with self._draws_lock:
+            self._draws[(receipt.request_id, receipt.provider_id)] = drawn
+            while len(self._draws) > MAX_QUEUED_AUDITS:
+                self._draws.popitem(last=False)
+        return drawn
+
     def consider(self, request, receipts: list[StageReceipt]) -> None:
-        """After a settlement: draw, for each paid stage, whether it is audited."""
+        """After a settlement: audit each paid stage drawn when its receipt came (or now, if it came
+        another way). A provider that became suspect meanwhile is audited on what it still keeps."""
         suspects = self.escalation.suspects()
         for index, receipt in enumerate(receipts):
-            if receipt.provider_id in suspects or should_audit(self.secret, receipt.request_id, index,
-                                                               self.params.audit_probability_ppm):
+            with self._draws_lock:
+                drawn = self._draws.pop((receipt.request_id, receipt.provider_id), None)
+            if drawn is None:
+                drawn = receipt.provider_id in suspects or should_audit(
+                    self.secret, receipt.request_id, receipt.layer_start, self.params.audit_probability_ppm)
+            if drawn:
                 job = AuditJob(f"{receipt.request_id}.{index}", receipt, index, request.sampling,
                                tuple(request.prompt_ids + request.tokens))
                 try:
@@ -156,7 +177,8 @@ class Auditor:
         if record is None or record.state == "dead":
             log.info("audit %s skipped: %s is gone", job.audit_id, subject)
             return None
-        verifier = self._pick_verifier(subject)
+        hardware_class = self._hardware_class(subject) if job.receipt.dtype != "float32" else ""
+        verifier = self._pick_verifier(subject, hardware_class)
         answer = self._ask(verifier, job, record.addrs) if verifier else None
         if answer is not None and answer.outcome == UNCHECKED:  # the verifier could not judge: no verdict
             answer = None
@@ -164,6 +186,8 @@ class Auditor:
         referee = (suspect or answer is None or not answer.ok or not self.registry.may_serve(verifier)
                    or secrets.randbelow(PPM) < self.referee_check_ppm)
         truth = self._referee(job, record.addrs) if referee else answer
+        if truth.ok and answer is not None and answer.outcome == FAIL and answer.metrics.get("same_recipe"):
+            truth = self._second_witness(job, record.addrs, hardware_class, {subject, verifier}, answer)
         truth = self._withholding(subject, truth)
         if truth.outcome == UNCHECKED:
             log.info("audit %s of %s could not be checked: %s", job.audit_id, subject, truth.reason)
@@ -172,9 +196,31 @@ class Auditor:
             log.warning("audit %s of %s failed on the margin (%s): escalating", job.audit_id, subject, truth.reason)
             return None
         result = AuditResult(job.audit_id, subject, verifier if answer else None,
-                             answer.outcome if answer else None, referee, truth.outcome, truth.reason)
+                             answer.outcome if answer else None, referee, truth.outcome, truth.reason,
+                             bool(answer and answer.metrics.get("same_recipe")))
         self._record(job, result, truth)
         return result
+
+    def _second_witness(self, job: AuditJob, subject_addrs: list[str], hardware_class: str, exclude: set[str],
+                        first: Outcome) -> Outcome:
+        """A verifier of the stage's class failed it on its same-recipe re-execution, which the
+        coordinator's float32 referee cannot see (a fine copy of the weights hides inside bfloat16's
+        rounding from a float32 reference). Another verifier of that class decides: agreeing, the
+        stage fails on two independent same-recipe re-executions; passing it, nobody is blamed."""
+        witness = self._pick_verifier(job.receipt.provider_id, hardware_class, exclude, same_class_only=True)
+        second = self._ask(witness, job, subject_addrs) if witness else None
+        if second is None or second.outcome == UNCHECKED or not second.metrics.get("same_recipe"):
+            return Outcome(UNCHECKED, f"a same-recipe failure ({first.reason}) no second verifier of "
+                                      f"{hardware_class!r} could confirm")
+        if second.outcome == FAIL:
+            return Outcome(FAIL, f"two verifiers of its class: {first.reason}; {second.reason}",
+                           {**first.metrics, "witness": witness})
+        return Outcome(UNCHECKED, f"verifiers of {hardware_class!r} disagree: {first.reason}")
+
+    def _hardware_class(self, peer: str) -> str:
+        record = self.registry.get(peer)
+        value = record.profile.get("hardware_class", "") if record else ""
+        return value if isinstance(value, str) else ""
 
     def _withholding(self, subject: str, truth: Outcome) -> Outcome:
         """A stage that cannot be checked blames nobody once (its retention may have run out); one
@@ -188,10 +234,15 @@ class Auditor:
         del self._withheld[subject]
         return Outcome(FAIL, f"withheld its retained tensors {WITHHELD_LIMIT} audits in a row ({truth.reason})")
 
-    def _pick_verifier(self, subject: str) -> str | None:
-        """A live provider other than the subject: newcomers first, then idle ones, then serving."""
+    def _pick_verifier(self, subject: str, hardware_class: str = "", exclude: set[str] = frozenset(),
+                       same_class_only: bool = False) -> str | None:
+        """A live provider other than the subject: of the subject's hardware class when it has one
+        (it re-runs the stage's own recipe), then newcomers first, then idle ones, then serving."""
         rank = {"newcomer": 0, "idle": 1, "serving": 2}
-        live = [p for p in self.registry.records() if p.peer != subject and p.state in rank]
+        live = [p for p in self.registry.records() if p.peer != subject and p.peer not in exclude and p.state in rank]
+        if hardware_class:
+            same = [p for p in live if p.profile.get("hardware_class") == hardware_class]
+            live = same if same or same_class_only else live
         if not live:
             return None
         best = min(rank[p.state] for p in live)
@@ -203,7 +254,7 @@ class Auditor:
         expires_ms = time.time_ns() // 1_000_000 + int(TICKET_LIFETIME_S * 1000)
         ticket = self.identity.sign(ticket_bytes(r.request_id, verifier, expires_ms))
         return AuditTask(job.audit_id, r.request_id, r.provider_id, tuple(subject_addrs), r.model, r.layer_start,
-                         r.layer_end, self.n_layers, r.input_hash, r.output_hash, r.layers_hash, r.dtype, job.sampling,
+                         r.layer_end, self.n_layers, r.input_hash, r.output_hash, r.layers_hash, r.dtype, self._hardware_class(r.provider_id), job.sampling,
                          expires_ms, ticket)
 
     def _ask(self, verifier: str, job: AuditJob, subject_addrs: list[str]) -> Outcome | None:
@@ -256,9 +307,9 @@ class Auditor:
             if standing is not None and standing != self.registry.standing(peer):
                 self.registry.set_standing(peer, standing)
                 changed = True
-        log.info("audit %s of %s: %s (verifier %s said %s, refereed %s)", job.audit_id, r.provider_id,
-                 "passed" if truth.ok else f"FAILED: {truth.reason}", result.verifier, result.verifier_outcome,
-                 result.refereed)
+        log.info("audit %s of %s: %s (verifier %s said %s, refereed %s, same recipe %s)", job.audit_id,
+                 r.provider_id, "passed" if truth.ok else f"FAILED: {truth.reason}", result.verifier,
+                 result.verifier_outcome, result.refereed, "yes" if result.same_recipe else "no")
         if changed:
             self.on_standing_changed()
 

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--referee-check-ppm", type=int, default=200_000,
                    help="share of agreeing verdicts from serving verifiers that the coordinator re-checks")
     p.add_argument("--serving-dtype", choices=("float32", "bfloat16"), default="",  # wire.messages.SERVING_DTYPES
-                   help="the precision every stage serves in (default: each provider's own --dtype)")
+                   help="the precision every stage serves in (default: each provider's own --dtype where audits "
+                        "can verify it: bfloat16 needs two other live providers of its hardware class; else float32)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from coordinator import incidents
+from coordinator import incidents, precision
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
                                  plan, provider_spec_from_profile)
 from coordinator.registry import Registry
-from wire.messages import SERVING_DTYPES, Assign, Stage
+from wire.messages import Assign, Stage
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -50,14 +50,16 @@ class ActivePipeline:
     id: str
     pipeline: Pipeline
     driver: PipelineDriver
+    stages: tuple[Stage, ...]  # as assigned: with the precision each serves in
 
     def public(self) -> dict:
-        return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end}
-                                          for s in self.pipeline.stages]}
+        return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end, "dtype": s.dtype}
+                                          for s in self.stages]}
 
 
-def pipeline_id(pipeline: Pipeline) -> str:
-    text = ";".join(f"{s.peer_id}:{s.start}:{s.end}" for s in pipeline.stages)
+def pipeline_id(pipeline: Pipeline, dtype_for: Callable[[str], str]) -> str:
+    """Names the stages and the precision each serves in: a changed precision is another pipeline."""
+    text = ";".join(f"{s.peer_id}:{s.start}:{s.end}:{dtype_for(s.peer_id)}" for s in pipeline.stages)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -82,8 +84,8 @@ class Pool:
         serving_dtype: str = "",
     ):
         """`coordinator`: its peer id and addresses, stage 0's upstream and the last stage's downstream.
-        `serving_dtype`: the precision every stage is assigned; "" lets each provider serve in the one
-        its profile asks for (`serving_dtype`, float32 when it names none)."""
+        `serving_dtype`: the precision every stage is assigned; "" gives each provider the one its
+        profile asks for where audits can verify it, else float32 (coordinator/precision.py)."""
         self.registry, self.model_shape, self.model_id = registry, model_shape, model_id
         self.coordinator_peer, self.coordinator_addrs = coordinator
         self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
@@ -190,7 +192,7 @@ class Pool:
             specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
             try:
                 result = plan(specs, self.model_shape, self.workload, objective=self.objective)
-                wanted = {pipeline_id(p): p for p in result.pipelines}
+                wanted = {pipeline_id(p, self._dtype_for): p for p in result.pipelines}
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         else:
@@ -234,7 +236,7 @@ class Pool:
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
                                     self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages)
-            started[pid] = ActivePipeline(pid, pipeline, driver)
+            started[pid] = ActivePipeline(pid, pipeline, driver, stages)
             busy |= set(pipeline.peer_ids)
 
         with self.lock:
@@ -268,12 +270,9 @@ class Pool:
         return stages
 
     def _dtype_for(self, peer: str) -> str:
-        """The coordinator decides each stage's precision; the stage's receipt commits to it."""
-        if self.serving_dtype:
-            return self.serving_dtype
-        record = self.registry.get(peer)
-        wanted = record.profile.get("serving_dtype") if record else None
-        return wanted if wanted in SERVING_DTYPES else "float32"
+        """The coordinator decides each stage's precision (coordinator/precision.py); the stage's
+        receipt commits to it."""
+        return precision.serving_dtype(self.registry.get(peer), self.registry.records(), self.serving_dtype)
 
     def _driver_failed(self, pid: str, requests: list[GenerationRequest], reason: str) -> None:
         with self.lock:

@@ -32,7 +32,7 @@ from node.models import default_model_dir, model_id_of
 from node.transport import Frame, P2PNode, Stream, StreamClosed, TransportConfig, TransportError, load_or_create
 from node.transport.identity import verify_for_peer
 from wire.messages import (PROTO_ASSIGN, PROTO_CONTROL, PROTO_RESULT, AccountInfo, AccountQuery, Ack, Assign, Failed,
-                           Heartbeat, Leave, Message, MessageError, Ping, Receipts, Register, Result, Unassign, decode,
+                           Heartbeat, Leave, Message, MessageError, Ping, Receipts, Register, Result, Retain, Unassign, decode,
                            refuse)
 
 log = logging.getLogger("meshpool.coordinator")
@@ -139,7 +139,9 @@ class Coordinator:
         except ReceiptError as exc:
             log.warning("receipt from %s refused: %s", peer, exc)
             return refuse(f"receipt refused: {exc}")
-        return Ack()
+        if self.auditor is None:
+            return Ack()
+        return Retain(tuple(r.request_id for r in message.receipts if self.auditor.retains(r)))
 
     def _register(self, message: Register, peer: str) -> Ack:
         try:

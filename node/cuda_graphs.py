@@ -59,9 +59,12 @@ class DecodeStep:
     after, to hidden (B, D) or, on the last stage, (logits (B, V), hidden (B, D)). The residual add of each block
     is fused into the next norm; q, k, v and gate/up are one matmul each."""
 
-    def __init__(self, model, cache, cos: torch.Tensor, sin: torch.Tensor, ops: Ops):
+    def __init__(self, model, cache, cos: torch.Tensor, sin: torch.Tensor, ops: Ops,
+                 boundaries: torch.Tensor | None = None):
+        """`boundaries` (n_layers + 1, rows, D): if given, each step writes into it every layer's input
+        and then its output, for the stage's commitment to its layer boundaries (inside a graph too)."""
         config = model.config
-        self.model, self.ops = model, ops
+        self.model, self.ops, self.boundaries = model, ops, boundaries
         self.n_layers = len(model.layers)
         self.cos, self.sin = cos.contiguous(), sin.contiguous()  # (T, Dh)
         self.k, self.v = cache.k, cache.v  # (layers, S, Hkv, T, Dh)
@@ -81,7 +84,8 @@ class DecodeStep:
         for i in range(start, end):
             layer = m.layers[i]
             attn, mlp = layer.attn, layer.mlp
-            h, xn = ops.rms_norm(h, layer.input_norm.weight, self.eps, delta)
+            h, xn = ops.rms_norm(h, layer.input_norm.weight, self.eps, delta)  # h: layer i's input
+            self._keep(i, h)
             qkv = F.linear(xn, attn.qkv.weight, attn.qkv.bias)  # (B, (H + 2 Hkv) Dh)
             q = ops.rope_write(qkv, self.cos, self.sin, positions, slots, self.k[i], self.v[i],
                                self.n_heads, self.n_kv_heads)  # (B, H, Dh)
@@ -93,9 +97,16 @@ class DecodeStep:
         if end < self.n_layers:
             return h, delta
         if m.norm is None:
-            return h + delta
+            out = h + delta
+            self._keep(self.n_layers, out)
+            return out
         h, xn = ops.rms_norm(h, m.norm.weight, self.eps, delta)
+        self._keep(self.n_layers, h)
         return F.linear(xn, m.head_weight()), h  # logits (B, V) and the hidden states behind them
+
+    def _keep(self, boundary: int, h: torch.Tensor) -> None:
+        if self.boundaries is not None:
+            self.boundaries[boundary, :h.shape[0]].copy_(h)
 
 
 class GraphedDecoder:

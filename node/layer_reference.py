@@ -34,7 +34,8 @@ from node.layers import DecoderLayer, rope_tables
 from node.models import model_id_of
 from node.runtime import ShardModel
 from node.shard import Checkpoint, Shard, tensor_names
-from verification.layer_compare import COULD_NOT_CHECK, LayerVerdict, check_embedding, check_layer, combine
+from verification.layer_compare import (COULD_NOT_CHECK, LayerVerdict, check_embedding, check_layer, combine,
+                                        same_recipe_thresholds)
 from wire.messages import AuditTask
 
 MAX_TOKENS = 1 << 15  # positions one re-execution may cover
@@ -124,10 +125,12 @@ class LayerReference:
 
 
 def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_input: torch.Tensor,
-                     boundaries: torch.Tensor) -> tuple[LayerVerdict, list[LayerVerdict]]:
+                     boundaries: torch.Tensor, same_thresholds=None) -> tuple[LayerVerdict, list[LayerVerdict]]:
     """A stage audit from its committed boundaries (L + 1, T, D): the embeddings of stage 0's token
-    ids bit for bit, then every layer alone against `ref` (float32) and, for a low-precision stage,
-    `same` (its serving dtype). Returns (the stage's verdict, each boundary's verdict)."""
+    ids bit for bit, then every layer alone against `ref` (float32) and, for a low-precision stage
+    of the verifier's own hardware class, `same` (its serving dtype), judged by `same_thresholds`
+    (verification/layer_compare.py SAME_RECIPE_THRESHOLDS of the verifier's device type).
+    Returns (the stage's verdict, each boundary's verdict)."""
     shard, L = ref.shard, ref.shard.n_shard_layers
     if not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 3 or boundaries.shape[0] != L + 1 \
             or boundaries.shape[2] != ref.config.hidden_size:
@@ -146,7 +149,8 @@ def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_inp
             x, y = boundaries[i], boundaries[i + 1]
             r = ref.layer(shard.start + i, x).cpu()
             s = None if same is None else same.layer(shard.start + i, x).cpu()
-            verdicts.append(check_layer(x.cpu(), y.cpu(), r, shard.start + i, same=s))
+            verdicts.append(check_layer(x.cpu(), y.cpu(), r, shard.start + i, same=s,
+                                        thresholds=same_thresholds if s is not None else None))
     except ValueError as exc:  # e.g. token ids outside the vocabulary: nothing to re-execute
         verdicts.append(LayerVerdict(COULD_NOT_CHECK, f"cannot re-execute: {exc}", shard.start))
     return combine(verdicts), verdicts
@@ -154,15 +158,20 @@ def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_inp
 
 class LayerAuditor:
     """verification.check's ReExecute for one model directory: re-executes every layer of an audited
-    stage against a float32 reference of the weights the stage was assigned (its dtype), on `device`.
-    References are kept per (shard, dtype), a few at a time."""
+    stage against a float32 reference of the weights the stage was assigned (its dtype), on `device`;
+    and, when the stage served in low precision on hardware of this verifier's class
+    (`hardware_class`, node/profile.py), in that precision too: the same recipe, judged by the
+    tighter same-recipe thresholds. References are kept per (shard, dtype, compute dtype), a few at
+    a time."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_cached: int = 2):
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_cached: int = 2,
+                 hardware_class: str = ""):
         if max_cached < 1:
             raise ValueError("max_cached must be >= 1")
         self.model_dir, self.device, self.max_cached = Path(model_dir), torch.device(device), max_cached
+        self.hardware_class = hardware_class
         self.model_id = model_id_of(self.model_dir)
-        self._references: OrderedDict[tuple[Shard, torch.dtype], LayerReference] = OrderedDict()
+        self._references: OrderedDict[tuple[Shard, torch.dtype, torch.dtype], LayerReference] = OrderedDict()
         self._lock = threading.Lock()  # one re-execution at a time: references are large
 
     def __call__(self, task: AuditTask, stage_input: torch.Tensor, boundaries: torch.Tensor,
@@ -171,18 +180,23 @@ class LayerAuditor:
             raise ValueError(f"this verifier holds {self.model_id}, not {task.model}")
         shard = Shard(task.model, task.start, task.end, task.n_layers)
         dtype = getattr(torch, task.dtype)
+        same_thresholds = None
+        if self.hardware_class and task.hardware_class == self.hardware_class:
+            same_thresholds = same_recipe_thresholds(self.device.type, dtype)
         with self._lock:
-            ref = self._reference(shard, dtype)
-            verdict, verdicts = audit_boundaries(ref, None, stage_input, boundaries)
+            ref = self._reference(shard, dtype, torch.float32)
+            same = self._reference(shard, dtype, dtype) if same_thresholds else None
+            verdict, verdicts = audit_boundaries(ref, same, stage_input, boundaries, same_thresholds)
             logits = ref.head(boundaries[-1][rows]).cpu() if shard.is_last and rows else None
         return verdict, verdicts, logits
 
-    def _reference(self, shard: Shard, dtype: torch.dtype) -> LayerReference:
-        key = (shard, dtype)
+    def _reference(self, shard: Shard, dtype: torch.dtype, compute_dtype: torch.dtype) -> LayerReference:
+        key = (shard, dtype, compute_dtype)
         if key in self._references:
             self._references.move_to_end(key)
             return self._references[key]
-        ref = LayerReference.from_checkpoint(self.model_dir, shard, serving_dtype=dtype, device=self.device)
+        ref = LayerReference.from_checkpoint(self.model_dir, shard, serving_dtype=dtype, compute_dtype=compute_dtype,
+                                             device=self.device)
         self._references[key] = ref
         while len(self._references) > self.max_cached:
             self._references.popitem(last=False)

@@ -49,6 +49,17 @@ def serving_dtype(kind: str) -> torch.dtype:
     return torch.float32 if kind == "cpu" else torch.bfloat16
 
 
+def hardware_class(device: torch.device) -> str:
+    """Devices of one class run the same kernels and land within a rounding step of each other in
+    low precision, so a verifier of the stage's own class can re-run its serving recipe
+    (verification/layer_compare.py SAME_RECIPE_THRESHOLDS): "<device type>/<model name>"."""
+    if device.type == "cuda":
+        return f"cuda/{torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "mps/Apple GPU"
+    return f"cpu/{_cpu_model()}/{torch.get_num_threads()} threads"  # the split of a sum follows the threads
+
+
 def available_devices() -> list[torch.device]:
     devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     if torch.backends.mps.is_available():

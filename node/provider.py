@@ -16,7 +16,7 @@ from tqdm import tqdm
 from node.config import ModelConfig, ModelError
 from node.faults import Fault
 from node.models import model_id_of
-from node.profile import serving_dtype
+from node.profile import hardware_class, serving_dtype
 from node.retention import RetentionStore
 from node.runtime import ShardRuntime
 from node.shard import Shard, tensor_names
@@ -26,7 +26,7 @@ from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, Trans
 from node.verifier import AuditService
 from wire.messages import (PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, AccountInfo,
                            AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message, MessageError, Ping,
-                           Receipts, Register, Step, Unassign, decode, dtype_name, refuse)
+                           Receipts, Register, Retain, Step, Unassign, decode, dtype_name, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
@@ -63,7 +63,8 @@ class Provider:
         self.model_dir, self.device = model_dir, device
         self.dtype = dtype or serving_dtype(device.type)
         # the profile asks for a precision; the coordinator decides it in each assignment
-        self.profile = {**profile, "serving_dtype": dtype_name(self.dtype)}
+        # and names its hardware class, so that a verifier of the same class can re-run its recipe
+        self.profile = {**profile, "serving_dtype": dtype_name(self.dtype), "hardware_class": hardware_class(device)}
         self.max_memory_bytes = max_memory_bytes
         self.model_id = model_id_of(model_dir)
         self.fault = fault
@@ -254,6 +255,12 @@ class Provider:
             reply = self._control(Receipts(tuple(receipts)), RECEIPTS_TIMEOUT_S)
             if isinstance(reply, Ack) and not reply.ok:
                 log.warning("the coordinator refused our receipts: %s", reply.reason)
+            if isinstance(reply, Retain):  # only what was drawn for audit is kept: at GPU scale it is large
+                for receipt in receipts:
+                    if receipt.request_id not in reply.request_ids:
+                        self.retained.drop(receipt.request_id)
+            requests, nbytes = self.retained.usage()
+            self.stats.update(retained_requests=requests, retained_bytes=nbytes)
         except (TransportError, MessageError) as exc:
             log.warning("could not send receipts: %s", exc)
 

@@ -91,6 +91,19 @@ class RetentionStore:
             self._bytes += retained.nbytes
             self._expire()
 
+    def usage(self) -> tuple[int, int]:
+        """(requests, bytes) kept now."""
+        with self._lock:
+            self._expire()
+            return len(self._items), self._bytes
+
+    def drop(self, request_id: str) -> None:
+        """Forget a request no audit will ask for."""
+        with self._lock:
+            old = self._items.pop(request_id, None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+
     def get(self, request_id: str) -> Retained | None:
         with self._lock:
             self._expire()

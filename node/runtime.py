@@ -10,8 +10,8 @@ With `capture_boundaries` a runtime also keeps, per session, the hidden state at
 boundary of its range in its serving dtype: (n_shard_layers + 1, T, D), row 0 the stage's input
 (stage 0: the embeddings), row i + 1 the output of its i-th layer. An audit re-checks each layer
 alone from them (node/layer_reference.py). Off by default: then nothing is kept or copied.
-Capturing decodes through the layers of node/layers.py (the CUDA graphs would need a static
-(L + 1, B, D) buffer written inside the captured step).
+On CUDA the captured decode step writes them into a static (L + 1, B, D) buffer, copied out after
+each replay, so capturing keeps the CUDA graphs.
 """
 
 from __future__ import annotations
@@ -150,8 +150,7 @@ class ShardRuntime:
         self.capture_boundaries = capture_boundaries
         # the hidden states of the latest step's boundaries, [input, after layer 0, ...], each (B, T, D)
         self._taken: list[torch.Tensor] | None = None
-        use_graphs = (cuda_graphs and not capture_boundaries and self.device.type == "cuda"
-                      and triton_usable(self.device))
+        use_graphs = cuda_graphs and self.device.type == "cuda" and triton_usable(self.device)
         # the graphs pad batches with rows that write into one extra slot, owned by no session
         self.cache = KVCache(
             shard.n_shard_layers, max_sessions + (1 if use_graphs else 0), self.config.n_kv_heads, self.max_seq_len,
@@ -159,7 +158,11 @@ class ShardRuntime:
         )
         self.graphs = None
         if use_graphs:
-            step = DecodeStep(self.model, self.cache, self.cos, self.sin, Ops(use_triton=True))
+            kept = None
+            if capture_boundaries:
+                kept = torch.zeros(shard.n_shard_layers + 1, max_sessions, self.config.hidden_size, dtype=dtype,
+                                   device=self.device)
+            step = DecodeStep(self.model, self.cache, self.cos, self.sin, Ops(use_triton=True), kept)
             self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
                                          None if shard.is_first else self.config.hidden_size, dtype, self.device)
         self.sessions: dict[str, Session] = {}
@@ -262,17 +265,21 @@ class ShardRuntime:
             xs = [self._check_input(torch.cat(xs), to_device=self.graphs is None)]
         slot_list = [s.slot for s in sessions]
         pos_list = [s.n_tokens for s in sessions]
+        taken = None  # with capture_boundaries: (L + 1, B, D)
         if self.graphs is not None:
             out = self.graphs.decode(slot_list, pos_list, xs)
             self.last_hidden = self.graphs.last_hidden
+            if self.capture_boundaries:  # the step's static buffer: copied out before the next replay
+                taken = self.graphs.step.boundaries[:, :len(steps)].clone()
         else:
             x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
             out = self._decode_layers(x, slot_list, pos_list)
-        if self._taken is not None:
-            taken = torch.stack(self._taken)[:, :, 0]  # (L + 1, B, D)
+            if self._taken is not None:
+                taken = torch.stack(self._taken)[:, :, 0]
+                self._taken = None
+        if taken is not None:
             for row, s in enumerate(sessions):
                 s.boundaries.append(taken[:, row:row + 1])
-            self._taken = None
         now = time.monotonic()
         for s in sessions:
             s.n_tokens += 1

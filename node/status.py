@@ -24,7 +24,7 @@ WRITE_INTERVAL_S = 1.0
 MAX_STATUS_BYTES = 64 * 1024
 STALE_AFTER_S = 5.0  # `provider status` calls a file older than this stale (the provider is not running)
 FIELDS = ("peer", "state", "stages", "tokens_processed", "steps", "credits_earned_units", "reputation",
-          "audits_done", "updated_ms")
+          "audits_done", "retained_requests", "retained_bytes", "updated_ms")
 
 
 def _now_ms() -> int:
@@ -41,6 +41,8 @@ class ProviderStats:
     credits_earned_units: int = 0
     reputation: int = 0
     audits_done: int = 0  # audits this provider ran as a verifier
+    retained_requests: int = 0  # requests whose tensors it keeps for an audit drawn on them
+    retained_bytes: int = 0
     updated_ms: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from node.layer_reference import LayerAuditor
+from node.profile import hardware_class
 from node.retention import RetentionStore
 from node.transport import Frame, P2PNode, TransportError
 from node.transport.identity import verify_by_peer_id
@@ -98,5 +99,5 @@ class AuditService:
     def _get_auditor(self) -> LayerAuditor:
         with self._lock:
             if self._auditor is None:
-                self._auditor = LayerAuditor(self.model_dir, device=self.device)
+                self._auditor = LayerAuditor(self.model_dir, device=self.device, hardware_class=hardware_class(self.device))
             return self._auditor

@@ -24,7 +24,7 @@ import torch
 
 from verification.commitments import tensor_digest
 from verification.compare import compare_tokens
-from verification.layer_compare import COULD_NOT_CHECK, FAIL as LAYER_FAIL, REFERENCE_THRESHOLDS, LayerVerdict
+from verification.layer_compare import COULD_NOT_CHECK, FAIL as LAYER_FAIL, LayerVerdict
 from wire.messages import AuditTask, dtype_name
 
 PASS, FAIL, UNCHECKED = "pass", "fail", "unchecked"
@@ -57,13 +57,16 @@ class Outcome:
         return self.outcome == FAIL and 0 < self.metrics.get("excess", 0) <= MARGINAL_EXCESS
 
 
-def excess(verdict: LayerVerdict, dtype: torch.dtype) -> float:
-    """How far a failed layer's statistics are over their thresholds: the largest ratio."""
-    limits, stats = REFERENCE_THRESHOLDS.get(dtype), verdict.stats
+def excess(verdict: LayerVerdict) -> float:
+    """How far a failed layer's statistics are over the thresholds it was judged by: the largest ratio."""
+    limits, stats = verdict.limits, verdict.stats
     if limits is None or stats is None:
         return float("inf")
-    ratios = [stats.median / limits.median_max, stats.quantile / limits.quantile_max, stats.max / limits.max_max]
-    return max((r for r in ratios if r == r), default=float("inf"))  # NaN-free
+    pairs = ((stats.median, limits.median_max), (stats.quantile, limits.quantile_max), (stats.max, limits.max_max),
+             (stats.ulp_fraction, limits.ulp_fraction_max), (stats.drift_ratio, limits.drift_ratio_max),
+             (stats.same_median, limits.same_median_max))
+    ratios = [value / limit for value, limit in pairs if value == value and 0 < limit < float("inf")]
+    return max(ratios, default=float("inf"))
 
 
 def is_last(task: AuditTask) -> bool:
@@ -73,7 +76,8 @@ def is_last(task: AuditTask) -> bool:
 def layer_metrics(verdicts: list[LayerVerdict]) -> dict:
     """The evidence an audit records: layers checked and the worst per-layer statistics."""
     stats = [v.stats for v in verdicts if v.stats is not None]
-    metrics = {"layers_checked": len(stats)}
+    # whether a same-recipe recompute judged these layers: what a float32 referee cannot see
+    metrics = {"layers_checked": len(stats), "same_recipe": any(s.same_median == s.same_median for s in stats)}
     for name in ("median", "quantile", "max"):
         values = [getattr(s, name) for s in stats if getattr(s, name) == getattr(s, name)]  # not NaN
         if values:
@@ -116,7 +120,7 @@ def check_stage(reexecute: ReExecute, task: AuditTask, tensors: list[torch.Tenso
         return Outcome(UNCHECKED, f"cannot re-execute: {exc}")
     metrics = layer_metrics(verdicts)
     if verdict.outcome == LAYER_FAIL:
-        metrics["excess"] = excess(verdict, claimed.dtype)
+        metrics["excess"] = excess(verdict)
         return Outcome(FAIL, verdict.reason, metrics)
     if verdict.outcome == COULD_NOT_CHECK:
         return Outcome(UNCHECKED, verdict.reason, metrics)

@@ -44,6 +44,7 @@ MAX_BATCH_SESSIONS = 256  # sessions in one step
 MAX_SESSION_ID_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
 MAX_PEER_ID_CHARS = 128
+MAX_HARDWARE_CLASS_CHARS = 256
 MAX_ADDRS = 8  # multiaddrs a peer announces
 MAX_ADDR_CHARS = 512
 MAX_REASON_CHARS = 2000
@@ -363,6 +364,18 @@ class Receipts(Message):
 # -- assignments: coordinator -> provider -----------------------------------------------------
 
 
+class Retain(Message):
+    """Coordinator -> stage, in answer to its receipts: the requests whose tensors it must keep for an
+    audit; it may drop the others' now. The coordinator draws audits only once the stage has signed
+    its receipts, so the stage learns nothing while it computes and cannot change what it committed."""
+
+    TYPE = "stage.retain"
+    request_ids: tuple[str, ...]
+
+    def validate(self) -> None:
+        _texts(self.request_ids, "request_ids", MAX_RECEIPTS_PER_FRAME, MAX_REQUEST_ID_CHARS)
+
+
 class Assign(Message):
     """Serve layers [start, end) of `model` in `pipeline`, taking steps from `prev_peer` only and
     sending results to `next_peer` at `next_addrs` (the coordinator is the previous peer of stage 0
@@ -507,7 +520,7 @@ class AuditTask(Message):
     lets the verifier fetch the subject's retained tensors."""
 
     TYPE = "audit.task"
-    VERSION = 3
+    VERSION = 4
     audit_id: str
     request_id: str
     subject: str
@@ -520,6 +533,7 @@ class AuditTask(Message):
     output_hash: str
     layers_hash: str  # the receipt's commitment to every layer boundary
     dtype: str  # the precision the stage was assigned and signed for
+    hardware_class: str  # the class the stage served on (its profile's): a verifier of that class re-runs its recipe
     sampling: SamplingParams
     expires_ms: int
     ticket: bytes
@@ -528,6 +542,7 @@ class AuditTask(Message):
         check_layer_range(self.start, self.end, self.n_layers)
         _text(self.request_id, "request_id", MAX_REQUEST_ID_CHARS, allow_empty=False)
         _texts(self.subject_addrs, "subject_addrs", MAX_ADDRS, MAX_ADDR_CHARS)
+        _text(self.hardware_class, "hardware_class", MAX_HARDWARE_CLASS_CHARS)
         _count(self.expires_ms, "expires_ms")
 
 

@@ -6,12 +6,14 @@ tokens); a cap of 300 MiB a provider therefore forces three stages.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import torch
 
 from coordinator.local_pool import LocalPool
+from node.status import STATUS_FILE, WRITE_INTERVAL_S, read_status
 
 CAP_MB = 300
 MODEL = "smollm2-135m-instruct"
@@ -51,6 +53,11 @@ def test_memory_caps_force_three_stages_that_generate_like_transformers(pool, re
         assert status == 200, body
         assert body["choices"][0]["text"] == reference(prompt, 24)
         assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] <= 24
+    # each stage keeps tensors only for the requests drawn for audit (p = 5 %), not for all three
+    time.sleep(2 * WRITE_INTERVAL_S)  # status.json is rewritten every second
+    kept = [read_status(pool.root / d)["retained_requests"] for d in os.listdir(pool.root)
+            if (pool.root / d / STATUS_FILE).exists()]
+    assert len(kept) == 3 and all(0 <= k < len(PROMPTS) for k in kept), kept
 
 
 def test_kill_9_of_a_stage_mid_generation_changes_nothing_for_the_caller(pool, reference):

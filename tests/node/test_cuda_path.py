@@ -227,3 +227,44 @@ def test_graph_path_keeps_session_errors(llama_dir):
     with pytest.raises(SessionError, match="would hold 9 tokens"):
         rt.decode([("s", torch.tensor([1]))])
     assert rt.sessions["s"].n_tokens == 8
+
+
+@cuda
+def test_graphs_capture_layer_boundaries_that_pass_a_layer_audit(llama_dir):
+    """With capture on, decode still replays CUDA graphs; the boundaries they write are the eager
+    kernels' bit for bit, and every layer of them passes a per-layer audit."""
+    from node.layer_reference import LayerReference, audit_boundaries
+
+    make = lambda: [_runtime(llama_dir, a, b, device="cuda", dtype=torch.bfloat16, max_sessions=4,  # noqa: E731
+                             max_seq_len=256, capture_boundaries=True) for a, b in [(0, 2), (2, 4)]]
+    graphed, eager = make(), make()
+    for stage in eager:
+        stage.graphs.use_graphs = False
+    assert graphed[0].graphs is not None and graphed[0].graphs.use_graphs
+    prompts = [list(range(3, 40)), [42, 7, 9]]
+    ids = {}
+    for chain in (graphed, eager):
+        tokens = []
+        for i, p in enumerate(prompts):
+            x = torch.tensor(p)
+            for stage in chain:
+                x = stage.prefill(f"s{i}", x)
+            tokens.append(list(p) + [int(x.argmax(-1))])
+        for _ in range(10):
+            xs = [torch.tensor([t[-1]]) for t in tokens]
+            for stage in chain:
+                out = stage.decode([(f"s{i}", x) for i, x in enumerate(xs)])
+                xs = list(out[:, None].unbind(0))
+            for t, nxt in zip(tokens, out.argmax(-1).tolist()):
+                t.append(nxt)
+        ids[id(chain)] = tokens
+    assert ids[id(graphed)] == ids[id(eager)]
+    for i, tokens in enumerate(ids[id(graphed)]):
+        for g, e in zip(graphed, eager):
+            assert torch.equal(g.boundaries(f"s{i}"), e.boundaries(f"s{i}"))
+        fed = torch.tensor(tokens[:-1])  # the last token was sampled, never fed
+        inputs = (fed, graphed[0].boundaries(f"s{i}")[-1])
+        for stage, stage_input in zip(graphed, inputs):
+            ref = LayerReference.from_checkpoint(llama_dir, stage.shard, serving_dtype=torch.bfloat16, device="cuda")
+            verdict, verdicts = audit_boundaries(ref, None, stage_input, stage.boundaries(f"s{i}"))
+            assert verdict.ok, [v.reason for v in verdicts if not v.ok]

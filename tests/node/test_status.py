@@ -37,7 +37,8 @@ def test_counters_are_thread_safe_and_round_trip():
     assert d["steps"] == 8000 and d["tokens_processed"] == 24000 and d["audits_done"] == 1
     assert d["credits_earned_units"] == 107 and d["stages"] == [[0, 12]] and d["state"] == "serving"
     assert d["updated_ms"] > 0 and set(d) == {"peer", "state", "stages", "tokens_processed", "steps",
-                                              "credits_earned_units", "reputation", "audits_done", "updated_ms"}
+                                              "credits_earned_units", "reputation", "audits_done", "retained_requests",
+                                              "retained_bytes", "updated_ms"}
     assert ProviderStats.from_dict(json.loads(json.dumps(d))).to_dict() == d
     assert stats.line().startswith("serving [0, 12) · 24,000 tokens · 8,000 steps · 107 credits")
 

@@ -16,7 +16,7 @@ from wire.messages import PROTO_AUDIT, AuditTask, AuditVerdict, SamplingParams, 
 
 def task_for(subject: P2PNode, request_id: str = "req-1") -> AuditTask:
     return AuditTask("req-1.0", request_id, subject.peer_id, (subject.addr,), "any-model", 0, 2, 4, "0" * 64,
-                     "0" * 64, "0" * 64, "float32", SamplingParams(), 2**62, b"")
+                     "0" * 64, "0" * 64, "float32", "", SamplingParams(), 2**62, b"")
 
 
 def test_a_verifier_whose_fetch_is_cut_answers_unchecked(tmp_path):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from node.faults import FAULT_KINDS, Fault, SkippedLayer
+from node.layer_reference import LayerAuditor
+from verification.check import FAIL
 from node.runtime import ShardRuntime
 from node.shard import Shard
 from tests.verification.serving import PROMPTS, audit_record
@@ -43,6 +45,22 @@ def test_every_serving_fault_fails_its_audit(run_pool, auditor, kind, stage):
 def test_coarse_faults_fail_in_bfloat16(run_pool, auditor, kind):
     records = run_pool((BF16,) * 3, batch=2, fault_at=1, fault=Fault.parse(kind))
     assert not any(audit_record(auditor, per_stage[1]).ok for per_stage in records)
+
+
+@pytest.mark.parametrize("kind", ["int8", "tamper"])
+def test_fine_copies_in_bfloat16_are_caught_by_a_verifier_of_their_hardware_class(run_pool, auditor, model, kind):
+    """An 8-bit or 1e-3-tampered copy served in bfloat16 hides inside bf16's own rounding from a float32
+    reference; a verifier of the stage's hardware class also re-runs its recipe and catches it."""
+    same_class = LayerAuditor(model[0], hardware_class="cpu/test")
+    records = run_pool((BF16,) * 3, batch=2, fault_at=1, fault=Fault.parse(kind, seed=1))
+    for per_stage in records:
+        caught = audit_record(same_class, per_stage[1], hardware_class="cpu/test")
+        assert caught.outcome == FAIL and caught.metrics["same_recipe"], caught
+        assert audit_record(same_class, per_stage[0], hardware_class="cpu/test").ok  # honest, same check
+        # another class's verifier runs the reference alone
+        assert not audit_record(same_class, per_stage[1], hardware_class="cpu/other").metrics["same_recipe"]
+    if kind == "int8":  # the reference alone lets this one through: what the class's verifier adds
+        assert audit_record(auditor, records[0][1]).ok
 
 
 def test_bad_verifier_serves_honestly_but_lies(run_pool, auditor):

@@ -149,8 +149,8 @@ def test_thresholds_sit_nearer_the_honest_side():
         ("bfloat16", "max", REFERENCE_THRESHOLDS[BF16].max_max, "skip-layer"),
         ("bfloat16", "median", REFERENCE_THRESHOLDS[BF16].median_max, "int4"),
         ("bfloat16", "quantile", REFERENCE_THRESHOLDS[BF16].quantile_max, "int4"),
-        ("bfloat16", "same_median", SAME_RECIPE_THRESHOLDS[BF16].same_median_max, "int8"),
-        ("bfloat16", "ulp_fraction_same", SAME_RECIPE_THRESHOLDS[BF16].ulp_fraction_max, "int8"),
+        ("bfloat16", "same_median", SAME_RECIPE_THRESHOLDS["cpu"][BF16].same_median_max, "int8"),
+        ("bfloat16", "ulp_fraction_same", SAME_RECIPE_THRESHOLDS["cpu"][BF16].ulp_fraction_max, "int8"),
     ]
     for dtype, stat, threshold, cheat in checks:
         honest = figures["honest"][f"{dtype} all"][stat]["max"]

@@ -84,7 +84,7 @@ def audit_task(request_id: str, worker, receipt) -> AuditTask:
     shard = worker.runtime.shard
     return AuditTask(f"{request_id}.0", request_id, receipt.provider_id, (), shard.model_id, shard.start, shard.end,
                      shard.n_layers, receipt.input_hash, receipt.output_hash, receipt.layers_hash, receipt.dtype,
-                     SAMPLING, 0, b"")
+                     "", SAMPLING, 0, b"")
 
 
 def test_stages_sign_receipts_that_chain_and_the_coordinator_pays_on_them(model_dir):
