@@ -186,6 +186,10 @@ class Auditor:
         referee = (suspect or answer is None or not answer.ok or not self.registry.may_serve(verifier)
                    or secrets.randbelow(PPM) < self.referee_check_ppm)
         truth = self._referee(job, record.addrs) if referee else answer
+        if answer is not None and answer.metrics.get("same_recipe"):
+            log.info("audit %s: same-recipe verifier %s says %s: %s", job.audit_id, verifier, answer.outcome,
+                     " ".join(f"{k}={v:.4g}" for k, v in answer.metrics.items()
+                              if k.startswith("worst_") and isinstance(v, float)))
         if truth.ok and answer is not None and answer.outcome == FAIL and answer.metrics.get("same_recipe"):
             truth = self._second_witness(job, record.addrs, hardware_class, {subject, verifier}, answer)
         truth = self._withholding(subject, truth)
@@ -307,9 +311,10 @@ class Auditor:
             if standing is not None and standing != self.registry.standing(peer):
                 self.registry.set_standing(peer, standing)
                 changed = True
-        log.info("audit %s of %s: %s (verifier %s said %s, refereed %s, same recipe %s)", job.audit_id,
+        log.info("audit %s of %s: %s (verifier %s said %s, refereed %s, same recipe %s) %s", job.audit_id,
                  r.provider_id, "passed" if truth.ok else f"FAILED: {truth.reason}", result.verifier,
-                 result.verifier_outcome, result.refereed, "yes" if result.same_recipe else "no")
+                 result.verifier_outcome, result.refereed, "yes" if result.same_recipe else "no",
+                 " ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("worst_")))
         if changed:
             self.on_standing_changed()
 

@@ -78,7 +78,7 @@ def layer_metrics(verdicts: list[LayerVerdict]) -> dict:
     stats = [v.stats for v in verdicts if v.stats is not None]
     # whether a same-recipe recompute judged these layers: what a float32 referee cannot see
     metrics = {"layers_checked": len(stats), "same_recipe": any(s.same_median == s.same_median for s in stats)}
-    for name in ("median", "quantile", "max"):
+    for name in ("median", "quantile", "max", "drift_ratio", "same_median", "ulp_fraction"):
         values = [getattr(s, name) for s in stats if getattr(s, name) == getattr(s, name)]  # not NaN
         if values:
             metrics[f"worst_{name}"] = max(values)

@@ -110,17 +110,22 @@ REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
 #       / 0.73 / 1.62; int4 0.090 / 0.92 / 5.7; tamper >= 0.0028 / >= 0.13 / 0.91-1.00: partly inside
 #       the honest spread, caught on 100 of 120 layers only. Thresholds 0.006 and 0.25: at most
 #       half-way from the honest maxima to int8; drift ratio 2.5.
-#   cuda (H200 serving through its CUDA graphs, H200 verifier; bench/layer_audit_cuda_same.json):
-#       honest median error against s <= 0.00063, > 1 ulp <= 0.0154, drift ratio 0.9993-1.0008.
-#       Cheats: tamper >= 0.0065 / >= 0.066, int8 >= 0.018 / >= 0.27, fp8 0.047 / 0.56. Thresholds
-#       0.002 and 0.035: the honest maxima at most half of them, tamper 3.2x / 1.9x over.
+#   cuda (H200 serving through its CUDA graphs, H200 verifier; bench/layer_audit_cuda_same.json, 1,536
+#       honest layer audits of random 1B / 8B shapes): drift ratio 0.999-1.002, median error against s
+#       <= 0.0011, > 1 ulp <= 0.027; int8 drift ratio >= 1.42, tamper 1.00-1.01. But in the real 8B-shaped
+#       pool (bench/gpu_pool.py, embeddings ~100x a layer's update), 15-17 % of an honest layer's
+#       elements land > 1 ulp from s and its error against s is rounding of the stream: where the
+#       update is below the stream's bf16 resolution, the fused decode kernels' rounding order (one
+#       rounding of the residual sum) and the verifier's (one per add) part by ulps of the stream. The
+#       drift ratio compares like with like (each recompute's error against the float32 r), so it is
+#       the one statistic used: 1.3, honest +0.002, int8 +0.42. A 1e-3 tamper stays inside bf16's
+#       rounding of the committed boundaries (ratio 1.01): only float32 serving shows it.
 # Across classes (GPU serving, CPU verifier) honest same-recipe drift reaches 0.006 and hides tamper:
 # a verifier of another class runs the float32 reference alone.
 SAME_RECIPE_THRESHOLDS: dict[str, dict[torch.dtype, LayerThresholds]] = {
     "cpu": {torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.5, ulp_fraction_max=0.25,
                                             drift_ratio_max=2.5, same_median_max=0.006)},
-    "cuda": {torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.5, ulp_fraction_max=0.035,
-                                             drift_ratio_max=2.5, same_median_max=0.002)},
+    "cuda": {torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.5, drift_ratio_max=1.3)},
 }
 
 
