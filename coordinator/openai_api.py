@@ -166,6 +166,7 @@ class Generation:
         self.request: GenerationRequest | None = None
         self.cancelled = False
         self.settled = False
+        self.recorded_tokens = 0  # delivered tokens written down (record_delivery)
         self.timer = svc.metrics.request(body.model)  # metrics: in flight from here until timer.end
 
     async def start(self) -> None:
@@ -225,12 +226,14 @@ class Generation:
         self.timer.end(200)  # metrics
 
     async def _deltas(self) -> AsyncIterator[str]:
+        pending = ""  # text of tokens that arrived together: one delta, so one journal write (chunks())
         try:
             async for token in self.stream.tokens(REQUEST_TIMEOUT_S):
                 self.timer.token()  # metrics: one generated token, time to first token, gap between tokens
-                delta = self.detok.add(token)
-                if delta:
-                    yield delta
+                pending += self.detok.add(token)
+                if pending and (self.detok.stopped or self.stream.queue.empty()):
+                    yield pending
+                    pending = ""
                 if self.detok.stopped:
                     self.cancel("stop sequence")
                     return
@@ -241,7 +244,7 @@ class Generation:
         if self.request.error and not self.cancelled:
             raise APIError(503, f"generation failed: {self.request.error}", "service_unavailable",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        rest = self.detok.flush()
+        rest = pending + self.detok.flush()
         if rest:
             yield rest
 
@@ -255,6 +258,23 @@ class Generation:
         """What the request was billed for; after settle()."""
         n, produced = self.billed.prompt_tokens, self.billed.completion_tokens
         return Usage(prompt_tokens=n, completion_tokens=produced, total_tokens=n + produced)
+
+    async def record_delivery(self) -> None:
+        """Durable before sent: the count of tokens the client is about to have, and the stages that
+        computed them, go to the database before the chunk does, so that a coordinator killed now
+        settles them at its next start (coordinator/recovery.py). A body sent whole needs none of
+        this: it leaves only after the hold settled. If the write fails the tokens are not sent."""
+        n = len(self.detok.ids)
+        if n <= self.recorded_tokens:
+            return
+        try:
+            await self.svc.call(self.svc.accounts.delivered, self.charge, self.request, n)
+        except Exception as exc:
+            log.error("request %s: recording %d delivered tokens failed: %r", self.id, n, exc)
+            self.cancel("the delivery could not be recorded")
+            raise APIError(503, "the coordinator could not record the delivery; nothing more is sent",
+                           "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        self.recorded_tokens = n
 
     def cancel(self, reason: str) -> None:
         if self.request is not None and not self.request.done.is_set():
@@ -315,6 +335,7 @@ class Generation:
         if self.kind == "chat":
             yield self.chunk(None, role=True)
         async for delta in self.deltas():
+            await self.record_delivery()
             yield self.chunk(delta)
         yield self.chunk(None, finish_reason=self.finish_reason)
 

@@ -27,8 +27,10 @@ RECEIPT_WAIT_S = 10.0
 
 
 class ReceiptBoard:
-    def __init__(self, max_requests: int = MAX_OPEN_REQUESTS):
-        self.max_requests = max_requests
+    def __init__(self, max_requests: int = MAX_OPEN_REQUESTS, persist=None):
+        """`persist(receipt)`: called with each checked receipt before it is kept (and acknowledged);
+        what it raises refuses the receipt, so the provider is not told it arrived."""
+        self.max_requests, self.persist = max_requests, persist
         self._by_request: OrderedDict[str, dict[str, StageReceipt]] = OrderedDict()
         self._cond = threading.Condition()
 
@@ -39,6 +41,8 @@ class ReceiptBoard:
             raise ReceiptError(f"receipt names provider {receipt.provider_id}, sent by {from_peer}")
         if not receipt.signature_valid():
             raise ReceiptError("bad receipt signature")
+        if self.persist is not None:
+            self.persist(receipt)
         with self._cond:
             held = self._by_request.setdefault(receipt.request_id, {})
             held[from_peer] = receipt
