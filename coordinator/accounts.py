@@ -136,7 +136,7 @@ class Accounts:
         delivered, refund the rest (coordinator/recovery.py)."""
         from coordinator.recovery import recover
 
-        return recover(self.ledger, self.inflight)
+        return recover(self.ledger, self.inflight, self.store)
 
     def close(self) -> None:
         self.settler.stop()

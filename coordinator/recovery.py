@@ -13,19 +13,28 @@ For each open hold the ledger asks `Recovery.resolve` (LedgerService.recover):
   Receipts for more tokens than were delivered are not used: after a crash the consumer pays for
   the tokens it was sent, never for ones computed after the last record.
 The op ids are `recover:<hold id>`: a crash during recovery, or a second start, settles nothing
-twice. Rows of holds that are no longer open are removed afterwards.
+twice. A recovered request that delivered tokens gets its usage row (finish reason "interrupted",
+the tokens delivered), so the consumer's /v1/account lists it with what it cost, unless the
+request had written its own before the crash. Rows of holds no longer open are removed afterwards.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+
+from sqlalchemy import select
 
 from contracts.settlement import StageWork
+from coordinator.consumers import ConsumerStore, UsageRow
 from coordinator.inflight import Inflight, InflightStore
+from ledger.models import holds
 from ledger.receipts import StageReceipt
 from ledger.service import LedgerService, RecoveryReport
 
 log = logging.getLogger("meshpool.recovery")
+
+INTERRUPTED = "interrupted"  # the finish reason of a request the coordinator's stop cut short
 
 
 def tokens_processed(row: Inflight) -> int:
@@ -50,8 +59,8 @@ def matching_receipts(row: Inflight, stored: dict[str, StageReceipt]) -> list[St
 
 
 class Recovery:
-    def __init__(self, ledger: LedgerService, store: InflightStore):
-        self.ledger, self.store = ledger, store
+    def __init__(self, ledger: LedgerService, store: InflightStore, usage: ConsumerStore | None = None):
+        self.ledger, self.store, self.usage = ledger, store, usage
         self.rows: dict[str, Inflight] = {}
 
     def resolve(self, hold_id: str, request_id: str) -> list[StageReceipt] | list[StageWork] | None:
@@ -69,6 +78,7 @@ class Recovery:
     def run(self) -> RecoveryReport:
         self.rows = self.store.all()
         report = self.ledger.recover(self.resolve)
+        self._record_usage(report.settled_holds)
         # every hold is resolved now: what the tables still name is history
         self.store.forget(self.store.request_ids())
         if report.settled_holds or report.voided_holds:
@@ -78,6 +88,27 @@ class Recovery:
         return report
 
 
-def recover(ledger: LedgerService, store: InflightStore) -> RecoveryReport:
+    def _record_usage(self, settled_holds: tuple[str, ...]) -> None:
+        if self.usage is None:
+            return
+        by_hold = {row.hold_id: row for row in self.rows.values()}
+        now_ms = time.time_ns() // 1_000_000
+        for hold_id in settled_holds:
+            row = by_hold.get(hold_id)
+            account_id = self._hold_account(hold_id)
+            if row is None or account_id is None:
+                continue
+            try:  # idempotent: a row the request wrote itself stands
+                self.usage.record(account_id, UsageRow(row.request_id, hold_id, row.model, row.prompt_tokens,
+                                                       row.delivered_tokens, INTERRUPTED, now_ms))
+            except Exception:  # it carries no money: the settlement stands without it
+                log.exception("hold %s: its usage row was not written", hold_id)
+
+    def _hold_account(self, hold_id: str) -> str | None:
+        with self.ledger.engine.connect() as conn:
+            return conn.execute(select(holds.c.account_id).where(holds.c.id == hold_id)).scalar()
+
+
+def recover(ledger: LedgerService, store: InflightStore, usage: ConsumerStore | None = None) -> RecoveryReport:
     """Resolve every hold a stop left open, from what the database recorded (see the module's text)."""
-    return Recovery(ledger, store).run()
+    return Recovery(ledger, store, usage).run()

@@ -90,6 +90,10 @@ def test_recovery_settles_what_was_delivered_and_refunds_the_rest(tmp_path, db):
         money = accounts.reader.spending(alice.account_id)
         assert money["held_units"] == 0 and money["balance_units"] + money["paid_units"] == CREDITS
         assert verify(accounts.ledger.engine).ok
+        usage = {u["request_id"]: u for u in accounts.account(alice)["recent_usage"]}
+        assert sorted(usage) == ["more", "plan", "signed"]  # the consumer's own history lists them, priced
+        assert usage["plan"]["completion_tokens"] == 5 and usage["plan"]["finish_reason"] == "interrupted"
+        assert usage["plan"]["cost_units"] == quote(delivered["plan"], 0, N_LAYERS, params).total_units
         with accounts.reader_engine.connect() as conn:  # what was journaled is gone once resolved
             assert conn.execute(select(func.count()).select_from(inflight.requests)).scalar() == 0
             assert conn.execute(select(func.count()).select_from(inflight.receipts)).scalar() == 0
