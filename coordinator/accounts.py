@@ -13,6 +13,12 @@
   out is not charged: with no receipt at all the hold is voided. Work of attempts a failover
   abandoned is not charged either; the consumer pays once for each token. A settlement the
   database does not take at once is retried until it lands (coordinator/settlement.py).
+- Durable before delivered: `delivered` writes how many tokens a stream is about to have sent,
+  and by which stages, before they leave; receipts of requests in flight are written as they come
+  (coordinator/inflight.py). `recover`, at start, settles each hold a crash left open for exactly
+  the tokens it delivered (coordinator/recovery.py).
+- A consumer's ledger account is a random pseudonym (`consumer:c-…`), kept with its key: the
+  public ledger never holds its name.
 - Provider accounts are opened, with the provider's public key, when it registers; the stake it
   needs to serve is locked by coordinator/stakes.py.
 """

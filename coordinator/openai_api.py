@@ -5,7 +5,8 @@ One request's life: its body bounded and parsed strictly at the edge (`edge.Body
 strict models of `schemas`), authenticate (API key -> consumer; an address that sent too many bad
 keys waits), rate-limit, bound the prompt's characters by the context, tokenize, hold its maximum
 price (402 if the balance cannot cover it), submit to the pool (503 if no pipeline can take it),
-stream tokens through the detokenizer, then resolve the hold (`Accounts.finish`: the ledger settles
+stream tokens through the detokenizer (a stream writes down how many tokens it has sent, and by
+which stages, before each chunk leaves: `record_delivery`), then resolve the hold (`Accounts.finish`: the ledger settles
 on the stages' receipts); the usage it reports is what was billed. A client that goes away cancels
 the generation; ledger calls run on a thread pool, never on the event loop. Every body sent
 (responses, chunks, errors) is built from a model of `schemas`.

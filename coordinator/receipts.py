@@ -1,7 +1,9 @@
 """Stage receipts on their way to the ledger.
 
 After a request's sessions close, each stage of its last attempt sends a signed receipt
-(node/stage.py). The board keeps them by request id until the request settles, then hands over
+(node/stage.py). Each checked receipt of a request in flight is written to the database
+(coordinator/inflight.py) before the provider is acknowledged, so that a restart can still pay on
+it. The board keeps them by request id until the request settles, then hands over
 those that match what the coordinator saw: the stage's provider and layer range, the number of
 tokens the attempt processed, stage 0's input (the token ids sent), and each later stage's input
 hash equal to its predecessor's output hash. A receipt that does not match is not paid.
