@@ -6,8 +6,9 @@ strict models of `schemas`), authenticate (API key -> consumer; an address that 
 keys waits), rate-limit, bound the prompt's characters by the context, tokenize, hold its maximum
 price (402 if the balance cannot cover it), submit to the pool (503 if no pipeline can take it),
 stream tokens through the detokenizer (a stream writes down how many tokens it has sent, and by
-which stages, before each chunk leaves: `record_delivery`), then resolve the hold (`Accounts.finish`: the ledger settles
-on the stages' receipts); the usage it reports is what was billed. A client that goes away cancels
+which stages, before each chunk leaves: `record_delivery`), then resolve the hold
+(`Accounts.finish`: the ledger settles on the stages' receipts); the usage it reports is what was
+billed. A client that goes away cancels
 the generation; ledger calls run on a thread pool, never on the event loop. Every body sent
 (responses, chunks, errors) is built from a model of `schemas`.
 """
