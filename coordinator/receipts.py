@@ -44,7 +44,11 @@ class ReceiptBoard:
         if not receipt.signature_valid():
             raise ReceiptError("bad receipt signature")
         if self.persist is not None:
-            self.persist(receipt)
+            try:
+                self.persist(receipt)
+            except Exception as exc:  # not stored (the database): then not acknowledged either
+                log.error("request %s: receipt from %s not stored: %r", receipt.request_id, from_peer, exc)
+                raise ReceiptError("the coordinator could not store the receipt") from exc
         with self._cond:
             held = self._by_request.setdefault(receipt.request_id, {})
             held[from_peer] = receipt

@@ -139,9 +139,6 @@ class Coordinator:
         except ReceiptError as exc:
             log.warning("receipt from %s refused: %s", peer, exc)
             return refuse(f"receipt refused: {exc}")
-        except Exception as exc:  # not stored (the database): then not acknowledged either
-            log.error("receipt from %s not stored: %r", peer, exc)
-            return refuse("the coordinator could not store the receipt")
         return Ack()
 
     def _register(self, message: Register, peer: str) -> Ack:
