@@ -13,6 +13,12 @@
   out is not charged: with no receipt at all the hold is voided. Work of attempts a failover
   abandoned is not charged either; the consumer pays once for each token. A settlement the
   database does not take at once is retried until it lands (coordinator/settlement.py).
+- Durable before delivered: `delivered` writes how many tokens a stream is about to have sent,
+  and by which stages, before they leave; receipts of requests in flight are written as they come
+  (coordinator/inflight.py). `recover`, at start, settles each hold a crash left open for exactly
+  the tokens it delivered (coordinator/recovery.py).
+- A consumer's ledger account is a random pseudonym (`consumer:c-…`), kept with its key: the
+  public ledger never holds its name.
 - Provider accounts are opened, with the provider's public key, when it registers; the stake it
   needs to serve is locked by coordinator/stakes.py.
 """
@@ -33,10 +39,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from contracts import MoneyParams
 from contracts.pricing import quote
-from coordinator import consumers
+from coordinator import consumers, inflight
 from coordinator.consumers import Consumer, ConsumerExists, ConsumerStore, UsageRow
+from coordinator.inflight import InflightStore
 from coordinator.receipts import ReceiptBoard
-from coordinator.settlement import Settler
+from coordinator.settlement import POSTED, VOIDED, Settler
 from ledger.db import make_engine, resolve_url
 from ledger.errors import InsufficientFunds
 from ledger.reader import LedgerReader
@@ -52,6 +59,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KEY_CACHE_S = 5.0
 MAX_CACHED_KEYS = 10_000
 RECENT_USAGE = 20
+CONSUMER_ACCOUNT_PREFIX = "consumer:c-"
+PSEUDONYM_BYTES = 12  # 96 random bits: no two consumers ever draw the same
 
 __all__ = ["Accounts", "Charge", "Consumer", "ConsumerExists", "InsufficientFunds", "RateLimiter", "Usage"]
 
@@ -82,6 +91,11 @@ class Usage:
     outcome: str
 
 
+def new_account_id() -> str:
+    """A consumer's pseudonymous ledger account: random, stored with its key, so stable across restarts."""
+    return f"{CONSUMER_ACCOUNT_PREFIX}{secrets.token_hex(PSEUDONYM_BYTES)}"
+
+
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
@@ -101,13 +115,17 @@ class Accounts:
         self.data_dir, self.n_layers = Path(data_dir), n_layers
         url = resolve_url(db, self.data_dir)
         self.ledger = LedgerService(make_engine(url), coordinator_ledger_key(self.data_dir),
-                                    beside=[consumers.metadata], **({"params": params} if params else {}))
+                                    beside=[consumers.metadata, inflight.metadata],
+                                    **({"params": params} if params else {}))
         self.reader_engine = make_engine(url, writer=False)
         self.reader = LedgerReader(self.reader_engine)
         self.store = ConsumerStore(self.ledger.engine, self.reader_engine)
         self._cache: dict[str, tuple[Consumer, float]] = {}
         self._cache_lock = threading.Lock()
-        self.receipts = ReceiptBoard()
+        self.inflight = InflightStore(self.ledger.engine, self.reader_engine)
+        # requests admitted here and not yet resolved: only their receipts are worth a write
+        self._open_requests: set[str] = set()
+        self.receipts = ReceiptBoard(persist=self._keep_receipt)
         self._subscribers: list[SettledCallback] = [on_settled] if on_settled else []
         self.settler = Settler(self.ledger, self.reader, self._settled)
 
@@ -118,6 +136,13 @@ class Accounts:
     def _settled(self, request, receipts: list[StageReceipt]) -> None:
         for callback in self._subscribers:
             callback(request, receipts)
+
+    def recover(self):
+        """At start, before anything runs: settle every hold a stop left open for the tokens it had
+        delivered, refund the rest (coordinator/recovery.py)."""
+        from coordinator.recovery import recover
+
+        return recover(self.ledger, self.inflight, self.store)
 
     def close(self) -> None:
         self.settler.stop()
@@ -132,9 +157,11 @@ class Accounts:
             raise ValueError(f"consumer name {name!r} must be 1-64 characters of [A-Za-z0-9._-]")
         if type(credits_units) is not int or credits_units < 0:
             raise ValueError("credits must be a non-negative integer")
-        account_id = f"consumer:{name}"
-        if self.store.has_key(account_id):
+        if self.store.has_name(name):
             raise ConsumerExists(f"consumer {name!r} exists")
+        # The ledger is public and its log is signed for good: it names the account by a random
+        # pseudonym, never by the consumer's name, which stays in the key table beside it.
+        account_id = new_account_id()
         self.ledger.open_account(account_id, CONSUMER)
         if credits_units:
             self.ledger.mint(f"mint:{account_id}:initial", account_id, credits_units, memo="consumer add")
@@ -173,6 +200,7 @@ class Accounts:
         """Hold the request's maximum price; raises InsufficientFunds (nothing written) if it can't pay."""
         amount = self.price_units(prompt_tokens, max_tokens)
         self.ledger.hold(f"hold:{request_id}", consumer.account_id, amount, request_id)
+        self._open_requests.add(request_id)
         return Charge(consumer, request_id, model, prompt_tokens, max_tokens, amount)
 
     def finish(self, charge: Charge, request, finish_reason: str) -> Usage:
@@ -193,7 +221,25 @@ class Accounts:
         except Exception:
             log.exception("request %s: its usage row was not written", charge.request_id)
         outcome = self.settler.resolve(charge.request_id, receipts, "no stage receipt: nothing to pay for", request)
+        self._open_requests.discard(charge.request_id)
+        if outcome in (POSTED, VOIDED):  # resolved: what was journaled for a restart is history
+            try:
+                self.inflight.forget([charge.request_id])
+            except Exception:  # the next start removes it
+                log.exception("request %s: its in-flight rows were not removed", charge.request_id)
         return Usage(charge.request_id, charge.prompt_tokens, completion_tokens, finish_reason, outcome)
+
+    def delivered(self, charge: Charge, request, delivered_tokens: int) -> None:
+        """Before the client is sent more tokens: `delivered_tokens` in all, computed by the stages of
+        `request`'s current attempt, written to the database (what a restart settles on)."""
+        self.inflight.delivered(charge.request_id, f"hold:{charge.request_id}", charge.model, charge.prompt_tokens,
+                                delivered_tokens, request.stages)
+
+    def _keep_receipt(self, receipt: StageReceipt) -> None:
+        """A checked receipt of a request in flight goes to the database before the provider is
+        acknowledged, so a restart can pay on it (others are not written: nobody settles them)."""
+        if receipt.request_id in self._open_requests:
+            self.inflight.add_receipt(receipt)
 
     def account(self, consumer: Consumer) -> dict:
         """Balance, held and spent as the ledger has them, and recent usage priced by its holds."""

@@ -108,6 +108,12 @@ def create_app(pool: Pool, tokenizer, model_id: str, max_context_tokens: int, st
     app.include_router(pool_router)
     app.include_router(make_router(svc))
     _mount_observability(app, pool, model_id, accounts, metrics)
+    engine = getattr(accounts, "reader_engine", None)
+    if engine is not None:  # a consumer's own ledger account, with its key; the rest of /ledger is public
+        from coordinator.ledger_me import make_router as own_ledger_router
+        from ledger.reader import LedgerReader
+
+        app.include_router(own_ledger_router(svc, LedgerReader(engine)))
     return app
 
 

@@ -103,12 +103,14 @@ def _consumer_add(args) -> int:
         return 2
     try:
         key = accounts.add_consumer(args.name, args.credits)
+        account_id = accounts.lookup(key).account_id
     except (ConsumerExists, ValueError, LedgerError) as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2
     finally:
         accounts.close()
-    print(f"consumer {args.name}: account consumer:{args.name} with {args.credits} credit units; API key:")
+    # the public ledger knows the account only by this pseudonym, never by the name
+    print(f"consumer {args.name}: account {account_id} with {args.credits} credit units; API key:")
     print(key)
     return 0
 

@@ -74,6 +74,10 @@ class ConsumerStore:
         with self.reader.connect() as conn:
             return conn.execute(select(api_keys.c.name).where(api_keys.c.account_id == account_id)).first() is not None
 
+    def has_name(self, name: str) -> bool:
+        with self.reader.connect() as conn:
+            return conn.execute(select(api_keys.c.name).where(api_keys.c.name == name)).first() is not None
+
     def add_key(self, key_sha256: str, name: str, account_id: str) -> None:
         """Raises ConsumerExists if `name` has a key already (one key a consumer)."""
         try:

@@ -5,8 +5,10 @@ One request's life: its body bounded and parsed strictly at the edge (`edge.Body
 strict models of `schemas`), authenticate (API key -> consumer; an address that sent too many bad
 keys waits), rate-limit, bound the prompt's characters by the context, tokenize, hold its maximum
 price (402 if the balance cannot cover it), submit to the pool (503 if no pipeline can take it),
-stream tokens through the detokenizer, then resolve the hold (`Accounts.finish`: the ledger settles
-on the stages' receipts); the usage it reports is what was billed. A client that goes away cancels
+stream tokens through the detokenizer (a stream writes down how many tokens it has sent, and by
+which stages, before each chunk leaves: `record_delivery`), then resolve the hold
+(`Accounts.finish`: the ledger settles on the stages' receipts); the usage it reports is what was
+billed. A client that goes away cancels
 the generation; ledger calls run on a thread pool, never on the event loop. Every body sent
 (responses, chunks, errors) is built from a model of `schemas`.
 """
@@ -166,6 +168,7 @@ class Generation:
         self.request: GenerationRequest | None = None
         self.cancelled = False
         self.settled = False
+        self.recorded_tokens = 0  # delivered tokens written down (record_delivery)
         self.timer = svc.metrics.request(body.model)  # metrics: in flight from here until timer.end
 
     async def start(self) -> None:
@@ -225,12 +228,14 @@ class Generation:
         self.timer.end(200)  # metrics
 
     async def _deltas(self) -> AsyncIterator[str]:
+        pending = ""  # text of tokens that arrived together: one delta, so one journal write (chunks())
         try:
             async for token in self.stream.tokens(REQUEST_TIMEOUT_S):
                 self.timer.token()  # metrics: one generated token, time to first token, gap between tokens
-                delta = self.detok.add(token)
-                if delta:
-                    yield delta
+                pending += self.detok.add(token)
+                if pending and (self.detok.stopped or self.stream.queue.empty()):
+                    yield pending
+                    pending = ""
                 if self.detok.stopped:
                     self.cancel("stop sequence")
                     return
@@ -241,7 +246,7 @@ class Generation:
         if self.request.error and not self.cancelled:
             raise APIError(503, f"generation failed: {self.request.error}", "service_unavailable",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        rest = self.detok.flush()
+        rest = pending + self.detok.flush()
         if rest:
             yield rest
 
@@ -255,6 +260,23 @@ class Generation:
         """What the request was billed for; after settle()."""
         n, produced = self.billed.prompt_tokens, self.billed.completion_tokens
         return Usage(prompt_tokens=n, completion_tokens=produced, total_tokens=n + produced)
+
+    async def record_delivery(self) -> None:
+        """Durable before sent: the count of tokens the client is about to have, and the stages that
+        computed them, go to the database before the chunk does, so that a coordinator killed now
+        settles them at its next start (coordinator/recovery.py). A body sent whole needs none of
+        this: it leaves only after the hold settled. If the write fails the tokens are not sent."""
+        n = len(self.detok.ids)
+        if n <= self.recorded_tokens:
+            return
+        try:
+            await self.svc.call(self.svc.accounts.delivered, self.charge, self.request, n)
+        except Exception as exc:
+            log.error("request %s: recording %d delivered tokens failed: %r", self.id, n, exc)
+            self.cancel("the delivery could not be recorded")
+            raise APIError(503, "the coordinator could not record the delivery; nothing more is sent",
+                           "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        self.recorded_tokens = n
 
     def cancel(self, reason: str) -> None:
         if self.request is not None and not self.request.done.is_set():
@@ -315,6 +337,7 @@ class Generation:
         if self.kind == "chat":
             yield self.chunk(None, role=True)
         async for delta in self.deltas():
+            await self.record_delivery()
             yield self.chunk(delta)
         yield self.chunk(None, finish_reason=self.finish_reason)
 

@@ -1,7 +1,9 @@
 """Stage receipts on their way to the ledger.
 
 After a request's sessions close, each stage of its last attempt sends a signed receipt
-(node/stage.py). The board keeps them by request id until the request settles, then hands over
+(node/stage.py). Each checked receipt of a request in flight is written to the database
+(coordinator/inflight.py) before the provider is acknowledged, so that a restart can still pay on
+it. The board keeps them by request id until the request settles, then hands over
 those that match what the coordinator saw: the stage's provider and layer range, the number of
 tokens the attempt processed, stage 0's input (the token ids sent), and each later stage's input
 hash equal to its predecessor's output hash. A receipt that does not match is not paid.
@@ -27,8 +29,10 @@ RECEIPT_WAIT_S = 10.0
 
 
 class ReceiptBoard:
-    def __init__(self, max_requests: int = MAX_OPEN_REQUESTS):
-        self.max_requests = max_requests
+    def __init__(self, max_requests: int = MAX_OPEN_REQUESTS, persist=None):
+        """`persist(receipt)`: called with each checked receipt before it is kept (and acknowledged);
+        what it raises refuses the receipt, so the provider is not told it arrived."""
+        self.max_requests, self.persist = max_requests, persist
         self._by_request: OrderedDict[str, dict[str, StageReceipt]] = OrderedDict()
         self._cond = threading.Condition()
 
@@ -39,6 +43,12 @@ class ReceiptBoard:
             raise ReceiptError(f"receipt names provider {receipt.provider_id}, sent by {from_peer}")
         if not receipt.signature_valid():
             raise ReceiptError("bad receipt signature")
+        if self.persist is not None:
+            try:
+                self.persist(receipt)
+            except Exception as exc:  # not stored (the database): then not acknowledged either
+                log.error("request %s: receipt from %s not stored: %r", receipt.request_id, from_peer, exc)
+                raise ReceiptError("the coordinator could not store the receipt") from exc
         with self._cond:
             held = self._by_request.setdefault(receipt.request_id, {})
             held[from_peer] = receipt

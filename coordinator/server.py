@@ -231,7 +231,8 @@ def serve(data_dir: Path, model_dir: Path | None, p2p_port: int, api_port: int, 
     accounts = Accounts(data_dir, ModelConfig.load(model_dir).n_layers, db=db, params=params)
     if db:  # `consumer add` and `ledger …` given this data directory open the same database
         remember_url(data_dir, db)
-    accounts.ledger.recover()  # holds a crash left open are refunded: nothing runs yet
+    # holds a crash left open: settled for the tokens they delivered, the rest refunded; nothing runs yet
+    accounts.recover()
     coordinator = Coordinator(data_dir, model_dir, p2p_port=p2p_port, accounts=accounts, **coordinator_kwargs)
     # no request may run more layer-tokens than the required stake covers (contracts.stakes)
     stake_tokens = max_context_tokens(coordinator.config.n_layers, accounts.ledger.params)

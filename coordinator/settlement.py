@@ -8,7 +8,8 @@ returns "exists", so nothing is paid twice. A settlement the ledger refuses (a r
 pay), or one that failed SETTLE_ATTEMPTS times, is voided instead, refunding the consumer in full;
 a void is retried the same way until it lands. A hold that another operation closed first (the
 `recover()` of a restarted coordinator) is resolved already. Holds still pending when the
-coordinator stops are logged; its next start voids them (`LedgerService.recover`).
+coordinator stops are logged; its next start settles them for the tokens they delivered, or
+refunds them (coordinator/recovery.py).
 """
 
 from __future__ import annotations

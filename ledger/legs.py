@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from contracts import ContractError, MoneyParams
 from contracts import settlement as settlement_rules
+from contracts.settlement import StageWork
 from contracts import stakes as stake_rules
 from ledger.errors import InvalidTransfer, ReceiptError
 from ledger.receipts import StageReceipt, receipts_digest
@@ -56,8 +57,37 @@ def check_receipts(view: View, hold: HoldState, receipts: list[StageReceipt]) ->
 
 def settlement_legs(hold: HoldState, receipts: list[StageReceipt], params: MoneyParams) -> list[Leg]:
     """Pay each stage its gas, the two fees, refund the rest, close the hold as posted."""
+    return _split_legs(hold, [r.stage_work() for r in receipts], params,
+                       {"receipts": len(receipts), "receipts_sha256": receipts_digest(receipts)})
+
+
+def plan_settlement_legs(hold: HoldState, plan: list[StageWork], params: MoneyParams) -> list[Leg]:
+    """The same split on the work the coordinator attests instead of signed receipts: after a crash,
+    the tokens it had delivered through the stages of the pipeline it recorded (the plan is in the
+    close entry, so `ledger verify` re-derives the payments from it)."""
+    return _split_legs(hold, plan, params, {"basis": "plan", "plan": [plan_item(w) for w in plan]})
+
+
+def plan_item(work: StageWork) -> list:
+    return [work.provider_id, work.layer_start, work.layer_end, work.tokens_processed]
+
+
+def plan_from_items(items: object) -> list[StageWork]:
+    """A plan as a close entry stores it; raises InvalidTransfer unless well formed."""
+    if not isinstance(items, list) or not 0 < len(items) <= settlement_rules.MAX_STAGES:
+        raise InvalidTransfer(f"a plan is a list of 1-{settlement_rules.MAX_STAGES} stages")
+    plan = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 4 or not isinstance(item[0], str)
+                or any(type(v) is not int or v < 0 for v in item[1:])):
+            raise InvalidTransfer("a plan stage is [provider id, layer start, layer end, tokens processed]")
+        plan.append(StageWork(*item))
+    return plan
+
+
+def _split_legs(hold: HoldState, work: list[StageWork], params: MoneyParams, close_meta: dict) -> list[Leg]:
     try:
-        split = settlement_rules.settle(hold.amount_units, [r.stage_work() for r in receipts], params)
+        split = settlement_rules.settle(hold.amount_units, work, params)
     except ContractError as exc:
         raise InvalidTransfer(str(exc)) from exc
     legs = [Leg("release", ESCROW_REQUESTS, p.provider_id, p.amount_units, hold.id,
@@ -68,9 +98,7 @@ def settlement_legs(hold: HoldState, receipts: list[StageReceipt], params: Money
                                      ("refund", hold.account_id, split.refund_units)):
         if amount:
             legs.append(Leg("release", ESCROW_REQUESTS, account_id, amount, hold.id, {"role": role}))
-    legs.append(Leg("close", None, None, 0, hold.id, {
-        "outcome": POSTED, "request_id": hold.request_id, "receipts": len(receipts),
-        "receipts_sha256": receipts_digest(receipts)}))
+    legs.append(Leg("close", None, None, 0, hold.id, {"outcome": POSTED, "request_id": hold.request_id, **close_meta}))
     return legs
 
 

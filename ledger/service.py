@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -27,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from contracts import DEFAULT_PARAMS, MoneyParams
+from contracts.settlement import StageWork
 from ledger import legs as leg_rules
 from ledger import merkle, state
 from ledger.chain import ZERO_HASH, CheckpointBody, Entry, canonical_json, meta_json, public_key_hex, sign_hash
@@ -38,6 +40,8 @@ from ledger.store import DbView, Head, lock_head, save_head
 
 OP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/+=@-]{0,159}")
 MAX_RETRIES = 8
+
+log = logging.getLogger("meshpool.ledger")
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,20 @@ class LedgerService:
                    "receipts": [r.to_dict() if isinstance(r, StageReceipt) else repr(r) for r in receipts_list]}
         return self._run(op_id, request, build)
 
+    def settle_on_plan(self, op_id: str, hold_id: str, plan: Sequence[StageWork]) -> OpResult:
+        """Settle a hold on work the coordinator attests rather than on signed receipts: what it had
+        delivered through the stages it recorded, when those stages' receipts never came (a crash).
+        Paid exactly as `settle` pays receipts of that work; the plan is kept in the close entry."""
+        items = [leg_rules.plan_item(w) if isinstance(w, StageWork) else w for w in plan]
+        work = leg_rules.plan_from_items(items)
+        for w in work:
+            state.check_id("provider id", w.provider_id)
+
+        def build(view: DbView, conn: Connection) -> list[leg_rules.Leg]:
+            return leg_rules.plan_settlement_legs(self._open_hold(view, hold_id), work, self.params)
+
+        return self._run(op_id, {"op": "settle_plan", "hold": hold_id, "plan": items}, build)
+
     def void(self, op_id: str, hold_id: str, reason: str) -> OpResult:
         """Refund the whole hold (nothing was done) and close it as voided."""
         return self._run(op_id, {"op": "void", "hold": hold_id, "reason": reason},
@@ -238,11 +256,15 @@ class LedgerService:
             finally:
                 self._local.batch = None
 
-    def recover(self, resolve: Callable[[str, str], Sequence[StageReceipt] | None] | None = None) -> RecoveryReport:
+    def recover(self, resolve: Callable[[str, str], Sequence[StageReceipt] | Sequence[StageWork] | None] | None = None
+                ) -> RecoveryReport:
         """Startup step after a crash: check the stored head against the log, resolve every open hold.
 
         `resolve(hold_id, request_id)` may return the receipts of work done (the hold is settled on
-        them); otherwise, or without it, the hold is voided and the consumer refunded."""
+        them) or a plan of StageWork the coordinator attests (settled on it, `settle_on_plan`);
+        otherwise, or without it, the hold is voided and the consumer refunded. A settlement the
+        ledger refuses is voided instead. Every operation's id is `recover:<hold id>`, so a crash
+        during recovery and a second start settle nothing twice."""
         with self.engine.connect() as conn:
             self._check_tail(conn)
             open_holds = conn.execute(select(holds.c.id, holds.c.request_id).where(holds.c.status == state.OPEN)
@@ -250,12 +272,20 @@ class LedgerService:
         settled, voided = [], []
         for hold_id, request_id in open_holds:
             found = resolve(hold_id, request_id) if resolve else None
-            if found is not None:
-                self.settle(f"recover:{hold_id}", hold_id, found)
-                settled.append(hold_id)
-            else:
-                self.void(f"recover:{hold_id}", hold_id, "coordinator restarted before settlement")
-                voided.append(hold_id)
+            if found:
+                try:
+                    if all(isinstance(w, StageWork) for w in found):
+                        self.settle_on_plan(f"recover:{hold_id}", hold_id, found)
+                    else:
+                        self.settle(f"recover:{hold_id}", hold_id, found)
+                    settled.append(hold_id)
+                    continue
+                except LedgerCorrupt:
+                    raise
+                except LedgerError as exc:
+                    log.error("hold %s: recovery's settlement refused (%s); refunding the consumer", hold_id, exc)
+            self.void(f"recover:{hold_id}", hold_id, "coordinator restarted before settlement")
+            voided.append(hold_id)
         cp = self.checkpoint()
         return RecoveryReport(cp.entry_count, tuple(settled), tuple(voided), cp)
 

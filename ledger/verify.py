@@ -4,7 +4,8 @@ Checked, in log order: contiguous sequence numbers; canonical meta; each entry's
 to the previous one; the coordinator's signature (key from the genesis entry, or pinned); op legs
 numbered 0..n-1 with the op's digest on leg 0 and no op id used twice; every rule of `state.apply`
 (no negative balance, no zero or overflowing amount...); every settlement re-derived from its
-stored, signed receipts; every checkpoint's signature and tree head. At the end: the stored
+stored, signed receipts (or, for one settled on the coordinator's recorded plan after a crash, from
+that plan); every checkpoint's signature and tree head. At the end: the stored
 accounts, holds and chain head equal the replay, sum of balances = minted - burned, escrow holds
 exactly the open holds and the stakes. The first failure is reported with its entry.
 """
@@ -22,7 +23,7 @@ from ledger import merkle
 from ledger.chain import (ZERO_HASH, CheckpointBody, Entry, canonical_json, public_key_from_hex,
                           verify_hash_signature)
 from ledger.errors import LedgerError
-from ledger.legs import check_receipts, settlement_legs
+from ledger.legs import check_receipts, plan_from_items, plan_settlement_legs, settlement_legs
 from ledger.models import accounts, chain_head, checkpoints, entries, holds, receipts
 from ledger.receipts import StageReceipt, receipts_digest
 from ledger.state import ESCROW_REQUESTS, ESCROW_STAKES, OPEN, POSTED, HoldState, MemoryView, apply
@@ -179,22 +180,41 @@ class _Replay:
             rows.append(self.pending_receipt)
             self.pending_receipt = next(self.receipt_rows, None)
         where = f"entry {close.seq} (settlement {close.op_id!r})"
+        if close.meta.get("basis") == "plan":
+            expected = self._plan_legs(close, rows, where)
+        else:
+            expected = self._receipt_legs(close, rows, where)
+        actual = [(e.kind, e.debit_id, e.credit_id, e.amount_units, e.ref_id,
+                   {k: v for k, v in e.meta.items() if k != "op_digest"}) for e in op]
+        if actual != [(g.kind, g.debit_id, g.credit_id, g.amount_units, g.ref_id, g.meta) for g in expected]:
+            basis = "plan" if close.meta.get("basis") == "plan" else "receipts"
+            raise Bad(f"{where}: paid differently from what its {basis} justify", close.seq)
+
+    def _original_hold(self, close: Entry) -> HoldState:
+        hold = self.view.holds[close.ref_id]
+        return HoldState(hold.id, hold.account_id, hold.request_id, hold.amount_units)
+
+    def _plan_legs(self, close: Entry, rows: list, where: str) -> list:
+        """A settlement on the coordinator's recorded plan (after a crash): no receipts, the plan in the close."""
+        try:
+            if rows:
+                raise LedgerError("a settlement on a plan has no receipts")
+            return plan_settlement_legs(self._original_hold(close), plan_from_items(close.meta.get("plan")), self.params)
+        except (LedgerError, ValueError, KeyError, TypeError) as exc:
+            raise Bad(f"{where}: its plan does not justify it: {exc}", close.seq) from exc
+
+    def _receipt_legs(self, close: Entry, rows: list, where: str) -> list:
         try:
             stored = [StageReceipt.from_dict(json.loads(r["body_json"])) for r in rows]
             if [r["stage_index"] for r in rows] != list(range(len(rows))):
                 raise LedgerError("receipt rows out of order")
             if receipts_digest(stored) != close.meta.get("receipts_sha256"):
                 raise LedgerError("stored receipts differ from the ones the settlement signed")
-            hold = self.view.holds[close.ref_id]
-            original = HoldState(hold.id, hold.account_id, hold.request_id, hold.amount_units)
+            original = self._original_hold(close)
             check_receipts(self.view, original, stored)
-            expected = settlement_legs(original, stored, self.params)
+            return settlement_legs(original, stored, self.params)
         except (LedgerError, ValueError, KeyError, TypeError) as exc:
             raise Bad(f"{where}: receipts do not justify it: {exc}", close.seq) from exc
-        actual = [(e.kind, e.debit_id, e.credit_id, e.amount_units, e.ref_id,
-                   {k: v for k, v in e.meta.items() if k != "op_digest"}) for e in op]
-        if actual != [(g.kind, g.debit_id, g.credit_id, g.amount_units, g.ref_id, g.meta) for g in expected]:
-            raise Bad(f"{where}: paid differently from what its receipts justify", close.seq)
 
     def _checkpoint(self, row, count: int, head_hash: str) -> None:
         body = CheckpointBody(row["entry_count"], row["head_hash"], row["tree_root"], row["ts_ms"])
