@@ -26,6 +26,7 @@ from torch import nn
 
 from node.config import ModelConfig, ModelError
 from node.cuda_graphs import DecodeStep, GraphedDecoder
+from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
 from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
@@ -140,6 +141,13 @@ class ShardRuntime:
         if max_sessions <= 0 or max_seq_len <= 0:
             raise ValueError("max_sessions and max_seq_len must be positive")
         self.shard, self.device, self.dtype = shard, torch.device(device), dtype
+        with device_scope(self.device):  # loading, the cache and the graphs' streams on this device, not cuda:0
+            self._build_on_device(shard, load, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
+                                  capture_boundaries)
+
+    def _build_on_device(self, shard, load, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
+                         capture_boundaries):
+        dtype = self.dtype
         self.max_sessions = max_sessions
         self.max_seq_len = min(max_seq_len, self.config.max_context_tokens)
         self.idle_timeout_s = idle_timeout_s
@@ -199,6 +207,7 @@ class ShardRuntime:
 
     # -- compute --------------------------------------------------------------------------
 
+    @on_own_device
     @torch.inference_mode()
     def prefill(self, session_id: str, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
         """Feed T new tokens of one session (opening it if new): ids (T,) on stage 0, hidden (T, D)
@@ -239,6 +248,7 @@ class ShardRuntime:
         self.last_hidden = h
         return self._head(h if all_positions else h[-1:])
 
+    @on_own_device
     @torch.inference_mode()
     def decode(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """One new token for each of B open sessions, as one batch: ids (B,) stacked from each
