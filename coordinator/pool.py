@@ -31,6 +31,8 @@ PENDING_TIMEOUT_S = 120.0  # a request waits this long for a pipeline, then fail
 PLAN_INTERVAL_S = 0.5  # the planner looks at the registry at least this often
 PLANNER_JOIN_TIMEOUT_S = 10.0
 PLAN_RETRY_S = 0.5  # after a round that raised
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # a stage's weights and KV cache per element, by its serving dtype
+assert set(DTYPE_BYTES) == set(SERVING_DTYPES)
 
 
 class PoolBusy(RuntimeError):
@@ -187,7 +189,9 @@ class Pool:
         wanted: dict[str, Pipeline] = {}
         error = ""
         if candidates:
-            specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
+            # each provider planned at the bytes of the precision it will be assigned (mixed pools)
+            specs = [replace(provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20),
+                             dtype_bytes=DTYPE_BYTES[self._dtype_for(c.peer)]) for c in candidates]
             try:
                 result = plan(specs, self.model_shape, self.workload, objective=self.objective)
                 wanted = {pipeline_id(p): p for p in result.pipelines}
