@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from coordinator import incidents
+from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
                                  plan, provider_spec_from_profile)
@@ -97,6 +98,9 @@ class Pool:
         self._pending_since_s: dict[int, float] = {}  # id(request) -> when it started waiting
         self.plan_error = ""
         self.suspects: set[str] = set()  # peers of failed pipelines, probed before re-planning
+        self.backoff = Backoff()  # stages that keep failing steps, left out of the plan for a while
+        self._blamed: dict[str, tuple[str, str]] = {}  # pipeline id -> (peer at fault, reason) of its failure
+        self.pipelines_started = 0  # since the coordinator started: a pipeline re-planned in a loop shows here
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
@@ -134,7 +138,18 @@ class Pool:
         with self.lock:
             return {"providers": self.registry.snapshot(),
                     "pipelines": [a.public() for a in self.active.values()],
-                    "pending_requests": len(self.pending), "plan_error": self.plan_error}
+                    "pending_requests": len(self.pending), "plan_error": self.plan_error,
+                    "benched": self.backoff.public(time.monotonic()), "pipelines_started": self.pipelines_started}
+
+    def blame(self, pipeline: str, reporter: str, peer: str, reason: str) -> None:
+        """A stage of `pipeline` reported a failed step, naming `peer` at fault: if the pipeline then
+        fails, the failure counts against `peer` (coordinator/backoff.py). Reports from outside the
+        pipeline, or naming a peer outside it, count against nobody."""
+        with self.lock:
+            active = self.active.get(pipeline)
+            if active is None or reporter not in active.pipeline.peer_ids or peer not in active.pipeline.peer_ids:
+                return
+            self._blamed.setdefault(pipeline, (peer, reason))  # the first report of a failure is its cause
 
     def suspect(self, peer: str) -> None:
         """A stage blamed `peer` for a failed step: probe it before the next plan."""
@@ -181,11 +196,19 @@ class Pool:
             if not self.probe(peer):
                 log.warning("provider %s does not answer after its pipeline failed", peer)
                 self.fail_peer(peer, "stopped answering")
+        with self.lock:  # a pipeline that serves clears its stages' strikes
+            for active in self.active.values():
+                if active.driver.steps_done:
+                    for peer in active.pipeline.peer_ids:
+                        self.backoff.served(peer)
         self.registry.refresh()
         self._replan()
 
     def _replan(self) -> None:
-        candidates = self.registry.candidates()
+        with self.lock:
+            benched = self.backoff.benched(time.monotonic())
+            out = [b for b in self.backoff.public(time.monotonic()) if b["benched"]]
+        candidates = [c for c in self.registry.candidates() if c.peer not in benched]
         wanted: dict[str, Pipeline] = {}
         error = ""
         if candidates:
@@ -197,8 +220,13 @@ class Pool:
                 wanted = {pipeline_id(p): p for p in result.pipelines}
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
+        elif out:
+            error = "no provider can serve now"
         else:
             error = "no provider may serve yet (newcomers only verify until vouched for or promoted)"
+        if error and out:
+            error += "; out of the plan after failing steps: " + ", ".join(
+                f"{b['peer']} for {b['back_in_s']:.0f} s ({b['reason'][:200]})" for b in out)
 
         with self.lock:
             self.plan_error = error
@@ -244,6 +272,8 @@ class Pool:
         with self.lock:
             for pid, active in started.items():
                 self.active[pid] = active
+                self._blamed.pop(pid, None)
+                self.pipelines_started += 1
                 active.driver.start()
                 for stage in active.pipeline.stages:
                     self.registry.set_state(stage.peer_id, "serving")
@@ -285,6 +315,11 @@ class Pool:
             if active is not None and active.driver is threading.current_thread():
                 del self.active[pid]
                 self.suspects |= set(active.pipeline.peer_ids)
+                blamed = self._blamed.pop(pid, None)
+                if blamed is not None:
+                    bench_s = self.backoff.fail(*blamed, time.monotonic())
+                    if bench_s is not None:
+                        log.warning("provider %s leaves the plan for %.0f s: %s", blamed[0], bench_s, blamed[1])
             for request in requests:
                 if request.replay(MAX_REPLAYS):
                     self.pending.append(request)

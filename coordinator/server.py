@@ -111,6 +111,9 @@ class Coordinator:
         if isinstance(message, Leave):
             return self._leave(peer)
         if isinstance(message, Failed):
+            # before the step's failure reaches its driver, so that the pipeline's failure is counted
+            # against the peer the report names (coordinator/backoff.py)
+            self.pool.blame(message.pipeline, peer, message.peer, message.reason)
             if not self.board.deliver(message, peer):
                 return refuse("no such step in flight on a pipeline of yours")
             if message.peer != peer:

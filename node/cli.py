@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory for the tensors kept for audits (every layer boundary of recent requests)")
     p.add_argument("--fault-injection", metavar="KIND",
                    help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
-                        "bad-verifier, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
+                        "bad-verifier, refuse, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_join)
 
