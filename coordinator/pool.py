@@ -19,10 +19,10 @@ from typing import Callable
 from coordinator import incidents
 from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
-from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
-                                 plan, provider_spec_from_profile)
+from coordinator.planner import (Capacity, InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError,
+                                 Workload, plan_within_memory, provider_spec_from_profile, sessions_held)
 from coordinator.registry import Registry
-from wire.messages import SERVING_DTYPES, Assign, Stage
+from wire.messages import MAX_BATCH_SESSIONS, SERVING_DTYPES, Assign, Stage
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -53,14 +53,23 @@ class ActivePipeline:
     id: str
     pipeline: Pipeline
     driver: PipelineDriver
+    capacity: Capacity
 
     def public(self) -> dict:
         return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end}
-                                          for s in self.pipeline.stages]}
+                                          for s in self.pipeline.stages],
+                "max_sessions": self.capacity.sessions, "context_tokens": self.capacity.context_tokens}
+
+    def holds(self, request: GenerationRequest) -> bool:
+        """Whether the request's prompt and every token it may add fit the context this pipeline holds."""
+        return len(request.prompt_ids) + request.max_new_tokens <= self.capacity.context_tokens
 
 
-def pipeline_id(pipeline: Pipeline) -> str:
+def pipeline_id(pipeline: Pipeline, capacity: Capacity) -> str:
+    """Names the stages and what they hold: the same stages holding more or fewer sessions, or another
+    context, are another pipeline (their shards are assigned again)."""
     text = ";".join(f"{s.peer_id}:{s.start}:{s.end}" for s in pipeline.stages)
+    text += f";{capacity.sessions}x{capacity.context_tokens}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -129,6 +138,11 @@ class Pool:
         with self.lock:
             if not self.active and self.plan_error:
                 raise PoolBusy(f"no pipeline can serve: {self.plan_error}")
+            if self.active and not any(a.holds(request) for a in self.active.values()):
+                held = max(a.capacity.context_tokens for a in self.active.values())
+                raise PoolBusy(f"the pool holds contexts of at most {held} tokens now (its memory is short); this "
+                               f"request needs {len(request.prompt_ids) + request.max_new_tokens} "
+                               f"(prompt plus max_tokens)")
             if not self._dispatch(request):
                 if len(self.pending) >= MAX_PENDING_REQUESTS:
                     raise PoolBusy("the pool's queue is full")
@@ -210,14 +224,23 @@ class Pool:
             out = [b for b in self.backoff.public(time.monotonic()) if b["benched"]]
         candidates = [c for c in self.registry.candidates() if c.peer not in benched]
         wanted: dict[str, Pipeline] = {}
+        capacities: dict[str, Capacity] = {}
         error = ""
         if candidates:
             # each provider planned at the bytes of the precision it will be assigned (mixed pools)
             specs = [replace(provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20),
                              dtype_bytes=DTYPE_BYTES[self._dtype_for(c.peer)]) for c in candidates]
             try:
-                result = plan(specs, self.model_shape, self.workload, objective=self.objective)
-                wanted = {pipeline_id(p): p for p in result.pipelines}
+                # fewer sessions or a shorter context when the pool cannot hold what was asked
+                result, bent = plan_within_memory(specs, self.model_shape, self.workload, objective=self.objective)
+                by_peer = {spec.peer_id: spec for spec in specs}
+                for p, cost in zip(result.pipelines, result.costs):
+                    # what was asked of a pipeline like it, within what one step may carry
+                    most = min(self.workload.batch * cost.microbatches, MAX_BATCH_SESSIONS)
+                    capacity = Capacity(sessions_held(p, by_peer, self.model_shape, bent.context_tokens, most),
+                                        bent.context_tokens)
+                    wanted[pipeline_id(p, capacity)] = p
+                    capacities[pipeline_id(p, capacity)] = capacity
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         elif out:
@@ -258,15 +281,16 @@ class Pool:
             if pid in keep or busy & set(pipeline.peer_ids):
                 continue
             try:
-                stages = self._assign_pipeline(pid, pipeline)
+                stages = self._assign_pipeline(pid, pipeline, capacities[pid])
             except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
                 self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
+            # never more sessions in flight than the stages hold KV cache for
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages)
-            started[pid] = ActivePipeline(pid, pipeline, driver)
+                                    capacities[pid].sessions, step_timeout_s=self.step_timeout_s, stages=stages)
+            started[pid] = ActivePipeline(pid, pipeline, driver, capacities[pid])
             busy |= set(pipeline.peer_ids)
 
         with self.lock:
@@ -285,7 +309,7 @@ class Pool:
             self.pending = orphans + self.pending
             self._flush_pending()
 
-    def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> tuple[Stage, ...]:
+    def _assign_pipeline(self, pid: str, pipeline: Pipeline, capacity: Capacity) -> tuple[Stage, ...]:
         """Assign every stage; the stages as assigned, each with the precision it serves in."""
         stages = tuple(replace(s, dtype=self._dtype_for(s.peer_id)) for s in pipeline.stages)
         # Last stage first, so that each stage's successor is ready when it connects.
@@ -298,7 +322,7 @@ class Pool:
                 next_peer, next_addrs = self.coordinator_peer, self.coordinator_addrs
             self.assign(stages[i].peer_id, Assign(
                 pid, self.model_id, stages[i].start, stages[i].end, self.model_shape.n_layers, prev_peer, next_peer,
-                next_addrs, self.workload.batch, self.workload.context_tokens, stages[i].dtype))
+                next_addrs, capacity.sessions, capacity.context_tokens, stages[i].dtype))
         return stages
 
     def _dtype_for(self, peer: str) -> str:
@@ -328,7 +352,8 @@ class Pool:
         self.request_replan()
 
     def _dispatch(self, request: GenerationRequest) -> bool:
-        drivers = sorted((a.driver for a in self.active.values() if a.driver.is_alive()), key=lambda d: d.load)
+        drivers = sorted((a.driver for a in self.active.values() if a.driver.is_alive() and a.holds(request)),
+                         key=lambda d: d.load)
         for driver in drivers:
             try:
                 driver.submit(request)

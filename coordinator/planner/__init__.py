@@ -4,6 +4,8 @@ Pure functions of typed values: no I/O, no clock.
 """
 
 from coordinator.planner.baselines import equal_split, memory_proportional
+from coordinator.planner.capacity import (MIN_CONTEXT_TOKENS, Capacity, bent_workloads, plan_within_memory,
+                                          sessions_held)
 from coordinator.planner.cost import evaluate_pipeline, max_layers, served_model, stage_memory_bytes, stage_time_s
 from coordinator.planner.hardware import (COORDINATOR, Link, Links, ProfileError, ProviderSpec,
                                           provider_spec_from_profile)
@@ -14,6 +16,7 @@ from coordinator.planner.values import (InsufficientMemoryError, Objective, Pipe
                                         Stage, Workload)
 
 __all__ = [
+    "MIN_CONTEXT_TOKENS", "Capacity", "bent_workloads", "plan_within_memory", "sessions_held",
     "COORDINATOR", "LLAMA3_8B", "LLAMA3_70B", "SMOLLM2_135M", "InsufficientMemoryError", "Link", "Links",
     "ModelShape", "Objective", "Pipeline", "PipelineCost", "Plan", "PlanError", "ProfileError", "ProviderSpec",
     "Split", "SplitSolver", "Stage", "Workload", "equal_split", "evaluate_pipeline", "max_layers",
