@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from node.device_scope import device_scope, on_own_device
+from node.device_scope import on_own_device
 from node.fused import Ops, attention_plan
 
 
@@ -112,13 +112,8 @@ class GraphedDecoder:
 
     def __init__(self, step: DecodeStep, max_sessions: int, dummy_slot: int, max_tokens: int,
                  hidden_size: int | None, dtype: torch.dtype, device: torch.device, use_graphs: bool = True):
-        self.step, self.dummy_slot, self.max_tokens = step, dummy_slot, max_tokens
-        self.device = torch.device(device)
-        with device_scope(self.device):  # the event and the graph pool belong to this device
-            self._init_buffers(max_sessions, hidden_size, dtype, use_graphs)
-
-    def _init_buffers(self, max_sessions: int, hidden_size: int | None, dtype: torch.dtype, use_graphs: bool) -> None:
-        device = self.device
+        # made in the device's scope (ShardRuntime builds it there): the event and graph pool belong to it
+        self.step, self.dummy_slot, self.max_tokens, self.device = step, dummy_slot, max_tokens, torch.device(device)
         self.buckets = batch_buckets(max_sessions)
         self.use_graphs = use_graphs
         n = self.buckets[-1]
@@ -129,11 +124,11 @@ class GraphedDecoder:
         self._host_free = torch.cuda.Event()
         self._host_free.record()
         self._pool = torch.cuda.graph_pool_handle()
-        self.segments = segment_bounds(self.step.n_layers, self.LAYERS_PER_GRAPH)
+        self.segments = segment_bounds(step.n_layers, self.LAYERS_PER_GRAPH)
         self.graphs: dict[tuple[int, tuple[int, int]], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
         self.last_hidden: torch.Tensor | None = None
 
-    @on_own_device  # Triton launches, and graphs replay, on the current device
+    @on_own_device  # Triton launches, and graphs capture and replay, on the current device
     def decode(self, slots: list[int], positions: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
         """One token for each row: `xs` are (1,) ids on stage 0 (on the host), else (1, D) hidden."""
         B = len(slots)

@@ -119,8 +119,9 @@ class ShardRuntime:
         the layers of node/layers.py, as on the CPU). `on_tensor_loaded(name)`: loading progress.
         `capture_boundaries`: keep every session's layer-boundary hidden states (`boundaries`)."""
         config = ModelConfig.load(model_dir)
-        self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device, dtype,
-                    max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_boundaries)
+        with device_scope(device):  # loading, the cache and the graphs' streams on this device, not cuda:0
+            self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device,
+                        dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_boundaries)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],
@@ -130,7 +131,8 @@ class ShardRuntime:
         kwargs = {**dict(device="cpu", dtype=torch.float32, max_sessions=DEFAULT_MAX_SESSIONS,
                          max_seq_len=DEFAULT_MAX_SEQ_LEN, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S,
                          cuda_graphs=True, capture_boundaries=False), **kwargs}
-        runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
+        with device_scope(kwargs["device"]):
+            runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
         return runtime
 
     def _build(self, config, shard, load, device, dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
@@ -141,13 +143,6 @@ class ShardRuntime:
         if max_sessions <= 0 or max_seq_len <= 0:
             raise ValueError("max_sessions and max_seq_len must be positive")
         self.shard, self.device, self.dtype = shard, torch.device(device), dtype
-        with device_scope(self.device):  # loading, the cache and the graphs' streams on this device, not cuda:0
-            self._build_on_device(shard, load, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
-                                  capture_boundaries)
-
-    def _build_on_device(self, shard, load, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
-                         capture_boundaries):
-        dtype = self.dtype
         self.max_sessions = max_sessions
         self.max_seq_len = min(max_seq_len, self.config.max_context_tokens)
         self.idle_timeout_s = idle_timeout_s
