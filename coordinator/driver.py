@@ -120,6 +120,7 @@ class PipelineDriver(threading.Thread):
         self.max_batch = max_batch
         self.stopping = threading.Event()
         self._steps = itertools.count()
+        self.steps_done = 0  # steps that came back with a result: the pool forgives its stages' strikes
 
     @property
     def load(self) -> int:
@@ -206,6 +207,7 @@ class PipelineDriver(threading.Thread):
         result = self.link.step(step, self.step_timeout_s)
         if result.sessions != step.sessions:
             raise StepFailed(f"result of step {step.step} does not match its sessions")
+        self.steps_done += 1
         _observe_step(self.pipeline_id, step.kind, requests, time.perf_counter() - started_s, result.stage_ms)
         return list(result.tokens)
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from coordinator import incidents, precision
+from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
-from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
-                                 plan, provider_spec_from_profile)
+from coordinator.planner import (Capacity, InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError,
+                                 Workload, plan_within_memory, provider_spec_from_profile, sessions_held)
 from coordinator.registry import Registry
-from wire.messages import Assign, Stage
+from wire.messages import MAX_BATCH_SESSIONS, SERVING_DTYPES, Assign, Stage
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -31,6 +32,8 @@ PENDING_TIMEOUT_S = 120.0  # a request waits this long for a pipeline, then fail
 PLAN_INTERVAL_S = 0.5  # the planner looks at the registry at least this often
 PLANNER_JOIN_TIMEOUT_S = 10.0
 PLAN_RETRY_S = 0.5  # after a round that raised
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # a stage's weights and KV cache per element, by its serving dtype
+assert set(DTYPE_BYTES) == set(SERVING_DTYPES)
 
 
 class PoolBusy(RuntimeError):
@@ -50,16 +53,25 @@ class ActivePipeline:
     id: str
     pipeline: Pipeline
     driver: PipelineDriver
+    capacity: Capacity
     stages: tuple[Stage, ...]  # as assigned: with the precision each serves in
 
     def public(self) -> dict:
         return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end, "dtype": s.dtype}
-                                          for s in self.stages]}
+                                          for s in self.stages],
+                "max_sessions": self.capacity.sessions, "context_tokens": self.capacity.context_tokens}
+
+    def holds(self, request: GenerationRequest) -> bool:
+        """Whether the request's prompt and every token it may add fit the context this pipeline holds."""
+        return len(request.prompt_ids) + request.max_new_tokens <= self.capacity.context_tokens
 
 
-def pipeline_id(pipeline: Pipeline, dtype_for: Callable[[str], str]) -> str:
-    """Names the stages and the precision each serves in: a changed precision is another pipeline."""
+def pipeline_id(pipeline: Pipeline, capacity: Capacity, dtype_for: Callable[[str], str]) -> str:
+    """Names the stages, the precision each serves in and what they hold: the same stages in another
+    precision, holding more or fewer sessions, or another context, are another pipeline (their shards
+    are assigned again)."""
     text = ";".join(f"{s.peer_id}:{s.start}:{s.end}:{dtype_for(s.peer_id)}" for s in pipeline.stages)
+    text += f";{capacity.sessions}x{capacity.context_tokens}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -97,6 +109,9 @@ class Pool:
         self._pending_since_s: dict[int, float] = {}  # id(request) -> when it started waiting
         self.plan_error = ""
         self.suspects: set[str] = set()  # peers of failed pipelines, probed before re-planning
+        self.backoff = Backoff()  # stages that keep failing steps, left out of the plan for a while
+        self._blamed: dict[str, tuple[str, str]] = {}  # pipeline id -> (peer at fault, reason) of its failure
+        self.pipelines_started = 0  # since the coordinator started: a pipeline re-planned in a loop shows here
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
@@ -125,6 +140,11 @@ class Pool:
         with self.lock:
             if not self.active and self.plan_error:
                 raise PoolBusy(f"no pipeline can serve: {self.plan_error}")
+            if self.active and not any(a.holds(request) for a in self.active.values()):
+                held = max(a.capacity.context_tokens for a in self.active.values())
+                raise PoolBusy(f"the pool holds contexts of at most {held} tokens now (its memory is short); this "
+                               f"request needs {len(request.prompt_ids) + request.max_new_tokens} "
+                               f"(prompt plus max_tokens)")
             if not self._dispatch(request):
                 if len(self.pending) >= MAX_PENDING_REQUESTS:
                     raise PoolBusy("the pool's queue is full")
@@ -134,7 +154,18 @@ class Pool:
         with self.lock:
             return {"providers": self.registry.snapshot(),
                     "pipelines": [a.public() for a in self.active.values()],
-                    "pending_requests": len(self.pending), "plan_error": self.plan_error}
+                    "pending_requests": len(self.pending), "plan_error": self.plan_error,
+                    "benched": self.backoff.public(time.monotonic()), "pipelines_started": self.pipelines_started}
+
+    def blame(self, pipeline: str, reporter: str, peer: str, reason: str) -> None:
+        """A stage of `pipeline` reported a failed step, naming `peer` at fault: if the pipeline then
+        fails, the failure counts against `peer` (coordinator/backoff.py). Reports from outside the
+        pipeline, or naming a peer outside it, count against nobody."""
+        with self.lock:
+            active = self.active.get(pipeline)
+            if active is None or reporter not in active.pipeline.peer_ids or peer not in active.pipeline.peer_ids:
+                return
+            self._blamed.setdefault(pipeline, (peer, reason))  # the first report of a failure is its cause
 
     def suspect(self, peer: str) -> None:
         """A stage blamed `peer` for a failed step: probe it before the next plan."""
@@ -181,22 +212,46 @@ class Pool:
             if not self.probe(peer):
                 log.warning("provider %s does not answer after its pipeline failed", peer)
                 self.fail_peer(peer, "stopped answering")
+        with self.lock:  # a pipeline that serves clears its stages' strikes
+            for active in self.active.values():
+                if active.driver.steps_done:
+                    for peer in active.pipeline.peer_ids:
+                        self.backoff.served(peer)
         self.registry.refresh()
         self._replan()
 
     def _replan(self) -> None:
-        candidates = self.registry.candidates()
+        with self.lock:
+            benched = self.backoff.benched(time.monotonic())
+            out = [b for b in self.backoff.public(time.monotonic()) if b["benched"]]
+        candidates = [c for c in self.registry.candidates() if c.peer not in benched]
         wanted: dict[str, Pipeline] = {}
+        capacities: dict[str, Capacity] = {}
         error = ""
         if candidates:
-            specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
+            # each provider planned at the bytes of the precision it will be assigned (mixed pools)
+            specs = [replace(provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20),
+                             dtype_bytes=DTYPE_BYTES[self._dtype_for(c.peer)]) for c in candidates]
             try:
-                result = plan(specs, self.model_shape, self.workload, objective=self.objective)
-                wanted = {pipeline_id(p, self._dtype_for): p for p in result.pipelines}
+                # fewer sessions or a shorter context when the pool cannot hold what was asked
+                result, bent = plan_within_memory(specs, self.model_shape, self.workload, objective=self.objective)
+                by_peer = {spec.peer_id: spec for spec in specs}
+                for p, cost in zip(result.pipelines, result.costs):
+                    # what was asked of a pipeline like it, within what one step may carry
+                    most = min(self.workload.batch * cost.microbatches, MAX_BATCH_SESSIONS)
+                    capacity = Capacity(sessions_held(p, by_peer, self.model_shape, bent.context_tokens, most),
+                                        bent.context_tokens)
+                    pid = pipeline_id(p, capacity, self._dtype_for)
+                    wanted[pid], capacities[pid] = p, capacity
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
+        elif out:
+            error = "no provider can serve now"
         else:
             error = "no provider may serve yet (newcomers only verify until vouched for or promoted)"
+        if error and out:
+            error += "; out of the plan after failing steps: " + ", ".join(
+                f"{b['peer']} for {b['back_in_s']:.0f} s ({b['reason'][:200]})" for b in out)
 
         with self.lock:
             self.plan_error = error
@@ -228,20 +283,23 @@ class Pool:
             if pid in keep or busy & set(pipeline.peer_ids):
                 continue
             try:
-                stages = self._assign_pipeline(pid, pipeline)
+                stages = self._assign_pipeline(pid, pipeline, capacities[pid])
             except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
                 self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
+            # never more sessions in flight than the stages hold KV cache for
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages)
-            started[pid] = ActivePipeline(pid, pipeline, driver, stages)
+                                    capacities[pid].sessions, step_timeout_s=self.step_timeout_s, stages=stages)
+            started[pid] = ActivePipeline(pid, pipeline, driver, capacities[pid], stages)
             busy |= set(pipeline.peer_ids)
 
         with self.lock:
             for pid, active in started.items():
                 self.active[pid] = active
+                self._blamed.pop(pid, None)
+                self.pipelines_started += 1
                 active.driver.start()
                 for stage in active.pipeline.stages:
                     self.registry.set_state(stage.peer_id, "serving")
@@ -253,7 +311,7 @@ class Pool:
             self.pending = orphans + self.pending
             self._flush_pending()
 
-    def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> tuple[Stage, ...]:
+    def _assign_pipeline(self, pid: str, pipeline: Pipeline, capacity: Capacity) -> tuple[Stage, ...]:
         """Assign every stage; the stages as assigned, each with the precision it serves in."""
         stages = tuple(replace(s, dtype=self._dtype_for(s.peer_id)) for s in pipeline.stages)
         # Last stage first, so that each stage's successor is ready when it connects.
@@ -266,7 +324,7 @@ class Pool:
                 next_peer, next_addrs = self.coordinator_peer, self.coordinator_addrs
             self.assign(stages[i].peer_id, Assign(
                 pid, self.model_id, stages[i].start, stages[i].end, self.model_shape.n_layers, prev_peer, next_peer,
-                next_addrs, self.workload.batch, self.workload.context_tokens, stages[i].dtype))
+                next_addrs, capacity.sessions, capacity.context_tokens, stages[i].dtype))
         return stages
 
     def _dtype_for(self, peer: str) -> str:
@@ -280,6 +338,11 @@ class Pool:
             if active is not None and active.driver is threading.current_thread():
                 del self.active[pid]
                 self.suspects |= set(active.pipeline.peer_ids)
+                blamed = self._blamed.pop(pid, None)
+                if blamed is not None:
+                    bench_s = self.backoff.fail(*blamed, time.monotonic())
+                    if bench_s is not None:
+                        log.warning("provider %s leaves the plan for %.0f s: %s", blamed[0], bench_s, blamed[1])
             for request in requests:
                 if request.replay(MAX_REPLAYS):
                     self.pending.append(request)
@@ -288,7 +351,8 @@ class Pool:
         self.request_replan()
 
     def _dispatch(self, request: GenerationRequest) -> bool:
-        drivers = sorted((a.driver for a in self.active.values() if a.driver.is_alive()), key=lambda d: d.load)
+        drivers = sorted((a.driver for a in self.active.values() if a.driver.is_alive() and a.holds(request)),
+                         key=lambda d: d.load)
         for driver in drivers:
             try:
                 driver.submit(request)

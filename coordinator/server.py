@@ -63,7 +63,8 @@ class Coordinator:
         self.board = ResultBoard()
         self.max_sessions, self.context_tokens = max_sessions, context_tokens
         raw = json.loads((model_dir / "config.json").read_text())
-        # CPU providers serve in float32: plan with 4 bytes a parameter, the larger of the two.
+        # the shape's own 4 bytes are a default: the pool plans each provider at the bytes of the precision it
+        # assigns it (coordinator/pool.py, ProviderSpec.dtype_bytes)
         shape = ModelShape.from_hf_config(raw, name=self.model_id, bytes_per_param=4.0, activation_bytes=4)
         self.pool = Pool(self.registry, shape, self.model_id, (self.identity.peer_id_str, ()), self._assign,
                          self._unassign, self._make_link, self._probe,
@@ -110,6 +111,9 @@ class Coordinator:
         if isinstance(message, Leave):
             return self._leave(peer)
         if isinstance(message, Failed):
+            # before the step's failure reaches its driver, so that the pipeline's failure is counted
+            # against the peer the report names (coordinator/backoff.py)
+            self.pool.blame(message.pipeline, peer, message.peer, message.reason)
             if not self.board.deliver(message, peer):
                 return refuse("no such step in flight on a pipeline of yours")
             if message.peer != peer:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory for the tensors kept for audits (every layer boundary of recent requests)")
     p.add_argument("--fault-injection", metavar="KIND",
                    help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
-                        "bad-verifier, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
+                        "bad-verifier, refuse, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_join)
 
@@ -102,6 +102,12 @@ def _join(args) -> int:
     if fault is not None:
         print(f"provider: fault injection {fault.kind!r} is ON: this provider cheats on purpose", file=sys.stderr)
     device = available_devices()[0] if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda":  # any index this host has; its kernels run there (node/device_scope.py)
+        device = torch.device("cuda", device.index or 0)
+        if device.index >= torch.cuda.device_count():
+            print(f"provider: no device {device}: this host has {torch.cuda.device_count()} CUDA devices",
+                  file=sys.stderr)
+            return 2
     identity = load_or_create(args.data_dir)
     model_dir = Path(args.model) if args.model else default_model_dir(progress=True)
     with _progress_bar(2, "profiling") as bar:

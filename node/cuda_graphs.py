@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from node.device_scope import on_own_device
 from node.fused import Ops, attention_plan
 
 
@@ -122,7 +123,8 @@ class GraphedDecoder:
 
     def __init__(self, step: DecodeStep, max_sessions: int, dummy_slot: int, max_tokens: int,
                  hidden_size: int | None, dtype: torch.dtype, device: torch.device, use_graphs: bool = True):
-        self.step, self.dummy_slot, self.max_tokens = step, dummy_slot, max_tokens
+        # made in the device's scope (ShardRuntime builds it there): the event and graph pool belong to it
+        self.step, self.dummy_slot, self.max_tokens, self.device = step, dummy_slot, max_tokens, torch.device(device)
         self.buckets = batch_buckets(max_sessions)
         self.use_graphs = use_graphs
         n = self.buckets[-1]
@@ -137,6 +139,7 @@ class GraphedDecoder:
         self.graphs: dict[tuple[int, tuple[int, int]], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
         self.last_hidden: torch.Tensor | None = None
 
+    @on_own_device  # Triton launches, and graphs capture and replay, on the current device
     def decode(self, slots: list[int], positions: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
         """One token for each row: `xs` are (1,) ids on stage 0 (on the host), else (1, D) hidden."""
         B = len(slots)

@@ -14,6 +14,8 @@ Kinds:
                    random init, each tensor Gaussian with that tensor's own mean and std.
 - lazy             runs none of its layers: echoes its input (stage 0 returns the embeddings).
 - bad-verifier     serves honestly, but lies as a verifier (`lies_as_verifier`).
+- refuse           loads its shard, then refuses every step (`refuses_steps`): a broken stage, for
+                   testing how the pool takes it out of the plan.
 Cheaper or sloppier copies of the work, on every layer of the range unless said otherwise:
 - int8             linear weights rounded to 8 bits, one absmax scale per output channel.
 - fp8              linear weights rounded to float8_e4m3, one absmax scale per tensor.
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier",
+FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier", "refuse",
                "int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")
 QUANTIZED_KINDS = ("int8", "fp8", "int4")
 DEFAULT_NOISE_REL = 1e-2
@@ -134,6 +136,10 @@ class Fault:
     @property
     def lies_as_verifier(self) -> bool:
         return self.kind == "bad-verifier"
+
+    @property
+    def refuses_steps(self) -> bool:
+        return self.kind == "refuse"
 
     def verifier_report(self, honest_ok: bool) -> bool:
         """What this provider reports as a verifier, given the honest outcome of its comparison."""

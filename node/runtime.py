@@ -26,6 +26,7 @@ from torch import nn
 
 from node.config import ModelConfig, ModelError
 from node.cuda_graphs import DecodeStep, GraphedDecoder
+from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
 from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
@@ -118,8 +119,9 @@ class ShardRuntime:
         the layers of node/layers.py, as on the CPU). `on_tensor_loaded(name)`: loading progress.
         `capture_boundaries`: keep every session's layer-boundary hidden states (`boundaries`)."""
         config = ModelConfig.load(model_dir)
-        self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device, dtype,
-                    max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_boundaries)
+        with device_scope(device):  # loading, the cache and the graphs' streams on this device, not cuda:0
+            self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device,
+                        dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_boundaries)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],
@@ -129,7 +131,8 @@ class ShardRuntime:
         kwargs = {**dict(device="cpu", dtype=torch.float32, max_sessions=DEFAULT_MAX_SESSIONS,
                          max_seq_len=DEFAULT_MAX_SEQ_LEN, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S,
                          cuda_graphs=True, capture_boundaries=False), **kwargs}
-        runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
+        with device_scope(kwargs["device"]):
+            runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
         return runtime
 
     def _build(self, config, shard, load, device, dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
@@ -202,6 +205,7 @@ class ShardRuntime:
 
     # -- compute --------------------------------------------------------------------------
 
+    @on_own_device
     @torch.inference_mode()
     def prefill(self, session_id: str, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
         """Feed T new tokens of one session (opening it if new): ids (T,) on stage 0, hidden (T, D)
@@ -242,6 +246,7 @@ class ShardRuntime:
         self.last_hidden = h
         return self._head(h if all_positions else h[-1:])
 
+    @on_own_device
     @torch.inference_mode()
     def decode(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """One new token for each of B open sessions, as one batch: ids (B,) stacked from each

@@ -33,6 +33,8 @@ class StageWorker:
     def step(self, step: Step) -> Step | Result:
         if step.pipeline != self.pipeline_id:
             raise StepError(f"step for pipeline {step.pipeline!r}, this stage serves {self.pipeline_id!r}")
+        if self.fault is not None and self.fault.refuses_steps:
+            raise StepError("this stage refuses every step (fault injection 'refuse')")
         kind, sessions, positions, params, x = step.kind, step.sessions, step.positions, step.sampling, step.x
         started_s = time.perf_counter()
         try:

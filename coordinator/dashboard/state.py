@@ -70,7 +70,9 @@ class DashboardState:
             rate = rates.get(p["id"], {})
             pipelines.append({"id": p["id"], "stages": [{"peer": s["peer"], "start": s["start"], "end": s["end"]}
                                                         for s in p["stages"]],
-                              "tokens_per_s": round(rate.get("tokens_per_s", 0.0), 2), "step_ms": rate.get("step_ms")})
+                              "tokens_per_s": round(rate.get("tokens_per_s", 0.0), 2), "step_ms": rate.get("step_ms"),
+                              # what its stages hold: sessions decoded at once and the context of each
+                              "max_sessions": p.get("max_sessions"), "context_tokens": p.get("context_tokens")})
         n_layers = self.n_layers or max((s["end"] for p in pipelines for s in p["stages"]), default=0)
 
         live = [p for p in snapshot.get("providers", []) if p.get("state") != "dead"]
@@ -86,17 +88,23 @@ class DashboardState:
         for p in pipelines:
             for s in p["stages"]:
                 stages_of.setdefault(s["peer"], []).append([s["start"], s["end"]])
+        benched = {b["peer"]: b for b in snapshot.get("benched", []) if b.get("benched")}
         providers = []
         for p in live + dead:
             standing = standings.get(p["peer"], {})
             state = "banned" if standing.get("banned") else _text(p.get("state", ""))
+            bench = benched.get(p["peer"])
+            if bench is not None and state not in ("banned", "dead"):
+                state = "benched"  # out of the plan for a while after failing steps (coordinator/backoff.py)
             providers.append({"peer": p["peer"], "state": state, "vouched": bool(p.get("vouched")),
                               "max_memory_mb": int(_number(p.get("max_memory_bytes"), 0) // 2**20),
                               "profile": device_summary(p.get("profile")), "stages": stages_of.get(p["peer"], []),
                               "reputation": standing.get("reputation"), "stake_units": standing.get("stake_units"),
                               "earned_units": standing.get("earned_units"),
                               "balance_units": standing.get("balance_units"),
-                              "slashed_units": standing.get("slashed_units")})
+                              "slashed_units": standing.get("slashed_units"),
+                              "benched": None if bench is None else {"back_in_s": bench["back_in_s"],
+                                                                     "reason": _text(bench["reason"])}})
 
         ttft = self.metrics.recent_ttft_ms()
         out = {

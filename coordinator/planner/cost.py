@@ -10,6 +10,8 @@ matrix, so a last stage that is not also stage 0 keeps its own copy).
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import lru_cache
 from typing import Mapping
 
 from coordinator.planner.hardware import COORDINATOR, Links, ProviderSpec
@@ -17,6 +19,19 @@ from coordinator.planner.shapes import ModelShape
 from coordinator.planner.values import Pipeline, PipelineCost, PlanError, Workload
 
 TOKEN_ID_BYTES = 4  # int32 token ids: coordinator → stage 0 and last stage → coordinator
+
+
+def served_model(provider: ProviderSpec, model: ModelShape) -> ModelShape:
+    """The model as `provider` holds it: weights and KV cache in the precision it serves in, so a
+    bfloat16 provider is planned at half a float32 one's bytes in the same pool."""
+    if provider.dtype_bytes is None:
+        return model
+    return _with_dtype_bytes(model, provider.dtype_bytes)
+
+
+@lru_cache(maxsize=64)
+def _with_dtype_bytes(model: ModelShape, dtype_bytes: int) -> ModelShape:
+    return replace(model, bytes_per_param=float(dtype_bytes), activation_bytes=dtype_bytes)
 
 
 def extra_memory_bytes(model: ModelShape, first: bool, last: bool) -> float:
@@ -41,6 +56,7 @@ def stage_memory_bytes(model: ModelShape, n_layers: int, first: bool, last: bool
 def max_layers(provider: ProviderSpec, model: ModelShape, first: bool, last: bool, sessions: int,
                context_tokens: int) -> int:
     """Most decoder layers `provider` can hold in this role (0 if not even the extras fit)."""
+    model = served_model(provider, model)
     room = provider.memory_bytes - extra_memory_bytes(model, first, last)
     if room < 0:
         return 0
@@ -64,6 +80,7 @@ def stage_step_bytes_and_flops(model: ModelShape, n_layers: int, first: bool, la
 def stage_time_s(provider: ProviderSpec, model: ModelShape, n_layers: int, first: bool, last: bool, batch: int,
                  context_tokens: int) -> float:
     """Roofline time of one decode step of `batch` sessions on `provider`."""
+    model = served_model(provider, model)
     bytes_read, flops = stage_step_bytes_and_flops(model, n_layers, first, last, batch, context_tokens)
     return max(bytes_read / (provider.mem_bandwidth_gb_per_s * 1e9), flops / (provider.matmul_tflops * 1e12))
 
@@ -124,7 +141,8 @@ def evaluate_pipeline(pipeline: Pipeline, providers: Mapping[str, ProviderSpec],
         provider = providers[stage.peer_id]
         first, last = i == 0, i == k - 1
         times.append(stage_time_s(provider, model, stage.n_layers, first, last, workload.batch, workload.context_tokens))
-        mem = stage_memory_bytes(model, stage.n_layers, first, last, sessions, workload.context_tokens)
+        mem = stage_memory_bytes(served_model(provider, model), stage.n_layers, first, last, sessions,
+                                 workload.context_tokens)
         memories.append(mem)
         fits = fits and mem <= provider.memory_bytes
     peer_ids = pipeline.peer_ids

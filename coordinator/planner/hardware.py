@@ -15,12 +15,17 @@ class ProviderSpec:
     memory_bytes: int  # what the provider lets the planner fill: weights + KV cache
     mem_bandwidth_gb_per_s: float  # measured, 1 GB = 1e9 bytes
     matmul_tflops: float  # measured dense matmul rate in the serving dtype
+    # bytes of one weight and one KV-cache element in the precision it serves in (bfloat16 2, float32 4);
+    # None: the model shape's own figures
+    dtype_bytes: int | None = None
 
     def __post_init__(self):
         if not self.peer_id or self.peer_id == COORDINATOR:
             raise ValueError(f"bad provider peer id {self.peer_id!r}")
         if self.memory_bytes < 0:
             raise ValueError(f"{self.peer_id}: memory_bytes must be >= 0, got {self.memory_bytes}")
+        if self.dtype_bytes is not None and self.dtype_bytes not in (1, 2, 4, 8):
+            raise ValueError(f"{self.peer_id}: dtype_bytes must be 1, 2, 4 or 8, got {self.dtype_bytes!r}")
         for name in ("mem_bandwidth_gb_per_s", "matmul_tflops"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from coordinator.planner.cost import evaluate_pipeline, extra_memory_bytes
+from coordinator.planner.cost import evaluate_pipeline, extra_memory_bytes, served_model
 from coordinator.planner.hardware import Link, Links, ProviderSpec
 from coordinator.planner.search import exact, local_search
 from coordinator.planner.shapes import ModelShape
@@ -27,11 +27,13 @@ def plan(providers: Sequence[ProviderSpec], model: ModelShape, workload: Workloa
     by_id = _check_pool(providers)
     objective = Objective(objective)
     links = links or Links(DATACENTRE_LINK)
-    needed, available = minimum_memory_bytes(model, workload), sum(p.memory_bytes for p in providers)
+    # a lower bound whatever the mix: every layer held in the leanest precision any provider serves in
+    lightest = min((served_model(p, model) for p in providers), key=lambda m: m.bytes_per_param)
+    needed, available = minimum_memory_bytes(lightest, workload), sum(p.memory_bytes for p in providers)
     if available < needed:
         raise InsufficientMemoryError(
             f"the pool cannot hold {model.name}: it needs at least {_gib(needed)} "
-            f"(weights {_gib(model.total_weight_bytes)} + KV cache {_gib(needed - model.total_weight_bytes)} "
+            f"(weights {_gib(lightest.total_weight_bytes)} + KV cache {_gib(needed - lightest.total_weight_bytes)} "
             f"for {workload.batch} sessions × {workload.context_tokens} tokens) but its "
             f"{len(providers)} providers have {_gib(available)} in all", needed, available)
     solver = SplitSolver(by_id, model, workload, links, objective)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -207,6 +208,33 @@ def test_enough_memory_in_total_but_layers_do_not_pack():
         with pytest.raises(InsufficientMemoryError, match="do not pack") as err:
             plan(providers, TOY, workload, objective=objective)
         assert err.value.available_bytes == 4 * memory
+
+
+def test_each_provider_is_planned_at_the_bytes_it_serves_in():
+    """A bfloat16 provider holds a layer in half the bytes of a float32 one, KV cache included."""
+    model = ModelShape("toy-f32", n_layers=6, hidden=64, intermediate=128, n_heads=4, n_kv_heads=2, head_dim=16,
+                       vocab=256, bytes_per_param=4.0, activation_bytes=4)
+    workload = Workload(batch=2, context_tokens=32, microbatches_in_flight=1)
+    whole = stage_memory_bytes(model, 6, True, True, 2, 32)
+    memory = int(0.6 * whole)  # 60% of the model in float32: two stages in float32, one in bfloat16
+    with pytest.raises(InsufficientMemoryError):
+        plan([ProviderSpec("f32", memory, 10, 1, dtype_bytes=4)], model, workload)
+    [bf16_alone] = plan([ProviderSpec("bf16", memory, 10, 1, dtype_bytes=2)], model, workload).costs
+    assert bf16_alone.stage_memory_bytes == (pytest.approx(whole / 2),)
+    # a float32 and a bfloat16 provider in one pool: both figure at their own bytes
+    providers = [ProviderSpec("f32", memory, 10, 1, dtype_bytes=4), ProviderSpec("bf16", int(0.3 * whole), 10, 1,
+                                                                                  dtype_bytes=2)]
+    result = plan(providers, model, workload, objective=Objective.LATENCY)
+    [pipeline], [cost] = result.pipelines, result.costs
+    assert {s.peer_id for s in pipeline.stages} == {"f32", "bf16"}
+    by_peer = {s.peer_id: (s, mem) for s, mem in zip(pipeline.stages, cost.stage_memory_bytes)}
+    stage, mem = by_peer["bf16"]
+    first, last = stage.start == 0, stage.end == model.n_layers
+    assert mem == pytest.approx(stage_memory_bytes(model, stage.n_layers, first, last, 2, 32) / 2)
+    assert mem <= int(0.3 * whole) and stage.n_layers >= 3  # 30% of the float32 bytes hold half the layers
+    # planned at 4 bytes (today's single figure) the same pool could not hold the model
+    with pytest.raises(InsufficientMemoryError):
+        plan([replace(p, dtype_bytes=4) for p in providers], model, workload)
 
 
 def test_objectives_differ_as_they_should():

@@ -24,6 +24,9 @@ from coordinator.local_pool import LocalPool
 
 MODEL = "smollm2-135m-instruct"
 HALF_MODEL_MB = 480  # no provider holds the model alone: two are needed for a pipeline
+# planned at 2 bytes a parameter, a bfloat16 provider holds 25 of the 30 layers in 300 MiB (and all of
+# them in 480): with this cap it needs the float32 provider's layers too
+BF16_CAP_MB = 300
 PROMOTION_AUDITS = 3
 PROMPTS = ["The capital of France is", "Water boils at", "List three colours:", "def add(a, b):",
            "Once upon a time", "The largest planet is", "Translate 'cat' to French:", "2 + 2 ="]
@@ -89,7 +92,7 @@ def audited(pool) -> list[dict]:
     halfway and are given the audits first. Returns the audit entries once 200 judge honest stages."""
     p = pool.peers
     p["fp32"] = pool.add_provider("fp32", HALF_MODEL_MB)
-    p["bf16"] = pool.add_provider("bf16", HALF_MODEL_MB, extra_args=["--dtype", "bfloat16"])
+    p["bf16"] = pool.add_provider("bf16", BF16_CAP_MB, extra_args=["--dtype", "bfloat16"])
     pool.wait_for(lambda s: serving(pool) == {p["fp32"], p["bf16"]}, what="a float32 + bfloat16 pipeline")
     key = pool.add_consumer("auditee", 10**10)
 

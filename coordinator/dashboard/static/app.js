@@ -65,7 +65,8 @@ function renderPipelines(s) {
       el("div", { class: "caption" }, el("b", {}, `pipeline ${i + 1}`), el("span", {}, p.id),
         el("span", {}, `${num(p.tokens_per_s, 1)} tokens/s`),
         el("span", {}, p.step_ms === null ? "step –" : `step ${num(p.step_ms, 1)} ms`),
-        el("span", {}, `${p.stages.length} stages`)),
+        el("span", {}, `${p.stages.length} stages`),
+        el("span", {}, p.max_sessions == null ? "" : `${num(p.max_sessions)} sessions × ${num(p.context_tokens)} tokens`)),
       el("div", { class: "bar" }, ...segments),
       el("div", { class: "scale" }, el("span", {}, "0"), el("span", {}, String(n))));
   });
@@ -76,7 +77,8 @@ function renderPipelines(s) {
 function renderProviders(s) {
   const rows = s.providers.map((p) => el("tr", { class: p.state, data: { peer: p.peer, state: p.state } },
     el("td", { class: "peer" }, el("i", { style: { background: colour(p.peer) } }), p.peer),
-    el("td", {}, el("span", { class: `badge ${p.state}` }, p.state)),
+    el("td", {}, el("span", { class: `badge ${p.state}`, title: p.benched ? p.benched.reason : "" },
+      p.benched ? `benched, back in ${num(p.benched.back_in_s)} s` : p.state)),
     el("td", { title: p.profile.name }, `${p.profile.device} ${p.profile.name}`),
     el("td", {}, `${num(p.max_memory_mb)} MB cap / ${num(p.profile.memory_gb, 1)} GB`),
     el("td", {}, p.profile.bandwidth_gb_per_s === null ? "–" : `${num(p.profile.bandwidth_gb_per_s, 1)} GB/s`),

@@ -1,0 +1,54 @@
+"""Capacity that bends (coordinator/planner/capacity.py): fewer sessions, then a shorter context,
+before a pool is declared too small; each pipeline holds what its stages' memory allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.planner import (MIN_CONTEXT_TOKENS, Capacity, InsufficientMemoryError, ModelShape, ProviderSpec,
+                                 Workload, bent_workloads, plan, plan_within_memory, sessions_held, stage_memory_bytes)
+
+TOY = ModelShape("toy", n_layers=6, hidden=64, intermediate=128, n_heads=4, n_kv_heads=2, head_dim=16, vocab=256,
+                 bytes_per_param=4.0, activation_bytes=4)
+WANTED = Workload(batch=8, context_tokens=512, microbatches_in_flight=1)
+
+
+def whole(sessions: int, context: int) -> float:
+    return stage_memory_bytes(TOY, TOY.n_layers, True, True, sessions, context)
+
+
+def test_the_ladder_drops_sessions_before_context():
+    rungs = [(w.batch, w.context_tokens) for w in bent_workloads(WANTED)]
+    assert rungs == [(8, 512), (4, 512), (2, 512), (1, 512), (1, 256), (1, 128), (1, 64)]
+    assert rungs[-1][1] == MIN_CONTEXT_TOKENS
+
+
+@pytest.mark.parametrize("sessions,context", [(8, 512), (3, 512), (1, 512), (1, 100)])
+def test_a_pool_serves_whatever_fits(sessions, context):
+    provider = ProviderSpec("p", int(whole(sessions, context)), 10, 1)
+    result, bent = plan_within_memory([provider], TOY, WANTED)
+    # the first rung at or under what fits: sessions halved to a power of two, then context halved
+    want_batch = 8 if sessions == 8 else 2 if sessions == 3 else 1
+    want_context = 512 if context == 512 else 64
+    assert (bent.batch, bent.context_tokens) == (want_batch, want_context)
+    [pipeline] = result.pipelines
+    # the pipeline then holds every session its memory allows at that context, up to what was asked
+    held = sessions_held(pipeline, {"p": provider}, TOY, bent.context_tokens, 8)
+    assert held == min(sessions, 8)
+    assert whole(held, bent.context_tokens) <= provider.memory_bytes
+    assert held == 8 or provider.memory_bytes < whole(held + 1, bent.context_tokens)
+    if sessions < 8:  # the plan as asked would not fit
+        with pytest.raises(InsufficientMemoryError):
+            plan([provider], TOY, WANTED)
+
+
+def test_only_weights_that_do_not_fit_are_refused():
+    provider = ProviderSpec("p", int(whole(0, 1)) + 10, 10, 1)  # the weights, and KV cache for almost nothing
+    with pytest.raises(InsufficientMemoryError, match="the weights themselves do not fit"):
+        plan_within_memory([provider], TOY, WANTED)
+
+
+def test_capacity_is_at_least_one_session_of_one_token():
+    with pytest.raises(ValueError):
+        Capacity(0, 512)
+    assert Capacity(1, 64).sessions == 1
