@@ -82,7 +82,7 @@ def ledger_pool(tmp_path):
     from coordinator.stakes import StakeKeeper
 
     accounts = Accounts(tmp_path, 0, params=PARAMS)
-    accounts.add_consumer("payer", 10**12)
+    accounts.payer = accounts.lookup(accounts.add_consumer("payer", 10**12)).account_id
     keeper = StakeKeeper(accounts.ledger, accounts.reader)
     reg = Registry(tmp_path, params=PARAMS, stakes=keeper)
     yield accounts, reg
@@ -124,7 +124,7 @@ def test_a_promoted_newcomer_locks_its_stake_from_earnings_and_again_after_a_sla
     for seed, peer in ((1, "subject"), (2, "newbie")):
         accounts.open_provider(peer, public_key(seed))
         join(reg, peer)
-    ledger.transfer("fund-audit-pool", "consumer:payer", "fees:verification", 10 * STAKE)
+    ledger.transfer("fund-audit-pool", accounts.payer, "fees:verification", 10 * STAKE)
 
     def audit(i: int, fee: int) -> None:
         ledger.record_audit(f"audit:{i}", audit_id=f"a{i}", verifier_id="newbie", subject_id="subject",
