@@ -185,12 +185,14 @@ class Pool:
     def _replan(self) -> None:
         candidates = self.registry.candidates()
         wanted: dict[str, Pipeline] = {}
+        microbatches: dict[str, int] = {}  # per pipeline, what the plan assumed in flight
         error = ""
         if candidates:
             specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
             try:
                 result = plan(specs, self.model_shape, self.workload, objective=self.objective)
                 wanted = {pipeline_id(p): p for p in result.pipelines}
+                microbatches = {pipeline_id(p): c.microbatches for p, c in zip(result.pipelines, result.costs)}
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         else:
@@ -226,14 +228,15 @@ class Pool:
             if pid in keep or busy & set(pipeline.peer_ids):
                 continue
             try:
-                stages = self._assign_pipeline(pid, pipeline)
+                stages = self._assign_pipeline(pid, pipeline, microbatches[pid])
             except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
                 self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages)
+                                    self.workload.batch * microbatches[pid], step_timeout_s=self.step_timeout_s,
+                                    stages=stages, microbatches=microbatches[pid])
             started[pid] = ActivePipeline(pid, pipeline, driver)
             busy |= set(pipeline.peer_ids)
 
@@ -251,8 +254,9 @@ class Pool:
             self.pending = orphans + self.pending
             self._flush_pending()
 
-    def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> tuple[Stage, ...]:
-        """Assign every stage; the stages as assigned, each with the precision it serves in."""
+    def _assign_pipeline(self, pid: str, pipeline: Pipeline, microbatches: int) -> tuple[Stage, ...]:
+        """Assign every stage; the stages as assigned, each with the precision it serves in. Each holds
+        KV cache for `microbatches` micro-batches of the workload's batch, as the plan reserved."""
         stages = tuple(replace(s, dtype=self._dtype_for(s.peer_id)) for s in pipeline.stages)
         # Last stage first, so that each stage's successor is ready when it connects.
         for i in reversed(range(len(stages))):
@@ -264,7 +268,7 @@ class Pool:
                 next_peer, next_addrs = self.coordinator_peer, self.coordinator_addrs
             self.assign(stages[i].peer_id, Assign(
                 pid, self.model_id, stages[i].start, stages[i].end, self.model_shape.n_layers, prev_peer, next_peer,
-                next_addrs, self.workload.batch, self.workload.context_tokens, stages[i].dtype))
+                next_addrs, self.workload.batch * microbatches, self.workload.context_tokens, stages[i].dtype))
         return stages
 
     def _dtype_for(self, peer: str) -> str:
