@@ -27,6 +27,9 @@ _session_ids = itertools.count()
 # unique in this process: a late result of a stopped driver never matches a step of its successor
 _step_numbers = itertools.count()
 IDLE_WAKE_S = 0.2  # an idle driver looks at `stopping` this often
+# A longer prompt is prefilled in chunks of this many tokens, one step each, between decode steps:
+# running streams wait at most one chunk's time for it (and a chunk still keeps a GPU busy)
+PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(eq=False)
@@ -128,14 +131,16 @@ class PipelineDriver(threading.Thread):
     step in flight, or ready (its next token known). Whenever a step's result comes back its sessions
     are ready again, and each free slot gets the next step: a new request's prefill, or a decode of up to
     ceil(decoding sessions / microbatches) ready sessions (so micro-batches stay about even as requests
-    join and leave). Prefill and decode steps alternate while both have work, so a burst of new prompts
-    never holds running streams for more than one prefill step. A request leaves the step after its last
+    join and leave). A prompt longer than `prefill_chunk_tokens` goes in chunks, one step each. Prefill
+    and decode steps alternate while both have work, so a burst of new prompts, or a long one, never
+    holds running streams for more than one prefill step. A request leaves the step after its last
     token (its session is closed at once); one that arrives joins at the next free slot."""
 
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
                  max_batch: int, step_timeout_s: float = 30.0, max_queue: int = MAX_QUEUED_REQUESTS,
-                 stages: tuple[Stage, ...] = (), microbatches: int = 1):
+                 stages: tuple[Stage, ...] = (), microbatches: int = 1,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
         self.stages = stages
@@ -146,10 +151,13 @@ class PipelineDriver(threading.Thread):
             raise ValueError(f"max_batch must be in 1..{MAX_BATCH_SESSIONS * microbatches}, got {max_batch}")
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-        self.max_batch, self.microbatches = max_batch, microbatches
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        self.max_batch, self.microbatches, self.prefill_chunk_tokens = max_batch, microbatches, prefill_chunk_tokens
         # this thread's alone:
         self.running: dict[str, GenerationRequest] = {}  # session id -> request, every session the stages hold
-        self.to_prefill: collections.deque[str] = collections.deque()  # admitted, prefill not sent yet
+        self.to_prefill: collections.deque[str] = collections.deque()  # admitted, (rest of) prefill not sent
+        self.prompts: dict[str, tuple[list[int], int]] = {}  # session -> ids to prefill, how many sent so far
         self.ready: dict[str, None] = {}  # running sessions in no step, next token known (ordered: oldest first)
         self.in_flight: dict[int, _Flight] = {}  # step number -> its flight
         self._decoding = 0  # sessions past their prefill (ready or in a decode step)
@@ -197,6 +205,7 @@ class PipelineDriver(threading.Thread):
         self.running.clear()
         self.ready.clear()
         self.to_prefill.clear()
+        self.prompts.clear()
         self.in_flight.clear()
         while True:
             try:
@@ -229,6 +238,7 @@ class PipelineDriver(threading.Thread):
         while len(self.in_flight) < self.microbatches and not self.stopping.is_set():
             while self.to_prefill and self.running[self.to_prefill[0]].done.is_set():
                 sid = self.to_prefill.popleft()
+                self.prompts.pop(sid, None)
                 self._finish(sid, self.running[sid])
             prefill = bool(self.to_prefill) and (self._last_kind == "decode" or not self.ready)
             if prefill:
@@ -239,11 +249,16 @@ class PipelineDriver(threading.Thread):
                 return
 
     def _send_prefill(self, sid: str) -> None:
-        # A replayed request feeds its prompt plus the tokens it already produced.
+        """The next chunk of a session's prompt, or all that is left of it."""
         request = self.running[sid]
-        ids = request.start_attempt(self.stages)
-        self._send(Step(self.pipeline_id, next(_step_numbers), "prefill", (sid,), (0,), (request.sampling,), (),
-                        torch.tensor(ids, dtype=torch.int64)), [request])
+        if sid not in self.prompts:  # a replayed request feeds its prompt plus the tokens it already produced
+            self.prompts[sid] = (request.start_attempt(self.stages), 0)
+        ids, start = self.prompts[sid]
+        end = min(len(ids), start + self.prefill_chunk_tokens)
+        self.prompts[sid] = (ids, end)
+        kind = "prefill" if end == len(ids) else "chunk"
+        self._send(Step(self.pipeline_id, next(_step_numbers), kind, (sid,), (start,), (request.sampling,), (),
+                        torch.tensor(ids[start:end], dtype=torch.int64)), [request])
 
     def _send_decode(self) -> None:
         size = min(len(self.ready), -(-self._decoding // self.microbatches), MAX_BATCH_SESSIONS)
@@ -288,11 +303,15 @@ class PipelineDriver(threading.Thread):
     def _complete(self, flight: _Flight) -> None:
         step = flight.step
         result = flight.future.result()  # raises what the link set: the stage's failure report, an abort
-        if result.sessions != step.sessions or len(result.tokens) != len(step.sessions):
+        if result.sessions != step.sessions or len(result.tokens) != (0 if step.kind == "chunk" else len(step.sessions)):
             raise StepFailed(f"result of step {step.step} does not match its sessions")
         _observe_step(self.pipeline_id, step.kind, flight.requests, time.perf_counter() - flight.sent_s,
                       result.stage_ms)
+        if step.kind == "chunk":  # the rest of its prompt goes before prompts that came later
+            self.to_prefill.appendleft(step.sessions[0])
+            return
         if step.kind == "prefill":
+            self.prompts.pop(step.sessions[0], None)
             self._decoding += 1
         for sid, request, token in zip(step.sessions, flight.requests, result.tokens):
             request.add_token(token)
@@ -312,8 +331,9 @@ def _observe_step(pipeline_id: str, kind: str, requests: list[GenerationRequest]
                   stage_ms: tuple) -> None:
     """Metrics: one call per distinct observer (one per API app), however many requests it has."""
     observers: dict[Callable, int] = {}
+    per_request = 0 if kind == "chunk" else 1  # a chunk produces no token
     for r in requests:
         if r.on_step is not None:
-            observers[r.on_step] = observers.get(r.on_step, 0) + 1
+            observers[r.on_step] = observers.get(r.on_step, 0) + per_request
     for observe, n_tokens in observers.items():
         observe(pipeline_id, kind, n_tokens, seconds, stage_ms)
