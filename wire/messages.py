@@ -229,53 +229,27 @@ def _encode_value(value: Any) -> Any:
     return value
 
 
-# How each field of a message class decodes, worked out once per class: typing's introspection on
-# every frame cost more than the rest of the decode (a few hundred microseconds per hop)
-_SAMPLING, _SAMPLING_LIST, _TUPLE, _PLAIN = range(4)
-_DECODE_PLANS: dict[int, tuple[dict, tuple[tuple[str, int, Any, Any], ...]]] = {}
-
-
-def _decode_plan(hints: dict[str, Any]) -> tuple[tuple[str, int, Any, Any], ...]:
-    kept, plan = _DECODE_PLANS.get(id(hints), (None, None))
-    if kept is not hints:  # the identity check keeps a reused id from finding another dict's plan
-        steps = []
-        for name, hint in hints.items():
-            if hint is SamplingParams:
-                steps.append((name, _SAMPLING, None, None))
-            elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is SamplingParams:
-                steps.append((name, _SAMPLING_LIST, None, None))
-            elif typing.get_origin(hint) is tuple:
-                item = typing.get_args(hint)[0]
-                steps.append((name, _TUPLE, item, _FIELD_TYPES[item]))
-            else:
-                steps.append((name, _PLAIN, hint, _FIELD_TYPES[hint]))
-        plan = tuple(steps)
-        _DECODE_PLANS[id(hints)] = (hints, plan)
-    return plan
-
-
 def _decode_plain(hints: dict[str, Any], f: dict) -> dict:
     """Fields strictly typed (no bool where a number is wanted); tuples from lists; SamplingParams
-    from their [temperature, top_p, seed] lists, at most MAX_BATCH_SESSIONS of them. `hints` is a
-    message class's own `_hints` (its decode plan is kept by identity)."""
+    from their [temperature, top_p, seed] lists, at most MAX_BATCH_SESSIONS of them."""
     out = {}
-    for name, how, hint, kinds in _decode_plan(hints):
+    for name, hint in hints.items():
         value = f[name]
-        if how == _SAMPLING:
+        if hint is SamplingParams:
             value = SamplingParams.decode(value)
-        elif how == _SAMPLING_LIST:
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is SamplingParams:
             _require(isinstance(value, list) and len(value) <= MAX_BATCH_SESSIONS,
                      f"{name} is a list of at most {MAX_BATCH_SESSIONS} entries")
             value = tuple(SamplingParams.decode(v) for v in value)
-        elif how == _TUPLE:
+        elif typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
             _require(isinstance(value, (list, tuple)), f"{name} must be a list")
-            if hint is not bool:
-                _require(not any(isinstance(v, bool) for v in value) and all(isinstance(v, kinds) for v in value),
-                         f"every entry of {name} must be {hint.__name__}")
-            else:
-                _require(all(isinstance(v, kinds) for v in value), f"every entry of {name} must be {hint.__name__}")
+            kinds = _FIELD_TYPES[item]
+            _require(all(isinstance(v, kinds) and (item is bool or not isinstance(v, bool)) for v in value),
+                     f"every entry of {name} must be {item.__name__}")
             value = tuple(value)
         else:
+            kinds = _FIELD_TYPES[hint]
             _require(isinstance(value, kinds) and (hint is bool or not isinstance(value, bool)),
                      f"{name} must be {hint.__name__}")
         out[name] = value
