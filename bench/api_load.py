@@ -106,7 +106,8 @@ def main() -> int:
 
     base = rows[0]["tokens_per_s"]
     print(f"pipelines (layer ranges): {stages}; {args.tokens} tokens a request, {args.rounds} requests a client")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'vs 1':>6} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'vs 1':>6} {'TTFT p50 ms':>11} "
+          f"{'TTFT p99 ms':>11}")
     for row in rows:
         row["ratio_vs_first"] = round(row["tokens_per_s"] / base, 2) if base else None
         print(f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['tokens_per_s']:>9.1f} "

@@ -303,7 +303,8 @@ class PipelineDriver(threading.Thread):
     def _complete(self, flight: _Flight) -> None:
         step = flight.step
         result = flight.future.result()  # raises what the link set: the stage's failure report, an abort
-        if result.sessions != step.sessions or len(result.tokens) != (0 if step.kind == "chunk" else len(step.sessions)):
+        n_tokens = 0 if step.kind == "chunk" else len(step.sessions)
+        if result.sessions != step.sessions or len(result.tokens) != n_tokens:
             raise StepFailed(f"result of step {step.step} does not match its sessions")
         _observe_step(self.pipeline_id, step.kind, flight.requests, time.perf_counter() - flight.sent_s,
                       result.stage_ms)
