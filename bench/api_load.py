@@ -1,19 +1,22 @@
 """Load on the consumer API of a local pool: 1, 8 and 32 concurrent streaming clients.
 
-    python bench/api_load.py [--clients 1,8,32] [--tokens 32] [--rounds 2]
+    python bench/api_load.py [--clients 1,8,16,32] [--tokens 32] [--rounds 2] [--baseline /path/to/main]
 
 The pool is `coordinator serve` plus two `provider join` processes whose memory caps force two
 stages (one compute thread each, as in the tests), 32 KV slots a stage. Each client is the
 official `openai` client streaming a greedy completion of `--tokens` tokens, `--rounds` requests
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
-Writes bench/api_load.json.
+With --baseline, a pool running another checkout's code (e.g. main) is measured first, in the same
+run. Then `transformers` generate in this process at batch 1 and 16: the share of its batching gain
+(tok/s at 16 / tok/s at 1, minus 1) the pool keeps at 16 clients. Writes bench/api_load.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import openai  # noqa: E402
+import torch  # noqa: E402
 
 from coordinator.local_pool import LocalPool  # noqa: E402
 
@@ -78,16 +82,10 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    levels = [int(x) for x in args.clients.split(",")]
-
+def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None) -> dict:
+    """Every level on one 2-stage pool whose processes run the code in `code_dir` (None: this checkout)."""
     pool = LocalPool(Path(tempfile.mkdtemp(prefix="meshpool-api-load-")), context_tokens=256,
-                     max_sessions=max(levels), coordinator_args=["--rate-limit-rps", "1000"])
+                     max_sessions=max(levels), coordinator_args=["--rate-limit-rps", "1000"], code_dir=code_dir)
     try:
         pool.start_coordinator()
         for i in range(2):
@@ -97,23 +95,86 @@ def main() -> int:
         model = pool.get("/v1/models")["data"][0]["id"]
         stages = [[(s["start"], s["end"]) for s in p["stages"]] for p in state["pipelines"]]
         run_level(pool, model, key, 1, 4, 1)  # warm-up
-        rows = [run_level(pool, model, key, n, args.tokens, args.rounds) for n in levels]
+        rows = [run_level(pool, model, key, n, tokens, rounds) for n in levels]
         oc = openai.OpenAI(base_url=pool.api + "/v1", api_key=key, max_retries=0)
         account = oc.get("/account", cast_to=object)
         account = {k: account[k] for k in ("balance_units", "held_units", "spent_units", "requests")}
     finally:
         pool.stop()
-
     base = rows[0]["tokens_per_s"]
-    print(f"pipelines (layer ranges): {stages}; {args.tokens} tokens a request, {args.rounds} requests a client")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'vs 1':>6} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11}")
     for row in rows:
         row["ratio_vs_first"] = round(row["tokens_per_s"] / base, 2) if base else None
+    return {"code": str(code_dir or Path(__file__).resolve().parent.parent), "pipelines": stages, "rows": rows,
+            "account": account}
+
+
+def generate_tokens_per_s(batch: int, tokens: int) -> float:
+    """`transformers` generate in this process, one compute thread (as each pool process has): greedy
+    tokens/s of a batch of `batch` copies of a prompt, the prompt's prefill included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from node.models import default_model_dir
+
+    torch.set_num_threads(1)
+    model_dir = default_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir)(PROMPTS[0])["input_ids"]] * batch)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        return batch * (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+def print_rows(run: dict) -> None:
+    print(f"{run['code']}: pipelines (layer ranges) {run['pipelines']}")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'vs 1':>6} {'TTFT p50 ms':>11} "
+          f"{'TTFT p99 ms':>11}")
+    for row in run["rows"]:
         print(f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['tokens_per_s']:>9.1f} "
               f"{row['ratio_vs_first']:>5.2f}x {row['ttft_p50_ms']:>11.1f} {row['ttft_p99_ms']:>11.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,8,16,32")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured first, in the same run")
+    parser.add_argument("--gain-batch", type=int, default=16,
+                        help="compare the pool's gain at this many clients with generate's at this batch")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+
+    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve())] if args.baseline else [])
+    runs.append(run_pool(levels, args.tokens, args.rounds, None))
+    print(f"{args.tokens} tokens a request, {args.rounds} requests a client; load average {os.getloadavg()[0]:.1f}")
+    for run in runs:
+        print_rows(run)
+    out = {"tokens_per_request": args.tokens, "rounds": args.rounds, "runs": runs,
+           # the figures of this checkout, where earlier versions of this file had them
+           "pipelines": runs[-1]["pipelines"], "rows": runs[-1]["rows"], "account": runs[-1]["account"]}
+    n = args.gain_batch
+    if 1 in levels and n in levels:
+        one, many = generate_tokens_per_s(1, args.tokens), generate_tokens_per_s(n, args.tokens)
+        gain = many / one
+        out["generate"] = {"batch_1_tokens_per_s": round(one, 1), f"batch_{n}_tokens_per_s": round(many, 1),
+                           "gain": round(gain, 2)}
+        print(f"generate in one process (1 thread): batch 1 {one:.1f} tok/s, batch {n} {many:.1f} tok/s, "
+              f"gain {gain:.2f}x")
+        for run in runs:
+            rows = {r["clients"]: r for r in run["rows"]}
+            pool_gain = rows[n]["tokens_per_s"] / rows[1]["tokens_per_s"]
+            kept = (pool_gain - 1) / (gain - 1) if gain > 1 else None
+            p99_vs_median = rows[n]["ttft_p99_ms"] / rows[1]["ttft_p50_ms"]
+            run["batching"] = {"pool_gain": round(pool_gain, 2), "share_of_generate_gain": kept and round(kept, 3),
+                               f"ttft_p99_at_{n}_vs_single_median": round(p99_vs_median, 2)}
+            print(f"{run['code']}: {n} clients get {pool_gain:.2f}x one client's tok/s = "
+                  f"{kept:.0%} of generate's batching gain; TTFT p99 at {n} = {p99_vs_median:.2f}x the 1-client median")
+    out["loadavg"] = os.getloadavg()
     path = Path(__file__).with_suffix(".json")
-    path.write_text(json.dumps({"pipelines": stages, "tokens_per_request": args.tokens, "rounds": args.rounds,
-                                "rows": rows, "account": account}, indent=2) + "\n")
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 

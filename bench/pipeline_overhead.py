@@ -1,13 +1,15 @@
 """Per-token latency of a real pool of 1, 2 and 4 stages over loopback libp2p, against the same
 layer ranges chained in one process, measured in the same run: the cost of each hop.
 
-    python bench/pipeline_overhead.py [--tokens 64] [--repeats 3]
+    python bench/pipeline_overhead.py [--tokens 64] [--repeats 3] [--baseline /path/to/main]
 
 Each pool is `coordinator serve` plus N `provider join` processes whose memory caps force N stages
 (one compute thread each, as in the tests). Per-token latency = (time of a request for 1 + T tokens
 minus time of a request for 1 token) / T, median of the repeats. A token crosses N + 1 hops:
 coordinator -> stage 0 -> ... -> last stage -> coordinator. Then an 8 MB activation hop between
 two processes, P2PNode (as the stages use it) against plain TCP, with bench/transport.py's code.
+With --baseline, each pool is also measured running another checkout's code (e.g. main), in the
+same run, and so is the Python time of encoding and decoding one batch-1 frame of each kind.
 Writes bench/pipeline_overhead.json.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +41,10 @@ CAPS_MB = {1: None, 2: 450, 4: 230}  # memory caps that make the planner use exa
 PROMPT = "The history of the printing press begins"
 
 
-def pool_latency_ms(n_stages: int, tokens: int, repeats: int) -> tuple[float, list[tuple[int, int]]]:
+def pool_latency_ms(n_stages: int, tokens: int, repeats: int, code_dir: Path | None = None
+                    ) -> tuple[float, list[tuple[int, int]]]:
     with tempfile.TemporaryDirectory(prefix="meshpool-bench-") as root:
-        pool = LocalPool(Path(root))
+        pool = LocalPool(Path(root), code_dir=code_dir)
         try:
             pool.start_coordinator()
             for i in range(n_stages):
@@ -91,29 +95,70 @@ def bytes_per_token(config: ModelConfig, n_stages: int) -> int:
     return len(ids) + (n_stages - 1) * len(hidden) + len(result)
 
 
+SERIALIZATION = r"""
+import json, time, torch
+from wire.frames import decode_frame, encode_frame
+from wire.messages import Result, SamplingParams, Step, decode
+
+def us(f, n=2000):
+    f()
+    start = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - start) / n * 1e6
+
+ids = Step("0" * 16, 1, "decode", ("s0",), (100,), (SamplingParams(),), (), torch.tensor([5]))
+hidden = ids.forward(torch.zeros(1, HIDDEN), 0.5)
+result = Result("0" * 16, 1, ("s0",), (5,), (0.5, 0.5))
+out = {}
+for name, message in (("step_ids", ids), ("step_hidden", hidden), ("result", result)):
+    data = encode_frame(message.to_frame())
+    out[name] = {"encode_us": round(us(lambda: encode_frame(message.to_frame())), 1),
+                 "decode_us": round(us(lambda: decode(decode_frame(bytearray(data)))), 1)}
+print(json.dumps(out))
+"""
+
+
+def serialization_us(code_dir: Path, hidden_size: int) -> dict:
+    """Encode and decode of one batch-1 frame of each kind, by the code in `code_dir` (a subprocess)."""
+    done = subprocess.run([sys.executable, "-c", SERIALIZATION.replace("HIDDEN", str(hidden_size))], cwd=code_dir,
+                          env={**os.environ, "PYTHONPATH": str(code_dir), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, check=True, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", default="1,2,4")
+    parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured too, in the same run")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as each provider process runs
     os.environ["OMP_NUM_THREADS"] = "1"
     model_dir = default_model_dir()
     config = ModelConfig.load(model_dir)
 
+    here = Path(__file__).resolve().parent.parent
+    trees = ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("this", here)]
     rows = []
-    print(f"{'stages':>6} {'layer ranges':<28} {'pool ms/token':>13} {'in-process ms/token':>19} "
+    print(f"{'code':>8} {'stages':>6} {'layer ranges':<28} {'pool ms/token':>13} {'in-process ms/token':>19} "
           f"{'per hop ms':>10} {'bytes/token':>11}")
     for n in [int(s) for s in args.stages.split(",")]:
-        pool_ms, ranges = pool_latency_ms(n, args.tokens, args.repeats)
-        local_ms = local_latency_ms(model_dir, ranges, args.tokens)
-        hop_ms = (pool_ms - local_ms) / (n + 1)
-        n_bytes = bytes_per_token(config, n)
-        rows.append({"stages": n, "ranges": ranges, "pool_ms_per_token": round(pool_ms, 2),
-                     "in_process_ms_per_token": round(local_ms, 2), "per_hop_ms": round(hop_ms, 2),
-                     "hops_per_token": n + 1, "bytes_per_token": n_bytes})
-        print(f"{n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} {hop_ms:>10.2f} {n_bytes:>11}")
+        for label, tree in trees:
+            pool_ms, ranges = pool_latency_ms(n, args.tokens, args.repeats, None if tree == here else tree)
+            local_ms = local_latency_ms(model_dir, ranges, args.tokens)
+            hop_ms = (pool_ms - local_ms) / (n + 1)
+            n_bytes = bytes_per_token(config, n)
+            rows.append({"code": label, "stages": n, "ranges": ranges, "pool_ms_per_token": round(pool_ms, 2),
+                         "in_process_ms_per_token": round(local_ms, 2), "per_hop_ms": round(hop_ms, 2),
+                         "hops_per_token": n + 1, "bytes_per_token": n_bytes})
+            print(f"{label:>8} {n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} {hop_ms:>10.2f} "
+                  f"{n_bytes:>11}")
+    serialization = {label: serialization_us(tree, config.hidden_size) for label, tree in trees}
+    for label, figures in serialization.items():
+        print(f"{label:>8} encode/decode us per batch-1 frame: "
+              + ", ".join(f"{k} {v['encode_us']:.0f}/{v['decode_us']:.0f}" for k, v in figures.items()))
 
     hops = {kind: [run_row(kind, True, 50, 7)["hop_8m_mb_s"] for _ in range(3)] for kind in ("tcp", "node-aes")}
     tcp_mb_s, node_mb_s = (statistics.median(hops[k]) for k in ("tcp", "node-aes"))
@@ -121,6 +166,7 @@ def main() -> None:
           f"= {node_mb_s / tcp_mb_s:.0%} of TCP (median of 3)")
     path = Path(__file__).with_suffix(".json")
     path.write_text(json.dumps({"model": model_dir.name, "tokens": args.tokens, "rows": rows,
+                                "serialization_us": serialization,
                                 "hop_8mb_mb_s": {"plain_tcp": tcp_mb_s, "p2pnode_aes": node_mb_s,
                                                  "ratio": round(node_mb_s / tcp_mb_s, 3)},
                                 "loadavg": os.getloadavg()}, indent=2) + "\n")

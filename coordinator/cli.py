@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-port", type=int, default=0, help="0: any free port")
     p.add_argument("--model", type=Path, help="Hugging Face-format model directory (default: the shipped model)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions each stage holds at once")
+    p.add_argument("--microbatches", type=int, default=2,
+                   help="steps each pipeline keeps in flight, so every stage works while the others do")
     p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     p.add_argument("--rate-limit-rps", type=float, default=10.0, help="requests a second per API key (0: no limit)")
@@ -67,6 +69,9 @@ def _serve(args) -> int:
     from node.config import ModelError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.microbatches < 1 or args.max_sessions < 1:
+        print("coordinator: --microbatches and --max-sessions must be at least 1", file=sys.stderr)
+        return 2
     changes = {name: value for name, value in (("audit_probability_ppm", args.audit_probability_ppm),
                                                ("promotion_agreements", args.promotion_audits)) if value is not None}
     try:
@@ -74,7 +79,8 @@ def _serve(args) -> int:
         serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
               context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s,
               rate_limit_rps=args.rate_limit_rps, db=args.db, params=params,
-              referee_check_ppm=args.referee_check_ppm, serving_dtype=args.serving_dtype)
+              referee_check_ppm=args.referee_check_ppm, serving_dtype=args.serving_dtype,
+              microbatches=args.microbatches)
     except (ModelError, ContractError, LedgerError) as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2

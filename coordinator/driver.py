@@ -1,9 +1,12 @@
-"""Drives the requests of one pipeline: prefill each new request, then decode all running ones
-together, one batched step at a time. When a step fails, every request goes back to the pool with
-the tokens produced so far, to be replayed on another pipeline."""
+"""Drives the requests of one pipeline: keeps the plan's micro-batches in flight, each a batched
+decode step of running requests or the prefill of a new one; requests join and leave at any step.
+When a step fails, every request goes back to the pool with the tokens produced so far, to be
+replayed on another pipeline."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -21,6 +24,12 @@ log = logging.getLogger("meshpool.coordinator")
 
 MAX_QUEUED_REQUESTS = 1024  # waiting for one pipeline
 _session_ids = itertools.count()
+# unique in this process: a late result of a stopped driver never matches a step of its successor
+_step_numbers = itertools.count()
+IDLE_WAKE_S = 0.2  # an idle driver looks at `stopping` this often
+# A longer prompt is prefilled in chunks of this many tokens, one step each, between decode steps:
+# running streams wait at most one chunk's time for it (and a chunk still keeps a GPU busy)
+PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(eq=False)
@@ -93,7 +102,8 @@ class GenerationRequest:
 
 
 class PipelineLink(Protocol):
-    def step(self, step: Step, timeout_s: float) -> Result: ...
+    def send(self, step: Step, timeout_s: float,
+             on_done: Callable[[concurrent.futures.Future], None]) -> concurrent.futures.Future: ...
     def close_sessions(self, sessions: list[str], requests: list[str]) -> None: ...
     def abort(self, reason: str) -> None: ...
     def shutdown(self) -> None: ...
@@ -103,23 +113,58 @@ class StepFailed(RuntimeError):
     pass
 
 
+@dataclass(eq=False)
+class _Flight:
+    """A step sent and not yet answered."""
+
+    step: Step
+    requests: list[GenerationRequest]
+    future: concurrent.futures.Future
+    sent_s: float
+
+
 class PipelineDriver(threading.Thread):
+    """Keeps up to `microbatches` steps in flight on one pipeline, so that while stage k works on one
+    micro-batch, stage k + 1 works on the one before it (the plan's micro-batches, DESIGN decision 3).
+
+    Sessions are not tied to a micro-batch: a session is either waiting for its prefill, in exactly one
+    step in flight, or ready (its next token known). Whenever a step's result comes back its sessions
+    are ready again, and each free slot gets the next step: a new request's prefill, or a decode of up to
+    ceil(decoding sessions / microbatches) ready sessions (so micro-batches stay about even as requests
+    join and leave). A prompt longer than `prefill_chunk_tokens` goes in chunks, one step each. Prefill
+    and decode steps alternate while both have work, so a burst of new prompts, or a long one, never
+    holds running streams for more than one prefill step. A request leaves the step after its last
+    token (its session is closed at once); one that arrives joins at the next free slot."""
+
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
                  max_batch: int, step_timeout_s: float = 30.0, max_queue: int = MAX_QUEUED_REQUESTS,
-                 stages: tuple[Stage, ...] = ()):
+                 stages: tuple[Stage, ...] = (), microbatches: int = 1,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
         self.stages = stages
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
-        self.running: dict[str, GenerationRequest] = {}  # session id -> request; this thread's alone
         # never more sessions in flight than the stages have KV-cache slots for (the assignment's max_sessions)
-        if not 0 < max_batch <= MAX_BATCH_SESSIONS:
-            raise ValueError(f"max_batch must be in 1..{MAX_BATCH_SESSIONS}, got {max_batch}")
-        self.max_batch = max_batch
+        if not 0 < max_batch <= MAX_BATCH_SESSIONS * microbatches:
+            raise ValueError(f"max_batch must be in 1..{MAX_BATCH_SESSIONS * microbatches}, got {max_batch}")
+        if microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        self.max_batch, self.microbatches, self.prefill_chunk_tokens = max_batch, microbatches, prefill_chunk_tokens
+        # this thread's alone:
+        self.running: dict[str, GenerationRequest] = {}  # session id -> request, every session the stages hold
+        self.to_prefill: collections.deque[str] = collections.deque()  # admitted, (rest of) prefill not sent
+        self.prompts: dict[str, tuple[list[int], int]] = {}  # session -> ids to prefill, how many sent so far
+        self.ready: dict[str, None] = {}  # running sessions in no step, next token known (ordered: oldest first)
+        self.in_flight: dict[int, _Flight] = {}  # step number -> its flight
+        self._decoding = 0  # sessions past their prefill (ready or in a decode step)
+        self._last_kind = "decode"
+        # results and new requests wake the thread through this queue (step numbers; None: look at the inbox)
+        self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self._steps = itertools.count()
         self.steps_done = 0  # steps that came back with a result: the pool forgives its stages' strikes
 
     @property
@@ -128,10 +173,12 @@ class PipelineDriver(threading.Thread):
 
     def submit(self, request: GenerationRequest) -> None:
         self.inbox.put_nowait(request)  # raises queue.Full: the pool answers "busy"
+        self._events.put(None)
 
     def stop(self) -> list[GenerationRequest]:
-        """Stop after the current step; return the requests not finished."""
+        """Stop now (steps in flight are abandoned); return the requests not finished, to be replayed."""
         self.stopping.set()
+        self._events.put(None)
         if threading.current_thread() is not self:
             self.join(timeout=self.step_timeout_s + 5)
         return self._drain()
@@ -139,9 +186,9 @@ class PipelineDriver(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
-                self._admit(block=not self.running)
-                if self.running and not self.stopping.is_set():
-                    self._decode()
+                self._admit()
+                self._issue()
+                self._wait()
         except (StepFailed, TimeoutError, EOFError, ConnectionError, OSError) as exc:
             reason = f"pipeline {self.pipeline_id} failed: {exc}"
             log.warning(reason)
@@ -157,59 +204,125 @@ class PipelineDriver(threading.Thread):
     def _drain(self) -> list[GenerationRequest]:
         pending = list(self.running.values())
         self.running.clear()
+        self.ready.clear()
+        self.to_prefill.clear()
+        self.prompts.clear()
+        self.in_flight.clear()
         while True:
             try:
                 pending.append(self.inbox.get_nowait())
             except queue.Empty:
                 return [r for r in pending if not r.done.is_set()]
 
-    def _admit(self, block: bool) -> None:
+    # -- scheduling -----------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """New requests take free session slots; their prefill is sent when a step slot frees."""
         while len(self.running) < self.max_batch:
             try:
-                request = self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()
+                request = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            block = False
             if request.done.is_set():  # cancelled while queued
                 continue
-            self._prefill(request)
+            sid = f"s{next(_session_ids)}"
+            # running before its step: if a step fails, the failure hands the request back for replay
+            self.running[sid] = request
+            self.to_prefill.append(sid)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        # A replayed request feeds its prompt plus the tokens it already produced.
-        sid = f"s{next(_session_ids)}"
-        ids = request.start_attempt(self.stages)
-        step = Step(self.pipeline_id, next(self._steps), "prefill", (sid,), (0,), (request.sampling,), (),
-                    torch.tensor(ids, dtype=torch.int64))
-        # running before the step: if the step fails, the failure hands the request back for replay
-        self.running[sid] = request
-        [token] = self._step(step, [request])
-        request.add_token(token)
-        if request.finished:
-            self._finish(sid, request)
-
-    def _decode(self) -> None:
-        sids = [sid for sid, r in self.running.items() if not r.done.is_set()]
-        for sid in [s for s in self.running if s not in sids]:  # cancelled by the caller
+    def _issue(self) -> None:
+        """Fill the free step slots."""
+        for sid in [s for s in self.ready if self.running[s].done.is_set()]:  # cancelled by the caller
+            del self.ready[sid]
+            self._decoding -= 1
             self._finish(sid, self.running[sid])
-        if not sids:
-            return
-        requests = [self.running[s] for s in sids]
-        step = Step(self.pipeline_id, next(self._steps), "decode", tuple(sids),
-                    tuple(len(r.prompt_ids) + len(r.tokens) - 1 for r in requests), tuple(r.sampling for r in requests),
-                    (), torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64))
-        for sid, request, token in zip(sids, requests, self._step(step, requests)):
-            request.add_token(token)
-            if request.finished:
-                self._finish(sid, request)
+        while len(self.in_flight) < self.microbatches and not self.stopping.is_set():
+            while self.to_prefill and self.running[self.to_prefill[0]].done.is_set():
+                sid = self.to_prefill.popleft()
+                self.prompts.pop(sid, None)
+                self._finish(sid, self.running[sid])
+            prefill = bool(self.to_prefill) and (self._last_kind == "decode" or not self.ready)
+            if prefill:
+                self._send_prefill(self.to_prefill.popleft())
+            elif self.ready:
+                self._send_decode()
+            else:
+                return
 
-    def _step(self, step: Step, requests: list[GenerationRequest]) -> list[int]:
-        started_s = time.perf_counter()
-        result = self.link.step(step, self.step_timeout_s)
-        if result.sessions != step.sessions:
+    def _send_prefill(self, sid: str) -> None:
+        """The next chunk of a session's prompt, or all that is left of it."""
+        request = self.running[sid]
+        if sid not in self.prompts:  # a replayed request feeds its prompt plus the tokens it already produced
+            self.prompts[sid] = (request.start_attempt(self.stages), 0)
+        ids, start = self.prompts[sid]
+        end = min(len(ids), start + self.prefill_chunk_tokens)
+        self.prompts[sid] = (ids, end)
+        kind = "prefill" if end == len(ids) else "chunk"
+        self._send(Step(self.pipeline_id, next(_step_numbers), kind, (sid,), (start,), (request.sampling,), (),
+                        torch.tensor(ids[start:end], dtype=torch.int64)), [request])
+
+    def _send_decode(self) -> None:
+        size = min(len(self.ready), -(-self._decoding // self.microbatches), MAX_BATCH_SESSIONS)
+        sids = list(itertools.islice(self.ready, size))
+        for sid in sids:
+            del self.ready[sid]
+        requests = [self.running[s] for s in sids]
+        self._send(Step(self.pipeline_id, next(_step_numbers), "decode", tuple(sids),
+                        tuple(len(r.prompt_ids) + len(r.tokens) - 1 for r in requests),
+                        tuple(r.sampling for r in requests), (),
+                        torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64)), requests)
+
+    def _send(self, step: Step, requests: list[GenerationRequest]) -> None:
+        number = step.step
+        future = self.link.send(step, self.step_timeout_s, lambda _f: self._events.put(number))
+        self.in_flight[number] = _Flight(step, requests, future, time.perf_counter())
+        self._last_kind = step.kind
+
+    def _wait(self) -> None:
+        """Block for the next event (a result, a new request, a stop) and handle the results that came."""
+        if self.in_flight:
+            oldest = min(f.sent_s for f in self.in_flight.values())
+            timeout_s = oldest + self.step_timeout_s - time.perf_counter()
+            if timeout_s <= 0:
+                number = next(n for n, f in self.in_flight.items() if f.sent_s == oldest)
+                raise TimeoutError(f"step {number} of pipeline {self.pipeline_id} got no result "
+                                   f"in {self.step_timeout_s} s")
+        else:
+            timeout_s = IDLE_WAKE_S
+        try:
+            event = self._events.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            if event is not None and event in self.in_flight:
+                self._complete(self.in_flight.pop(event))
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _complete(self, flight: _Flight) -> None:
+        step = flight.step
+        result = flight.future.result()  # raises what the link set: the stage's failure report, an abort
+        n_tokens = 0 if step.kind == "chunk" else len(step.sessions)
+        if result.sessions != step.sessions or len(result.tokens) != n_tokens:
             raise StepFailed(f"result of step {step.step} does not match its sessions")
         self.steps_done += 1
-        _observe_step(self.pipeline_id, step.kind, requests, time.perf_counter() - started_s, result.stage_ms)
-        return list(result.tokens)
+        _observe_step(self.pipeline_id, step.kind, flight.requests, time.perf_counter() - flight.sent_s,
+                      result.stage_ms)
+        if step.kind == "chunk":  # the rest of its prompt goes before prompts that came later
+            self.to_prefill.appendleft(step.sessions[0])
+            return
+        if step.kind == "prefill":
+            self.prompts.pop(step.sessions[0], None)
+            self._decoding += 1
+        for sid, request, token in zip(step.sessions, flight.requests, result.tokens):
+            request.add_token(token)
+            if request.finished or request.done.is_set():
+                self._decoding -= 1
+                self._finish(sid, request)
+            else:
+                self.ready[sid] = None
 
     def _finish(self, sid: str, request: GenerationRequest) -> None:
         self.running.pop(sid, None)
@@ -221,8 +334,9 @@ def _observe_step(pipeline_id: str, kind: str, requests: list[GenerationRequest]
                   stage_ms: tuple) -> None:
     """Metrics: one call per distinct observer (one per API app), however many requests it has."""
     observers: dict[Callable, int] = {}
+    per_request = 0 if kind == "chunk" else 1  # a chunk produces no token
     for r in requests:
         if r.on_step is not None:
-            observers[r.on_step] = observers.get(r.on_step, 0) + 1
+            observers[r.on_step] = observers.get(r.on_step, 0) + per_request
     for observe, n_tokens in observers.items():
         observe(pipeline_id, kind, n_tokens, seconds, stage_ms)

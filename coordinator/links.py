@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+from typing import Callable
 
 from node.transport import P2PNode, Stream, TransportError
 from wire.messages import PROTO_STAGE, Close, Failed, Result, Step
@@ -72,22 +73,27 @@ class StreamLink:
         self.stage0_peer = stage_peers[0]
         self.stream: Stream | None = None
         self.aborted: str | None = None
+        self.expected: set[int] = set()  # steps sent and not answered
 
-    def step(self, step: Step, timeout_s: float) -> Result:
+    def send(self, step: Step, timeout_s: float,
+             on_done: Callable[[concurrent.futures.Future], None]) -> concurrent.futures.Future:
+        """Send a step to stage 0 and return at once: the future gets its Result (or StepAborted) from
+        the board, and `on_done(future)` runs then, on the thread that delivers it. Steps of one link are
+        sent in order on one stream, so every stage sees them in the order the driver issued them."""
         if self.aborted:
             raise StepAborted(self.aborted)
         future = self.board.expect(self.pipeline, step.step, self.stage_peers)
+        self.expected.add(step.step)
+        future.add_done_callback(lambda f: self.expected.discard(step.step))
+        future.add_done_callback(on_done)
         try:
             if self.stream is None:
                 self.stream = self.node.open_stream(self.stage0_peer, PROTO_STAGE, timeout_s=timeout_s)
             self.stream.send(step.to_frame(), timeout_s=timeout_s)
-            return future.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"step {step.step} of pipeline {self.pipeline} got no result in {timeout_s} s") from None
         except TransportError as exc:
-            raise StepAborted(f"stage 0 ({self.stage0_peer}) unreachable: {exc}") from exc
-        finally:
             self.board.forget(self.pipeline, step.step)
+            raise StepAborted(f"stage 0 ({self.stage0_peer}) unreachable: {exc}") from exc
+        return future
 
     def close_sessions(self, sessions: list[str], requests: list[str]) -> None:
         if self.stream is None or self.aborted:
@@ -103,6 +109,8 @@ class StreamLink:
         self.board.abort(self.pipeline, reason)
 
     def shutdown(self) -> None:
+        for step in list(self.expected):  # steps abandoned in flight: their late results are dropped
+            self.board.forget(self.pipeline, step)
         if self.stream is not None:
             self.stream.close()
             self.stream = None

@@ -30,7 +30,9 @@ class Process:
 class LocalPool:
     def __init__(self, root: Path, model_dir: Path | None = None, heartbeat_timeout_s: float = 3.0,
                  context_tokens: int = 512, max_sessions: int = 8, coordinator_args: list[str] = (),
-                 compute_threads: int = 1):
+                 compute_threads: int = 1, code_dir: Path | None = None):
+        """`code_dir`: a checkout whose code the processes run (default: this one), e.g. to measure
+        another branch against this one in the same run."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_dir = model_dir
@@ -38,6 +40,7 @@ class LocalPool:
         self.context_tokens, self.max_sessions = context_tokens, max_sessions
         self.coordinator_args = list(coordinator_args)
         self.compute_threads = compute_threads
+        self.code_dir = code_dir
         self.coordinator: Process | None = None
         self.providers: dict[str, Process] = {}  # peer id -> process
         self.p2p_addr = self.api = ""
@@ -51,8 +54,9 @@ class LocalPool:
             args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
             # Many processes share this machine's cores: one compute thread each by default, or
             # OpenMP's spinning threads starve the others (and their libp2p event loops) of CPU.
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.compute_threads)},
-            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.compute_threads),
+                 **({"PYTHONPATH": str(self.code_dir)} if self.code_dir else {})},
+            cwd=self.code_dir, start_new_session=True,
         )
         proc = Process(name, popen, log_path)
         deadline = time.monotonic() + READY_TIMEOUT_S

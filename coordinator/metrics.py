@@ -117,7 +117,7 @@ class Metrics:
             log.exception("observing a step failed")
 
     def _forget(self, pipeline_id: str) -> None:
-        for kind in ("prefill", "decode"):
+        for kind in ("prefill", "chunk", "decode"):
             try:
                 self.step.remove(pipeline_id, kind)
             except KeyError:

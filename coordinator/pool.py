@@ -227,6 +227,7 @@ class Pool:
         candidates = [c for c in self.registry.candidates() if c.peer not in benched]
         wanted: dict[str, Pipeline] = {}
         capacities: dict[str, Capacity] = {}
+        microbatches: dict[str, int] = {}  # per pipeline, what the plan assumed in flight
         error = ""
         if candidates:
             # each provider planned at the bytes of the precision it will be assigned (mixed pools)
@@ -242,7 +243,7 @@ class Pool:
                     capacity = Capacity(sessions_held(p, by_peer, self.model_shape, bent.context_tokens, most),
                                         bent.context_tokens)
                     pid = pipeline_id(p, capacity, self._dtype_for)
-                    wanted[pid], capacities[pid] = p, capacity
+                    wanted[pid], capacities[pid], microbatches[pid] = p, capacity, cost.microbatches
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         elif out:
@@ -291,7 +292,8 @@ class Pool:
                 continue
             # never more sessions in flight than the stages hold KV cache for
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    capacities[pid].sessions, step_timeout_s=self.step_timeout_s, stages=stages)
+                                    capacities[pid].sessions, step_timeout_s=self.step_timeout_s, stages=stages,
+                                    microbatches=min(microbatches[pid], capacities[pid].sessions))
             started[pid] = ActivePipeline(pid, pipeline, driver, capacities[pid], stages)
             busy |= set(pipeline.peer_ids)
 
@@ -312,7 +314,8 @@ class Pool:
             self._flush_pending()
 
     def _assign_pipeline(self, pid: str, pipeline: Pipeline, capacity: Capacity) -> tuple[Stage, ...]:
-        """Assign every stage; the stages as assigned, each with the precision it serves in."""
+        """Assign every stage; the stages as assigned, each with the precision it serves in. Each holds
+        KV cache for the sessions of `capacity`: the plan's micro-batches of its batch, as memory allows."""
         stages = tuple(replace(s, dtype=self._dtype_for(s.peer_id)) for s in pipeline.stages)
         # Last stage first, so that each stage's successor is ready when it connects.
         for i in reversed(range(len(stages))):

@@ -46,9 +46,14 @@ RESULT_RECV_TIMEOUT_S = 3600.0  # a result stream idles while its pipeline has n
 class Coordinator:
     def __init__(self, data_dir: Path, model_dir: Path, p2p_port: int = 0, heartbeat_timeout_s: float = 5.0,
                  max_sessions: int = 8, context_tokens: int = 1024, accounts: Accounts | None = None,
-                 referee_check_ppm: int = 200_000, serving_dtype: str = ""):
+                 referee_check_ppm: int = 200_000, serving_dtype: str = "", microbatches: int = 2):
         """`accounts`: consumers and the ledger; with it, stages are paid on their receipts and audited.
-        `serving_dtype`: the precision every stage is assigned ("": each provider's own choice)."""
+        `serving_dtype`: the precision every stage is assigned ("": each provider's own choice).
+        `microbatches`: steps each pipeline keeps in flight (at most max_sessions); its sessions are split
+        among them (each stage holds max_sessions rounded up to a multiple of it)."""
+        if microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+        microbatches = min(microbatches, max_sessions)
         self.data_dir, self.model_dir = data_dir, model_dir
         self.config = ModelConfig.load(model_dir)
         self.model_id = model_id_of(model_dir)
@@ -68,7 +73,8 @@ class Coordinator:
         shape = ModelShape.from_hf_config(raw, name=self.model_id, bytes_per_param=4.0, activation_bytes=4)
         self.pool = Pool(self.registry, shape, self.model_id, (self.identity.peer_id_str, ()), self._assign,
                          self._unassign, self._make_link, self._probe,
-                         Workload(batch=max_sessions, context_tokens=context_tokens, microbatches_in_flight=1),
+                         Workload(batch=-(-max_sessions // microbatches), context_tokens=context_tokens,
+                                  microbatches_in_flight=microbatches),
                          serving_dtype=serving_dtype)
         self.auditor: Auditor | None = None
         if accounts is not None:

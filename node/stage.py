@@ -38,7 +38,7 @@ class StageWorker:
         kind, sessions, positions, params, x = step.kind, step.sessions, step.positions, step.sampling, step.x
         started_s = time.perf_counter()
         try:
-            if kind == "prefill":
+            if kind != "decode":  # a prompt, or a chunk of one
                 [sid], [start] = sessions, positions
                 held = self.runtime.sessions.get(sid)
                 if held is not None and start == 0:
@@ -62,19 +62,21 @@ class StageWorker:
         last = self.runtime.shard.is_last
         if last:
             if self.fault is not None:
-                perturbed = self.fault.perturb_last_hidden(self.runtime, last_only=kind == "prefill")
+                perturbed = self.fault.perturb_last_hidden(self.runtime, last_only=kind != "decode")
                 out = out if perturbed is None else perturbed
             hidden = self.runtime.last_hidden
         elif self.fault is not None:
             out = self.fault.perturb(out)
         chosen = [p + n_new for p in positions]
-        tokens = sample(out, list(params), chosen) if last else []
-        # a prefill's record holds all its rows; a decode's, one row per session
-        rows = [(x, hidden if last else out)] if kind == "prefill" else [
+        # a chunk samples nothing: its last row is not the prompt's end, so no token is chosen there
+        sampled = last and kind != "chunk"
+        tokens = sample(out, list(params), chosen) if sampled else []
+        # a prefill's or chunk's record holds all its rows; a decode's, one row per session
+        rows = [(x, hidden if last else out)] if kind != "decode" else [
             (x[i:i + 1], (hidden if last else out)[i:i + 1]) for i in range(len(sessions))]
         for i, (sid, (taken, sent)) in enumerate(zip(sessions, rows)):
             record = self.records.setdefault(sid, SessionRecord())
-            record.add(taken, sent, (chosen[i], tokens[i]) if last else None)
+            record.add(taken, sent, (chosen[i], tokens[i]) if sampled else None)
         forward = step.forward(out, (time.perf_counter() - started_s) * 1000)
         if not last:
             return forward

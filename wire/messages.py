@@ -53,7 +53,9 @@ MAX_RECEIPTS_PER_FRAME = 64
 MAX_PROFILE_BYTES = 16 * 1024  # a registration's signed body
 MAX_METRICS = 32  # entries in an audit verdict's metrics
 MAX_CONTEXT_TOKENS = 1 << 20  # positions a session can claim
-STEP_KINDS = ("prefill", "decode")
+# "chunk": a part of a prompt prefilled ahead of the rest, so that a long prompt shares the pipeline
+# with running decodes; its last stage samples nothing (the step that feeds the prompt's end does)
+STEP_KINDS = ("prefill", "chunk", "decode")
 SERVING_DTYPES = ("float32", "bfloat16")  # precisions the coordinator may assign a stage
 AUDIT_OUTCOMES = ("pass", "fail", "unchecked")  # unchecked: the verifier could not check, nobody is to blame
 
@@ -424,11 +426,13 @@ class Ping(Message):
 
 class Step(Message):
     """One step of a pipeline: `x` is token ids (T,) into stage 0 and hidden states (rows, D) after.
+    `kind`: "prefill" (one session's tokens, the last stage samples after them), "chunk" (one
+    session's tokens with more to come: nothing sampled) or "decode" (one token per session).
     `positions`: tokens each session holds before this step; `stage_ms`: the compute time of each
     stage the step went through so far (each stage appends its own; for metrics only)."""
 
     TYPE = "stage.step"
-    VERSION = 2
+    VERSION = 3
     TENSORS = (1, 1)
     pipeline: str
     step: int
@@ -460,12 +464,12 @@ class Step(Message):
         _require(len(set(self.sessions)) == n, "a session appears twice in one step")
         _require(all(0 <= p < MAX_CONTEXT_TOKENS for p in self.positions),
                  f"positions are integers in [0, {MAX_CONTEXT_TOKENS})")
-        _require(self.kind == "decode" or n == 1, "a prefill step carries one session")
+        _require(self.kind == "decode" or n == 1, "a prefill or chunk step carries one session")
         _require(len(self.stage_ms) < MAX_STAGES_TIMED, f"a step passes at most {MAX_STAGES_TIMED} stages")
         _require(all(math.isfinite(ms) for ms in self.stage_ms), "stage_ms are finite numbers")
         _require(isinstance(self.x, torch.Tensor) and self.x.dim() >= 1 and self.x.shape[0] > 0,
                  "a step carries one non-empty tensor")
-        _require(self.kind == "prefill" or self.x.shape[0] == n,
+        _require(self.kind != "decode" or self.x.shape[0] == n,
                  f"decode step of {n} sessions carries {self.x.shape[0]} rows")
 
     def forward(self, x: torch.Tensor, compute_ms: float) -> "Step":
@@ -490,10 +494,10 @@ class Close(Message):
 
 
 class Result(Message):
-    """Last stage -> coordinator: the token sampled for each session of a step."""
+    """Last stage -> coordinator: the token sampled for each session of a step (none for a chunk)."""
 
     TYPE = "stage.result"
-    VERSION = 2
+    VERSION = 3
     pipeline: str
     step: int
     sessions: tuple[str, ...]
@@ -501,7 +505,8 @@ class Result(Message):
     stage_ms: tuple[float, ...]
 
     def validate(self) -> None:
-        _require(len(self.tokens) == len(self.sessions) <= MAX_BATCH_SESSIONS, "one token per session")
+        _require(len(self.tokens) in (0, len(self.sessions)) and len(self.sessions) <= MAX_BATCH_SESSIONS,
+                 "one token per session, or none (a chunk)")
         _require(all(t >= 0 for t in self.tokens), "tokens are non-negative")
         _require(len(self.stage_ms) <= MAX_STAGES_TIMED, f"at most {MAX_STAGES_TIMED} stage times")
 

@@ -107,6 +107,32 @@ def test_join_and_leave_replan_without_dropping_requests(pool, reference):
     assert leaver not in {s[0] for p in stages_of(state) for s in p}
 
 
+def test_requests_join_and_leave_micro_batches_in_flight_and_survive_a_kill(pool, reference):
+    """Several clients start one after another (joining running micro-batches), short requests end
+    while long ones run (leaving them), a long prompt is prefilled in chunks among them, and stage 0
+    is killed with steps of several micro-batches in flight: every request still gets the
+    reference's greedy text."""
+    pool.add_provider("spare2", max_memory_mb=CAP_MB)
+    [stages] = stages_of(wait_settled(pool, n_stages=3))
+    jobs = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate((4, 24, 8, 32, 12, 28))]
+    jobs[4] = (" ".join(PROMPTS) * 16, 12)  # over 256 tokens: prefilled in chunks between decode steps
+    results: dict[int, tuple[int, dict]] = {}
+    workers = [threading.Thread(target=lambda i=i: results.update({i: complete(pool, *jobs[i])}))
+               for i in range(len(jobs))]
+    for w in workers:
+        w.start()
+        time.sleep(0.3)  # each joins while the ones before it decode
+    time.sleep(1.0)
+    assert sum(w.is_alive() for w in workers) >= 3, "too few requests still running before the kill"
+    pool.kill(stages[0][0])
+    for w in workers:
+        w.join(timeout=300)
+    for i, (prompt, n) in enumerate(jobs):
+        status, body = results[i]
+        assert status == 200, body
+        assert body["choices"][0]["text"] == reference(prompt, n), (i, prompt, n)
+
+
 def test_hostile_peers_are_dropped_and_the_pool_keeps_serving(pool, reference, tmp_path):
     from libp2p.custom_types import TProtocol
     from libp2p.peer.id import ID

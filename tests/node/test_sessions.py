@@ -129,3 +129,37 @@ def test_garbage_in_unused_cache_memory_never_reaches_outputs(model_dir):
         assert torch.isfinite(got).all()
         alone = torch.cat([clean.decode([one]) for one in batch])
         torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prompt_in_chunks_samples_only_at_its_end_like_one_prefill(model_dir):
+    """A "chunk" step feeds part of a prompt and samples nothing; the prompt's last piece and the
+    decodes after it give the same tokens as one prefill, and the receipt's record names only the
+    positions really sampled (an audit checks each against the tokens the stage sent)."""
+    from node.retention import RetentionStore
+    from node.stage import StageWorker
+    from node.transport.identity import Identity
+    from wire.messages import Close, Result, Step, decode
+
+    n_layers = ModelConfig.load(model_dir).n_layers
+    ids = torch.tensor([5, 17, 3, 99, 42, 7, 250, 31, 8], dtype=torch.int64)
+    greedy = (SamplingParams(),)
+
+    def over_the_wire(message):
+        return decode(message.to_frame())
+
+    workers = [StageWorker(runtime(model_dir, 0, n_layers), "p", Identity.generate(), RetentionStore())
+               for _ in range(2)]
+    whole = over_the_wire(workers[0].step(Step("p", 0, "prefill", ("s",), (0,), greedy, (), ids)))
+    chunk = over_the_wire(workers[1].step(over_the_wire(Step("p", 0, "chunk", ("s",), (0,), greedy, (), ids[:4]))))
+    assert isinstance(chunk, Result) and chunk.tokens == ()
+    rest = over_the_wire(workers[1].step(Step("p", 1, "prefill", ("s",), (4,), greedy, (), ids[4:])))
+    assert rest.tokens == whole.tokens
+    nxt = [w.step(Step("p", 2, "decode", ("s",), (len(ids),), greedy, (), torch.tensor(whole.tokens))).tokens
+           for w in workers]
+    assert nxt[0] == nxt[1]
+    for worker in workers:
+        worker.close(Close("p", ("s",), ("req",)))
+    kept = [w.retained.get("req") for w in workers]
+    assert [r.output[1].tolist() for r in kept] == [[len(ids), len(ids) + 1]] * 2
+    assert [r.output[2].tolist() for r in kept] == [[whole.tokens[0], nxt[0][0]]] * 2
+    assert torch.equal(kept[0].stage_input, kept[1].stage_input)
