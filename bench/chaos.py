@@ -14,8 +14,8 @@ its seed; here the processes are real, so the seed replays the faults, not the t
     client, some streamed.
 The pool is started as a user starts one (`coordinator serve`, `provider join`, `coordinator
 vouch`, `coordinator consumer add`: coordinator/local_pool.py). After the run every fault is healed,
-the pool is stopped and the auditor's model of the bank (Jepsen's bank test) is checked offline
-against the ledger's database:
+every hold resolved, and a model of the consumers (Jepsen's bank test) is checked against the
+ledger's database as an auditor reads it:
   * conservation: for every consumer, balance + held + spent = minted, nothing held at the end,
     and the ledger's supply equals the sum of its balances;
   * `ledger verify` replays the log from genesis and passes;
@@ -40,6 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -268,18 +269,19 @@ class Reference:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model, self.tokenizer = model, tokenizer
-        self._cache: dict[tuple[str, int], str] = {}
+        self._ids: dict[str, list[int]] = {}  # prompt -> its greedy continuation, max(MAX_TOKENS) long
 
     def __call__(self, prompt: str, max_tokens: int) -> str:
         import torch
 
-        if (prompt, max_tokens) not in self._cache:
+        # greedy: the first n tokens of a longer generation are the generation of n tokens
+        if prompt not in self._ids or len(self._ids[prompt]) < max_tokens:
             ids = torch.tensor([self.tokenizer(prompt)["input_ids"]])
             with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                          do_sample=False)
-            self._cache[(prompt, max_tokens)] = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return self._cache[(prompt, max_tokens)]
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                          max_new_tokens=max(max_tokens, *MAX_TOKENS), do_sample=False)
+            self._ids[prompt] = out[0, ids.shape[1]:].tolist()
+        return self.tokenizer.decode(self._ids[prompt][:max_tokens], skip_special_tokens=True)
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -296,7 +298,6 @@ class Report:
     answered: int = 0
     failed: int = 0
     violations: list = field(default_factory=list)
-    elapsed_s: float = 0.0
 
     def summary(self) -> str:
         return (f"seed {self.seed}  minutes {self.minutes:g}  coordinator faults {'on' if self.coordinator_faults else 'off'}"
@@ -306,45 +307,78 @@ class Report:
                 f"  violations {len(self.violations)}")
 
 
-def run(seed: int, minutes: float, root: Path, reference: Reference, coordinator_faults: bool = False,
-        log=print, **rates) -> Report:
-    schedule = make_schedule(seed, minutes, coordinator_faults, **rates)
-    log(schedule.describe())
-    report = Report(seed, minutes, coordinator_faults)
-    pool = ChaosPool(Path(root), schedule.frame_faults)
+def run(seeds: Sequence[int], minutes: float, root: Path, reference: Reference, coordinator_faults: bool = False,
+        log=print, **rates) -> list[Report]:
+    """One pool; each seed in turn runs its schedule on it, then every invariant is checked (the pool
+    quiet, every hold resolved). The pool's frame faults come from the first seed (a process keeps
+    its MESHPOOL_FAULTS for life); a single seed is a whole run."""
+    schedules = [make_schedule(seed, minutes, coordinator_faults, **rates) for seed in seeds]
+    pool = ChaosPool(Path(root), schedules[0].frame_faults)
     outcomes: list[Outcome] = []
     keys: dict[str, str] = {}
-    lock, stop = threading.Lock(), threading.Event()
-    started_s = time.monotonic()
+    reports: list[Report] = []
+    phase = _Phases(log)
     try:
         pool.start_coordinator()
+        # the consumers are added (`coordinator consumer add`, a process each) while the providers start
+        adders = [threading.Thread(target=lambda n=f"c{i}": keys.update({n: pool.add_consumer(n, CREDITS_UNITS)}))
+                  for i in range(CONSUMERS)]
+        for adder in adders:
+            adder.start()
         for name in provider_names():
             pool.add_provider(name, PROVIDER_CAP_MB)
         pool.wait_for_pipelines(1, timeout_s=180)
-        keys = {f"c{i}": pool.add_consumer(f"c{i}", CREDITS_UNITS) for i in range(CONSUMERS)}
-        clients = [threading.Thread(target=run_client, args=(
-            pool.api + "/v1", f"c{i % CONSUMERS}", keys[f"c{i % CONSUMERS}"], requests, stop, outcomes, lock),
-            daemon=True) for i, requests in enumerate(schedule.requests)]
-        for client in clients:
-            client.start()
-        _apply(schedule, pool, report, log)
-        stop.set()
-        for client in clients:
-            client.join(timeout=REQUEST_TIMEOUT_S + 30)
-        _wait_settled(pool)
+        for adder in adders:
+            adder.join(timeout=120)
+        phase("pool started")
+        for schedule in schedules:
+            log(schedule.describe())
+            report, seen = Report(schedule.seed, minutes, coordinator_faults), len(outcomes)
+            frames_before = _count_frame_faults(pool.root)
+            lock, stop = threading.Lock(), threading.Event()
+            clients = [threading.Thread(target=run_client, args=(
+                pool.api + "/v1", f"c{i % CONSUMERS}", keys[f"c{i % CONSUMERS}"], requests, stop, outcomes, lock),
+                daemon=True) for i, requests in enumerate(schedule.requests)]
+            for client in clients:
+                client.start()
+            try:
+                _apply(schedule, pool, report, log)
+                phase(f"seed {schedule.seed}: faults done")
+            finally:
+                stop.set()
+                _heal(pool)
+            for client in clients:
+                client.join(timeout=REQUEST_TIMEOUT_S + 30)
+            _wait_settled(pool)
+            phase(f"seed {schedule.seed}: clients done, holds resolved")
+            report.frame_faults = {k: v - frames_before.get(k, 0) for k, v in _count_frame_faults(pool.root).items()}
+            mine = outcomes[seen:]
+            report.requests, report.answered = len(mine), sum(o.ok for o in mine)
+            report.failed = report.requests - report.answered
+            for o in [o for o in mine if not o.ok][:10]:
+                log(f"failed request: {o.request} -> {o.error}")
+            report.violations = check(pool, outcomes, keys, reference, mine)
+            phase(f"seed {schedule.seed}: checked")
+            for v in report.violations[:30]:
+                log(f"VIOLATION {v}")
+            log(report.summary())
+            reports.append(report)
     finally:
-        stop.set()
         _heal(pool)
         pool.stop()
-    report.elapsed_s = round(time.monotonic() - started_s, 1)
-    report.frame_faults = _count_frame_faults(pool.root)
-    report.requests, report.answered = len(outcomes), sum(o.ok for o in outcomes)
-    report.failed = report.requests - report.answered
-    report.violations = check(pool, outcomes, keys, reference)
-    for v in report.violations[:30]:
-        log(f"VIOLATION {v}")
-    log(report.summary())
-    return report
+    return reports
+
+
+class _Phases:
+    """Logs how long each phase of a run took (the machine is shared: where did the time go?)."""
+
+    def __init__(self, log):
+        self.log, self.last_s = log, time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        now_s = time.monotonic()
+        self.log(f"-- {what} ({now_s - self.last_s:.1f} s)")
+        self.last_s = now_s
 
 
 def _apply(schedule: Schedule, pool: ChaosPool, report: Report, log) -> None:
@@ -404,8 +438,10 @@ def _count_frame_faults(root: Path) -> dict:
 # -- the consumer model ---------------------------------------------------------------------
 
 
-def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Reference) -> list[str]:
-    """Every invariant the run must keep, checked offline against the ledger's database; the
+def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Reference,
+          latest: list[Outcome]) -> list[str]:
+    """Every invariant the run must keep, checked against the ledger's database as an auditor reads
+    it (the pool quiet): money over all `outcomes` so far, each request of the `latest` seed; the
     violations found (empty: none)."""
     from contracts import DEFAULT_PARAMS
     from contracts.pricing import quote
@@ -424,7 +460,7 @@ def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Refer
         if supply["sum_of_balances_units"] != supply["supply_units"]:
             violations.append(f"supply {supply['supply_units']} != sum of balances {supply['sum_of_balances_units']}")
         if supply["open_holds"]:
-            violations.append(f"{supply['open_holds']} holds still open after the pool stopped")
+            violations.append(f"{supply['open_holds']} holds still open {SETTLE_WAIT_S:.0f} s after the run")
         for name in keys:
             money = reader.spending(f"consumer:{name}")
             total = money["balance_units"] + money["held_units"] + money["paid_units"]
@@ -437,7 +473,7 @@ def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Refer
             if paid_answered != money["paid_units"]:
                 violations.append(f"consumer {name}: spent {money['paid_units']}, but its answered requests paid "
                                   f"{paid_answered}: failed requests were charged {money['paid_units'] - paid_answered}")
-        for o in outcomes:
+        for o in latest:
             hold = reader.hold(f"hold:{o.id}") if o.id else None
             if o.ok:
                 expected = reference(o.request.prompt, o.request.max_tokens)
@@ -460,7 +496,7 @@ def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Refer
                 violations.append(f"honest provider {name} ({peer}) slashed {slashed} units")
     finally:
         reader.engine.dispose()
-    if not any(o.ok for o in outcomes):
+    if not any(o.ok for o in latest):
         violations.append("no request was answered: the pool never served")
     return violations
 
@@ -484,8 +520,8 @@ def main() -> int:
 
     root = args.dir or Path(tempfile.mkdtemp(prefix=f"chaos-{args.seed}-"))
     print(f"pool data and logs in {root}")
-    report = run(args.seed, args.minutes, root, Reference(), args.coordinator_faults, drop=args.drop, dup=args.dup,
-                 delay=args.delay, delay_ms=args.delay_ms)
+    [report] = run([args.seed], args.minutes, root, Reference(), args.coordinator_faults, drop=args.drop,
+                   dup=args.dup, delay=args.delay, delay_ms=args.delay_ms)
     print("| seed | minutes | coordinator faults | process faults | frame faults | requests | answered | violations |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {report.seed} | {report.minutes:g} | {'on' if report.coordinator_faults else 'off'} | "

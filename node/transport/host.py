@@ -265,11 +265,18 @@ class P2PNode:
     async def _connect(self, addr: str) -> str:
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            # py-libp2p refuses every dial to a peer for 60 s once all its addresses failed (its
+            # "negative cache"): a provider restarted on a new port would stay unreachable that long
+            # from whoever dialed its old one. An address handed to us now is worth a dial.
+            self._host.get_network().unblock_peer(info.peer_id)
             await self._host.connect(info)
         except trio.Cancelled:
             raise
         except Exception as e:  # libp2p raises many unrelated types; callers get one
-            raise TransportError(f"could not connect to {addr}: {type(e).__name__}: {e}") from e
+            causes = getattr(e.__cause__, "exceptions", ())  # what each address failed with
+            detail = "; ".join(f"{type(c).__name__}: {c}" for c in causes)[:500]
+            raise TransportError(f"could not connect to {addr}: {type(e).__name__}: {e}"
+                                 + (f" ({detail})" if detail else "")) from e
         return info.peer_id.to_base58()
 
     async def _open(self, peer: str, protocol: str) -> FrameStream:
