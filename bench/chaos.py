@@ -170,8 +170,7 @@ class ChaosPool(LocalPool):
 
     def _spawn(self, name: str, args: list[str], ready_prefix: str) -> Process:
         proc = super()._spawn(name, args, ready_prefix)
-        if ready_prefix in ("coordinator ready", "provider ready"):  # not the CLI's one-shot commands
-            self.by_name[name], self.ready_prefix[name] = proc, ready_prefix
+        self.by_name[name], self.ready_prefix[name] = proc, ready_prefix
         return proc
 
     def signal(self, name: str, sig: int) -> None:
@@ -277,9 +276,15 @@ class Reference:
         # greedy: the first n tokens of a longer generation are the generation of n tokens
         if prompt not in self._ids or len(self._ids[prompt]) < max_tokens:
             ids = torch.tensor([self.tokenizer(prompt)["input_ids"]])
-            with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                          max_new_tokens=max(max_tokens, *MAX_TOKENS), do_sample=False)
+            # one thread: beside a pool's processes on a small machine more threads only spin (4-5x slower)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                              max_new_tokens=max(max_tokens, *MAX_TOKENS), do_sample=False)
+            finally:
+                torch.set_num_threads(threads)
             self._ids[prompt] = out[0, ids.shape[1]:].tolist()
         return self.tokenizer.decode(self._ids[prompt][:max_tokens], skip_special_tokens=True)
 

@@ -5,7 +5,8 @@ Off unless the process's environment holds MESHPOOL_FAULTS (or a TransportConfig
 
     SEED:drop=P,dup=P,delay=P,delay_ms=MS[,protocols=NAME+NAME]
 
-e.g. `MESHPOOL_FAULTS=7:drop=0.01,dup=0.01,delay=0.05,delay_ms=200,protocols=stage+result`.
+e.g. `MESHPOOL_FAULTS=7:drop=0.01,dup=0.01,delay=0.05,delay_ms=200,protocols=stage+result` (`delay_ms`
+without `delay` holds back every frame, each uniformly up to that long).
 Each stream draws from its own RNG, seeded by the seed, the stream's protocol and its ordinal
 among this node's streams of that protocol, and always draws three numbers a frame: a stream
 meets the same faults at the same frames whenever the seed is the same (which frames those are
@@ -70,6 +71,8 @@ class FaultSpec:
                 fields[key] = float(value)
             except ValueError:
                 raise FaultSpecError(f"{ENV_VAR}: {key}={value!r} is not a number") from None
+        if "delay_ms" in fields and "delay" not in fields:  # `delay_ms` alone: every frame, up to that long
+            fields["delay"] = 1.0
         return cls(seed, **fields)
 
     def format(self) -> str:

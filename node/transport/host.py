@@ -265,10 +265,12 @@ class P2PNode:
     async def _connect(self, addr: str) -> str:
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-            # py-libp2p refuses every dial to a peer for 60 s once all its addresses failed (its
-            # "negative cache"): a provider restarted on a new port would stay unreachable that long
-            # from whoever dialed its old one. An address handed to us now is worth a dial.
-            self._host.get_network().unblock_peer(info.peer_id)
+            # An address handed to us now replaces what we knew of the peer: py-libp2p dials the
+            # addresses it remembers (a peer restarted on a new port was dialed only at its old one)
+            # and refuses every dial for 60 s once they all failed (its "negative cache").
+            if info.peer_id not in self._host.get_network().connections:
+                self._host.get_peerstore().clear_addrs(info.peer_id)
+                self._host.get_network().unblock_peer(info.peer_id)
             await self._host.connect(info)
         except trio.Cancelled:
             raise

@@ -24,6 +24,7 @@ def test_off_unless_the_environment_asks(monkeypatch):
 def test_spec_parses_back_and_refuses_nonsense():
     spec = FaultSpec(7, drop=0.01, dup=0.02, delay=0.1, delay_ms=50, protocols=("stage", "result"))
     assert FaultSpec.parse(spec.format()) == spec
+    assert FaultSpec.parse("3:delay_ms=20") == FaultSpec(3, delay=1.0, delay_ms=20)
     for bad in ("x:drop=0.1", "7:drop=2", "7:drop=0.6,dup=0.6", "7:lose=0.1", "7:drop=a", "7:delay_ms=-1",
                 "7:drop=0.1,drop=0.2"):
         with pytest.raises(FaultSpecError):
