@@ -302,13 +302,14 @@ class Report:
     requests: int = 0
     answered: int = 0
     failed: int = 0
+    errors: dict = field(default_factory=dict)  # what failed requests ended with (error class, status) -> count
     violations: list = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"seed {self.seed}  minutes {self.minutes:g}  coordinator faults {'on' if self.coordinator_faults else 'off'}"
                 f"  process faults {sum(self.process_faults.values())} {self.process_faults}"
                 f"  frame faults {sum(self.frame_faults.values())} {self.frame_faults}"
-                f"  requests {self.requests} (answered {self.answered}, failed {self.failed})"
+                f"  requests {self.requests} (answered {self.answered}, failed {self.failed} {self.errors})"
                 f"  violations {len(self.violations)}")
 
 
@@ -362,6 +363,10 @@ def run(seeds: Sequence[int], minutes: float, root: Path, reference: Reference, 
             report.failed = report.requests - report.answered
             for o in [o for o in mine if not o.ok][:10]:
                 log(f"failed request: {o.request} -> {o.error}")
+            for o in mine:
+                if not o.ok:
+                    kind = o.error.split(" - ")[0].split(".")[0][:80]  # "InternalServerError: Error code: 503"
+                    report.errors[kind] = report.errors.get(kind, 0) + 1
             report.violations = check(pool, outcomes, keys, reference, mine)
             phase(f"seed {schedule.seed}: checked")
             for v in report.violations[:30]:
