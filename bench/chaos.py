@@ -21,7 +21,8 @@ ledger's database as an auditor reads it:
   * `ledger verify` replays the log from genesis and passes;
   * no provider is slashed (every provider here is honest);
   * every request either answered the reference text (greedy `transformers` in one process) and
-    paid no more than the tokens it got, or failed and paid nothing (its hold refunded exactly).
+    paid no more than the tokens it got, or failed and paid nothing (its hold refunded exactly), or
+    (a stream cut by a coordinator crash) paid for text that is the start of the reference.
 It prints the seed, the schedule, minutes, faults injected, requests and violations, and writes
 bench/chaos.json. tests/chaos/ runs short seeds of it in CI.
 """
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -223,11 +225,11 @@ def run_client(base_url: str, consumer: str, key: str, requests: tuple[ClientReq
         if stop.is_set():
             return
         outcome = Outcome(consumer, request, ok=False)
+        parts: list[str] = []  # a stream's text deltas so far: what the consumer got if it breaks
         try:
             if request.stream:
                 chunks = client.completions.create(model=MODEL, prompt=request.prompt, max_tokens=request.max_tokens,
                                                    temperature=0, stream=True, stream_options={"include_usage": True})
-                parts = []
                 for chunk in chunks:
                     outcome.id = chunk.id or outcome.id
                     parts += [c.text for c in chunk.choices]
@@ -246,6 +248,7 @@ def run_client(base_url: str, consumer: str, key: str, requests: tuple[ClientReq
                 outcome.ok = True
         except Exception as exc:  # noqa: BLE001 - every failure is an outcome the model checks
             outcome.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            outcome.text = "".join(parts)
             time.sleep(0.5)  # a pool that is down answers at once: don't spin
         with lock:
             out.append(outcome)
@@ -336,6 +339,7 @@ def run(seeds: Sequence[int], minutes: float, root: Path, reference: Reference, 
         pool.wait_for_pipelines(1, timeout_s=180)
         for adder in adders:
             adder.join(timeout=120)
+        accounts = {name: _account_id(pool, key) for name, key in keys.items()}
         phase("pool started")
         for schedule in schedules:
             log(schedule.describe())
@@ -367,7 +371,7 @@ def run(seeds: Sequence[int], minutes: float, root: Path, reference: Reference, 
                 if not o.ok:
                     kind = o.error.split(" - ")[0].split(".")[0][:80]  # "InternalServerError: Error code: 503"
                     report.errors[kind] = report.errors.get(kind, 0) + 1
-            report.violations = check(pool, outcomes, keys, reference, mine)
+            report.violations = check(pool, outcomes, accounts, reference, mine)
             phase(f"seed {schedule.seed}: checked")
             for v in report.violations[:30]:
                 log(f"VIOLATION {v}")
@@ -448,7 +452,14 @@ def _count_frame_faults(root: Path) -> dict:
 # -- the consumer model ---------------------------------------------------------------------
 
 
-def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Reference,
+def _account_id(pool: ChaosPool, key: str) -> str:
+    """The consumer's ledger account, as `/v1/account` names it to the key's holder."""
+    request = urllib.request.Request(pool.api + "/v1/account", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["account_id"]
+
+
+def check(pool: ChaosPool, outcomes: list[Outcome], accounts: dict, reference: Reference,
           latest: list[Outcome]) -> list[str]:
     """Every invariant the run must keep, checked against the ledger's database as an auditor reads
     it (the pool quiet): money over all `outcomes` so far, each request of the `latest` seed; the
@@ -471,18 +482,19 @@ def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Refer
             violations.append(f"supply {supply['supply_units']} != sum of balances {supply['sum_of_balances_units']}")
         if supply["open_holds"]:
             violations.append(f"{supply['open_holds']} holds still open {SETTLE_WAIT_S:.0f} s after the run")
-        for name in keys:
-            money = reader.spending(f"consumer:{name}")
+        for name, account_id in accounts.items():  # consumer name -> its ledger account
+            money = reader.spending(account_id)
             total = money["balance_units"] + money["held_units"] + money["paid_units"]
             if total != CREDITS_UNITS:
                 violations.append(f"consumer {name}: balance {money['balance_units']} + held {money['held_units']} + "
                                   f"spent {money['paid_units']} = {total}, minted {CREDITS_UNITS}")
-            # what the answered requests paid is all the consumer paid: a failed request paid nothing
-            answered = [o for o in outcomes if o.consumer == name and o.ok]
-            paid_answered = sum(int((reader.hold(f"hold:{o.id}") or {}).get("paid_units", 0)) for o in answered)
-            if paid_answered != money["paid_units"]:
-                violations.append(f"consumer {name}: spent {money['paid_units']}, but its answered requests paid "
-                                  f"{paid_answered}: failed requests were charged {money['paid_units'] - paid_answered}")
+            # what the requests the consumer knows of (by id) paid is all it paid: one that failed before
+            # it was given an id paid nothing
+            known = [o for o in outcomes if o.consumer == name and o.id]
+            paid_known = sum(int((reader.hold(f"hold:{o.id}") or {}).get("paid_units", 0)) for o in known)
+            if paid_known != money["paid_units"]:
+                violations.append(f"consumer {name}: spent {money['paid_units']}, but its requests paid {paid_known}: "
+                                  f"requests that failed unseen were charged {money['paid_units'] - paid_known}")
         for o in latest:
             hold = reader.hold(f"hold:{o.id}") if o.id else None
             if o.ok:
@@ -494,9 +506,15 @@ def check(pool: ChaosPool, outcomes: list[Outcome], keys: dict, reference: Refer
                 if hold is not None and hold["paid_units"] > most:
                     violations.append(f"request {o.id}: paid {hold['paid_units']} for {processed} tokens processed, "
                                       f"at most {most}")
-            elif hold is not None and (hold["paid_units"] or hold["status"] == OPEN):
-                violations.append(f"failed request {o.id} ({o.error}): hold {hold['status']}, paid {hold['paid_units']}"
-                                  " (a failed request must be refunded exactly)")
+            elif hold is not None and hold["status"] == OPEN:
+                violations.append(f"failed request {o.id} ({o.error}): its hold is still open")
+            elif hold is not None and hold["paid_units"]:
+                # a stream cut mid-way (the coordinator died) pays for the tokens it delivered, which must
+                # be the reference's; one that delivered nothing is refunded exactly
+                expected = reference(o.request.prompt, o.request.max_tokens)
+                if not o.text or not expected.startswith(o.text):
+                    violations.append(f"failed request {o.id} ({o.error}) paid {hold['paid_units']} for delivering "
+                                      f"{o.text!r}, not a start of the reference {expected!r}")
         for name, peer in sorted(pool.peers().items()):
             try:
                 slashed = reader.account(peer, 0).get("slashed_units", 0)
