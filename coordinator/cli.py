@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="steps each pipeline keeps in flight, so every stage works while the others do")
     p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
+    p.add_argument("--step-timeout-s", type=float, default=30.0,
+                   help="a pipeline step with no result in this long fails the pipeline (its requests are replayed)")
     p.add_argument("--rate-limit-rps", type=float, default=10.0, help="requests a second per API key (0: no limit)")
     p.add_argument("--db", help="ledger database URL (postgresql://...), recorded in DATA_DIR/ledger.url for the "
                    "commands given only --data-dir (default: the one recorded there, else sqlite DATA_DIR/ledger.db)")
@@ -78,6 +80,7 @@ def _serve(args) -> int:
         params = MoneyParams(**{**DEFAULT_PARAMS.to_dict(), **changes}) if changes else None
         serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
               context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s,
+              step_timeout_s=args.step_timeout_s,
               rate_limit_rps=args.rate_limit_rps, db=args.db, params=params,
               referee_check_ppm=args.referee_check_ppm, serving_dtype=args.serving_dtype,
               microbatches=args.microbatches)

@@ -49,13 +49,13 @@ class LocalPool:
 
     def _spawn(self, name: str, args: list[str], ready_prefix: str) -> Process:
         log_path = self.root / f"{name}.log"
-        log = open(log_path, "w")
+        log = open(log_path, "a")  # a process started again (same name) adds to its log
         popen = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
             # Many processes share this machine's cores: one compute thread each by default, or
             # OpenMP's spinning threads starve the others (and their libp2p event loops) of CPU.
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.compute_threads),
-                 **({"PYTHONPATH": str(self.code_dir)} if self.code_dir else {})},
+                 **({"PYTHONPATH": str(self.code_dir)} if self.code_dir else {}), **self.process_env(name)},
             cwd=self.code_dir, start_new_session=True,
         )
         proc = Process(name, popen, log_path)
@@ -68,6 +68,10 @@ class LocalPool:
                 proc.ready_line = line.strip()
                 return proc
         raise TimeoutError(f"{name} not ready after {READY_TIMEOUT_S} s:\n{proc.log()[-3000:]}")
+
+    def process_env(self, name: str) -> dict[str, str]:
+        """Environment variables the process called `name` gets besides this one's (none here)."""
+        return {}
 
     def start_coordinator(self) -> None:
         args = [sys.executable, "-m", "coordinator.cli", "serve", "--data-dir", str(self.root / "coordinator"),

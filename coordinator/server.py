@@ -46,7 +46,8 @@ RESULT_RECV_TIMEOUT_S = 3600.0  # a result stream idles while its pipeline has n
 class Coordinator:
     def __init__(self, data_dir: Path, model_dir: Path, p2p_port: int = 0, heartbeat_timeout_s: float = 5.0,
                  max_sessions: int = 8, context_tokens: int = 1024, accounts: Accounts | None = None,
-                 referee_check_ppm: int = 200_000, serving_dtype: str = "", microbatches: int = 2):
+                 referee_check_ppm: int = 200_000, serving_dtype: str = "", microbatches: int = 2,
+                 step_timeout_s: float = 30.0):
         """`accounts`: consumers and the ledger; with it, stages are paid on their receipts and audited.
         `serving_dtype`: the precision every stage is assigned ("": each provider's own choice).
         `microbatches`: steps each pipeline keeps in flight (at most max_sessions); its sessions are split
@@ -75,7 +76,7 @@ class Coordinator:
                          self._unassign, self._make_link, self._probe,
                          Workload(batch=-(-max_sessions // microbatches), context_tokens=context_tokens,
                                   microbatches_in_flight=microbatches),
-                         serving_dtype=serving_dtype)
+                         serving_dtype=serving_dtype, step_timeout_s=step_timeout_s)
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,

@@ -197,6 +197,10 @@ class Provider:
 
     def _serve_upstream(self, stream: Stream) -> None:
         """Steps from the previous stage (or the coordinator, for stage 0), until the stream ends."""
+        # A pipeline's driver numbers its steps upwards and one stream carries them in order, so a step
+        # numbered at or below the last one taken is a duplicate: run again it would be refused (its
+        # sessions moved on) and the refusal would fail the whole pipeline.
+        last_step = -1
         while True:
             try:
                 frame = stream.recv(timeout_s=STAGE_RECV_TIMEOUT_S)
@@ -223,7 +227,11 @@ class Provider:
                     self._forward(assignment, message)
                 if receipts:
                     self._send_receipts(receipts)
+            elif message.step <= last_step:
+                log.warning("step %d of pipeline %s from %s dropped: a duplicate (step %d was taken)",
+                            message.step, message.pipeline, stream.peer_id, last_step)
             else:
+                last_step = message.step
                 self._step(assignment, message)
 
     def _step(self, assignment: Assignment, step: Step) -> None:

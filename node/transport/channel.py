@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import trio
 
 from . import bulk as bulkmod
+from . import faults as faultsmod
 from .bridge import BridgeClosed, Inbox, Outbox
 from .config import RemoteError, StreamClosed, TransportConfig, TransportError
 from wire.frames import (
@@ -74,6 +75,7 @@ class FrameStream:
         self._bulk_in: bulkmod.BulkReceiver | None = None
         self.end_reason: str | None = None
         self.closed = False
+        self._faults = cfg.faults.for_stream(protocol) if cfg.faults is not None else None
 
     # ------------------------------------------------------------ receiving
     async def run_reader(self) -> None:
@@ -89,7 +91,10 @@ class FrameStream:
                         if frame is None:
                             continue
                     self.hub.stats["frames_received"] += 1
-                    await self.inbox.put(frame)
+                    if self._faults is None:
+                        await self.inbox.put(frame)
+                    else:
+                        await self._put_faulted(frame)
             except FrameError as e:
                 self.hub.stats["streams_dropped"] += 1
                 self.end_reason = f"bad frame: {e}"
@@ -100,6 +105,24 @@ class FrameStream:
                 self.end_reason = self.end_reason or f"stream error: {type(e).__name__}: {e}"
                 log.debug("stream %s with %s ended: %s", self.protocol, self.peer_id, e)
         self.inbox.close(self.end_reason or "stream closed")
+
+    async def _put_faulted(self, frame: Frame) -> None:
+        """Chaos tests only (faults.py): hold back, drop or duplicate one received frame."""
+        action, delay_s = self._faults.next()
+        if delay_s > 0:
+            self.hub.stats["faults_delayed"] += 1
+            log.info("frame fault: delayed %s on %s from %s by %.0f ms", frame.type, self.protocol, self.peer_id,
+                     delay_s * 1000)
+            await trio.sleep(delay_s)
+        if action == faultsmod.DROP:
+            self.hub.stats["faults_dropped"] += 1
+            log.info("frame fault: dropped %s on %s from %s", frame.type, self.protocol, self.peer_id)
+            return
+        await self.inbox.put(frame)
+        if action == faultsmod.DUP:
+            self.hub.stats["faults_duplicated"] += 1
+            log.info("frame fault: duplicated %s on %s from %s", frame.type, self.protocol, self.peer_id)
+            await self.inbox.put(frame)
 
     async def _control(self, frame: Frame) -> Frame | None:
         validate_message(frame, require_registered=True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from wire.frames import FrameLimits
 
+from .faults import FrameFaults
+
 BULK_CIPHERS = ("aes-256-gcm", "none")
 
 
@@ -50,6 +52,8 @@ class TransportConfig:
     bulk_accept_plaintext: bool = False
     bulk_setup_timeout_s: float = 5.0
     max_bulk_pending: int = 64
+    # seeded frame faults for chaos tests (faults.py): None, unless MESHPOOL_FAULTS is set
+    faults: FrameFaults | None = field(default_factory=FrameFaults.from_env, compare=False)
 
     def __post_init__(self) -> None:
         assert self.muxer in ("YAMUX", "MPLEX"), self.muxer

@@ -265,11 +265,20 @@ class P2PNode:
     async def _connect(self, addr: str) -> str:
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            # An address handed to us now replaces what we knew of the peer: py-libp2p dials the
+            # addresses it remembers (a peer restarted on a new port was dialed only at its old one)
+            # and refuses every dial for 60 s once they all failed (its "negative cache").
+            if info.peer_id not in self._host.get_network().connections:
+                self._host.get_peerstore().clear_addrs(info.peer_id)
+                self._host.get_network().unblock_peer(info.peer_id)
             await self._host.connect(info)
         except trio.Cancelled:
             raise
         except Exception as e:  # libp2p raises many unrelated types; callers get one
-            raise TransportError(f"could not connect to {addr}: {type(e).__name__}: {e}") from e
+            causes = getattr(e.__cause__, "exceptions", ())  # what each address failed with
+            detail = "; ".join(f"{type(c).__name__}: {c}" for c in causes)[:500]
+            raise TransportError(f"could not connect to {addr}: {type(e).__name__}: {e}"
+                                 + (f" ({detail})" if detail else "")) from e
         return info.peer_id.to_base58()
 
     async def _open(self, peer: str, protocol: str) -> FrameStream:

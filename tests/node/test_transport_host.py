@@ -19,6 +19,7 @@ from libp2p.peer.id import ID
 from node.transport import (
     Frame,
     FrameError,
+    Identity,
     MessageSpec,
     P2PNode,
     RemoteError,
@@ -409,3 +410,28 @@ def test_closed_node_refuses_calls() -> None:
     node.close()
     with pytest.raises(Exception):
         node.request(node.peer_id, ECHO, Frame("test.x"), timeout_s=2)
+
+
+def test_a_peer_restarted_on_a_new_port_is_dialed_there():
+    """kill -9 and start again with the same key: the port changes, the peer id does not. A dial to
+    the new address must reach it, not the remembered old one (nor be refused for the old one's failure)."""
+    identity = Identity.generate()
+    first, dialer = P2PNode(identity), P2PNode()
+    first.set_handler(ECHO, echo)
+    dialer.start()
+    try:
+        dialer.connect(first.start())
+        assert dialer.request(identity.peer_id_str, ECHO, Frame("test.ping", 1, {})).type == "test.echo"
+        first.close()
+        with pytest.raises(TransportError):  # the old address is gone
+            dialer.request(identity.peer_id_str, ECHO, Frame("test.ping", 1, {}), timeout_s=5)
+        again = P2PNode(identity)
+        again.set_handler(ECHO, echo)
+        try:
+            new_addr = again.start()
+            dialer.connect(new_addr)
+            assert dialer.request(identity.peer_id_str, ECHO, Frame("test.ping", 1, {})).type == "test.echo"
+        finally:
+            again.close()
+    finally:
+        dialer.close()
