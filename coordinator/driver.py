@@ -107,9 +107,12 @@ class PipelineDriver(threading.Thread):
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
                  max_batch: int, step_timeout_s: float = 30.0, max_queue: int = MAX_QUEUED_REQUESTS,
-                 stages: tuple[Stage, ...] = ()):
+                 stages: tuple[Stage, ...] = (), on_step_timed: Callable[[Step, float, tuple], None] | None = None):
+        """`on_step_timed(step, seconds the coordinator waited for it, each stage's reported ms)`: after each
+        step, for the measurements the planner plans from (coordinator/measurements.py)."""
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
+        self.on_step_timed = on_step_timed
         self.stages = stages
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
@@ -206,7 +209,10 @@ class PipelineDriver(threading.Thread):
         result = self.link.step(step, self.step_timeout_s)
         if result.sessions != step.sessions:
             raise StepFailed(f"result of step {step.step} does not match its sessions")
-        _observe_step(self.pipeline_id, step.kind, requests, time.perf_counter() - started_s, result.stage_ms)
+        wall_s = time.perf_counter() - started_s
+        _observe_step(self.pipeline_id, step.kind, requests, wall_s, result.stage_ms)
+        if self.on_step_timed is not None:
+            self.on_step_timed(step, wall_s, result.stage_ms)
         return list(result.tokens)
 
     def _finish(self, sid: str, request: GenerationRequest) -> None:

@@ -17,11 +17,14 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from coordinator import incidents
+from coordinator.admission import AdmissionFailed
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
-from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
-                                 plan, provider_spec_from_profile)
-from coordinator.registry import Registry
-from wire.messages import SERVING_DTYPES, Assign, Stage
+from coordinator.measurements import Measurements
+from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PipelineCost, PlanError,
+                                 ProviderSpec, Workload, choose_with_hysteresis, evaluate_pipeline, plan,
+                                 provider_spec_from_profile, stage_memory_bytes)
+from coordinator.registry import Registry, ProviderRecord
+from wire.messages import SERVING_DTYPES, Assign, Stage, Step
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -31,6 +34,7 @@ PENDING_TIMEOUT_S = 120.0  # a request waits this long for a pipeline, then fail
 PLAN_INTERVAL_S = 0.5  # the planner looks at the registry at least this often
 PLANNER_JOIN_TIMEOUT_S = 10.0
 PLAN_RETRY_S = 0.5  # after a round that raised
+OUT_OF_MEMORY = "out of memory"  # how a provider's refusal of a stage it cannot hold begins
 
 
 class PoolBusy(RuntimeError):
@@ -42,7 +46,7 @@ class AssignmentFailed(RuntimeError):
 
     def __init__(self, peer: str, reason: str):
         super().__init__(f"{peer}: {reason}")
-        self.peer = peer
+        self.peer, self.reason = peer, reason
 
 
 @dataclass
@@ -50,10 +54,16 @@ class ActivePipeline:
     id: str
     pipeline: Pipeline
     driver: PipelineDriver
+    predicted: PipelineCost | None = None  # under the figures of the latest planner round
 
     def public(self) -> dict:
-        return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end}
-                                          for s in self.pipeline.stages]}
+        stages = [{"peer": s.peer_id, "start": s.start, "end": s.end} for s in self.pipeline.stages]
+        out = {"id": self.id, "stages": stages}
+        if self.predicted is not None:
+            for stage, seconds in zip(stages, self.predicted.stage_times_s):
+                stage["predicted_ms"] = round(seconds * 1e3, 3)
+            out["predicted_tokens_per_s"] = round(self.predicted.tokens_per_s, 2)
+        return out
 
 
 def pipeline_id(pipeline: Pipeline) -> str:
@@ -80,15 +90,23 @@ class Pool:
         objective: Objective = Objective.THROUGHPUT,
         step_timeout_s: float = 30.0,
         serving_dtype: str = "",
+        admit: Callable[[ProviderSpec, str], object] | None = None,
+        measurements: Measurements | None = None,
     ):
         """`coordinator`: its peer id and addresses, stage 0's upstream and the last stage's downstream.
         `serving_dtype`: the precision every stage is assigned; "" lets each provider serve in the one
-        its profile asks for (`serving_dtype`, float32 when it names none)."""
+        its profile asks for (`serving_dtype`, float32 when it names none).
+        `admit(claimed spec, dtype)`: the admission probe (coordinator/admission.py), run once per
+        registration before a provider is planned; it raises AdmissionFailed. None: providers are
+        planned on their claims until their steps are measured. `measurements`: the figures the
+        planner plans from (coordinator/measurements.py)."""
         self.registry, self.model_shape, self.model_id = registry, model_shape, model_id
         self.coordinator_peer, self.coordinator_addrs = coordinator
         self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
         self.workload, self.objective, self.step_timeout_s = workload, objective, step_timeout_s
         self.serving_dtype = serving_dtype
+        self.admit = admit
+        self.measurements = measurements or Measurements(model_shape, workload.batch)
         self.lock = threading.RLock()
         self.active: dict[str, ActivePipeline] = {}
         self.pending: list[GenerationRequest] = []
@@ -130,9 +148,11 @@ class Pool:
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"providers": self.registry.snapshot(),
+            providers = [{**p, "measured": self.measurements.public(p["peer"])} for p in self.registry.snapshot()]
+            return {"providers": providers,
                     "pipelines": [a.public() for a in self.active.values()],
-                    "pending_requests": len(self.pending), "plan_error": self.plan_error}
+                    "pending_requests": len(self.pending), "plan_error": self.plan_error,
+                    "measurements": self.measurements.summary()}
 
     def suspect(self, peer: str) -> None:
         """A stage blamed `peer` for a failed step: probe it before the next plan."""
@@ -183,14 +203,27 @@ class Pool:
         self._replan()
 
     def _replan(self) -> None:
-        candidates = self.registry.candidates()
+        candidates = self._admitted(self.registry.candidates())
         wanted: dict[str, Pipeline] = {}
+        predicted: dict[str, PipelineCost] = {}
         error = ""
+        with self.lock:
+            dead = {pid for pid, a in self.active.items() if not a.driver.is_alive()}
+            current = [a.pipeline for pid, a in self.active.items() if pid not in dead]
         if candidates:
-            specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
+            # measured figures where there are any (claims only until measured)
+            specs = {c.peer: self.measurements.spec_for(
+                provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20)) for c in candidates}
+            links = self.measurements.links()
             try:
-                result = plan(specs, self.model_shape, self.workload, objective=self.objective)
-                wanted = {pipeline_id(p): p for p in result.pipelines}
+                result = plan(list(specs.values()), self.model_shape, self.workload, links=links,
+                              objective=self.objective)
+                chosen = choose_with_hysteresis(current, result.pipelines, specs, self.model_shape, self.workload,
+                                                links, self.objective)
+                wanted = {pipeline_id(p): p for p in chosen}
+                m = self.workload.microbatches_in_flight or 1
+                predicted = {pid: evaluate_pipeline(p, specs, self.model_shape, self.workload, links, m)
+                             for pid, p in wanted.items()}
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         else:
@@ -198,6 +231,8 @@ class Pool:
 
         with self.lock:
             self.plan_error = error
+            for pid, active in self.active.items():
+                active.predicted = predicted.get(pid, active.predicted)
             dead = {pid for pid, a in self.active.items() if not a.driver.is_alive()}
             keep = {pid for pid in self.active if pid in wanted and pid not in dead}
             if keep == set(self.active) and set(wanted) == keep:
@@ -229,12 +264,16 @@ class Pool:
                 stages = self._assign_pipeline(pid, pipeline)
             except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
+                if exc.reason.startswith(OUT_OF_MEMORY):  # it claimed memory it does not have
+                    self.measurements.record_assignment_failure(exc.peer, self._stage_bytes(pipeline, exc.peer),
+                                                                exc.reason)
                 self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
-                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages)
-            started[pid] = ActivePipeline(pid, pipeline, driver)
+                                    self.workload.batch, step_timeout_s=self.step_timeout_s, stages=stages,
+                                    on_step_timed=self._step_timer(pipeline))
+            started[pid] = ActivePipeline(pid, pipeline, driver, predicted.get(pid))
             busy |= set(pipeline.peer_ids)
 
         with self.lock:
@@ -250,6 +289,44 @@ class Pool:
                     self.registry.set_state(record.peer, "idle")
             self.pending = orphans + self.pending
             self._flush_pending()
+
+    def _admitted(self, candidates: list[ProviderRecord]) -> list[ProviderRecord]:
+        """The candidates measured by an admission probe, probing those not yet measured; a provider
+        that fails its probe is not planned (it is marked dead, and may register again)."""
+        if self.admit is None:
+            return candidates
+        admitted = []
+        for record in candidates:
+            if not self.measurements.probed(record.peer):
+                claimed = provider_spec_from_profile(record.peer, record.profile, record.max_memory_bytes // 2**20)
+                try:
+                    self.admit(claimed, self._dtype_for(record.peer))
+                except AdmissionFailed as exc:
+                    log.warning("provider %s failed its admission probe: %s", record.peer, exc)
+                    self.registry.set_state(record.peer, "dead", f"admission probe failed: {exc}")
+                    continue
+            admitted.append(record)
+        return admitted
+
+    def _step_timer(self, pipeline: Pipeline) -> Callable[[Step, float, tuple], None]:
+        """What a driver calls after each step: decode steps are timed per stage (measurements.py)."""
+        peers, layers = pipeline.peer_ids, tuple(s.n_layers for s in pipeline.stages)
+
+        def timed(step: Step, wall_s: float, stage_ms: tuple) -> None:
+            if step.kind != "decode":
+                return
+            context = sum(step.positions) // len(step.positions) + 1
+            self.measurements.record_step(peers, layers, len(step.sessions), context, wall_s, stage_ms)
+        return timed
+
+    def _stage_bytes(self, pipeline: Pipeline, peer: str) -> int:
+        stages = pipeline.stages
+        for i, stage in enumerate(stages):
+            if stage.peer_id == peer:
+                m = self.workload.microbatches_in_flight or 1
+                return int(stage_memory_bytes(self.model_shape, stage.n_layers, i == 0, i == len(stages) - 1,
+                                              self.workload.batch * m, self.workload.context_tokens))
+        return 0
 
     def _assign_pipeline(self, pid: str, pipeline: Pipeline) -> tuple[Stage, ...]:
         """Assign every stage; the stages as assigned, each with the precision it serves in."""

@@ -5,6 +5,7 @@ Pure functions of typed values: no I/O, no clock.
 
 from coordinator.planner.baselines import equal_split, memory_proportional
 from coordinator.planner.cost import evaluate_pipeline, max_layers, stage_memory_bytes, stage_time_s
+from coordinator.planner.hysteresis import choose as choose_with_hysteresis
 from coordinator.planner.hardware import (COORDINATOR, Link, Links, ProfileError, ProviderSpec,
                                           provider_spec_from_profile)
 from coordinator.planner.placement import minimum_memory_bytes, plan
@@ -16,7 +17,7 @@ from coordinator.planner.values import (InsufficientMemoryError, Objective, Pipe
 __all__ = [
     "COORDINATOR", "LLAMA3_8B", "LLAMA3_70B", "SMOLLM2_135M", "InsufficientMemoryError", "Link", "Links",
     "ModelShape", "Objective", "Pipeline", "PipelineCost", "Plan", "PlanError", "ProfileError", "ProviderSpec",
-    "Split", "SplitSolver", "Stage", "Workload", "equal_split", "evaluate_pipeline", "max_layers",
+    "Split", "SplitSolver", "Stage", "Workload", "choose_with_hysteresis", "equal_split", "evaluate_pipeline", "max_layers",
     "memory_proportional", "minimum_memory_bytes", "plan", "provider_spec_from_profile", "stage_memory_bytes",
     "stage_time_s",
 ]
