@@ -26,11 +26,14 @@ def probe_inputs(seed: int, rows: int, hidden: int) -> torch.Tensor:
 class ProbeWork:
     """Layers loaded and sessions prefilled for one probe; `run` is the part that is timed."""
 
-    def __init__(self, model_dir: str | Path, probe: Probe, device: torch.device | str = "cpu"):
+    def __init__(self, model_dir: str | Path | None, probe: Probe, device: torch.device | str = "cpu",
+                 runtime: ShardRuntime | None = None):
+        """`runtime`: the probe's layers already loaded (benchmarks on random weights); else from `model_dir`."""
         self.probe = probe
         shard = Shard(probe.model, probe.start, probe.end, probe.n_layers)
-        self.runtime = ShardRuntime(model_dir, shard, device=device, dtype=getattr(torch, probe.dtype),
-                                    max_sessions=probe.batch, max_seq_len=probe.tokens + 2 * 64, cuda_graphs=False)
+        self.runtime = runtime or ShardRuntime(model_dir, shard, device=device, dtype=getattr(torch, probe.dtype),
+                                               max_sessions=probe.batch, max_seq_len=probe.tokens + 2 * 64,
+                                               cuda_graphs=False)
         hidden = self.runtime.config.hidden_size
         self.sessions = [f"probe{i}" for i in range(probe.batch)]
         x = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)  # (B * T, D)
