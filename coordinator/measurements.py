@@ -132,11 +132,11 @@ class Measurements:
         hop_ms = (wall_s * 1e3 - sum(stage_ms)) / (k + 1)
         with self.lock:
             for i, (peer, n_layers, ms) in enumerate(zip(peers, layers, stage_ms)):
-                figures = self.peers.get(peer)
-                if figures is None or figures.probe is None:
-                    continue  # only probed providers are planned; a step does not admit one
+                figures = self.peers.setdefault(peer, PeerFigures())
                 obs = Observation(n_layers, i == 0, i == k - 1, batch, context_tokens, ms / 1e3)
-                speed = _capped(speed_from(self.model, obs), figures.probe)
+                speed = speed_from(self.model, obs)
+                if figures.probe is not None:  # without one (no probe possible), the reports stand alone
+                    speed = _capped(speed, figures.probe)
                 held = figures.steps.get(batch)
                 figures.steps[batch] = speed if held is None else held.blend(speed)
             if k > 1:  # the links between providers: what the step took beyond its stages' compute

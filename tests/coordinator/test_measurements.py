@@ -198,3 +198,13 @@ def test_hysteresis_on_latency():
                                     objective=Objective.LATENCY)
     assert chosen == (one_stage("a"),)
     assert math.isfinite(tps(chosen, near))
+
+
+def test_without_a_probe_the_checked_step_reports_replace_the_claim():
+    """A model too small to probe (fewer than three layers): claims stand until steps are measured."""
+    store = Measurements(MODEL, BATCH)
+    claim = honest("a", bandwidth=1e6)
+    assert store.spec_for(claim) == claim
+    assert store.record_step(("a",), (32,), BATCH, 100, wall_s=1.0, stage_ms=(500.0,))
+    assert store.spec_for(claim).mem_bandwidth_gb_per_s < 1e3
+    assert stage_time_s(store.spec_for(claim), MODEL, 32, True, True, BATCH, 100) == pytest.approx(0.5)
