@@ -3,7 +3,10 @@
 Measures this machine's read bandwidth and matmul rate the way providers do (node/profile.py),
 turns them into a ProviderSpec, then times decode steps of real shards of the default model
 (node/runtime.py ShardRuntime, float32 on the CPU) of different sizes and roles at batch 1 and 8,
-and prints predicted / measured (best of the timed steps) per shard. Memory: the planner's bytes for the shard (weights +
+and prints predicted / measured (best of the timed steps) per shard, twice: from the figures a
+provider claims (its profile: "before") and from the coordinator's admission probe, two middle
+layers timed at the same batch and turned into figures by inverting the cost model
+(coordinator/admission.py, coordinator/measurements.py: "after", what the planner now plans from). Memory: the planner's bytes for the shard (weights +
 KV cache for max_sessions × max_seq_len) against what the runtime allocates.
 
     .venv/bin/python bench/plan_validation.py [--device cuda] [--shape llama3-8b] [--steps 24]
@@ -23,12 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from coordinator.admission import PROBE_LAYERS, PROBE_STEPS, PROBE_TOKENS  # noqa: E402
+from coordinator.measurements import Measurements, Observation  # noqa: E402
 from coordinator.planner import ModelShape, ProviderSpec, stage_memory_bytes, stage_time_s  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
 from node.models import default_model_dir  # noqa: E402
+from node.probe import ProbeWork  # noqa: E402
 from node.profile import matmul_tflops, read_bandwidth_gb_per_s, serving_dtype  # noqa: E402
 from node.runtime import ShardRuntime  # noqa: E402
 from node.shard import Shard, tensor_names  # noqa: E402
+from wire.messages import Probe, ProbeRun, dtype_name  # noqa: E402
 
 SHARDS = [(0, 5), (5, 15), (10, 30), (0, 30)]  # first 5, middle 10, last 20, whole model
 # --shape llama3-8b: random weights in Llama-3-8B's shapes (a GPU check, no checkpoint needed)
@@ -89,6 +96,32 @@ def time_decode(runtime: ShardRuntime, shard: Shard, batch: int, hidden: int, st
     return times
 
 
+def probed_spec(me: ProviderSpec, shape: ModelShape, config: ModelConfig, model_dir, batch: int, dtype,
+                device) -> ProviderSpec:
+    """`me` as the planner now sees it: its speed from the admission probe at `batch` (best of 3 runs,
+    timed here in-process: the round trip a real probe takes off is not there)."""
+    start = max(1, shape.n_layers // 2 - PROBE_LAYERS // 2)
+    end = min(shape.n_layers - 1, start + PROBE_LAYERS)
+    probe = Probe("default", start, end, shape.n_layers, batch, PROBE_TOKENS, 1, dtype_name(dtype))
+    best = float("inf")
+    for run in range(3):
+        runtime = None
+        if model_dir is None:
+            shard = Shard("default", start, end, shape.n_layers)
+            runtime = ShardRuntime.from_tensors(config, shard, random_tensors(config, shard, dtype, device), device=device,
+                                                dtype=dtype, max_sessions=batch, max_seq_len=PROBE_TOKENS + 128,
+                                                cuda_graphs=False)
+        work = ProbeWork(model_dir, probe, device, runtime=runtime)
+        sync(device)
+        t0 = time.perf_counter()
+        work.run(ProbeRun(2 + run, PROBE_STEPS))
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / PROBE_STEPS)
+    store = Measurements(shape, batch)
+    store.record_probe(me, Observation(end - start, False, False, batch, PROBE_TOKENS + (PROBE_STEPS + 1) // 2, best))
+    return store.spec_for(me)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -115,7 +148,10 @@ def main() -> None:
     print(f"device {device} {dtype}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(f"measured as providers do: read bandwidth {bandwidth:.1f} GB/s, matmul {tflops:.3f} TFLOPS; "
           f"{shape.name} {shape.n_layers} layers, {shape.layer_weight_bytes / 1e6:.1f} MB per layer")
-    print(f"{'shard':<9}{'role':<7}{'batch':>6}{'pred ms':>9}{'meas ms':>9}{'p/m':>6}"
+    probed = {batch: probed_spec(me, shape, config, model_dir, batch, dtype, device) for batch in BATCHES}
+    for batch, spec in probed.items():
+        print(f"probe at batch {batch}: {spec.mem_bandwidth_gb_per_s:.2f} GB/s, {spec.matmul_tflops:.4f} TFLOPS effective")
+    print(f"{'shard':<9}{'role':<7}{'batch':>6}{'pred ms':>9}{'meas ms':>9}{'p/m':>6}{'probe ms':>9}{'p/m':>6}"
           f"{'pred MB':>9}{'alloc MB':>9}{'p/m':>7}")
     rows = []
     for start, end in shards:
@@ -134,29 +170,45 @@ def main() -> None:
             times = time_decode(runtime, shard, batch, shape.hidden, args.steps, device)
             measured = min(times)  # best of N, as node/profile.py measures: others share this machine
             predicted = stage_time_s(me, shape, end - start, first, last, batch, mean_context)
+            from_probe = stage_time_s(probed[batch], shape, end - start, first, last, batch, mean_context)
             allocated = runtime.model.parameter_bytes() + runtime.cache.k.nbytes + runtime.cache.v.nbytes
             planned = stage_memory_bytes(shape, end - start, first, last, batch, runtime.max_seq_len)
             rows.append({"start": start, "end": end, "role": role, "batch": batch, "predicted_ms": predicted * 1e3,
                          "measured_min_ms": measured * 1e3, "measured_median_ms": statistics.median(times) * 1e3,
                          "ratio_predicted_over_measured": predicted / measured,
+                         "probe_predicted_ms": from_probe * 1e3, "ratio_probe_predicted_over_measured": from_probe / measured,
                          "planned_bytes": planned,
                          "allocated_bytes": allocated, "memory_ratio": planned / allocated,
                          "context_tokens": mean_context})
             label = f"[{start},{end})"
             print(f"{label:<9}{role:<7}{batch:>6}{predicted * 1e3:>9.2f}"
-                  f"{measured * 1e3:>9.2f}{predicted / measured:>6.2f}"
+                  f"{measured * 1e3:>9.2f}{predicted / measured:>6.2f}{from_probe * 1e3:>9.2f}{from_probe / measured:>6.2f}"
                   f"{planned / 1e6:>9.1f}{allocated / 1e6:>9.1f}{planned / allocated:>7.3f}", flush=True)
             del runtime
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     ratios = [r["ratio_predicted_over_measured"] for r in rows]
     summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-    print(f"predicted/measured step time: median {summary['median']:.2f}, "
+    print(f"predicted/measured step time, from the claimed profile: median {summary['median']:.2f}, "
           f"range {summary['min']:.2f}..{summary['max']:.2f}")
+    # the probe times a whole run (a mean step, contention included), so its like is the median step;
+    # the profile's figures are best-of-N, like the best step
+    for key, predicted, measured in (("claim_vs_median", "predicted_ms", "measured_median_ms"),
+                                     ("probe_vs_best", "probe_predicted_ms", "measured_min_ms"),
+                                     ("probe_vs_median", "probe_predicted_ms", "measured_median_ms")):
+        ratios = [r[predicted] / r[measured] for r in rows]
+        summary[key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                        "within_25_percent": sum(0.75 <= x <= 1.25 for x in ratios), "of": len(ratios)}
+        print(f"predicted/measured step time, {key.replace('_', ' ')} step: median {summary[key]['median']:.2f}, "
+              f"range {summary[key]['min']:.2f}..{summary[key]['max']:.2f}, "
+              f"{summary[key]['within_25_percent']} of {len(ratios)} within ±25%")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = {"device": str(device), "device_name": device_name, "shape": args.shape, "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
            "load_average_1min": os.getloadavg()[0], "measured_read_bandwidth_gb_per_s": bandwidth,
-           "measured_matmul_tflops": tflops, "model": shape.name, "prompt_tokens": PROMPT_TOKENS,
+           "measured_matmul_tflops": tflops,
+           "probed": {b: {"mem_bandwidth_gb_per_s": p.mem_bandwidth_gb_per_s, "matmul_tflops": p.matmul_tflops}
+                      for b, p in probed.items()},
+           "model": shape.name, "prompt_tokens": PROMPT_TOKENS,
            "steps": args.steps, "rows": rows, "summary": summary}
     # one JSON for every run: keyed by device and shape, other runs' results kept
     key = f"{device.type}/{args.shape}"

@@ -140,9 +140,13 @@ class PipelineDriver(threading.Thread):
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
                  max_batch: int, step_timeout_s: float = 30.0, max_queue: int = MAX_QUEUED_REQUESTS,
                  stages: tuple[Stage, ...] = (), microbatches: int = 1,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+                 on_step_timed: Callable[[Step, float, tuple], None] | None = None):
+        """`on_step_timed(step, seconds the coordinator waited for it, each stage's reported ms)`: after each
+        step, for the measurements the planner plans from (coordinator/measurements.py)."""
         super().__init__(name=f"driver-{pipeline_id}", daemon=True)
         self.pipeline_id, self.link, self.on_failure = pipeline_id, link, on_failure
+        self.on_step_timed = on_step_timed
         self.stages = stages
         self.step_timeout_s = step_timeout_s
         self.inbox: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
@@ -308,8 +312,10 @@ class PipelineDriver(threading.Thread):
         if result.sessions != step.sessions or len(result.tokens) != n_tokens:
             raise StepFailed(f"result of step {step.step} does not match its sessions")
         self.steps_done += 1
-        _observe_step(self.pipeline_id, step.kind, flight.requests, time.perf_counter() - flight.sent_s,
-                      result.stage_ms)
+        wall_s = time.perf_counter() - flight.sent_s
+        _observe_step(self.pipeline_id, step.kind, flight.requests, wall_s, result.stage_ms)
+        if self.on_step_timed is not None:
+            self.on_step_timed(step, wall_s, result.stage_ms)
         if step.kind == "chunk":  # the rest of its prompt goes before prompts that came later
             self.to_prefill.appendleft(step.sessions[0])
             return

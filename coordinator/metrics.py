@@ -218,6 +218,9 @@ class PoolCollector(Collector):
         for where, n in incidents.counts().items():
             unexpected.add_metric([where], n)
         yield unexpected
+        yield CounterMetricFamily("meshpool_profile_contradictions", "Providers' profiles that the coordinator's own "
+                                  "timing contradicted (misconduct: planned at the measured speed)",
+                                  value=snapshot.get("measurements", {}).get("contradictions_total", 0))
         if self.ledger_view is None:
             return
         try:

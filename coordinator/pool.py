@@ -17,12 +17,15 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from coordinator import incidents, precision
+from coordinator.admission import AdmissionFailed
 from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
-from coordinator.planner import (Capacity, InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError,
-                                 Workload, plan_within_memory, provider_spec_from_profile, sessions_held)
-from coordinator.registry import Registry
-from wire.messages import MAX_BATCH_SESSIONS, SERVING_DTYPES, Assign, Stage
+from coordinator.measurements import Measurements
+from coordinator.planner import (Capacity, InsufficientMemoryError, ModelShape, Objective, Pipeline, PipelineCost,
+                                 PlanError, Workload, choose_with_hysteresis, evaluate_pipeline, plan_within_memory,
+                                 provider_spec_from_profile, sessions_held, stage_memory_bytes)
+from coordinator.registry import Registry, ProviderRecord
+from wire.messages import MAX_BATCH_SESSIONS, SERVING_DTYPES, Assign, Stage, Step
 
 log = logging.getLogger("meshpool.coordinator")
 
@@ -34,6 +37,7 @@ PLANNER_JOIN_TIMEOUT_S = 10.0
 PLAN_RETRY_S = 0.5  # after a round that raised
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # a stage's weights and KV cache per element, by its serving dtype
 assert set(DTYPE_BYTES) == set(SERVING_DTYPES)
+OUT_OF_MEMORY = "out of memory"  # how a provider's refusal of a stage it cannot hold begins
 
 
 class PoolBusy(RuntimeError):
@@ -45,7 +49,7 @@ class AssignmentFailed(RuntimeError):
 
     def __init__(self, peer: str, reason: str):
         super().__init__(f"{peer}: {reason}")
-        self.peer = peer
+        self.peer, self.reason = peer, reason
 
 
 @dataclass
@@ -55,11 +59,17 @@ class ActivePipeline:
     driver: PipelineDriver
     capacity: Capacity
     stages: tuple[Stage, ...]  # as assigned: with the precision each serves in
+    predicted: PipelineCost | None = None  # under the figures of the latest planner round
 
     def public(self) -> dict:
-        return {"id": self.id, "stages": [{"peer": s.peer_id, "start": s.start, "end": s.end, "dtype": s.dtype}
-                                          for s in self.stages],
-                "max_sessions": self.capacity.sessions, "context_tokens": self.capacity.context_tokens}
+        stages = [{"peer": s.peer_id, "start": s.start, "end": s.end, "dtype": s.dtype} for s in self.stages]
+        out = {"id": self.id, "stages": stages,
+               "max_sessions": self.capacity.sessions, "context_tokens": self.capacity.context_tokens}
+        if self.predicted is not None:
+            for stage, seconds in zip(stages, self.predicted.stage_times_s):
+                stage["predicted_ms"] = round(seconds * 1e3, 3)
+            out["predicted_tokens_per_s"] = round(self.predicted.tokens_per_s, 2)
+        return out
 
     def holds(self, request: GenerationRequest) -> bool:
         """Whether the request's prompt and every token it may add fit the context this pipeline holds."""
@@ -94,15 +104,23 @@ class Pool:
         objective: Objective = Objective.THROUGHPUT,
         step_timeout_s: float = 30.0,
         serving_dtype: str = "",
+        admit: Callable[[ProviderSpec, str], object] | None = None,
+        measurements: Measurements | None = None,
     ):
         """`coordinator`: its peer id and addresses, stage 0's upstream and the last stage's downstream.
         `serving_dtype`: the precision every stage is assigned; "" gives each provider the one its
-        profile asks for where audits can verify it, else float32 (coordinator/precision.py)."""
+        profile asks for where audits can verify it, else float32 (coordinator/precision.py).
+        `admit(claimed spec, dtype)`: the admission probe (coordinator/admission.py), run once per
+        registration before a provider is planned; it raises AdmissionFailed. None: providers are
+        planned on their claims until their steps are measured. `measurements`: the figures the
+        planner plans from (coordinator/measurements.py)."""
         self.registry, self.model_shape, self.model_id = registry, model_shape, model_id
         self.coordinator_peer, self.coordinator_addrs = coordinator
         self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
         self.workload, self.objective, self.step_timeout_s = workload, objective, step_timeout_s
         self.serving_dtype = serving_dtype
+        self.admit = admit
+        self.measurements = measurements or Measurements(model_shape, workload.batch)
         self.lock = threading.RLock()
         self.active: dict[str, ActivePipeline] = {}
         self.pending: list[GenerationRequest] = []
@@ -152,10 +170,12 @@ class Pool:
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"providers": self.registry.snapshot(),
+            providers = [{**p, "measured": self.measurements.public(p["peer"])} for p in self.registry.snapshot()]
+            return {"providers": providers,
                     "pipelines": [a.public() for a in self.active.values()],
                     "pending_requests": len(self.pending), "plan_error": self.plan_error,
-                    "benched": self.backoff.public(time.monotonic()), "pipelines_started": self.pipelines_started}
+                    "benched": self.backoff.public(time.monotonic()), "pipelines_started": self.pipelines_started,
+                    "measurements": self.measurements.summary()}
 
     def blame(self, pipeline: str, reporter: str, peer: str, reason: str) -> None:
         """A stage of `pipeline` reported a failed step, naming `peer` at fault: if the pipeline then
@@ -224,26 +244,36 @@ class Pool:
         with self.lock:
             benched = self.backoff.benched(time.monotonic())
             out = [b for b in self.backoff.public(time.monotonic()) if b["benched"]]
-        candidates = [c for c in self.registry.candidates() if c.peer not in benched]
+        candidates = self._admitted([c for c in self.registry.candidates() if c.peer not in benched])
         wanted: dict[str, Pipeline] = {}
         capacities: dict[str, Capacity] = {}
-        microbatches: dict[str, int] = {}  # per pipeline, what the plan assumed in flight
+        predicted: dict[str, PipelineCost] = {}  # per pipeline, with the micro-batches the plan keeps in flight
         error = ""
+        with self.lock:
+            dead = {pid for pid, a in self.active.items() if not a.driver.is_alive()}
+            current = [a.pipeline for pid, a in self.active.items() if pid not in dead]
         if candidates:
-            # each provider planned at the bytes of the precision it will be assigned (mixed pools)
-            specs = [replace(provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20),
-                             dtype_bytes=DTYPE_BYTES[self._dtype_for(c.peer)]) for c in candidates]
+            # measured figures where there are any (claims only until measured), each provider at the
+            # bytes of the precision it will be assigned (mixed pools)
+            specs = {c.peer: replace(self.measurements.spec_for(
+                provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20)),
+                dtype_bytes=DTYPE_BYTES[self._dtype_for(c.peer)]) for c in candidates}
+            links = self.measurements.links()
             try:
                 # fewer sessions or a shorter context when the pool cannot hold what was asked
-                result, bent = plan_within_memory(specs, self.model_shape, self.workload, objective=self.objective)
-                by_peer = {spec.peer_id: spec for spec in specs}
-                for p, cost in zip(result.pipelines, result.costs):
+                result, bent = plan_within_memory(list(specs.values()), self.model_shape, self.workload, links=links,
+                                                  objective=self.objective)
+                chosen = choose_with_hysteresis(current, result.pipelines, specs, self.model_shape, bent, links,
+                                                self.objective)
+                m = self.workload.microbatches_in_flight or 1
+                for p in chosen:
+                    cost = evaluate_pipeline(p, specs, self.model_shape, bent, links, m)
                     # what was asked of a pipeline like it, within what one step may carry
                     most = min(self.workload.batch * cost.microbatches, MAX_BATCH_SESSIONS)
-                    capacity = Capacity(sessions_held(p, by_peer, self.model_shape, bent.context_tokens, most),
+                    capacity = Capacity(sessions_held(p, specs, self.model_shape, bent.context_tokens, most),
                                         bent.context_tokens)
                     pid = pipeline_id(p, capacity, self._dtype_for)
-                    wanted[pid], capacities[pid], microbatches[pid] = p, capacity, cost.microbatches
+                    wanted[pid], capacities[pid], predicted[pid] = p, capacity, cost
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)
         elif out:
@@ -256,6 +286,8 @@ class Pool:
 
         with self.lock:
             self.plan_error = error
+            for pid, active in self.active.items():
+                active.predicted = predicted.get(pid, active.predicted)
             dead = {pid for pid, a in self.active.items() if not a.driver.is_alive()}
             keep = {pid for pid in self.active if pid in wanted and pid not in dead}
             if keep == set(self.active) and set(wanted) == keep:
@@ -287,14 +319,18 @@ class Pool:
                 stages = self._assign_pipeline(pid, pipeline, capacities[pid])
             except AssignmentFailed as exc:  # a provider that cannot take its stage is not used again
                 log.warning("assigning pipeline %s failed: %s", pid, exc)
+                if exc.reason.startswith(OUT_OF_MEMORY):  # it claimed memory it does not have
+                    self.measurements.record_assignment_failure(exc.peer, self._stage_bytes(pipeline, exc.peer),
+                                                                exc.reason)
                 self.registry.set_state(exc.peer, "dead", f"assignment failed: {exc}")
                 self._wake.set()
                 continue
             # never more sessions in flight than the stages hold KV cache for
             driver = PipelineDriver(pid, self.make_link(pid, pipeline.peer_ids), self._driver_failed,
                                     capacities[pid].sessions, step_timeout_s=self.step_timeout_s, stages=stages,
-                                    microbatches=min(microbatches[pid], capacities[pid].sessions))
-            started[pid] = ActivePipeline(pid, pipeline, driver, capacities[pid], stages)
+                                    microbatches=min(predicted[pid].microbatches, capacities[pid].sessions),
+                                    on_step_timed=self._step_timer(pipeline))
+            started[pid] = ActivePipeline(pid, pipeline, driver, capacities[pid], stages, predicted[pid])
             busy |= set(pipeline.peer_ids)
 
         with self.lock:
@@ -312,6 +348,44 @@ class Pool:
                     self.registry.set_state(record.peer, "idle")
             self.pending = orphans + self.pending
             self._flush_pending()
+
+    def _admitted(self, candidates: list[ProviderRecord]) -> list[ProviderRecord]:
+        """The candidates measured by an admission probe, probing those not yet measured; a provider
+        that fails its probe is not planned (it is marked dead, and may register again)."""
+        if self.admit is None:
+            return candidates
+        admitted = []
+        for record in candidates:
+            if not self.measurements.probed(record.peer):
+                claimed = provider_spec_from_profile(record.peer, record.profile, record.max_memory_bytes // 2**20)
+                try:
+                    self.admit(claimed, self._dtype_for(record.peer))
+                except AdmissionFailed as exc:
+                    log.warning("provider %s failed its admission probe: %s", record.peer, exc)
+                    self.registry.set_state(record.peer, "dead", f"admission probe failed: {exc}")
+                    continue
+            admitted.append(record)
+        return admitted
+
+    def _step_timer(self, pipeline: Pipeline) -> Callable[[Step, float, tuple], None]:
+        """What a driver calls after each step: decode steps are timed per stage (measurements.py)."""
+        peers, layers = pipeline.peer_ids, tuple(s.n_layers for s in pipeline.stages)
+
+        def timed(step: Step, wall_s: float, stage_ms: tuple) -> None:
+            if step.kind != "decode":
+                return
+            context = sum(step.positions) // len(step.positions) + 1
+            self.measurements.record_step(peers, layers, len(step.sessions), context, wall_s, stage_ms)
+        return timed
+
+    def _stage_bytes(self, pipeline: Pipeline, peer: str) -> int:
+        stages = pipeline.stages
+        for i, stage in enumerate(stages):
+            if stage.peer_id == peer:
+                m = self.workload.microbatches_in_flight or 1
+                return int(stage_memory_bytes(self.model_shape, stage.n_layers, i == 0, i == len(stages) - 1,
+                                              self.workload.batch * m, self.workload.context_tokens))
+        return 0
 
     def _assign_pipeline(self, pid: str, pipeline: Pipeline, capacity: Capacity) -> tuple[Stage, ...]:
         """Assign every stage; the stages as assigned, each with the precision it serves in. Each holds

@@ -17,9 +17,11 @@ import uvicorn
 from contracts import ContractError, MoneyParams
 from contracts.stakes import max_context_tokens
 from coordinator.accounts import Accounts
+from coordinator.admission import Admission
 from coordinator.api import create_app
 from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
+from coordinator.measurements import Measurements
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
 from coordinator.registry import Registry
@@ -72,11 +74,16 @@ class Coordinator:
         # the shape's own 4 bytes are a default: the pool plans each provider at the bytes of the precision it
         # assigns it (coordinator/pool.py, ProviderSpec.dtype_bytes)
         shape = ModelShape.from_hf_config(raw, name=self.model_id, bytes_per_param=4.0, activation_bytes=4)
+        # the planner plans from what the coordinator measures of each provider, not from its claims
+        self.measurements = Measurements(shape, max_sessions)
+        self.admission = Admission(model_dir, self.model_id, self.config.n_layers, max_sessions, self._ask,
+                                   self.measurements)
         self.pool = Pool(self.registry, shape, self.model_id, (self.identity.peer_id_str, ()), self._assign,
                          self._unassign, self._make_link, self._probe,
                          Workload(batch=-(-max_sessions // microbatches), context_tokens=context_tokens,
                                   microbatches_in_flight=microbatches),
-                         serving_dtype=serving_dtype, step_timeout_s=step_timeout_s)
+                         serving_dtype=serving_dtype, step_timeout_s=step_timeout_s, measurements=self.measurements,
+                         admit=self.admission.admit if self.admission.possible else None)
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
@@ -177,6 +184,7 @@ class Coordinator:
             record = self.registry.register(peer, message.profile, list(message.addrs), message.max_memory_bytes)
         except ValueError as exc:
             return refuse(str(exc))
+        self.measurements.forget_probe(peer)  # a provider that registers again is probed again
         log.info("provider %s registered (%s)", peer, record.state)
         self.pool.request_replan()
         return Ack()
@@ -214,6 +222,10 @@ class Coordinator:
             raise AssignmentFailed(peer, f"unreachable: {exc}") from exc
         if not isinstance(reply, Ack) or not reply.ok:
             raise AssignmentFailed(peer, getattr(reply, "reason", reply.TYPE))
+
+    def _ask(self, peer: str, message: Message, timeout_s: float) -> Message:
+        """One request on the assign protocol (the admission probe's); its decoded answer."""
+        return decode(self.node.request(peer, PROTO_ASSIGN, message.to_frame(), timeout_s=timeout_s))
 
     def _unassign(self, peer: str, pipeline: str) -> None:
         try:

@@ -16,6 +16,8 @@ Kinds:
 - bad-verifier     serves honestly, but lies as a verifier (`lies_as_verifier`).
 - refuse           loads its shard, then refuses every step (`refuses_steps`): a broken stage, for
                    testing how the pool takes it out of the plan.
+- inflate-profile[:factor]  serves honestly, but signs a profile claiming `factor` x (default 1000)
+                   its measured memory bandwidth and matmul rate (the planner must not believe it).
 Cheaper or sloppier copies of the work, on every layer of the range unless said otherwise:
 - int8             linear weights rounded to 8 bits, one absmax scale per output channel.
 - fp8              linear weights rounded to float8_e4m3, one absmax scale per tensor.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier", "refuse",
+FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier", "refuse", "inflate-profile",
                "int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")
 QUANTIZED_KINDS = ("int8", "fp8", "int4")
 DEFAULT_NOISE_REL = 1e-2
@@ -44,6 +46,7 @@ TAMPER_REL = 1e-3
 WINDOW_TOKENS = 64
 INT4_GROUP = 32
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+DEFAULT_INFLATE_FACTOR = 1000.0
 
 
 def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
@@ -109,6 +112,7 @@ class Fault:
     kind: str
     noise_rel: float = DEFAULT_NOISE_REL
     seed: int = 0
+    inflate_factor: float = DEFAULT_INFLATE_FACTOR
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -116,22 +120,27 @@ class Fault:
             raise ValueError(f"unknown fault {self.kind!r}; known: {', '.join(FAULT_KINDS)}")
         if not (self.noise_rel > 0 and self.noise_rel < 1e3):
             raise ValueError(f"noise size must be in (0, 1000), got {self.noise_rel}")
+        if not (1 <= self.inflate_factor <= 1e9):
+            raise ValueError(f"inflate factor must be in [1, 1e9], got {self.inflate_factor}")
 
     @classmethod
     def parse(cls, kind: str | None, seed: int = 0) -> "Fault | None":
-        """"noise", "noise:1e-3", "skip", ...; None or "" for no fault."""
+        """"noise", "noise:1e-3", "skip", "inflate-profile:1000", ...; None or "" for no fault."""
         if not kind:
             return None
         name, _, arg = kind.partition(":")
         if name not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)} (noise takes ':<relative size>')")
-        if arg and name != "noise":
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)} (noise takes ':<relative size>', "
+                             f"inflate-profile ':<factor>')")
+        if arg and name not in ("noise", "inflate-profile"):
             raise ValueError(f"fault {name!r} takes no argument, got {kind!r}")
         try:
-            noise_rel = float(arg) if arg else DEFAULT_NOISE_REL
+            value = float(arg) if arg else None
         except ValueError:
-            raise ValueError(f"noise size {arg!r} is not a number") from None
-        return cls(name, noise_rel=noise_rel, seed=seed)
+            raise ValueError(f"the argument of {name} {arg!r} is not a number") from None
+        if name == "inflate-profile":
+            return cls(name, seed=seed, inflate_factor=DEFAULT_INFLATE_FACTOR if value is None else value)
+        return cls(name, noise_rel=DEFAULT_NOISE_REL if value is None else value, seed=seed)
 
     @property
     def lies_as_verifier(self) -> bool:
@@ -144,6 +153,14 @@ class Fault:
     def verifier_report(self, honest_ok: bool) -> bool:
         """What this provider reports as a verifier, given the honest outcome of its comparison."""
         return not honest_ok if self.lies_as_verifier else honest_ok
+
+    def inflate_profile(self, profile: dict) -> dict:
+        """The profile this provider signs: every device's bandwidth and matmul rate x the factor."""
+        if self.kind != "inflate-profile":
+            return profile
+        devices = [{**d, **{k: d[k] * self.inflate_factor for k in ("mem_bandwidth_gb_per_s", "matmul_tflops")
+                            if isinstance(d.get(k), (int, float))}} for d in profile.get("devices", [])]
+        return {**profile, "devices": devices}
 
     # -- serving --------------------------------------------------------------------------
 

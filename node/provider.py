@@ -16,6 +16,7 @@ from tqdm import tqdm
 from node.config import ModelConfig, ModelError
 from node.faults import Fault
 from node.models import model_id_of
+from node.probe import ProbeWork
 from node.profile import hardware_class, serving_dtype
 from node.retention import RetentionStore
 from node.runtime import ShardRuntime
@@ -26,7 +27,8 @@ from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, Trans
 from node.verifier import AuditService
 from wire.messages import (PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, AccountInfo,
                            AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message, MessageError, Ping,
-                           Receipts, Register, Retain, Step, Unassign, decode, dtype_name, refuse)
+                           Probe, ProbeResult, ProbeRun, Receipts, Register, Retain, Step, Unassign, decode,
+                           dtype_name, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
@@ -65,6 +67,8 @@ class Provider:
         # the profile asks for a precision; the coordinator decides it in each assignment
         # and names its hardware class, so that a verifier of the same class can re-run its recipe
         self.profile = {**profile, "serving_dtype": dtype_name(self.dtype), "hardware_class": hardware_class(device)}
+        if fault is not None:
+            self.profile = fault.inflate_profile(self.profile)
         self.max_memory_bytes = max_memory_bytes
         self.model_id = model_id_of(model_dir)
         self.fault = fault
@@ -79,6 +83,8 @@ class Provider:
         self.unassigned = threading.Event()  # set while no shard is assigned
         self.unassigned.set()
         self.assign_lock = threading.Lock()
+        self.probe_work: ProbeWork | None = None  # the admission probe being run (coordinator/admission.py)
+        self.probe_lock = threading.Lock()
         self.stopping = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -140,11 +146,13 @@ class Provider:
         if peer != self.coordinator_peer:
             return refuse("only the coordinator assigns shards").to_frame()
         try:
-            message = decode(frame, Assign, Unassign, Ping)
+            message = decode(frame, Assign, Unassign, Ping, Probe, ProbeRun)
         except MessageError as exc:
             return refuse(str(exc)).to_frame()
         if isinstance(message, Ping):
             return Ack().to_frame()
+        if isinstance(message, (Probe, ProbeRun)):
+            return self._probe(message).to_frame()
         with self.assign_lock:
             if isinstance(message, Unassign):
                 self._drop_assignment()
@@ -176,6 +184,8 @@ class Provider:
                     self.fault.install(runtime)
         except (ModelError, ValueError) as exc:
             return refuse(str(exc))
+        except (MemoryError, torch.OutOfMemoryError) as exc:  # the coordinator plans us below this from now on
+            return refuse(f"out of memory: {exc}"[:2000])
         if old is not None and old.next_stream is not None:
             old.next_stream.close()
         self.assignment = Assignment(spec, StageWorker(runtime, spec.pipeline, self.identity, self.retained,
@@ -184,6 +194,23 @@ class Provider:
         self.stats.update(stages=[[spec.start, spec.end]], state="serving")
         log.info("serving layers [%d, %d) in pipeline %s", spec.start, spec.end, spec.pipeline)
         return Ack()
+
+    def _probe(self, message: Probe | ProbeRun) -> Message:
+        """The coordinator's admission probe: prepare (untimed), then run (timed by the coordinator)."""
+        with self.probe_lock:
+            if isinstance(message, Probe):
+                self.probe_work = None
+                if message.model != self.model_id:
+                    return refuse(f"this provider serves {self.model_id}, not {message.model}")
+                try:
+                    self.probe_work = ProbeWork(self.model_dir, message, self.device)
+                except (ModelError, ValueError, RuntimeError) as exc:
+                    return refuse(f"probe: {exc}")
+                return Ack()
+            work, self.probe_work = self.probe_work, None  # one run per prepared probe
+            if work is None:
+                return refuse("no probe prepared")
+            return ProbeResult(message.seed, work.run(message))
 
     def _drop_assignment(self) -> None:
         self.stats.update(stages=[])

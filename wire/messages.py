@@ -7,7 +7,9 @@ sends a `Result` to the coordinator on PROTO_RESULT. A finished request's sessio
 
 Control: a provider `Register`s a signed profile, sends a `Heartbeat` every second, asks for its
 `AccountQuery` -> `AccountInfo`, reports a `Failed` step, and `Leave`s; the coordinator answers each
-with an `Ack`. The coordinator `Assign`s a shard (or `Unassign`s it, or `Ping`s) on PROTO_ASSIGN.
+with an `Ack`. The coordinator `Assign`s a shard (or `Unassign`s it, or `Ping`s) on PROTO_ASSIGN, where
+it also times a newcomer: a `Probe` prepares layers and sessions, a timed `ProbeRun` answers a
+`ProbeResult` (coordinator/admission.py).
 
 Audits (PROTO_AUDIT): the coordinator gives a verifier an `AuditTask`; the verifier sends the
 audited stage an `AuditFetch` with the coordinator's ticket and gets `AuditData`; it answers the
@@ -419,6 +421,76 @@ class Unassign(Message):
 
 class Ping(Message):
     TYPE = "pool.ping"
+
+
+MAX_PROBE_LAYERS = 8
+MAX_PROBE_TOKENS = 64  # prefilled per probe session
+MAX_PROBE_STEPS = 64  # decode steps of one timed probe run
+
+
+class Probe(Message):
+    """Admission probe, part one (untimed): load layers [start, end) of `model` in `dtype` and
+    prefill `batch` sessions of `tokens` positions each with inputs drawn from `seed`
+    (node/probe.py). Answered with an Ack once ready for the timed part, `ProbeRun`."""
+
+    TYPE = "pool.probe"
+    model: str
+    start: int
+    end: int
+    n_layers: int
+    batch: int
+    tokens: int
+    seed: int
+    dtype: str
+
+    def validate(self) -> None:
+        check_layer_range(self.start, self.end, self.n_layers)
+        _require(0 < self.start and self.end < self.n_layers, "a probe runs middle layers (hidden states in and out)")
+        _require(self.end - self.start <= MAX_PROBE_LAYERS, f"a probe runs at most {MAX_PROBE_LAYERS} layers")
+        _require(1 <= self.batch <= MAX_BATCH_SESSIONS, f"batch must be in 1..{MAX_BATCH_SESSIONS}")
+        _require(1 <= self.tokens <= MAX_PROBE_TOKENS, f"tokens must be in 1..{MAX_PROBE_TOKENS}")
+        _count(self.seed, "seed")
+        check_dtype(self.dtype)
+
+
+class ProbeRun(Message):
+    """Admission probe, part two (the coordinator times it): `steps` batched decode steps of the
+    prepared sessions with inputs drawn from `seed`, which only now is known. Answered with a
+    `ProbeResult` holding the last step's output, which the coordinator checks against its own
+    computation: a provider cannot answer fast without doing the work."""
+
+    TYPE = "pool.probe_run"
+    seed: int
+    steps: int
+
+    def validate(self) -> None:
+        _count(self.seed, "seed")
+        _require(1 <= self.steps <= MAX_PROBE_STEPS, f"steps must be in 1..{MAX_PROBE_STEPS}")
+
+
+class ProbeResult(Message):
+    """Provider -> coordinator: the hidden states (batch, D) after the probe's last decode step."""
+
+    TYPE = "pool.probe_result"
+    TENSORS = (1, 1)
+    seed: int
+    x: torch.Tensor = field(repr=False, compare=False, default=None)
+
+    @classmethod
+    def _tensor_fields(cls) -> tuple[str, ...]:
+        return ("x",)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.x]
+
+    @classmethod
+    def _decode_fields(cls, f: dict, tensors: list) -> dict:
+        return {**_decode_plain(cls._hints, f), "x": tensors[0]}
+
+    def validate(self) -> None:
+        _count(self.seed, "seed")
+        _require(isinstance(self.x, torch.Tensor) and self.x.dim() == 2
+                 and 0 < self.x.shape[0] <= MAX_BATCH_SESSIONS, "a probe result is one (batch, D) tensor")
 
 
 # -- the data path ----------------------------------------------------------------------------

@@ -104,7 +104,8 @@ class DashboardState:
                               "balance_units": standing.get("balance_units"),
                               "slashed_units": standing.get("slashed_units"),
                               "benched": None if bench is None else {"back_in_s": bench["back_in_s"],
-                                                                     "reason": _text(bench["reason"])}})
+                                                                     "reason": _text(bench["reason"])},
+                              "measured": _measured(p.get("measured"))})
 
         ttft = self.metrics.recent_ttft_ms()
         out = {
@@ -117,6 +118,9 @@ class DashboardState:
                      "tokens_total": self.metrics.tokens_total(), "plan_error": _text(snapshot.get("plan_error", "")),
                      "providers_by_state": _count_states(providers)},
             "providers": providers, "pipelines": pipelines, "audits": [], "slashes": [], "ledger": None,
+            # what the coordinator's own timing contradicted (coordinator/measurements.py)
+            "misconduct": [{"peer": _text(e.get("peer")), "kind": _text(e.get("kind")), "detail": _text(e.get("detail"))}
+                           for e in snapshot.get("measurements", {}).get("events", [])][-10:],
         }
         if ledger is not None:
             supply = ledger["supply"]
@@ -129,6 +133,15 @@ class DashboardState:
                              "audits_by_verdict": ledger["audits_by_verdict"], "slash_count": ledger["slash_count"],
                              "slashed_units": ledger["slashed_units"]}
         return out
+
+
+def _measured(measured) -> dict | None:
+    """What the coordinator measured of a provider and plans it with (its profile is only a claim)."""
+    if not isinstance(measured, dict):
+        return None
+    return {"source": _text(measured.get("source")), "contradicted": bool(measured.get("contradicted")),
+            "bandwidth_gb_per_s": _number(measured.get("mem_bandwidth_gb_per_s")),
+            "matmul_tflops": _number(measured.get("matmul_tflops"))}
 
 
 def _count_states(providers: list[dict]) -> dict[str, int]:

@@ -6,13 +6,18 @@ tokens); a cap of 300 MiB a provider therefore forces three stages.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+import urllib.request
 
 import torch
 
 from coordinator.local_pool import LocalPool
+from coordinator.planner import (Links, ModelShape, Pipeline, Stage, Workload, choose_with_hysteresis, plan,
+                                 provider_spec_from_profile)
+from coordinator.planner.placement import DATACENTRE_LINK
 from node.status import STATUS_FILE, WRITE_INTERVAL_S, read_status
 
 CAP_MB = 300
@@ -58,6 +63,46 @@ def test_memory_caps_force_three_stages_that_generate_like_transformers(pool, re
     kept = [read_status(pool.root / d)["retained_requests"] for d in os.listdir(pool.root)
             if (pool.root / d / STATUS_FILE).exists()]
     assert len(kept) == 3 and all(0 <= k < len(PROMPTS) for k in kept), kept
+
+
+def test_a_forged_profile_gains_nothing(pool, default_model_dir):
+    """A provider that signs a profile claiming 1000x its bandwidth and matmul rate joins a serving pool:
+    the coordinator's probe measures it, records the contradiction, plans it at its measured speed, and
+    the honest pipeline keeps its stages; believed, the claim would have moved the plan onto the forger."""
+    before = wait_settled(pool, n_stages=3)
+    forger = pool.add_provider("forger", max_memory_mb=CAP_MB, extra_args=["--fault-injection", "inflate-profile:1000"])
+
+    def probed(state):
+        measured = {p["peer"]: p["measured"] for p in state["providers"]}.get(forger)
+        return bool(measured) and measured["source"] != "claim"
+
+    pool.wait_for(probed, what="the forger probed")
+    state = wait_settled(pool, n_stages=3)  # at least one planner round since the probe
+    providers = {p["peer"]: p for p in state["providers"]}
+    measured = providers[forger]["measured"]
+    honest = [providers[peer]["measured"] for peer, _, _ in stages_of(before)[0]]
+    assert measured["contradicted"] and measured["claim_ratio"] > 100
+    assert not any(h["contradicted"] for h in honest)
+    claimed = providers[forger]["profile"]["devices"][0]
+    assert measured["mem_bandwidth_gb_per_s"] < claimed["mem_bandwidth_gb_per_s"] / 100  # planned as measured
+    assert measured["mem_bandwidth_gb_per_s"] < 10 * max(h["mem_bandwidth_gb_per_s"] for h in honest)
+    assert stages_of(state) == stages_of(before)  # the honest pipeline keeps its layers
+    assert state["measurements"]["contradictions_total"] >= 1
+    assert any(e["peer"] == forger for e in state["measurements"]["events"])
+    with urllib.request.urlopen(pool.api + "/metrics", timeout=30) as response:
+        assert "meshpool_profile_contradictions_total 1.0" in response.read().decode()
+    # had the coordinator believed the claim, the plan would have moved the forger in
+    raw = json.loads((default_model_dir / "config.json").read_text())
+    shape = ModelShape.from_hf_config(raw, name=MODEL, bytes_per_param=4.0, activation_bytes=4)
+    workload = Workload(batch=pool.max_sessions, context_tokens=pool.context_tokens, microbatches_in_flight=1)
+    on_claims = {peer: provider_spec_from_profile(peer, providers[peer]["profile"], CAP_MB)
+                 for peer in [s[0] for s in stages_of(before)[0]] + [forger]}
+    current = [Pipeline(tuple(Stage(*s) for s in stages_of(before)[0]))]
+    fresh = plan(list(on_claims.values()), shape, workload).pipelines
+    believed = choose_with_hysteresis(current, fresh, on_claims, shape, workload, Links(DATACENTRE_LINK))
+    assert forger in {p for pipeline in believed for p in pipeline.peer_ids}
+    status, body = complete(pool, PROMPTS[1], 8)  # and it serves
+    assert status == 200, body
 
 
 def test_kill_9_of_a_stage_mid_generation_changes_nothing_for_the_caller(pool, reference):

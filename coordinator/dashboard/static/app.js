@@ -74,6 +74,13 @@ function renderPipelines(s) {
   $("pipelines").replaceChildren(...out);
 }
 
+function measuredTitle(p) {
+  // the profile is a claim; the planner uses what the coordinator measured
+  const m = p.measured;
+  if (!m || m.bandwidth_gb_per_s === null) return "not measured yet";
+  return `planned at ${num(m.bandwidth_gb_per_s, 2)} GB/s, ${num(m.matmul_tflops, 4)} TFLOP/s effective (from its ${m.source})`;
+}
+
 function renderProviders(s) {
   const rows = s.providers.map((p) => el("tr", { class: p.state, data: { peer: p.peer, state: p.state } },
     el("td", { class: "peer" }, el("i", { style: { background: colour(p.peer) } }), p.peer),
@@ -81,7 +88,8 @@ function renderProviders(s) {
       p.benched ? `benched, back in ${num(p.benched.back_in_s)} s` : p.state)),
     el("td", { title: p.profile.name }, `${p.profile.device} ${p.profile.name}`),
     el("td", {}, `${num(p.max_memory_mb)} MB cap / ${num(p.profile.memory_gb, 1)} GB`),
-    el("td", {}, p.profile.bandwidth_gb_per_s === null ? "–" : `${num(p.profile.bandwidth_gb_per_s, 1)} GB/s`),
+    el("td", { title: measuredTitle(p) }, (p.profile.bandwidth_gb_per_s === null ? "–" : `${num(p.profile.bandwidth_gb_per_s, 1)} GB/s`)
+      + (p.measured && p.measured.contradicted ? " ✗ contradicted" : "")),
     el("td", {}, p.profile.matmul_tflops === null ? "–" : `${num(p.profile.matmul_tflops, 2)} TFLOP/s`),
     el("td", {}, p.stages.map(([a, b]) => `[${a}, ${b})`).join(" ") || "–"),
     el("td", {}, num(p.reputation)), el("td", {}, units(p.stake_units)), el("td", {}, units(p.earned_units))));

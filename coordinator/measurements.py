@@ -1,0 +1,241 @@
+"""What the coordinator has measured of each provider: the figures the planner plans from.
+
+A provider's profile is a claim. The coordinator times each provider itself: an admission probe
+on real layers (coordinator/admission.py, timed by the coordinator's own clock) and then every
+step of the pipelines it serves (each stage reports its compute ms in the step's Result; the
+coordinator checks those reports against its own wall time of the step). A measurement is turned
+into the planner's units by inverting the cost model (coordinator/planner/cost.py) at the point it
+was taken: the effective bandwidth and matmul rate with which the roofline predicts exactly the
+time measured for that stage's layers, role and batch. The planner then sees measured figures in
+place of claimed ones, so a provider that claims more than it has gains nothing.
+
+Thread-safe: drivers record steps, the planner thread records probes and reads specs, the API reads
+`public`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+
+from coordinator.planner import Link, Links, ModelShape, ProviderSpec
+from coordinator.planner.cost import stage_step_bytes_and_flops, stage_time_s
+from coordinator.planner.hardware import COORDINATOR
+
+EWMA_WEIGHT = 0.3  # weight of the newest measurement: a few steps move the figure, one outlier does not
+# A claim is contradicted when the probe takes this many times longer than the claimed figures
+# predict. Measured honest ratios on this 2-core CPU, shared with other work: 4.5x (batch 1) and 9.3x
+# (batch 8) for two layers of the 135M default model timed in one process, 9.8-18.5x through the
+# admission probe of a real pool (coordinator and three providers on the two cores; tiny layers are
+# dominated by per-op overhead the roofline leaves out). An H200 decodes the 8B shape at 74.6% of its
+# bandwidth floor (1.35x). A profile inflated 1000x measured 4,408x; the forged "H100, 3.35 PB/s"
+# profile of a CPU is ~1e5x off.
+CONTRADICTION_RATIO = 100.0
+# Steps' compute times are the stages' own reports: they may show a provider at most this much
+# faster than the probe the coordinator timed itself, so under-reporting gains little.
+STEP_TRUST_FACTOR = 2.0
+MAX_EVENTS = 64  # misconduct events kept for /pool and the dashboard
+DEFAULT_LINK = Link(latency_ms=0.01, bandwidth_gbps=100.0)  # until a hop is measured: a datacentre link
+MIN_LATENCY_MS = 0.001
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Effective figures: with them the cost model predicts the times measured."""
+
+    mem_bandwidth_gb_per_s: float
+    matmul_tflops: float
+    samples: int = 1
+
+    def blend(self, new: "Speed") -> "Speed":
+        """EWMA in time per unit (so averages of times, not of rates)."""
+        def mix(old_rate: float, new_rate: float) -> float:
+            return 1.0 / ((1 - EWMA_WEIGHT) / old_rate + EWMA_WEIGHT / new_rate)
+        return Speed(mix(self.mem_bandwidth_gb_per_s, new.mem_bandwidth_gb_per_s),
+                     mix(self.matmul_tflops, new.matmul_tflops), self.samples + 1)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One stage's measured step: `seconds` for `n_layers` in this role at this batch and context."""
+
+    n_layers: int
+    first: bool
+    last: bool
+    batch: int
+    context_tokens: int
+    seconds: float
+
+
+def speed_from(model: ModelShape, obs: Observation) -> Speed:
+    """The cost model inverted at one observation: both roofline terms equal the time measured."""
+    bytes_read, flops = stage_step_bytes_and_flops(model, obs.n_layers, obs.first, obs.last, obs.batch,
+                                                   obs.context_tokens)
+    seconds = max(obs.seconds, 1e-9)
+    return Speed(bytes_read / seconds / 1e9, flops / seconds / 1e12)
+
+
+@dataclass
+class PeerFigures:
+    probe: Speed | None = None  # timed by the coordinator: the trusted figure
+    # from the stages' own step reports, capped by the probe; per batch size, because the
+    # effective figures of one batch size do not predict another's (per-op overhead)
+    steps: dict[int, Speed] = field(default_factory=dict)
+    rtt_ms: float | None = None  # coordinator <-> provider round trip, EWMA
+    claim_ratio: float | None = None  # probe time / time the claim predicts
+    contradicted: bool = False
+    memory_cap_bytes: int | None = None  # below the stage whose assignment it failed
+
+
+@dataclass
+class Measurements:
+    model: ModelShape
+    plan_batch: int  # the batch the planner plans for: step figures at this batch replace the probe's
+    peers: dict[str, PeerFigures] = field(default_factory=dict)
+    hop_latency_ms: float | None = None  # provider <-> provider, EWMA over pipelines' steps
+    events: list[dict] = field(default_factory=list)
+    contradictions_total: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # -- recording ------------------------------------------------------------------------
+
+    def record_probe(self, claimed: ProviderSpec, obs: Observation) -> bool:
+        """The admission probe of `claimed.peer_id`; True when it contradicts the claim (misconduct)."""
+        speed = speed_from(self.model, obs)
+        predicted_s = stage_time_s(claimed, self.model, obs.n_layers, obs.first, obs.last, obs.batch,
+                                   obs.context_tokens)
+        ratio = obs.seconds / max(predicted_s, 1e-12)
+        with self.lock:
+            figures = self.peers.setdefault(claimed.peer_id, PeerFigures())
+            figures.probe = speed if figures.probe is None else figures.probe.blend(speed)
+            figures.steps = {}  # a new probe starts the step figures again
+            figures.claim_ratio = ratio
+            contradicted = ratio > CONTRADICTION_RATIO
+            if contradicted:
+                figures.contradicted = True
+                self._event(claimed.peer_id, "profile contradicted by measurement",
+                            f"probe took {ratio:.0f}x the time its claimed figures predict "
+                            f"(claimed {claimed.mem_bandwidth_gb_per_s:.3g} GB/s, {claimed.matmul_tflops:.3g} TFLOP/s; "
+                            f"measured {speed.mem_bandwidth_gb_per_s:.3g} GB/s, {speed.matmul_tflops:.3g} TFLOP/s)")
+            return contradicted
+
+    def record_step(self, peers: tuple[str, ...], layers: tuple[int, ...], batch: int, context_tokens: int,
+                    wall_s: float, stage_ms: tuple[float, ...]) -> bool:
+        """One decode step of a pipeline as the coordinator timed it (`wall_s`) with each stage's own
+        report (`stage_ms`). False (and nothing recorded) when the reports cannot be true: more
+        compute than the whole step took, or not one report per stage."""
+        k = len(peers)
+        if len(stage_ms) != k or k == 0 or any(not (ms >= 0) for ms in stage_ms):
+            return False
+        if sum(stage_ms) / 1e3 > wall_s * 1.01:
+            return False
+        hop_ms = (wall_s * 1e3 - sum(stage_ms)) / (k + 1)
+        with self.lock:
+            for i, (peer, n_layers, ms) in enumerate(zip(peers, layers, stage_ms)):
+                figures = self.peers.setdefault(peer, PeerFigures())
+                obs = Observation(n_layers, i == 0, i == k - 1, batch, context_tokens, ms / 1e3)
+                speed = speed_from(self.model, obs)
+                if figures.probe is not None:  # without one (no probe possible), the reports stand alone
+                    speed = _capped(speed, figures.probe)
+                held = figures.steps.get(batch)
+                figures.steps[batch] = speed if held is None else held.blend(speed)
+            if k > 1:  # the links between providers: what the step took beyond its stages' compute
+                hop_ms = max(hop_ms, MIN_LATENCY_MS)
+                self.hop_latency_ms = (hop_ms if self.hop_latency_ms is None
+                                       else (1 - EWMA_WEIGHT) * self.hop_latency_ms + EWMA_WEIGHT * hop_ms)
+        return True
+
+    def record_rtt(self, peer: str, rtt_ms: float) -> None:
+        with self.lock:
+            figures = self.peers.setdefault(peer, PeerFigures())
+            figures.rtt_ms = rtt_ms if figures.rtt_ms is None else (1 - EWMA_WEIGHT) * figures.rtt_ms + EWMA_WEIGHT * rtt_ms
+
+    def record_assignment_failure(self, peer: str, stage_memory_bytes: int, reason: str) -> None:
+        """A provider could not load a stage its claimed memory should hold: plan it below that from now on."""
+        with self.lock:
+            figures = self.peers.setdefault(peer, PeerFigures())
+            cap = max(0, int(stage_memory_bytes) - 1)
+            figures.memory_cap_bytes = cap if figures.memory_cap_bytes is None else min(cap, figures.memory_cap_bytes)
+            self._event(peer, "assignment failed", f"could not take a stage of {stage_memory_bytes / 2**20:.0f} MiB: "
+                        f"{reason[:200]}; planned below that from now on")
+
+    def forget_probe(self, peer: str) -> None:
+        """A provider that registers again is probed again (its hardware may have changed); what it
+        was caught at (contradicted, memory cap) stays."""
+        with self.lock:
+            figures = self.peers.get(peer)
+            if figures is not None:
+                figures.probe, figures.steps = None, {}
+
+    # -- reading --------------------------------------------------------------------------
+
+    def probed(self, peer: str) -> bool:
+        with self.lock:
+            figures = self.peers.get(peer)
+            return figures is not None and figures.probe is not None
+
+    def spec_for(self, claimed: ProviderSpec) -> ProviderSpec:
+        """What the planner plans `claimed.peer_id` with: its measured speed (the steps' figure once
+        there is one, else the probe's), the claim only where nothing is measured yet; memory as
+        claimed, below any stage it failed to take."""
+        with self.lock:
+            figures = self.peers.get(claimed.peer_id)
+            if figures is None:
+                return claimed
+            speed = figures.steps.get(self.plan_batch) or figures.probe
+            spec = claimed
+            if speed is not None:
+                spec = replace(spec, mem_bandwidth_gb_per_s=speed.mem_bandwidth_gb_per_s,
+                               matmul_tflops=speed.matmul_tflops)
+            if figures.memory_cap_bytes is not None:
+                spec = replace(spec, memory_bytes=min(spec.memory_bytes, figures.memory_cap_bytes))
+            return spec
+
+    def links(self) -> Links:
+        """Measured links: coordinator <-> provider from round trips, provider <-> provider from steps."""
+        with self.lock:
+            default = DEFAULT_LINK
+            if self.hop_latency_ms is not None:
+                default = replace(DEFAULT_LINK, latency_ms=self.hop_latency_ms)
+            pairs = {(COORDINATOR, peer): replace(DEFAULT_LINK, latency_ms=max(f.rtt_ms / 2, MIN_LATENCY_MS))
+                     for peer, f in self.peers.items() if f.rtt_ms is not None}
+            return Links(default, pairs)
+
+    def public(self, peer: str) -> dict | None:
+        """For /pool and the dashboard: what is measured of `peer` and what the planner uses."""
+        with self.lock:
+            figures = self.peers.get(peer)
+            if figures is None:
+                return None
+            stepped = figures.steps.get(self.plan_batch)
+            speed = stepped or figures.probe
+            return {
+                "source": "steps" if stepped else "probe" if figures.probe else "claim",
+                "mem_bandwidth_gb_per_s": _round(speed.mem_bandwidth_gb_per_s if speed else None),
+                "matmul_tflops": _round(speed.matmul_tflops if speed else None),
+                "steps_measured": sum(s.samples for s in figures.steps.values()),
+                "rtt_ms": _round(figures.rtt_ms),
+                "claim_ratio": _round(figures.claim_ratio),
+                "contradicted": figures.contradicted,
+                "memory_cap_bytes": figures.memory_cap_bytes,
+            }
+
+    def summary(self) -> dict:
+        with self.lock:
+            return {"hop_latency_ms": _round(self.hop_latency_ms), "contradictions_total": self.contradictions_total,
+                    "events": list(self.events)}
+
+    def _event(self, peer: str, kind: str, detail: str) -> None:  # under lock
+        if kind.startswith("profile"):
+            self.contradictions_total += 1
+        self.events = (self.events + [{"peer": peer, "kind": kind, "detail": detail}])[-MAX_EVENTS:]
+
+
+def _capped(speed: Speed, probe: Speed) -> Speed:
+    """A step figure no more than STEP_TRUST_FACTOR x the probe the coordinator timed itself."""
+    return Speed(min(speed.mem_bandwidth_gb_per_s, probe.mem_bandwidth_gb_per_s * STEP_TRUST_FACTOR),
+                 min(speed.matmul_tflops, probe.matmul_tflops * STEP_TRUST_FACTOR), speed.samples)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.4g}")

@@ -1,0 +1,51 @@
+"""The admission probe's work, the same on a provider and on the coordinator that checks it.
+
+A `Probe` names a few middle layers, a batch and a seed: both sides load those layers, prefill
+`batch` sessions with hidden states drawn from the seed, then (on `ProbeRun`, with a second seed
+only sent when the timed part starts) run `steps` batched decode steps. The provider returns the
+last step's output; the coordinator, which times the run with its own clock, recomputes it
+(coordinator/admission.py). Inputs are drawn on the CPU in float32 so both sides draw the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from node.runtime import ShardRuntime
+from node.shard import Shard
+from wire.messages import Probe, ProbeRun
+
+
+def probe_inputs(seed: int, rows: int, hidden: int) -> torch.Tensor:
+    """(rows, hidden) float32 from `seed`: unit-RMS rows, like a normalised hidden state."""
+    return torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+class ProbeWork:
+    """Layers loaded and sessions prefilled for one probe; `run` is the part that is timed."""
+
+    def __init__(self, model_dir: str | Path | None, probe: Probe, device: torch.device | str = "cpu",
+                 runtime: ShardRuntime | None = None):
+        """`runtime`: the probe's layers already loaded (benchmarks on random weights); else from `model_dir`."""
+        self.probe = probe
+        shard = Shard(probe.model, probe.start, probe.end, probe.n_layers)
+        self.runtime = runtime or ShardRuntime(model_dir, shard, device=device, dtype=getattr(torch, probe.dtype),
+                                               max_sessions=probe.batch, max_seq_len=probe.tokens + 2 * 64,
+                                               cuda_graphs=False)
+        hidden = self.runtime.config.hidden_size
+        self.sessions = [f"probe{i}" for i in range(probe.batch)]
+        x = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)  # (B * T, D)
+        for i, sid in enumerate(self.sessions):
+            self.runtime.prefill(sid, x[i * probe.tokens:(i + 1) * probe.tokens])
+
+    def run(self, run: ProbeRun) -> torch.Tensor:
+        """`run.steps` decode steps of the whole batch; the last step's output (B, D) in float32."""
+        hidden = self.runtime.config.hidden_size
+        xs = probe_inputs(run.seed, run.steps * len(self.sessions), hidden)  # (steps * B, D)
+        out = None
+        for step in range(run.steps):
+            rows = xs[step * len(self.sessions):(step + 1) * len(self.sessions)]
+            out = self.runtime.decode([(sid, rows[i:i + 1]) for i, sid in enumerate(self.sessions)])
+        return out.float().cpu().clone()

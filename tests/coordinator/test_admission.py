@@ -1,0 +1,115 @@
+"""The admission probe against in-process providers on the default model's real layers: an honest one
+is measured, one that answers without the work is refused, one with a forged profile is caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from coordinator.admission import PROBE_LAYERS, Admission, AdmissionFailed
+from coordinator.measurements import Measurements
+from coordinator.planner import ModelShape, ProviderSpec
+from node.faults import Fault
+from node.models import model_id_of
+from node.probe import ProbeWork
+from wire.messages import Ack, MessageError, Ping, Probe, ProbeResult, ProbeRun, decode, refuse
+
+BATCH = 2
+
+
+class InProcessProvider:
+    """Answers the assign protocol's probe messages as node/provider.py does, optionally lying."""
+
+    def __init__(self, model_dir, lie: bool = False):
+        self.model_dir, self.lie, self.work = model_dir, lie, None
+
+    def request(self, peer: str, message, timeout_s: float):
+        message = decode(message.to_frame())  # through the wire, as a real request goes
+        if isinstance(message, Ping):
+            return Ack()
+        if isinstance(message, Probe):
+            self.work = ProbeWork(self.model_dir, message)
+            return Ack()
+        if isinstance(message, ProbeRun):
+            if self.work is None:
+                return refuse("no probe prepared")
+            out = self.work.run(message)
+            if self.lie:  # fast and made up
+                out = torch.randn_like(out)
+            return decode(ProbeResult(message.seed, out).to_frame())
+        return refuse("unexpected")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As `provider join` runs in a shared pool (coordinator/local_pool.py): spinning threads of two
+    processes on two cores make every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shape(default_model_dir):
+    raw = json.loads((default_model_dir / "config.json").read_text())
+    return ModelShape.from_hf_config(raw, name=model_id_of(default_model_dir), bytes_per_param=4.0, activation_bytes=4)
+
+
+def admission(model_dir, shape, provider) -> tuple[Admission, Measurements]:
+    store = Measurements(shape, BATCH)
+    return Admission(model_dir, model_id_of(model_dir), shape.n_layers, BATCH, provider.request, store), store
+
+
+def cpu_claim(peer: str, factor: float = 1.0) -> ProviderSpec:
+    return ProviderSpec(peer, 2**30, mem_bandwidth_gb_per_s=10.0 * factor, matmul_tflops=0.05 * factor)
+
+
+def test_an_honest_provider_is_measured_on_middle_layers(default_model_dir, shape):
+    gate, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir))
+    assert gate.possible and 0 < gate.start < gate.end < shape.n_layers and gate.end - gate.start == PROBE_LAYERS
+    # a modest claim (0.1 GB/s): however loaded this machine is, the probe does not contradict it
+    outcome = gate.admit(cpu_claim("honest", 0.01), "float32")
+    assert outcome.seconds_per_step > 0 and not outcome.contradicted
+    assert store.probed("honest") and store.public("honest")["source"] == "probe"
+    assert store.public("honest")["rtt_ms"] is not None
+    planned = store.spec_for(cpu_claim("honest", 0.01))
+    assert planned.mem_bandwidth_gb_per_s != cpu_claim("honest", 0.01).mem_bandwidth_gb_per_s  # measured, not claimed
+
+
+def test_an_answer_without_the_work_is_refused(default_model_dir, shape):
+    gate, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir, lie=True))
+    with pytest.raises(AdmissionFailed, match="not the work"):
+        gate.admit(cpu_claim("liar"), "float32")
+    assert not store.probed("liar")
+
+
+def test_a_forged_profile_is_caught_by_the_probe(default_model_dir, shape):
+    gate, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir))
+    fault = Fault.parse("inflate-profile:1e6")
+    profile = fault.inflate_profile({"devices": [{"mem_bandwidth_gb_per_s": 10.0, "matmul_tflops": 0.05,
+                                                  "memory_total_bytes": 2**30}]})
+    device = profile["devices"][0]
+    assert device["mem_bandwidth_gb_per_s"] == 1e7 and device["memory_total_bytes"] == 2**30
+    assert gate.admit(cpu_claim("forger", 1e6), "float32").contradicted
+    assert store.public("forger")["contradicted"] and store.summary()["contradictions_total"] == 1
+
+
+def test_probe_messages_are_checked_before_any_work(default_model_dir, shape):
+    model = model_id_of(default_model_dir)
+    for bad in (dict(start=0, end=2), dict(start=1, end=30), dict(start=1, end=20), dict(batch=0),
+                dict(tokens=10_000), dict(dtype="int8")):
+        fields = {**dict(model=model, start=14, end=16, n_layers=30, batch=2, tokens=8, seed=1, dtype="float32"),
+                  **bad}
+        with pytest.raises(MessageError):
+            decode(Probe(**fields).to_frame())
+    with pytest.raises(MessageError):
+        decode(ProbeRun(1, 0).to_frame())
+    with pytest.raises(MessageError):
+        decode(ProbeResult(1, torch.zeros(3)).to_frame())  # not (batch, D)
+    with pytest.raises(ValueError):
+        Fault.parse("inflate-profile:0.5")
+    with pytest.raises(ValueError):
+        Fault.parse("inflate-profile:lots")
