@@ -50,6 +50,8 @@ class TransportConfig:
     bulk_accept_plaintext: bool = False
     bulk_setup_timeout_s: float = 5.0
     max_bulk_pending: int = 64
+    # Circuit Relay v2 (reach.py): serve the hop role, i.e. relay for peers that cannot be dialed
+    relay_hop: bool = False
 
     def __post_init__(self) -> None:
         assert self.muxer in ("YAMUX", "MPLEX"), self.muxer
