@@ -18,7 +18,7 @@ from typing import Callable
 
 from coordinator import incidents
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
-from coordinator.planner import (InsufficientMemoryError, ModelShape, Objective, Pipeline, PlanError, Workload,
+from coordinator.planner import (InsufficientMemoryError, Links, ModelShape, Objective, Pipeline, PlanError, Workload,
                                  plan, provider_spec_from_profile)
 from coordinator.registry import Registry
 from wire.messages import SERVING_DTYPES, Assign, Stage
@@ -89,6 +89,7 @@ class Pool:
         self.assign, self.unassign, self.make_link, self.probe = assign, unassign, make_link, probe
         self.workload, self.objective, self.step_timeout_s = workload, objective, step_timeout_s
         self.serving_dtype = serving_dtype
+        self.links: Callable[[], Links] | None = None  # measured links (coordinator/reachability.py); None: the planner's default
         self.lock = threading.RLock()
         self.active: dict[str, ActivePipeline] = {}
         self.pending: list[GenerationRequest] = []
@@ -189,7 +190,8 @@ class Pool:
         if candidates:
             specs = [provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20) for c in candidates]
             try:
-                result = plan(specs, self.model_shape, self.workload, objective=self.objective)
+                result = plan(specs, self.model_shape, self.workload, objective=self.objective,
+                              links=self.links() if self.links else None)
                 wanted = {pipeline_id(p): p for p in result.pipelines}
             except (InsufficientMemoryError, PlanError) as exc:
                 error = str(exc)

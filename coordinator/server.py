@@ -22,6 +22,7 @@ from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
+from coordinator.reachability import LinkMonitor
 from coordinator.registry import Registry
 from coordinator.stakes import StakeKeeper
 from ledger.db import remember_url
@@ -46,7 +47,7 @@ RESULT_RECV_TIMEOUT_S = 3600.0  # a result stream idles while its pipeline has n
 class Coordinator:
     def __init__(self, data_dir: Path, model_dir: Path, p2p_port: int = 0, heartbeat_timeout_s: float = 5.0,
                  max_sessions: int = 8, context_tokens: int = 1024, accounts: Accounts | None = None,
-                 referee_check_ppm: int = 200_000, serving_dtype: str = ""):
+                 referee_check_ppm: int = 200_000, serving_dtype: str = "", p2p_host: str = "127.0.0.1"):
         """`accounts`: consumers and the ledger; with it, stages are paid on their receipts and audited.
         `serving_dtype`: the precision every stage is assigned ("": each provider's own choice)."""
         self.data_dir, self.model_dir = data_dir, model_dir
@@ -58,8 +59,10 @@ class Coordinator:
         self.registry = Registry(data_dir, heartbeat_timeout_s=heartbeat_timeout_s,
                                  **({"params": accounts.ledger.params, "stakes": self.stakes} if accounts else {}))
         self.identity = load_or_create(data_dir)
-        # a peer that sends a malformed frame is hung up on, not only its stream
-        self.node = P2PNode(self.identity, TransportConfig(listen_port=p2p_port, disconnect_on_bad_frame=True))
+        # a peer that sends a malformed frame is hung up on, not only its stream; the coordinator
+        # relays for providers that cannot be dialed (node/transport/reach.py)
+        self.node = P2PNode(self.identity, TransportConfig(listen_host=p2p_host, listen_port=p2p_port,
+                                                           disconnect_on_bad_frame=True, relay_hop=True))
         self.board = ResultBoard()
         self.max_sessions, self.context_tokens = max_sessions, context_tokens
         raw = json.loads((model_dir / "config.json").read_text())
@@ -69,6 +72,8 @@ class Coordinator:
                          self._unassign, self._make_link, self._probe,
                          Workload(batch=max_sessions, context_tokens=context_tokens, microbatches_in_flight=1),
                          serving_dtype=serving_dtype)
+        self.link_monitor = LinkMonitor(self.node, self.registry)
+        self.pool.links = self.link_monitor.links
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
@@ -81,6 +86,7 @@ class Coordinator:
         self.node.set_stream_handler(PROTO_RESULT, self._on_results)
         addr = self.node.start()
         self.pool.coordinator_addrs = (addr,)  # known once listening, before the planner's first round
+        self.link_monitor.start()
         self.pool.start()
         if self.auditor is not None:
             self.auditor.start()
@@ -90,6 +96,7 @@ class Coordinator:
         if self.auditor is not None:
             self.auditor.stop()
         self.pool.stop()
+        self.link_monitor.stop()
         self.node.close()
 
     # -- control --------------------------------------------------------------------------
