@@ -35,6 +35,9 @@ def measured_links(default: Link, rtt_ms: Mapping[str, float], relayed: Collecti
         leg = Link(latency_ms=rtt / 2, bandwidth_gbps=default.bandwidth_gbps)
         pairs[(COORDINATOR, peer)] = pairs[(peer, COORDINATOR)] = leg
     peers = set(rtt_ms) | set(relayed)
+    for a in relayed:  # out of a relayed provider into a dialable one: a direct dial (explicit, or
+        for b in peers - set(relayed):  # Links.between would fall back to the reverse, relayed entry)
+            pairs[(a, b)] = default
     for b in relayed:
         for a in peers - {b}:
             one_way_ms = (rtt_ms.get(a, 2 * default.latency_ms) + rtt_ms.get(b, 2 * default.latency_ms)) / 2
