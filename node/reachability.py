@@ -7,6 +7,8 @@ relayed address; upstream stages then dial us through the relay (node/transport/
 A dial-back that cannot be asked (an old coordinator, a timeout) leaves the direct address:
 that is how providers joined before.
 always: reserve and announce the relayed address without asking. never: the direct address.
+`--announce-addr /ip4/<public ip>/tcp/<port>` (a port forwarded on the home router, or a shaper in
+front of us in benchmarks) is announced instead of the listen address, and auto takes it as given.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ log = logging.getLogger("meshpool.provider")
 RELAY_MODES = ("auto", "always", "never")
 
 
-def announce_addr(node: P2PNode, coordinator_addr: str, coordinator_peer: str, mode: str) -> str:
+def announce_addr(node: P2PNode, coordinator_addr: str, coordinator_peer: str, mode: str,
+                  announce: str = "") -> str:
     """The address this provider registers under (its direct one or a /p2p-circuit one)."""
     if mode not in RELAY_MODES:
         raise ValueError(f"relay mode {mode!r} is not one of {RELAY_MODES}")
+    if announce and mode != "always":
+        return f"{announce.split('/p2p/')[0]}/p2p/{node.peer_id}"
     if mode == "never":
         return node.addr
     if mode == "auto":

@@ -19,12 +19,13 @@ from coordinator.planner.hardware import COORDINATOR, Link, Links
 
 # Circuit Relay v2 in py-libp2p 0.8.1 copies a relayed connection's bytes through two yamux
 # streams in pure Python, and the peers run Noise + yamux again inside: bench/reach.py measured
-# an 8 MB frame through the relay at ~2-3 MB/s on 127.0.0.1 (2 shared cores, under contention),
-# against ~100+ MB/s for a direct libp2p stream. 0.02 Gbit/s = 2.5 MB/s.
-RELAYED_BANDWIDTH_GBPS = 0.02
-# added one-way time of the relay's copy loop, measured as relayed RTT minus the two legs' RTTs
-# (bench/reach.py: ~2-4 ms a round trip on 127.0.0.1 under contention)
-RELAY_FORWARD_MS = 1.5
+# an 8 MB frame through the relay at 4.5-6.6 MB/s on 127.0.0.1 and through 5-50 ms legs (2 shared
+# cores, under contention), against 28 MB/s for a direct libp2p stream and 143 MB/s with the bulk
+# channel in the same run. 0.05 Gbit/s = 6.25 MB/s.
+RELAYED_BANDWIDTH_GBPS = 0.05
+# added one-way time of the relay's copy loop: relayed small-frame RTT 6.3 ms against 1.1 ms
+# direct on 127.0.0.1 (bench/reach.py), i.e. ~2.5 ms each way
+RELAY_FORWARD_MS = 2.5
 
 
 def measured_links(default: Link, rtt_ms: Mapping[str, float], relayed: Collection[str]) -> Links:
