@@ -18,6 +18,9 @@
 #
 # A home dials out through its router's address translation; nothing can dial into a home (the
 # routers drop new inbound connections and the public side has no route to 192.168.7x.0/24).
+# mp-pub forwards between the routers' WAN sides, as the internet would. mp-rt1 keeps a home's
+# source port when it can (masquerade: a "cone" NAT, which TCP hole punching can pass);
+# mp-rt2 picks a random port for each connection (masquerade random: "symmetric", which it cannot).
 set -euo pipefail
 
 log() { echo "netns.sh: $*" >&2; }
@@ -69,15 +72,17 @@ up() {
         ns "$n" ip link set lo up
     done
     veth mp-c0 - 10.77.0.2/24 mp-c1 mp-pub 10.77.0.1/24
+    ns mp-pub sysctl -qw net.ipv4.ip_forward=1
     for k in 1 2; do
         veth "mp-w${k}p" mp-pub "10.77.${k}.1/24" wan "mp-rt${k}" "10.77.${k}.2/24"
         veth lan "mp-rt${k}" "192.168.7${k}.1/24" eth0 "mp-home${k}" "192.168.7${k}.2/24"
         ns "mp-rt${k}" ip route add default via "10.77.${k}.1"
         ns "mp-rt${k}" sysctl -qw net.ipv4.ip_forward=1
         ns "mp-home${k}" ip route add default via "192.168.7${k}.1"
+        local how=""; [ "$k" = 2 ] && how=" random"
         ns "mp-rt${k}" nft -f - <<EOF
 table ip nat {
-    chain masq { type nat hook postrouting priority 100; oifname "wan" masquerade; }
+    chain masq { type nat hook postrouting priority 100; oifname "wan" masquerade${how}; }
 }
 table ip filter {
     chain routed { type filter hook forward priority 0; policy drop;

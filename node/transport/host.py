@@ -160,7 +160,7 @@ class P2PNode:
         self._stop = trio.Event()
         self._handler_limiter = trio.CapacityLimiter(self.cfg.handler_threads)
         self._stream_limiter = trio.CapacityLimiter(self.cfg.max_streams)
-        self._reach = Reach(self._host, hop=self.cfg.relay_hop)
+        self._reach = Reach(self._host, hop=self.cfg.relay_hop, hole_punch=self.cfg.hole_punch)
         async with self._host.run([listen]), self._reach.running():
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -35,6 +35,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -86,19 +87,26 @@ def connection_kind(host: Any, peer_id: str) -> str:
 class Reach:
     """Relay (stop on every node, hop where `hop`), relay dials and reservations, AutoNAT."""
 
-    def __init__(self, host: Any, hop: bool) -> None:
+    def __init__(self, host: Any, hop: bool, hole_punch: bool = True) -> None:
         self.host, self.hop = host, hop
         self.protocol = CircuitV2Protocol(host, limits=RELAY_LIMITS, allow_hop=hop)
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=roles, limits=RELAY_LIMITS))
         # every node answers dial-back requests only if it relays (a public node); all can ask
         self.autonat = AutoNATService(host, serve=hop)
+        # DCUtR: every 2 s it tries to turn relayed connections into direct ones (TCP simultaneous
+        # open from our listen port to the peer's observed address); the relayed one stays if not
+        self.dcutr = DCUtRProtocol(host) if hole_punch else None
         self.reserved_at: str | None = None
 
     @contextlib.asynccontextmanager
     async def running(self):
-        async with background_trio_service(self.protocol):
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(self.protocol))
             await self.protocol.event_started.wait()
+            if self.dcutr is not None:
+                await stack.enter_async_context(background_trio_service(self.dcutr))
+                await self.dcutr.event_started.wait()
             yield self
 
     async def dial(self, addr: str) -> str:

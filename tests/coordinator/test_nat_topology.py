@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from coordinator.local_pool import LocalPool
 
 ROOT = Path(__file__).resolve().parents[2]
+PEER = Path(__file__).with_name("nat_peer.py")
 NETNS = ROOT / "scripts" / "netns.sh"
 MODEL = "smollm2-135m-instruct"
 HALF_MODEL_MB = 480  # no provider holds the model alone: every pipeline has two stages
@@ -48,8 +50,16 @@ pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "available")
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def topology():
     subprocess.run(["bash", str(NETNS), "up"], check=True, capture_output=True, timeout=120)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(NETNS), "down"], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pool(topology, tmp_path_factory):
     pool = LocalPool(tmp_path_factory.mktemp("nat-pool"), heartbeat_timeout_s=5.0, coordinator_args=[
         "--p2p-host", PUBLIC_HOST, "--api-host", PUBLIC_HOST, "--audit-probability-ppm", "999999"])
     pool.homes = {}
@@ -61,7 +71,6 @@ def pool(tmp_path_factory):
         yield pool
     finally:
         pool.stop()
-        subprocess.run(["bash", str(NETNS), "down"], capture_output=True, timeout=60)
 
 
 def complete(pool: LocalPool, prompt: str, max_tokens: int) -> tuple[int, dict]:
@@ -135,3 +144,41 @@ def test_a_dead_home_fails_over_without_an_error_for_the_caller(pool, reference)
     state = pool.wait_for(lambda s: s["pipelines"] and victim not in stage_peers(s), 120, "a pipeline without the victim")
     assert {p["peer"]: p["state"] for p in state["providers"]}[victim] == "dead"
     assert {p["peer"]: p["reachability"] for p in state["providers"]}[spare] == "public"
+
+
+def _spawn(netns: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(PEER), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_hole_punching_upgrades_a_relayed_connection_where_the_nats_allow(topology):
+    """DCUtR to mp-home2, whose router picks a random source port for every connection: from a
+    public peer the relayed connection becomes direct (the home's dial out is let through), from
+    mp-home1, behind a NAT of its own, no hole meets and it stays relayed. (Two homes that both
+    keep source ports, as mp-rt1 does, were measured to punch through: see the README.)"""
+    procs = []
+    try:
+        relay = _spawn("mp-pub", "relay", PUBLIC_HOST)
+        procs.append(relay)
+        relay_addr = relay.stdout.readline().strip()
+        home = _spawn("mp-home2", "home", "192.168.72.2", relay_addr)
+        procs.append(home)
+        relayed_addr = home.stdout.readline().strip()
+        assert "/p2p-circuit/" in relayed_addr, relayed_addr
+        dialers = {"public": _spawn("mp-pub", "dial", PUBLIC_HOST, relayed_addr, "25"),
+                   "home1": _spawn("mp-home1", "dial", "192.168.71.2", relayed_addr, "25")}
+        procs += dialers.values()
+        kinds = {name: [line.strip() for line in d.stdout] for name, d in dialers.items()}
+        assert all(d.wait(timeout=60) == 0 for d in dialers.values()), kinds
+        # DCUtR tries every 2 s; once direct, new streams take the direct connection
+        assert kinds["public"][0] == "relayed" and "direct" in kinds["public"], kinds
+        assert kinds["home1"] and set(kinds["home1"]) == {"relayed"}, kinds
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
