@@ -3,14 +3,18 @@
 Compares, in one run, on 127.0.0.1, each path with its server in a second
 process (as two providers are) and then in a thread of the same process:
   plain TCP        trio sockets, length-prefixed bytes (the baseline)
-  libp2p stream    py-libp2p 0.8.1, TCP + Noise + yamux (or mplex), no meshpool code
+  libp2p stream    py-libp2p 0.8.1, TCP + Noise + yamux (or mplex), no meshpool code;
+                   yamux starting at a 16 MiB receive window on both ends; py-libp2p's QUIC
+                   transport (needs aioquic, not a meshpool dependency: the row is skipped
+                   without it; `pip install --target DIR aioquic` and PYTHONPATH=DIR to run it)
   P2PNode          node.transport (frames, thread bridge, handler in a worker
                    thread) with the bulk side channel off (frames over the
                    libp2p stream), on with AES-256-GCM (default), on unencrypted
 
 8 MB hop = from the sender starting to write an 8 MB float32 tensor until it
 has the receiver's small ack, sent after the receiver decoded the frame.
-Run: .venv/bin/python bench/transport.py [--reps N]   (writes bench/transport.json)
+Run: .venv/bin/python bench/transport.py [--reps N] [--rows a,b] [--out NAME]
+(writes bench/transport.json; bench/transport_quic_yamux.json holds the QUIC / window run)
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ NODE_CONFIGS = {
 ROWS = [
     ("tcp", "plain TCP (trio)"),
     ("libp2p-yamux", "libp2p stream, yamux (before)"),
+    ("libp2p-yamux16m", "libp2p stream, yamux 16 MiB window"),
+    ("libp2p-quic", "libp2p stream, QUIC (aioquic)"),
     ("libp2p-mplex", "libp2p stream, mplex"),
     ("node-off", "P2PNode, bulk channel off"),
     ("node-aes", "P2PNode, bulk AES-GCM (after)"),
@@ -84,7 +90,17 @@ async def _read_exact(s, n: int) -> bytearray:
     return buf
 
 
-def _libp2p_host(muxer: str):
+QUIC_LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/udp/0/quic-v1")]
+YAMUX_BIG_WINDOW_BYTES = 16 * 1024 * 1024  # yamux's own cap (MAX_WINDOW_SIZE); the default start is 256 KiB
+
+
+def _listen(variant: str) -> list:
+    return QUIC_LISTEN if variant == "quic" else LISTEN
+
+
+def _libp2p_host(variant: str):
+    """variant: "yamux", "mplex", "yamux16m" (yamux starting at a 16 MiB window on
+    both ends) or "quic" (py-libp2p's QUIC transport, aioquic, its own TLS and streams)."""
     from libp2p import new_host
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.crypto.x25519 import create_new_key_pair as x25519
@@ -92,8 +108,17 @@ def _libp2p_host(muxer: str):
     from libp2p.security.noise.transport import Transport as Noise
 
     kp = create_new_key_pair()
+    if variant == "quic":
+        return new_host(key_pair=kp, enable_quic=True, listen_addrs=QUIC_LISTEN)
+    if variant == "yamux16m":
+        # Both peers must start at the larger window: yamux assumes the peer's initial
+        # window is the default, and only WINDOW_UPDATE frames raise it past that.
+        import libp2p.stream_muxer.yamux.yamux as ymx
+
+        ymx.DEFAULT_WINDOW_SIZE = YAMUX_BIG_WINDOW_BYTES
+        variant = "yamux"
     return new_host(key_pair=kp, sec_opt={NOISE_ID: Noise(kp, noise_privkey=x25519().private_key)},
-                    muxer_preference=muxer, listen_addrs=LISTEN)
+                    muxer_preference=variant.upper(), listen_addrs=LISTEN)
 
 
 def serve_tcp(addr_out, stop: threading.Event) -> None:
@@ -130,7 +155,7 @@ def serve_libp2p(muxer: str, addr_out, stop: threading.Event) -> None:
 
     async def run() -> None:
         h = _libp2p_host(muxer)
-        async with h.run(LISTEN):
+        async with h.run(_listen(muxer)):
             h.set_stream_handler(RAW_PROTO, echo)
             addr_out(str(h.get_addrs()[0]))
             while not stop.is_set():
@@ -160,7 +185,7 @@ def serve(kind: str, addr_out, stop: threading.Event) -> None:
     if kind == "tcp":
         serve_tcp(addr_out, stop)
     elif kind.startswith("libp2p-"):
-        serve_libp2p(kind.split("-")[1].upper(), addr_out, stop)
+        serve_libp2p(kind.split("-")[1], addr_out, stop)
     else:
         serve_node(kind, addr_out, stop)
 
@@ -201,7 +226,7 @@ def client_libp2p(muxer: str, addr: str, reps_small: int, reps_big: int) -> dict
 
     async def run() -> None:
         a = _libp2p_host(muxer)
-        async with a.run(LISTEN):
+        async with a.run(_listen(muxer)):
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             await a.connect(info)
             s = await a.new_stream(info.peer_id, [RAW_PROTO])
@@ -254,7 +279,7 @@ def client(kind: str, addr: str, reps_small: int, reps_big: int) -> dict:
     if kind == "tcp":
         return client_tcp(addr, reps_small, reps_big)
     if kind.startswith("libp2p-"):
-        return client_libp2p(kind.split("-")[1].upper(), addr, reps_small, reps_big)
+        return client_libp2p(kind.split("-")[1], addr, reps_small, reps_big)
     return client_node(kind, addr, reps_small, reps_big)
 
 
@@ -297,6 +322,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7, help="8 MB hops per row and round (median taken)")
     ap.add_argument("--small-reps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3, help="all rows are run this many times, interleaved")
+    ap.add_argument("--rows", help="comma-separated row kinds to run (tcp is always run first); default all")
+    ap.add_argument("--out", default="transport.json", help="file name beside this script")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -309,12 +336,21 @@ def main() -> None:
 
     # Other work on a shared machine makes single runs noisy, so rows are interleaved
     # over rounds; each ratio to TCP is taken within a round, then the median over rounds.
+    rows_run = ROWS
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        rows_run = [ROWS[0]] + [r for r in ROWS[1:] if r[0] in wanted]
+    try:
+        import aioquic  # noqa: F401
+    except ImportError:
+        print("aioquic is not installed: the QUIC row is skipped")
+        rows_run = [r for r in rows_run if r[0] != "libp2p-quic"]
     results: dict[str, dict] = {}
     for procs, where in ((True, "server in a 2nd process"), (False, "server in a thread, 1 process")):
         rounds: list[dict[str, dict]] = []
         for _ in range(args.rounds):
             rows: dict[str, dict] = {}
-            for kind, name in ROWS:
+            for kind, name in rows_run:
                 reps = args.reps if kind != "libp2p-mplex" else 3  # mplex is slow
                 rows[name] = run_row(kind, procs, args.small_reps, reps)
             base = rows[ROWS[0][1]]
@@ -323,7 +359,7 @@ def main() -> None:
                 r["rtt_vs_tcp"] = r["rtt_16k_ms"] / base["rtt_16k_ms"]
             rounds.append(rows)
         summary = {}
-        for _, name in ROWS:
+        for _, name in rows_run:
             summary[name] = {k: round(statistics.median(rd[name][k] for rd in rounds), 3)
                              for k in rounds[0][name]}
             summary[name]["per_round"] = [rd[name] for rd in rounds]
@@ -340,7 +376,8 @@ def main() -> None:
         "small_bytes": SMALL_BYTES, "big_bytes": BIG_BYTES, "reps_big": args.reps,
         "small_reps": args.small_reps, "rounds": args.rounds, "results": results,
     }
-    Path(__file__).with_name("transport.json").write_text(json.dumps(out, indent=2) + "\n")
+    out_path = Path(args.out) if "/" in args.out else Path(__file__).with_name(args.out)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

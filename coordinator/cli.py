@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the libp2p host, the pool and the HTTP API")
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--p2p-port", type=int, default=0, help="0: any free port")
+    p.add_argument("--p2p-host", default="127.0.0.1",
+                   help="address libp2p listens on and announces (a public host: its public or LAN address)")
+    p.add_argument("--api-host", default="127.0.0.1", help="address the consumer API and dashboard listen on")
     p.add_argument("--api-port", type=int, default=0, help="0: any free port")
     p.add_argument("--model", type=Path, help="Hugging Face-format model directory (default: the shipped model)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions each stage holds at once")
@@ -78,7 +81,8 @@ def _serve(args) -> int:
                                                ("promotion_agreements", args.promotion_audits)) if value is not None}
     try:
         params = MoneyParams(**{**DEFAULT_PARAMS.to_dict(), **changes}) if changes else None
-        serve(args.data_dir, args.model, args.p2p_port, args.api_port, max_sessions=args.max_sessions,
+        serve(args.data_dir, args.model, args.p2p_port, args.api_port, host=args.api_host, p2p_host=args.p2p_host,
+              max_sessions=args.max_sessions,
               context_tokens=args.context_tokens, heartbeat_timeout_s=args.heartbeat_timeout_s,
               step_timeout_s=args.step_timeout_s,
               rate_limit_rps=args.rate_limit_rps, db=args.db, params=params,

@@ -27,6 +27,10 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
+def _in_netns(netns: str) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
 class LocalPool:
     def __init__(self, root: Path, model_dir: Path | None = None, heartbeat_timeout_s: float = 3.0,
                  context_tokens: int = 512, max_sessions: int = 8, coordinator_args: list[str] = (),
@@ -73,8 +77,10 @@ class LocalPool:
         """Environment variables the process called `name` gets besides this one's (none here)."""
         return {}
 
-    def start_coordinator(self) -> None:
-        args = [sys.executable, "-m", "coordinator.cli", "serve", "--data-dir", str(self.root / "coordinator"),
+    def start_coordinator(self, netns: str = "") -> None:
+        """`netns`: run it in that network namespace (scripts/netns.sh), as `ip netns exec` does."""
+        args = [*_in_netns(netns), sys.executable, "-m", "coordinator.cli", "serve", "--data-dir",
+                str(self.root / "coordinator"),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s), "--context-tokens", str(self.context_tokens),
                 "--max-sessions", str(self.max_sessions), *self.coordinator_args]
         if self.model_dir:
@@ -84,8 +90,8 @@ class LocalPool:
         self.p2p_addr, self.api = fields["p2p"], fields["api"]
 
     def add_provider(self, name: str, max_memory_mb: int | None = None, vouch: bool = True,
-                     extra_args: list[str] = ()) -> str:
-        args = [sys.executable, "-m", "node.cli", "join", self.p2p_addr, "--data-dir", str(self.root / name),
+                     extra_args: list[str] = (), netns: str = "") -> str:
+        args = [*_in_netns(netns), sys.executable, "-m", "node.cli", "join", self.p2p_addr, "--data-dir", str(self.root / name),
                 "--device", "cpu", "--quick-profile", *extra_args]
         if max_memory_mb:
             args += ["--max-memory-mb", str(max_memory_mb)]

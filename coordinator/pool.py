@@ -21,9 +21,9 @@ from coordinator.admission import AdmissionFailed
 from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.measurements import Measurements
-from coordinator.planner import (Capacity, InsufficientMemoryError, ModelShape, Objective, Pipeline, PipelineCost,
-                                 PlanError, Workload, choose_with_hysteresis, evaluate_pipeline, plan_within_memory,
-                                 provider_spec_from_profile, sessions_held, stage_memory_bytes)
+from coordinator.planner import (Capacity, InsufficientMemoryError, Links, ModelShape, Objective, Pipeline,
+                                 PipelineCost, PlanError, Workload, choose_with_hysteresis, evaluate_pipeline,
+                                 plan_within_memory, provider_spec_from_profile, sessions_held, stage_memory_bytes)
 from coordinator.registry import Registry, ProviderRecord
 from wire.messages import MAX_BATCH_SESSIONS, SERVING_DTYPES, Assign, Stage, Step
 
@@ -121,6 +121,8 @@ class Pool:
         self.serving_dtype = serving_dtype
         self.admit = admit
         self.measurements = measurements or Measurements(model_shape, workload.batch)
+        # hops priced by reachability (coordinator/reachability.py: relayed ones through the relay); None: unknown
+        self.reach_links: Callable[[], Links] | None = None
         self.lock = threading.RLock()
         self.active: dict[str, ActivePipeline] = {}
         self.pending: list[GenerationRequest] = []
@@ -258,7 +260,7 @@ class Pool:
             specs = {c.peer: replace(self.measurements.spec_for(
                 provider_spec_from_profile(c.peer, c.profile, c.max_memory_bytes // 2**20)),
                 dtype_bytes=DTYPE_BYTES[self._dtype_for(c.peer)]) for c in candidates}
-            links = self.measurements.links()
+            links = self._links()
             try:
                 # fewer sessions or a shorter context when the pool cannot hold what was asked
                 result, bent = plan_within_memory(list(specs.values()), self.model_shape, self.workload, links=links,
@@ -348,6 +350,13 @@ class Pool:
                     self.registry.set_state(record.peer, "idle")
             self.pending = orphans + self.pending
             self._flush_pending()
+
+    def _links(self) -> Links:
+        """Measured hop times (coordinator/measurements.py), hops into relayed providers priced as relayed."""
+        measured = self.measurements.links()
+        if self.reach_links is None:
+            return measured
+        return Links(measured.default, {**measured.pairs, **self.reach_links().pairs})
 
     def _admitted(self, candidates: list[ProviderRecord]) -> list[ProviderRecord]:
         """The candidates measured by an admission probe, probing those not yet measured; a provider

@@ -38,10 +38,18 @@ class ProviderRecord:
     last_seen_s: float
     state: str = "newcomer"  # newcomer | idle | serving | leaving | dead | banned
     reason: str = ""
+    rtt_ms: float | None = None  # round trip coordinator <-> provider, last measured (coordinator/reachability.py)
+
+    @property
+    def reachability(self) -> str:
+        """How others reach it: "relayed" when it announced only /p2p-circuit addresses, else "public"."""
+        return "relayed" if self.addrs and all("/p2p-circuit" in a for a in self.addrs) else "public"
 
     def public(self, vouched: bool) -> dict:
         return {"peer": self.peer, "profile": self.profile, "vouched": vouched, "state": self.state,
-                "max_memory_bytes": self.max_memory_bytes, "addrs": self.addrs}
+                "max_memory_bytes": self.max_memory_bytes, "addrs": self.addrs,
+                "reachability": self.reachability,
+                "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3)}
 
 
 def add_vouch(data_dir: str | Path, peer: str) -> bool:
@@ -184,6 +192,12 @@ class Registry:
         with self.lock:
             self._refresh_vouches()
             return [replace(p) for p in self._providers.values() if p.state in ("idle", "serving")]
+
+    def set_rtt(self, peer: str, rtt_ms: float) -> None:
+        with self.lock:
+            record = self._providers.get(peer)
+            if record is not None:
+                record.rtt_ms = rtt_ms
 
     def snapshot(self) -> list[dict]:
         with self.lock:

@@ -24,6 +24,7 @@ from coordinator.links import ResultBoard, StreamLink
 from coordinator.measurements import Measurements
 from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
+from coordinator.reachability import LinkMonitor
 from coordinator.registry import Registry
 from coordinator.stakes import StakeKeeper
 from ledger.db import remember_url
@@ -49,7 +50,7 @@ class Coordinator:
     def __init__(self, data_dir: Path, model_dir: Path, p2p_port: int = 0, heartbeat_timeout_s: float = 5.0,
                  max_sessions: int = 8, context_tokens: int = 1024, accounts: Accounts | None = None,
                  referee_check_ppm: int = 200_000, serving_dtype: str = "", microbatches: int = 2,
-                 step_timeout_s: float = 30.0):
+                 step_timeout_s: float = 30.0, p2p_host: str = "127.0.0.1"):
         """`accounts`: consumers and the ledger; with it, stages are paid on their receipts and audited.
         `serving_dtype`: the precision every stage is assigned ("": each provider's own choice).
         `microbatches`: steps each pipeline keeps in flight (at most max_sessions); its sessions are split
@@ -66,8 +67,10 @@ class Coordinator:
         self.registry = Registry(data_dir, heartbeat_timeout_s=heartbeat_timeout_s,
                                  **({"params": accounts.ledger.params, "stakes": self.stakes} if accounts else {}))
         self.identity = load_or_create(data_dir)
-        # a peer that sends a malformed frame is hung up on, not only its stream
-        self.node = P2PNode(self.identity, TransportConfig(listen_port=p2p_port, disconnect_on_bad_frame=True))
+        # a peer that sends a malformed frame is hung up on, not only its stream; the coordinator
+        # relays for providers that cannot be dialed (node/transport/reach.py)
+        self.node = P2PNode(self.identity, TransportConfig(listen_host=p2p_host, listen_port=p2p_port,
+                                                           disconnect_on_bad_frame=True, relay_hop=True))
         self.board = ResultBoard()
         self.max_sessions, self.context_tokens = max_sessions, context_tokens
         raw = json.loads((model_dir / "config.json").read_text())
@@ -84,6 +87,8 @@ class Coordinator:
                                   microbatches_in_flight=microbatches),
                          serving_dtype=serving_dtype, step_timeout_s=step_timeout_s, measurements=self.measurements,
                          admit=self.admission.admit if self.admission.possible else None)
+        self.link_monitor = LinkMonitor(self.node, self.registry)
+        self.pool.reach_links = self.link_monitor.links
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
@@ -96,6 +101,7 @@ class Coordinator:
         self.node.set_stream_handler(PROTO_RESULT, self._on_results)
         addr = self.node.start()
         self.pool.coordinator_addrs = (addr,)  # known once listening, before the planner's first round
+        self.link_monitor.start()
         self.pool.start()
         if self.auditor is not None:
             self.auditor.start()
@@ -105,6 +111,7 @@ class Coordinator:
         if self.auditor is not None:
             self.auditor.stop()
         self.pool.stop()
+        self.link_monitor.stop()
         self.node.close()
 
     # -- control --------------------------------------------------------------------------

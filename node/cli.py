@@ -32,7 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory for the tensors kept for audits (every layer boundary of recent requests)")
     p.add_argument("--fault-injection", metavar="KIND",
                    help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
-                        "bad-verifier, refuse, int8, fp8, int4, tamper, skip-layer, window, token, other-model")
+                        "bad-verifier, refuse, inflate-profile, int8, fp8, int4, tamper, skip-layer, window, token, "
+                        "other-model")
+    p.add_argument("--listen-host", default="127.0.0.1",
+                   help="address libp2p listens on (this machine's LAN address when the pool spans machines)")
+    p.add_argument("--p2p-port", type=int, default=0, help="libp2p listen port (0: any free port)")
+    p.add_argument("--announce-addr", default="",
+                   help="announce this /ip4/<ip>/tcp/<port> instead of the listen address (a port forwarded "
+                        "on the home router)")
+    p.add_argument("--relay", choices=("auto", "always", "never"), default="auto",
+                   help="be reached through the coordinator's relay: auto (when its AutoNAT dial-back "
+                        "cannot reach us), always, never")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_join)
 
@@ -116,13 +126,16 @@ def _join(args) -> int:
                         else profile.devices[0].memory_free_bytes)
     provider = Provider(identity, args.coordinator, model_dir, device, profile.to_dict(), max_memory_bytes,
                         dtype=getattr(torch, args.dtype) if args.dtype else None, fault=fault,
-                        retained=RetentionStore(budget_bytes=args.retention_mb * 2**20))
+                        retained=RetentionStore(budget_bytes=args.retention_mb * 2**20),
+                        listen_host=args.listen_host, relay=args.relay, p2p_port=args.p2p_port,
+                        announce=args.announce_addr)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     peer = provider.start()
     print(f"provider ready peer={peer}", flush=True)
+    print(f"provider reachable at {provider.announced_addr}", file=sys.stderr, flush=True)
     line = StatusLine()  # one live line on a terminal; DATA_DIR/status.json for `provider status`
     for handler in logging.getLogger().handlers:
         handler.addFilter(line.log_filter)

@@ -18,6 +18,7 @@ from node.faults import Fault
 from node.models import model_id_of
 from node.probe import ProbeWork
 from node.profile import hardware_class, serving_dtype
+from node.reachability import announce_addr
 from node.retention import RetentionStore
 from node.runtime import ShardRuntime
 from node.shard import Shard, tensor_names
@@ -58,7 +59,8 @@ class Assignment:
 class Provider:
     def __init__(self, identity: Identity, coordinator_addr: str, model_dir: Path, device: torch.device,
                  profile: dict, max_memory_bytes: int, dtype: torch.dtype | None = None, fault: Fault | None = None,
-                 retained: RetentionStore | None = None):
+                 retained: RetentionStore | None = None, listen_host: str = "127.0.0.1", relay: str = "auto",
+                 p2p_port: int = 0, announce: str = ""):
         """`dtype`: what the shard computes in (default: the device's serving dtype). `fault`: a
         deliberate misbehaviour, for testing the auditors; None in real use."""
         self.identity, self.coordinator_addr = identity, coordinator_addr
@@ -73,7 +75,9 @@ class Provider:
         self.model_id = model_id_of(model_dir)
         self.fault = fault
         self.retained = retained or RetentionStore()
-        self.node = P2PNode(identity, TransportConfig(disconnect_on_bad_frame=True))
+        self.node = P2PNode(identity, TransportConfig(listen_host=listen_host, listen_port=p2p_port,
+                                                      disconnect_on_bad_frame=True))
+        self.relay_mode, self.announce, self.announced_addr = relay, announce, ""  # node/reachability.py
         self.coordinator_peer = ""
         self.stats = ProviderStats(peer=identity.peer_id_str)
         self.audits = AuditService(self.node, model_dir, device, self.retained,
@@ -95,6 +99,8 @@ class Provider:
         self.node.set_handler(PROTO_AUDIT, self.audits.handle)
         self.node.start()
         self.coordinator_peer = self.node.connect(self.coordinator_addr)
+        self.announced_addr = announce_addr(self.node, self.coordinator_addr, self.coordinator_peer, self.relay_mode,
+                                            self.announce)
         self._register()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         return self.node.peer_id
@@ -117,7 +123,7 @@ class Provider:
         return decode(self.node.request(self.coordinator_peer, PROTO_CONTROL, message.to_frame(), timeout_s=timeout_s))
 
     def _register(self) -> None:
-        unsigned = Register(self.profile, (self.node.addr,), self.max_memory_bytes, self.identity.public_key_bytes, b"")
+        unsigned = Register(self.profile, (self.announced_addr or self.node.addr,), self.max_memory_bytes, self.identity.public_key_bytes, b"")
         signature = self.identity.sign(unsigned.signed_bytes(self.node.peer_id))
         reply = self._control(Register(**{**vars(unsigned), "signature": signature}), CONNECT_TIMEOUT_S)
         if not isinstance(reply, Ack) or not reply.ok:

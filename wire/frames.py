@@ -141,6 +141,8 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 register_message(MessageSpec("transport.error", 1, {"reason": str}, max_tensors=0))
 register_message(MessageSpec("transport.bulk_offer", 1, {"port": int, "token": bytes, "key": bytes}, max_tensors=0))
 register_message(MessageSpec("transport.bulk_ref", 1, {"nbytes": int}, max_tensors=0))
+# the receiver's answer when it cannot dial the offer: dial me at port with token (port 0: no bulk channel)
+register_message(MessageSpec("transport.bulk_reverse", 1, {"port": int, "token": bytes}, max_tensors=0))
 register_message(MessageSpec("transport.ping", 1, {}))
 
 

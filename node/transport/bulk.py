@@ -19,6 +19,12 @@ How it is authenticated (no trust in the TCP socket itself):
      as records `u32 ciphertext_len | AES-GCM(key, nonce=counter, chunk)`.
      The counter nonce makes reordered, replayed or injected records fail
      authentication, which B treats like a bad frame.
+  2b. If B cannot dial A (A is behind NAT: the direction a home router blocks), B makes a token
+     of its own and answers `transport.bulk_reverse` {port, token} on the stream; A dials B's
+     bulk port and writes that token, and the socket serves the same way. Port 0 says B has no
+     way either, and A sends large frames over the libp2p stream from then on.
+  On a relayed libp2p connection (reach.py) no bulk channel is offered: the IP the connection
+  shows is the relay's, and the peers cannot dial each other by definition.
 With cipher "none" (bench only, and only if the receiver allows it) records
 are plain and only the token binds the socket: not confidential, and a
 network attacker able to inject into TCP could alter bytes.
@@ -165,6 +171,17 @@ class BulkListener:
 
     def forget(self, token: bytes) -> None:
         self._pending.pop(token, None)
+
+    def fulfil(self, token: bytes, sock: trio.socket.SocketType | None) -> bool:
+        """Hand a socket dialed the other way (or None: no channel) to the offer waiting on token."""
+        waiter = self._pending.pop(token, None)
+        if waiter is None:
+            return False
+        try:
+            waiter.send_nowait(sock)
+            return True
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         with listener:

@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Any, Protocol
 
 import trio
+from libp2p.connection_types import ConnectionType
 
 from . import bulk as bulkmod
 from . import faults as faultsmod
@@ -41,6 +42,14 @@ from .wire import StreamReader, alloc_buffer, read_frame, write_parts
 log = logging.getLogger("meshpool.transport")
 
 
+def _is_relayed(ns: Any) -> bool:
+    """Whether the libp2p stream runs over a relayed (/p2p-circuit) connection."""
+    try:
+        return ns.muxed_conn.get_connection_type() == ConnectionType.RELAYED
+    except Exception:  # a muxer without connection types (mplex in tests): a direct TCP connection
+        return False
+
+
 class BulkHub(Protocol):
     """What a FrameStream needs from its node for the bulk channel."""
 
@@ -50,6 +59,8 @@ class BulkHub(Protocol):
     def bulk_expect(self, token: bytes) -> trio.MemoryReceiveChannel: ...
 
     def bulk_forget(self, token: bytes) -> None: ...
+
+    def bulk_fulfil(self, token: bytes, sock: Any) -> bool: ...
 
     def on_bad_frame(self, peer_id: str, reason: str) -> None: ...
 
@@ -73,6 +84,9 @@ class FrameStream:
         self._bulk_out: bulkmod.BulkSender | None = None
         self._bulk_out_failed = False
         self._bulk_in: bulkmod.BulkReceiver | None = None
+        self._bulk_offered: bytes | None = None  # token of our offer while the peer answers it
+        self._bulk_in_pending: tuple | None = None  # (token, waiter, key, cipher) of our bulk_reverse
+        self.relayed = _is_relayed(ns)
         self.end_reason: str | None = None
         self.closed = False
         self._faults = cfg.faults.for_stream(protocol) if cfg.faults is not None else None
@@ -131,6 +145,9 @@ class FrameStream:
             return None
         if frame.type == "transport.bulk_ref":
             return await self._recv_bulk(frame.fields["nbytes"])
+        if frame.type == "transport.bulk_reverse":
+            await self._dial_reverse(frame.fields)
+            return None
         if frame.type == "transport.ping":
             return None
         raise FrameError(f"unknown control message {frame.type}")
@@ -147,23 +164,65 @@ class FrameStream:
             raise FrameError("bulk offer token/key of wrong length")
         if not 0 < f["port"] < 65536:
             raise FrameError(f"bulk offer port {f['port']} out of range")
-        remote = self.ns.get_remote_address()
-        if not remote:
-            log.info("no remote address for %s; bulk channel not set up", self.peer_id)
-            return
+        remote = None if self.relayed else self.ns.get_remote_address()
+        sock = await self._bulk_dial(remote, f["port"], f["token"]) if remote else None
+        if sock is None:
+            await self._offer_reverse(f["key"], cipher)
+        else:
+            self._bulk_in = bulkmod.BulkReceiver(sock, f["key"], cipher)
+
+    async def _bulk_dial(self, remote: tuple, port: int, token: bytes) -> Any:
+        """A connected bulk socket to remote's port that has sent token, or None."""
         sock = trio.socket.socket()
         try:
             with trio.fail_after(self.cfg.bulk_setup_timeout_s):
-                await sock.connect((remote[0], f["port"]))
+                await sock.connect((remote[0], port))
                 sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-                await sock.send(f["token"])
+                await sock.send(token)
+            return sock
         except (OSError, trio.TooSlowError) as e:
             sock.close()
-            log.info("bulk dial to %s:%s for %s failed: %s", remote[0], f["port"], self.peer_id, e)
-            return  # the sender times out and falls back to the libp2p stream
-        self._bulk_in = bulkmod.BulkReceiver(sock, f["key"], cipher)
+            log.info("bulk dial to %s:%s for %s failed: %s", remote[0], port, self.peer_id, e)
+            return None
+
+    async def _offer_reverse(self, key: bytes, cipher: str) -> None:
+        """We could not dial the sender: ask it to dial us (bulk.py, 2b). The socket is awaited at
+        the first bulk_ref, which the sender only sends once it has dialed; if it could not, it
+        sends large frames over this stream and the pending token goes when the stream ends."""
+        no = Frame("transport.bulk_reverse", 1, {"port": 0, "token": b""})
+        if self.relayed or self.hub.bulk_port is None:
+            await self.send(no, control=True)
+            return
+        token, _ = bulkmod.new_secrets()
+        try:
+            waiter = self.hub.bulk_expect(token)
+        except TransportError:
+            await self.send(no, control=True)
+            return
+        self._bulk_in_pending = (token, waiter, key, cipher)
+        await self.send(Frame("transport.bulk_reverse", 1, {"port": self.hub.bulk_port, "token": token}),
+                        control=True)
+
+    async def _dial_reverse(self, f: dict) -> None:
+        """The peer could not dial our offer and asks us to dial it instead."""
+        token, self._bulk_offered = self._bulk_offered, None
+        if token is None:
+            raise FrameError("bulk_reverse without a pending bulk offer")
+        if not 0 <= f["port"] < 65536 or (f["port"] and len(f["token"]) != bulkmod.TOKEN_BYTES):
+            raise FrameError("bulk_reverse with a bad port or token")
+        remote = None if self.relayed else self.ns.get_remote_address()
+        sock = await self._bulk_dial(remote, f["port"], f["token"]) if f["port"] and remote else None
+        if not self.hub.bulk_fulfil(token, sock) and sock is not None:
+            sock.close()  # the offer timed out meanwhile
 
     async def _recv_bulk(self, nbytes: int) -> Frame:
+        if self._bulk_in is None and self._bulk_in_pending is not None:
+            token, waiter, key, cipher = self._bulk_in_pending
+            self._bulk_in_pending = None
+            with trio.move_on_after(self.cfg.bulk_setup_timeout_s):
+                sock = await waiter.receive()
+                self._bulk_in = bulkmod.BulkReceiver(sock, key, cipher)
+            self.hub.bulk_forget(token)
         if self._bulk_in is None:
             raise FrameError("bulk_ref without a bulk channel")
         if not PREFIX_BYTES < nbytes <= self.cfg.limits.max_frame_bytes:
@@ -261,7 +320,8 @@ class FrameStream:
 
     def _wants_bulk(self, nbytes: int) -> bool:
         t = self.cfg.bulk_threshold_bytes
-        return t > 0 and nbytes >= t and not self._bulk_out_failed and self.hub.bulk_port is not None
+        return (t > 0 and nbytes >= t and not self._bulk_out_failed and not self.relayed
+                and self.hub.bulk_port is not None)
 
     async def _open_bulk(self) -> None:
         token, key = bulkmod.new_secrets()
@@ -273,14 +333,18 @@ class FrameStream:
         try:
             offer = Frame("transport.bulk_offer", 1,
                           {"port": self.hub.bulk_port, "token": token, "key": key, "cipher": self.cfg.bulk_cipher})
+            self._bulk_offered = token
             await write_parts(self.ns, [encode_frame(offer)])
-            with trio.move_on_after(self.cfg.bulk_setup_timeout_s):
+            # the peer dials us, or answers bulk_reverse and we dial it (both hand the socket here)
+            with trio.move_on_after(2 * self.cfg.bulk_setup_timeout_s):
                 sock = await waiter.receive()
-                self._bulk_out = bulkmod.BulkSender(sock, key, self.cfg.bulk_cipher)
-                return
+                if sock is not None:
+                    self._bulk_out = bulkmod.BulkSender(sock, key, self.cfg.bulk_cipher)
+                    return
             self._bulk_out_failed = True
-            log.info("peer %s did not open the bulk channel; large frames go over libp2p", self.peer_id)
+            log.info("no bulk channel with %s either way; large frames go over libp2p", self.peer_id)
         finally:
+            self._bulk_offered = None
             self.hub.bulk_forget(token)
 
     # ------------------------------------------------------------ ending
@@ -318,6 +382,9 @@ class FrameStream:
         self.inbox.close(self.end_reason)
 
     def _close_bulk(self) -> None:
+        if self._bulk_in_pending is not None:
+            self.hub.bulk_forget(self._bulk_in_pending[0])
+            self._bulk_in_pending = None
         for b in (self._bulk_out, self._bulk_in):
             if b is not None:
                 b.close()

@@ -54,6 +54,9 @@ class TransportConfig:
     max_bulk_pending: int = 64
     # seeded frame faults for chaos tests (faults.py): None, unless MESHPOOL_FAULTS is set
     faults: FrameFaults | None = field(default_factory=FrameFaults.from_env, compare=False)
+    # Circuit Relay v2 (reach.py): serve the hop role, i.e. relay for peers that cannot be dialed
+    relay_hop: bool = False
+    hole_punch: bool = True  # DCUtR: upgrade relayed connections to direct ones where the NATs allow
 
     def __post_init__(self) -> None:
         assert self.muxer in ("YAMUX", "MPLEX"), self.muxer

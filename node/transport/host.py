@@ -48,6 +48,7 @@ from .channel import FrameStream
 from .config import StreamClosed, TransportConfig, TransportError, TransportTimeout
 from wire.frames import Frame
 from .identity import Identity
+from .reach import Reach, connection_kind, is_circuit
 from .stream import Stream
 
 log = logging.getLogger("meshpool.transport")
@@ -101,6 +102,8 @@ class P2PNode:
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._host: Any = None
+        self._reach: Reach | None = None
+        self.relayed_addr: str | None = None  # our /p2p-circuit address once a relay reserved us a slot
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -157,7 +160,8 @@ class P2PNode:
         self._stop = trio.Event()
         self._handler_limiter = trio.CapacityLimiter(self.cfg.handler_threads)
         self._stream_limiter = trio.CapacityLimiter(self.cfg.max_streams)
-        async with self._host.run([listen]):
+        self._reach = Reach(self._host, hop=self.cfg.relay_hop, hole_punch=self.cfg.hole_punch)
+        async with self._host.run([listen]), self._reach.running():
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._token = trio.lowlevel.current_trio_token()
@@ -243,6 +247,21 @@ class P2PNode:
     def stream_count(self) -> int:
         return len(self._streams)
 
+    # ------------------------------------------------------------ reachability (reach.py)
+    def reserve_relay(self, relay_addr: str, timeout_s: float | None = None) -> str:
+        """Reserve a slot on the relay at relay_addr; returns (and keeps) our /p2p-circuit address."""
+        self.relayed_addr = self.call(timeout_s or self.cfg.connect_timeout_s, self._reserve, relay_addr)
+        return self.relayed_addr
+
+    def publicly_reachable(self, server_peer: str, timeout_s: float | None = None) -> bool:
+        """AutoNAT dial-back from server_peer (a relay) to our listen address."""
+        return self.call(timeout_s or self.cfg.connect_timeout_s, self._reach.publicly_reachable,
+                         server_peer, [self.addr])
+
+    def connection_kind(self, peer: str) -> str:
+        """"direct", "relayed" or "none" (read from the trio thread's swarm; a snapshot)."""
+        return connection_kind(self._host, peer) if self._host is not None else "none"
+
     # ------------------------------------------------------------ trio side
     @staticmethod
     def _loop_for(fn: Callable[..., Any], loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop | None:
@@ -262,7 +281,22 @@ class P2PNode:
     async def _install_handler(self, protocol: str) -> None:
         self._host.set_stream_handler(TProtocol(protocol), self._make_trio_handler(protocol))
 
+    async def _reserve(self, relay_addr: str) -> str:
+        try:
+            return await self._reach.reserve(relay_addr, self._nursery)
+        except (trio.Cancelled, TransportError):
+            raise
+        except Exception as e:
+            raise TransportError(f"no relay slot at {relay_addr}: {type(e).__name__}: {e}") from e
+
     async def _connect(self, addr: str) -> str:
+        if is_circuit(addr):
+            try:
+                return await self._reach.dial(addr)
+            except trio.Cancelled:
+                raise
+            except Exception as e:
+                raise TransportError(f"could not connect through the relay to {addr}: {type(e).__name__}: {e}") from e
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             # An address handed to us now replaces what we knew of the peer: py-libp2p dials the
@@ -400,6 +434,9 @@ class P2PNode:
     def bulk_forget(self, token: bytes) -> None:
         if self._bulk is not None:
             self._bulk.forget(token)
+
+    def bulk_fulfil(self, token: bytes, sock: Any) -> bool:
+        return self._bulk is not None and self._bulk.fulfil(token, sock)
 
     def on_bad_frame(self, peer_id: str, reason: str) -> None:
         """Trio side: a stream from peer_id was dropped for a bad frame (already logged)."""
