@@ -112,8 +112,10 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         for i in range(args.witnesses):
             pool.add_provider(f"witness{i}", vouch=False, extra_args=["--device", args.device])
         fault = ["--fault-injection", args.fault] if args.fault else []
+        devices = args.devices.split(",") if args.devices else [args.device]
         for i in range(n_stages):
-            pool.add_provider(f"gpu{i}", extra_args=["--device", args.device, "--retention-mb", "8192", *cap, *fault])
+            pool.add_provider(f"gpu{i}", extra_args=["--device", devices[i % len(devices)], "--retention-mb", "8192",
+                                                     *cap, *fault])
         state = pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
                               what=f"a {n_stages}-stage pipeline", timeout_s=300)
         ready_s = time.perf_counter() - started_s
@@ -134,7 +136,8 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         while time.monotonic() < deadline and audit_outcomes(pool)["audits"] < n_stages * args.requests:
             time.sleep(2)
         outcomes = audit_outcomes(pool)
-        return {"stages": n_stages, "pipeline": state["pipelines"][0]["stages"], "ready_s": round(ready_s, 1),
+        return {"stages": n_stages, "devices": devices[:n_stages], "pipeline": state["pipelines"][0]["stages"],
+                "ready_s": round(ready_s, 1),
                 "witnesses": args.witnesses, "fault": args.fault, "serving_dtype": args.serving_dtype,
                 "requests": args.requests, "clients": args.clients, "errors": [c for c in counts if c < 0],
                 "tokens": sum(c for c in counts if c > 0), "serve_s": round(serve_s, 2),
@@ -151,6 +154,7 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, help="write (or reuse) the checkpoint here")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--device", default="cuda:0", help="where the providers serve (cpu for a smoke run)")
+    p.add_argument("--devices", default="", help="one per provider in turn, e.g. cuda:0,cuda:1 (overrides --device)")
     p.add_argument("--stages", default="1,2")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--clients", type=int, default=4)
