@@ -106,8 +106,9 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
                      coordinator_args=["--audit-probability-ppm", "999999", "--promotion-audits", "100000", *dtype])
     try:
         pool.start_coordinator()
-        # the planner plans at 4 bytes a parameter: 32 GB for the 8B shape; a cap of 20 GB splits it in two
-        cap = [] if n_stages == 1 else ["--max-memory-mb", "20000"]
+        # bfloat16 weights of the 8B shape are 16 GB (the planner counts each provider at its dtype): a cap of
+        # 10 GB splits them in two
+        cap = [] if n_stages == 1 else ["--max-memory-mb", "10000"]
         started_s = time.perf_counter()
         for i in range(args.witnesses):
             pool.add_provider(f"witness{i}", vouch=False, extra_args=["--device", args.device])
