@@ -194,6 +194,8 @@ class GraphedDecoder:
         for start, end in self.segments:
             # each graph's outputs stay referenced, so later captures in the pool keep off them
             graphs.append(torch.cuda.CUDAGraph())
-            with torch.cuda.graph(graphs[-1], pool=self._pool):
+            # on this device's stream: torch.cuda.graph's default capture stream is made once per
+            # process, on whichever device captured first, and a graph captured there is empty
+            with torch.cuda.graph(graphs[-1], pool=self._pool, stream=stream):
                 state = run(state, start, end)
         return graphs, state
