@@ -17,7 +17,11 @@ py-libp2p 0.8.1 quirks handled here:
     is given: we pass Noise only;
   * mplex moved an 8 MB frame ~5x slower than yamux here, so yamux is default;
   * stream handlers are awaited in the swarm's task and streams are not
-    closed for us: each inbound stream is closed or reset here.
+    closed for us: each inbound stream is closed or reset here;
+  * a closed connection is reported to INotifee objects registered on the
+    swarm: `on_peer_lost` (peers.py) passes the loss of a peer's last one on;
+  * the swarm refuses for 60 s to dial a peer whose addresses all failed
+    once: `connect()` lifts that, an explicit dial always dials.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .channel import FrameStream
 from .config import StreamClosed, TransportConfig, TransportError, TransportTimeout
 from wire.frames import Frame
 from .identity import Identity
+from .peers import PeerEvents
 from .stream import Stream
 
 log = logging.getLogger("meshpool.transport")
@@ -101,6 +106,7 @@ class P2PNode:
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._host: Any = None
+        self._peer_events = PeerEvents()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -118,6 +124,7 @@ class P2PNode:
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
+        self._peer_events.close()
         if self._token is not None and self._stop is not None:
             try:
                 self._token.run_sync_soon(self._stop.set)
@@ -154,6 +161,7 @@ class P2PNode:
             muxer_preference=self.cfg.muxer,
             listen_addrs=[listen],
         )
+        self._host.get_network().register_notifee(self._peer_events)
         self._stop = trio.Event()
         self._handler_limiter = trio.CapacityLimiter(self.cfg.handler_threads)
         self._stream_limiter = trio.CapacityLimiter(self.cfg.max_streams)
@@ -232,6 +240,11 @@ class P2PNode:
         The stream is closed when fn returns."""
         self._register(protocol, Handler("stream", fn, self._loop_for(fn, loop)))
 
+    def on_peer_lost(self, fn: Callable[[str], Any]) -> None:
+        """fn(peer_id) on a thread of its own, as soon as the last connection to that peer closes (the
+        peer's process died, or it or we hung up): the news comes from the connection, not a clock."""
+        self._peer_events.on_lost(fn)
+
     def request(self, peer: str, protocol: str, frame: Frame, timeout_s: float | None = None) -> Frame:
         """Open a stream, send one frame, return the reply frame."""
         return self.call(timeout_s or self.cfg.request_timeout_s, self._request, peer, protocol, frame)
@@ -265,6 +278,10 @@ class P2PNode:
     async def _connect(self, addr: str) -> str:
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            # a dial by full address is a decision to try again: py-libp2p would otherwise refuse
+            # to dial a peer for 60 s after one failed dial (its negative cache), e.g. a coordinator
+            # that is back from a restart
+            self._host.get_network().unblock_peer(info.peer_id)
             await self._host.connect(info)
         except trio.Cancelled:
             raise
