@@ -91,7 +91,9 @@ def _join(args) -> int:
     from node.provider import Provider
     from node.retention import RetentionStore
     from node.status import StatusLine, StatusWriter
+    from node.transport import TransportError
     from node.transport.identity import load_or_create
+    from node.transport.instance import AlreadyServing, InstanceLock
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -101,6 +103,11 @@ def _join(args) -> int:
         return 2
     if fault is not None:
         print(f"provider: fault injection {fault.kind!r} is ON: this provider cheats on purpose", file=sys.stderr)
+    try:  # before the key is read: a second process with this key must not dial anyone
+        lock = InstanceLock(args.data_dir).acquire()  # noqa: F841 - held until the process ends
+    except AlreadyServing as exc:
+        print(f"provider: {exc}", file=sys.stderr)
+        return 1
     device = available_devices()[0] if args.device == "auto" else torch.device(args.device)
     identity = load_or_create(args.data_dir)
     model_dir = Path(args.model) if args.model else default_model_dir(progress=True)
@@ -115,7 +122,12 @@ def _join(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    peer = provider.start()
+    try:
+        peer = provider.start()
+    except (ConnectionError, TransportError) as exc:  # unreachable, or it refused us and says why
+        print(f"provider: {exc}", file=sys.stderr)
+        provider.node.close()
+        return 1
     print(f"provider ready peer={peer}", flush=True)
     line = StatusLine()  # one live line on a terminal; DATA_DIR/status.json for `provider status`
     for handler in logging.getLogger().handlers:
