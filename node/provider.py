@@ -150,9 +150,13 @@ class Provider:
             raise ConnectionError(f"the coordinator refused us: {getattr(reply, 'reason', reply)}")
 
     def _on_peer_lost(self, peer: str) -> None:
-        if peer == self.coordinator_peer and not self.stopping.is_set():
-            log.warning("connection to the coordinator closed; dialing it again")
-            self.contact_lost.set()
+        if peer != self.coordinator_peer:
+            return
+        if self.stopping.is_set():  # leaving, and the coordinator is gone: nobody will release our shard
+            self.unassigned.set()
+            return
+        log.warning("connection to the coordinator closed; dialing it again")
+        self.contact_lost.set()
 
     def _heartbeat_loop(self) -> None:
         """A heartbeat a second while in contact; while not, dial the coordinator's multiaddr again
