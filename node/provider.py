@@ -60,6 +60,15 @@ def redial_wait_s(backoff_s: float) -> float:
     return backoff_s / 2 + random.uniform(0, backoff_s / 2)
 
 
+def warm_up_shard_building(device: torch.device) -> None:
+    """A shard is built on the meta device and then materialised; the first time, torch imports parts
+    of itself lazily (torch._dynamo from an Embedding's init, sympy from Module.to_empty): 1-2 s here,
+    measured. Paid at start, not in the first assignment, which may be a failover's."""
+    with torch.device("meta"):
+        torch.nn.Embedding(2, 2)
+    torch.nn.Linear(2, 2, device="meta").to_empty(device=device)
+
+
 class Assignment:
     """The shard a provider serves now, and where its outputs go.
 
@@ -114,6 +123,7 @@ class Provider:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> str:
+        warm_up_shard_building(self.device)
         self.node.set_handler(PROTO_ASSIGN, self._on_assign)
         self.node.set_stream_handler(PROTO_STAGE, self._serve_upstream)
         self.node.set_handler(PROTO_AUDIT, self.audits.handle)
