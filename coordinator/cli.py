@@ -72,11 +72,17 @@ def _serve(args) -> int:
     from coordinator.server import serve
     from ledger.errors import LedgerError
     from node.config import ModelError
+    from node.transport.instance import AlreadyServing, InstanceLock
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.microbatches < 1 or args.max_sessions < 1:
         print("coordinator: --microbatches and --max-sessions must be at least 1", file=sys.stderr)
         return 2
+    try:  # one coordinator per data directory: its key, its ledger (a restart after kill -9 finds it free)
+        lock = InstanceLock(args.data_dir).acquire()  # noqa: F841 - held until the process ends
+    except AlreadyServing as exc:
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 1
     changes = {name: value for name, value in (("audit_probability_ppm", args.audit_probability_ppm),
                                                ("promotion_agreements", args.promotion_audits)) if value is not None}
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1, for a process that must listen on the same one after a restart."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -121,6 +129,12 @@ class LocalPool:
         proc = self.providers.pop(peer)
         proc.popen.kill()
         proc.popen.wait(timeout=30)
+
+    def kill_coordinator(self) -> None:
+        """kill -9 of the coordinator; the providers stay up. `start_coordinator` starts it again on the
+        same data directory (give it a fixed `--p2p-port` in `coordinator_args`: providers dial that)."""
+        self.coordinator.popen.kill()
+        self.coordinator.popen.wait(timeout=30)
 
     def leave(self, peer: str, timeout_s: float = 90.0) -> int:
         """SIGTERM, as Ctrl-C would: the provider drains and announces its leave."""

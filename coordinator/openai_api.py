@@ -215,7 +215,7 @@ class Generation:
             self.cancel("no pipeline")
             await self.settle()
             raise APIError(503, str(exc), "service_unavailable", code="no_pipeline",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+                           headers={"Retry-After": str(exc.retry_after_s)}) from exc
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas; raises APIError(503) if the pool gave up on the request."""

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -40,8 +41,18 @@ assert set(DTYPE_BYTES) == set(SERVING_DTYPES)
 OUT_OF_MEMORY = "out of memory"  # how a provider's refusal of a stage it cannot hold begins
 
 
+WAITING_FOR_PROVIDERS = "waiting for providers to (re)join"
+REJOIN_RETRY_AFTER_S = 2  # providers re-dial a lost coordinator at least every 2 s (node/provider.py)
+RETRY_AFTER_S = 5
+
+
 class PoolBusy(RuntimeError):
-    """No pipeline can take the request now (none exists, or all queues are full)."""
+    """No pipeline can take the request now (none exists, or all queues are full); `retry_after_s`
+    is when asking again may help."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AssignmentFailed(RuntimeError):
@@ -159,7 +170,8 @@ class Pool:
     def submit(self, request: GenerationRequest) -> None:
         with self.lock:
             if not self.active and self.plan_error:
-                raise PoolBusy(f"no pipeline can serve: {self.plan_error}")
+                raise PoolBusy(f"no pipeline: {self.plan_error}",
+                               REJOIN_RETRY_AFTER_S if self.plan_error == WAITING_FOR_PROVIDERS else RETRY_AFTER_S)
             if self.active and not any(a.holds(request) for a in self.active.values()):
                 held = max(a.capacity.context_tokens for a in self.active.values())
                 raise PoolBusy(f"the pool holds contexts of at most {held} tokens now (its memory is short); this "
@@ -231,6 +243,9 @@ class Pool:
         with self.lock:
             suspects, self.suspects = self.suspects, set()
         for peer in suspects:
+            record = self.registry.get(peer)
+            if record is None or record.state == "dead":  # already failed over (its connection closed)
+                continue
             if not self.probe(peer):
                 log.warning("provider %s does not answer after its pipeline failed", peer)
                 self.fail_peer(peer, "stopped answering")
@@ -280,8 +295,10 @@ class Pool:
                 error = str(exc)
         elif out:
             error = "no provider can serve now"
-        else:
+        elif any(r.state not in ("dead", "banned") for r in self.registry.records()):
             error = "no provider may serve yet (newcomers only verify until vouched for or promoted)"
+        else:  # none registered: the coordinator just (re)started, or every provider is gone
+            error = WAITING_FOR_PROVIDERS
         if error and out:
             error += "; out of the plan after failing steps: " + ", ".join(
                 f"{b['peer']} for {b['back_in_s']:.0f} s ({b['reason'][:200]})" for b in out)
@@ -398,19 +415,26 @@ class Pool:
 
     def _assign_pipeline(self, pid: str, pipeline: Pipeline, capacity: Capacity) -> tuple[Stage, ...]:
         """Assign every stage; the stages as assigned, each with the precision it serves in. Each holds
-        KV cache for the sessions of `capacity`: the plan's micro-batches of its batch, as memory allows."""
+        KV cache for the sessions of `capacity`: the plan's micro-batches of its batch, as memory allows.
+
+        All stages at once: each loads its layers in its own process, so a failover waits for the
+        slowest load, not their sum. No stage forwards anything before the driver starts, which is
+        after every assignment is acknowledged."""
         stages = tuple(replace(s, dtype=self._dtype_for(s.peer_id)) for s in pipeline.stages)
-        # Last stage first, so that each stage's successor is ready when it connects.
-        for i in reversed(range(len(stages))):
+        assignments = []
+        for i in range(len(stages)):
             prev_peer = stages[i - 1].peer_id if i > 0 else self.coordinator_peer
             if i + 1 < len(stages):
                 next_record = self.registry.get(stages[i + 1].peer_id)
                 next_peer, next_addrs = stages[i + 1].peer_id, tuple(next_record.addrs) if next_record else ()
             else:
                 next_peer, next_addrs = self.coordinator_peer, self.coordinator_addrs
-            self.assign(stages[i].peer_id, Assign(
+            assignments.append((stages[i].peer_id, Assign(
                 pid, self.model_id, stages[i].start, stages[i].end, self.model_shape.n_layers, prev_peer, next_peer,
-                next_addrs, capacity.sessions, capacity.context_tokens, stages[i].dtype))
+                next_addrs, capacity.sessions, capacity.context_tokens, stages[i].dtype)))
+        with ThreadPoolExecutor(len(assignments), thread_name_prefix=f"assign-{pid[:6]}") as assigning:
+            for done in [assigning.submit(self.assign, peer, spec) for peer, spec in assignments]:
+                done.result()  # the first AssignmentFailed, once every stage has answered
         return stages
 
     def _dtype_for(self, peer: str) -> str:

@@ -96,9 +96,19 @@ class Registry:
             now = self.clock()
             if self.standings.get(peer, Standing()).banned:
                 raise ValueError("this peer id is banned from the pool")
+            old = self._providers.get(peer)
+            live = old is not None and old.state not in ("dead", "banned") and now - old.last_seen_s <= \
+                self.heartbeat_timeout_s
+            if live and sorted(old.addrs) != sorted(addrs):
+                # one key, two processes: streams would reach either one (node/transport/instance.py)
+                raise ValueError(f"peer id {peer} is live in another process (at {', '.join(old.addrs)}); "
+                                 "one peer id serves from one process")
             record = ProviderRecord(peer, profile, addrs, max_memory_bytes, joined_s=now, last_seen_s=now)
             self._providers[peer] = record
             record.state = "idle" if self.may_serve(peer) else "newcomer"
+            if live and old.state in ("idle", "serving") and record.state == "idle":
+                # the same process registering again (it lost us for a moment): its work goes on
+                record.state, record.joined_s = old.state, old.joined_s
             return record
 
     def get(self, peer: str) -> ProviderRecord | None:

@@ -99,6 +99,7 @@ class Coordinator:
     def start(self) -> str:
         self.node.set_handler(PROTO_CONTROL, self._on_control)
         self.node.set_stream_handler(PROTO_RESULT, self._on_results)
+        self.node.on_peer_lost(self._on_peer_lost)
         addr = self.node.start()
         self.pool.coordinator_addrs = (addr,)  # known once listening, before the planner's first round
         self.link_monitor.start()
@@ -113,6 +114,15 @@ class Coordinator:
         self.pool.stop()
         self.link_monitor.stop()
         self.node.close()
+
+    def _on_peer_lost(self, peer: str) -> None:
+        """A provider's connection closed (its process died, or it hung up): fail it over now, not
+        after its heartbeats run out. One still alive dials again and registers anew."""
+        record = self.registry.get(peer)
+        if record is None or record.state in ("dead", "banned"):
+            return
+        log.warning("provider %s: connection closed", peer)
+        self.pool.fail_peer(peer, "left" if record.state == "leaving" else "connection closed")
 
     # -- control --------------------------------------------------------------------------
 

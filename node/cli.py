@@ -101,7 +101,9 @@ def _join(args) -> int:
     from node.provider import Provider
     from node.retention import RetentionStore
     from node.status import StatusLine, StatusWriter
+    from node.transport import TransportError
     from node.transport.identity import load_or_create
+    from node.transport.instance import AlreadyServing, InstanceLock
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -111,6 +113,11 @@ def _join(args) -> int:
         return 2
     if fault is not None:
         print(f"provider: fault injection {fault.kind!r} is ON: this provider cheats on purpose", file=sys.stderr)
+    try:  # before the key is read: a second process with this key must not dial anyone
+        lock = InstanceLock(args.data_dir).acquire()  # noqa: F841 - held until the process ends
+    except AlreadyServing as exc:
+        print(f"provider: {exc}", file=sys.stderr)
+        return 1
     device = available_devices()[0] if args.device == "auto" else torch.device(args.device)
     if device.type == "cuda":  # any index this host has; its kernels run there (node/device_scope.py)
         device = torch.device("cuda", device.index or 0)
@@ -133,7 +140,12 @@ def _join(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    peer = provider.start()
+    try:
+        peer = provider.start()
+    except (ConnectionError, TransportError) as exc:  # unreachable, or it refused us and says why
+        print(f"provider: {exc}", file=sys.stderr)
+        provider.node.close()
+        return 1
     print(f"provider ready peer={peer}", flush=True)
     print(f"provider reachable at {provider.announced_addr}", file=sys.stderr, flush=True)
     line = StatusLine()  # one live line on a terminal; DATA_DIR/status.json for `provider status`

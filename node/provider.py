@@ -1,13 +1,23 @@
 """`provider join`: a provider's process. It profiles its device, registers a signed profile with
 the coordinator, heartbeats, loads the shard it is assigned and serves it: steps come in on a
 stream from upstream and go on to the next stage (or, from the last stage, sampled tokens go
-back to the coordinator)."""
+back to the coordinator).
+
+Losing the coordinator (its process restarted, the network dropped) is noticed by the connection
+closing or a heartbeat failing; the provider then dials the coordinator's multiaddr again, with
+capped exponential backoff and jitter, until a heartbeat gets through, and registers again if the
+coordinator no longer knows it. Its standing (vouch, stake, reputation) is the coordinator's to
+keep, in its data directory and ledger; the provider keeps its shard loaded meanwhile, so a
+restarted coordinator that plans the same stages gets them back at once."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import random
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +51,25 @@ RECEIPTS_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 FORWARD_TIMEOUT_S = 30.0
 LEAVE_TIMEOUT_S = 60.0
+# Re-dialing a lost coordinator: the first retry at once-ish, then doubling to a cap small enough
+# that a restarted coordinator has its pool back within seconds; jitter spreads a pool's redials.
+REDIAL_FIRST_S = 0.25
+REDIAL_MAX_S = 2.0
+
+
+def redial_wait_s(backoff_s: float) -> float:
+    """Equal jitter: half the backoff plus a random part of the other half, so a pool's providers do
+    not all dial a restarted coordinator in the same instant."""
+    return backoff_s / 2 + random.uniform(0, backoff_s / 2)
+
+
+def warm_up_shard_building(device: torch.device) -> None:
+    """A shard is built on the meta device and then materialised; the first time, torch imports parts
+    of itself lazily (torch._dynamo from an Embedding's init, sympy from Module.to_empty): 1-2 s here,
+    measured. Paid at start, not in the first assignment, which may be a failover's."""
+    with torch.device("meta"):
+        torch.nn.Embedding(2, 2)
+    torch.nn.Linear(2, 2, device="meta").to_empty(device=device)
 
 
 class Assignment:
@@ -53,7 +82,17 @@ class Assignment:
     def __init__(self, spec: Assign, worker: StageWorker):
         self.spec, self.worker = spec, worker
         self.next_stream: Stream | None = None
+        # the stream to the next hop, opened in the background as soon as the shard is assigned;
+        # the upstream thread takes it at the first step (or dials itself if it failed)
+        self.prepared: concurrent.futures.Future | None = None
         self.lock = threading.Lock()  # one step at a time on the shard
+
+    def close_streams(self) -> None:
+        if self.next_stream is not None:
+            self.next_stream.close()
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None:  # never taken: close it once it is open
+            prepared.add_done_callback(lambda f: f.exception() is None and f.result().close())
 
 
 class Provider:
@@ -90,13 +129,16 @@ class Provider:
         self.probe_work: ProbeWork | None = None  # the admission probe being run (coordinator/admission.py)
         self.probe_lock = threading.Lock()
         self.stopping = threading.Event()
+        self.contact_lost = threading.Event()  # set when the coordinator's connection closes
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> str:
+        warm_up_shard_building(self.device)
         self.node.set_handler(PROTO_ASSIGN, self._on_assign)
         self.node.set_stream_handler(PROTO_STAGE, self._serve_upstream)
         self.node.set_handler(PROTO_AUDIT, self.audits.handle)
+        self.node.on_peer_lost(self._on_peer_lost)
         self.node.start()
         self.coordinator_peer = self.node.connect(self.coordinator_addr)
         self.announced_addr = announce_addr(self.node, self.coordinator_addr, self.coordinator_peer, self.relay_mode,
@@ -108,6 +150,7 @@ class Provider:
     def leave(self, timeout_s: float = LEAVE_TIMEOUT_S) -> None:
         """Tell the coordinator we go; it moves our work elsewhere and answers when we are free."""
         self.stopping.set()
+        self.contact_lost.set()  # wakes the heartbeat loop, which sees `stopping` and ends
         try:
             reply = self._control(Leave(self.node.peer_id))
             if isinstance(reply, Ack) and reply.ok and not self.unassigned.wait(timeout_s):
@@ -129,14 +172,35 @@ class Provider:
         if not isinstance(reply, Ack) or not reply.ok:
             raise ConnectionError(f"the coordinator refused us: {getattr(reply, 'reason', reply)}")
 
+    def _on_peer_lost(self, peer: str) -> None:
+        if peer != self.coordinator_peer:
+            return
+        if self.stopping.is_set():  # leaving, and the coordinator is gone: nobody will release our shard
+            self.unassigned.set()
+            return
+        log.warning("connection to the coordinator closed; dialing it again")
+        self.contact_lost.set()
+
     def _heartbeat_loop(self) -> None:
-        beats = 0
-        while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
+        """A heartbeat a second while in contact; while not, dial the coordinator's multiaddr again
+        after each failure (capped exponential backoff with jitter) and register once it answers."""
+        beats, lost_since_s, backoff_s, wait_s = 0, None, REDIAL_FIRST_S, HEARTBEAT_INTERVAL_S
+        while not self.stopping.is_set():
+            if self.contact_lost.wait(wait_s):  # the connection closed: dial now, not after a beat
+                self.contact_lost.clear()
+                lost_since_s = lost_since_s or time.monotonic()
+            if self.stopping.is_set():
+                return
             try:
+                if lost_since_s is not None:  # the peerstore may have forgotten its address: dial it
+                    self.node.connect(self.coordinator_addr, timeout_s=CONNECT_TIMEOUT_S)
                 reply = self._control(Heartbeat(self.node.peer_id))
                 if isinstance(reply, Ack) and not reply.ok and not self.stopping.is_set():
                     log.warning("the coordinator no longer knows us (%s); registering again", reply.reason)
                     self._register()
+                if lost_since_s is not None:
+                    log.info("back in contact with the coordinator after %.1f s", time.monotonic() - lost_since_s)
+                lost_since_s, backoff_s, wait_s = None, REDIAL_FIRST_S, HEARTBEAT_INTERVAL_S
                 beats += 1
                 if beats % ACCOUNT_EVERY_BEATS == 1:
                     info = self._control(AccountQuery(self.node.peer_id))
@@ -144,7 +208,15 @@ class Provider:
                         self.stats.update(state=info.state, credits_earned_units=info.balance_units,
                                           reputation=info.reputation)
             except (TransportError, ConnectionError, MessageError) as exc:
-                log.warning("heartbeat failed: %s", exc)
+                if lost_since_s is None:
+                    log.warning("lost contact with the coordinator: %s", exc)
+                    lost_since_s, backoff_s = time.monotonic(), REDIAL_FIRST_S
+                else:
+                    log.info("coordinator still unreachable after %.0f s: %s", time.monotonic() - lost_since_s, exc)
+                    backoff_s = min(backoff_s * 2, REDIAL_MAX_S)
+                self.stats.update(state="reconnecting")
+                wait_s = redial_wait_s(backoff_s)
+
 
     # -- assignments ----------------------------------------------------------------------
 
@@ -192,10 +264,11 @@ class Provider:
             return refuse(str(exc))
         except (MemoryError, torch.OutOfMemoryError) as exc:  # the coordinator plans us below this from now on
             return refuse(f"out of memory: {exc}"[:2000])
-        if old is not None and old.next_stream is not None:
-            old.next_stream.close()
-        self.assignment = Assignment(spec, StageWorker(runtime, spec.pipeline, self.identity, self.retained,
-                                                       self.fault))
+        if old is not None:
+            old.close_streams()
+        assignment = Assignment(spec, StageWorker(runtime, spec.pipeline, self.identity, self.retained, self.fault))
+        assignment.prepared = self._prepare_next(spec)
+        self.assignment = assignment
         self.unassigned.clear()
         self.stats.update(stages=[[spec.start, spec.end]], state="serving")
         log.info("serving layers [%d, %d) in pipeline %s", spec.start, spec.end, spec.pipeline)
@@ -218,11 +291,30 @@ class Provider:
                 return refuse("no probe prepared")
             return ProbeResult(message.seed, work.run(message))
 
+    def _next_protocol(self, spec: Assign) -> str:
+        return PROTO_RESULT if spec.next_peer == self.coordinator_peer else PROTO_STAGE
+
+    def _prepare_next(self, spec: Assign) -> concurrent.futures.Future:
+        """Dial the next hop and open the stream to it now, while the other stages still load: after
+        a failover the replayed step then waits for no handshake on any hop."""
+        prepared: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                if spec.next_addrs:
+                    self.node.connect(spec.next_addrs[0], timeout_s=CONNECT_TIMEOUT_S)
+                prepared.set_result(self.node.open_stream(spec.next_peer, self._next_protocol(spec),
+                                                          timeout_s=CONNECT_TIMEOUT_S))
+            except TransportError as exc:  # the first step dials again and reports what fails then
+                prepared.set_exception(exc)
+
+        threading.Thread(target=run, name="prepare-next", daemon=True).start()
+        return prepared
+
     def _drop_assignment(self) -> None:
         self.stats.update(stages=[])
         if self.assignment is not None:
-            if self.assignment.next_stream is not None:
-                self.assignment.next_stream.close()
+            self.assignment.close_streams()
             self.assignment = None
         self.unassigned.set()
 
@@ -280,16 +372,29 @@ class Provider:
 
     def _forward(self, assignment: Assignment, message: Message) -> None:
         nxt = assignment.spec.next_peer
-        protocol = PROTO_RESULT if nxt == self.coordinator_peer else PROTO_STAGE
         try:
             if assignment.next_stream is None:
+                assignment.next_stream = self._take_prepared(assignment)
+            if assignment.next_stream is None:
                 self.node.connect(assignment.spec.next_addrs[0], timeout_s=CONNECT_TIMEOUT_S)
-                assignment.next_stream = self.node.open_stream(nxt, protocol, timeout_s=CONNECT_TIMEOUT_S)
+                assignment.next_stream = self.node.open_stream(nxt, self._next_protocol(assignment.spec),
+                                                               timeout_s=CONNECT_TIMEOUT_S)
             assignment.next_stream.send(message.to_frame(), timeout_s=FORWARD_TIMEOUT_S)
         except TransportError as exc:
             assignment.next_stream = None
             if isinstance(message, Step):
                 self._report_failure(message.pipeline, message.step, f"next stage {nxt} unreachable: {exc}", nxt)
+
+    def _take_prepared(self, assignment: Assignment) -> Stream | None:
+        prepared, assignment.prepared = assignment.prepared, None
+        if prepared is None:
+            return None
+        try:
+            stream = prepared.result(timeout=CONNECT_TIMEOUT_S)
+        except (TransportError, concurrent.futures.TimeoutError):
+            prepared.add_done_callback(lambda f: f.exception() is None and f.result().close())
+            return None
+        return stream
 
     def _send_receipts(self, receipts: list) -> None:
         try:

@@ -34,7 +34,8 @@ def _now_ms() -> int:
 @dataclass
 class ProviderStats:
     peer: str = ""
-    state: str = "starting"  # starting | newcomer | serving | idle | leaving | stopped (what the provider knows)
+    # starting | newcomer | serving | idle | reconnecting | leaving | stopped (what the provider knows)
+    state: str = "starting"
     stages: list[list[int]] = field(default_factory=list)  # [start, end) served now
     tokens_processed: int = 0  # token positions run through this provider's layers
     steps: int = 0

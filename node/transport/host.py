@@ -17,7 +17,11 @@ py-libp2p 0.8.1 quirks handled here:
     is given: we pass Noise only;
   * mplex moved an 8 MB frame ~5x slower than yamux here, so yamux is default;
   * stream handlers are awaited in the swarm's task and streams are not
-    closed for us: each inbound stream is closed or reset here.
+    closed for us: each inbound stream is closed or reset here;
+  * a closed connection is reported to INotifee objects registered on the
+    swarm: `on_peer_lost` (peers.py) passes the loss of a peer's last one on;
+  * the swarm refuses for 60 s to dial a peer whose addresses all failed
+    once: `connect()` lifts that, an explicit dial always dials.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .channel import FrameStream
 from .config import StreamClosed, TransportConfig, TransportError, TransportTimeout
 from wire.frames import Frame
 from .identity import Identity
+from .peers import PeerEvents
 from .reach import Reach, connection_kind, is_circuit
 from .stream import Stream
 
@@ -104,6 +109,7 @@ class P2PNode:
         self._host: Any = None
         self._reach: Reach | None = None
         self.relayed_addr: str | None = None  # our /p2p-circuit address once a relay reserved us a slot
+        self._peer_events = PeerEvents()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -121,6 +127,7 @@ class P2PNode:
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
+        self._peer_events.close()
         if self._token is not None and self._stop is not None:
             try:
                 self._token.run_sync_soon(self._stop.set)
@@ -157,6 +164,7 @@ class P2PNode:
             muxer_preference=self.cfg.muxer,
             listen_addrs=[listen],
         )
+        self._host.get_network().register_notifee(self._peer_events)
         self._stop = trio.Event()
         self._handler_limiter = trio.CapacityLimiter(self.cfg.handler_threads)
         self._stream_limiter = trio.CapacityLimiter(self.cfg.max_streams)
@@ -236,6 +244,11 @@ class P2PNode:
         The stream is closed when fn returns."""
         self._register(protocol, Handler("stream", fn, self._loop_for(fn, loop)))
 
+    def on_peer_lost(self, fn: Callable[[str], Any]) -> None:
+        """fn(peer_id) on a thread of its own, as soon as the last connection to that peer closes (the
+        peer's process died, or it or we hung up): the news comes from the connection, not a clock."""
+        self._peer_events.on_lost(fn)
+
     def request(self, peer: str, protocol: str, frame: Frame, timeout_s: float | None = None) -> Frame:
         """Open a stream, send one frame, return the reply frame."""
         return self.call(timeout_s or self.cfg.request_timeout_s, self._request, peer, protocol, frame)
@@ -301,10 +314,11 @@ class P2PNode:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             # An address handed to us now replaces what we knew of the peer: py-libp2p dials the
             # addresses it remembers (a peer restarted on a new port was dialed only at its old one)
-            # and refuses every dial for 60 s once they all failed (its "negative cache").
+            # and refuses every dial for 60 s once they all failed (its "negative cache"), e.g. a
+            # coordinator back from a restart.
             if info.peer_id not in self._host.get_network().connections:
                 self._host.get_peerstore().clear_addrs(info.peer_id)
-                self._host.get_network().unblock_peer(info.peer_id)
+            self._host.get_network().unblock_peer(info.peer_id)
             await self._host.connect(info)
         except trio.Cancelled:
             raise

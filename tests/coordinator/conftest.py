@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.local_pool import LocalPool
+from coordinator.local_pool import LocalPool, free_port
 
 THREE_STAGE_CAP_MB = 300  # no two providers hold the model: every pipeline has three stages
 
@@ -14,7 +14,9 @@ THREE_STAGE_CAP_MB = 300  # no two providers hold the model: every pipeline has 
 def pool(tmp_path_factory, default_model_dir):
     """A pool of one coordinator and three capped providers (processes), serving one 3-stage
     pipeline, with a consumer key in `pool.api_key`; one per test module."""
-    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0)
+    # a fixed p2p port, so that a test may restart the coordinator where the providers dial it
+    pool = LocalPool(tmp_path_factory.mktemp("pool"), heartbeat_timeout_s=3.0,
+                     coordinator_args=["--p2p-port", str(free_port())])
     try:
         pool.start_coordinator()
         for i in range(3):

@@ -49,7 +49,7 @@ class ScriptedPool:
 
     def submit(self, request) -> None:
         if self.busy:
-            raise PoolBusy("no pipeline can serve: scripted")
+            raise PoolBusy("no pipeline: waiting for providers to (re)join", retry_after_s=2)
         self.requests.append(request)
         request.start_attempt((Stage(self.identity.peer_id_str, 0, N_LAYERS),))
         threading.Thread(target=self._run, args=(request,), daemon=True).start()
@@ -199,7 +199,9 @@ def test_errors_have_the_openai_shape_and_move_no_credit(server):
     server["pool"].busy = True
     try:
         r = post(body, key)
-        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.status_code == 503 and r.headers["Retry-After"] == "2"  # the pool's own estimate
+        assert r.json()["error"] == {"message": "no pipeline: waiting for providers to (re)join",
+                                     "type": "service_unavailable", "param": None, "code": "no_pipeline"}
     finally:
         server["pool"].busy = False
     svc = server["app"].state.service

@@ -151,3 +151,39 @@ def test_a_promoted_newcomer_locks_its_stake_from_earnings_and_again_after_a_sla
     assert len(stake_ops(accounts, "newbie")) == 2
     supply = accounts.reader.supply()
     assert supply["sum_of_balances_units"] == supply["supply_units"]
+
+
+def test_one_peer_id_registers_from_one_process_and_the_same_process_keeps_its_work(tmp_path):
+    add_vouch(tmp_path, "p")
+    reg = registry(tmp_path)
+    reg.set_standing("p", Standing(stake_units=STAKE))
+    here, elsewhere = ["/ip4/127.0.0.1/tcp/1/p2p/p"], ["/ip4/127.0.0.1/tcp/2/p2p/p"]
+    assert reg.register("p", {}, here, 2**30).state == "idle"
+    reg.set_state("p", "serving")
+    with pytest.raises(ValueError, match="live in another process"):
+        reg.register("p", {}, elsewhere, 2**30)  # a second process with the same key
+    assert reg.get("p").addrs == here and reg.get("p").state == "serving"  # nothing changed
+    assert reg.register("p", {}, here, 2**30).state == "serving"  # the same process, back after a blip
+    reg.set_state("p", "dead", "connection closed")
+    assert reg.register("p", {}, elsewhere, 2**30).state == "idle"  # restarted: the old one is gone
+
+
+def test_with_no_provider_registered_the_pool_says_it_waits_for_them_to_rejoin(tmp_path, default_model_dir):
+    import json
+
+    from coordinator.driver import GenerationRequest
+    from coordinator.planner import ModelShape, Workload
+    from coordinator.pool import REJOIN_RETRY_AFTER_S, Pool, PoolBusy
+
+    shape = ModelShape.from_hf_config(json.loads((default_model_dir / "config.json").read_text()), name="m")
+    reg = registry(tmp_path)
+    pool = Pool(reg, shape, "m", ("coordinator", ()), lambda *a: None, lambda *a: None, lambda *a: None,
+                lambda peer: True, Workload(batch=8, context_tokens=512, microbatches_in_flight=1))
+    pool._replan()  # the planner's round, without its thread
+    with pytest.raises(PoolBusy, match=r"no pipeline: waiting for providers to \(re\)join") as busy:
+        pool.submit(GenerationRequest([1, 2], 4))
+    assert busy.value.retry_after_s == REJOIN_RETRY_AFTER_S
+    join(reg, "newcomer")
+    pool._replan()
+    with pytest.raises(PoolBusy, match="newcomers only verify until vouched for"):
+        pool.submit(GenerationRequest([1, 2], 4))

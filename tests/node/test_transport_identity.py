@@ -60,3 +60,17 @@ def test_sign_and_verify() -> None:
 
 def test_seeded_identity_is_deterministic() -> None:
     assert Identity.from_seed(b"\x01" * 32).peer_id_str == Identity.from_seed(b"\x01" * 32).peer_id_str
+
+
+def test_one_process_at_a_time_holds_a_data_directory(tmp_path):
+    import os
+
+    import pytest
+
+    from node.transport.instance import AlreadyServing, InstanceLock
+
+    first = InstanceLock(tmp_path).acquire()
+    with pytest.raises(AlreadyServing, match=f"pid {os.getpid()}.*one peer id serves from one process"):
+        InstanceLock(tmp_path).acquire()
+    first.release()
+    InstanceLock(tmp_path).acquire().release()  # free again once released (the kernel does it on exit)

@@ -88,3 +88,21 @@ def test_two_processes_round_trip_garbage_and_restart(tmp_path) -> None:
             assert client.request(addr2, ECHO, Frame("test.again")).fields["pid"] == proc2.pid
     finally:
         stop_child(proc2)
+
+
+def test_a_killed_peer_is_reported_lost_by_its_connection(tmp_path) -> None:
+    """kill -9 leaves no goodbye; the closed connection is the news, long before any heartbeat."""
+    import threading
+
+    proc, addr = start_child(tmp_path / "victim")
+    lost: list[str] = []
+    news = threading.Event()
+    with P2PNode() as client:
+        client.on_peer_lost(lambda peer: (lost.append(peer), news.set()))
+        peer = client.connect(addr)
+        assert client.request(peer, ECHO, Frame("test.req", 1, {"a": 1}), timeout_s=30).fields["a"] == 1
+        assert not news.wait(0.5), "a live peer was reported lost"
+        proc.kill()
+        proc.wait(10)
+        assert news.wait(30), "the killed peer was never reported lost"
+        assert lost == [peer]
