@@ -77,6 +77,17 @@ def wait_until(predicate, timeout_s: float, what: str):
     raise TimeoutError(what)
 
 
+def serve_until_slashed(pool, key: str, cheat: str, requests: int) -> None:
+    """Requests one at a time until the cheat is slashed: every stage is audited after every request,
+    so its first audit fails."""
+    for i in range(requests):
+        complete(pool, key, i)
+        try:
+            return wait_until(lambda: account(pool, cheat)["slash_count"] > 0, 30, "a slash")
+        except TimeoutError:
+            continue
+
+
 def serving(pool) -> set[str]:
     return {s["peer"] for p in pool.get("/pool")["pipelines"] for s in p["stages"]}
 
@@ -182,14 +193,7 @@ def test_each_cheat_is_caught_slashed_and_dropped(pool, fp32_without_partner, ki
     p = pool.peers
     cheat = pool.add_provider(f"cheat-{kind}", HALF_MODEL_MB, extra_args=["--fault-injection", kind])
     pool.wait_for(lambda s: serving(pool) == {p["fp32"], cheat}, what=f"a pipeline with the {kind} cheat")
-    key = pool.add_consumer(f"victim-{kind}", 10**9)
-    for i in range(3):  # every stage is audited after every request: the first audit of the cheat fails
-        complete(pool, key, i)
-        try:
-            wait_until(lambda: account(pool, cheat)["slash_count"] > 0, 30, "a slash")
-            break
-        except TimeoutError:
-            continue
+    serve_until_slashed(pool, pool.add_consumer(f"victim-{kind}", 10**9), cheat, requests=3)
     cheated = pool.get(f"/ledger/accounts/{cheat}?recent=100")
     assert cheated["slash_count"] >= 1 and cheated["reputation"] < 0 and not cheated["may_serve"]
     penalties = [e for e in cheated["recent_entries"] if e["kind"] == "penalty"]
@@ -214,14 +218,7 @@ def test_a_fine_copy_served_in_bfloat16_is_caught_by_two_verifiers_of_its_class(
                    for q in pool.get("/pool")["pipelines"] for s in q["stages"])
 
     pool.wait_for(lambda s: cheat_in_bfloat16(), what="the int8 cheat serving in bfloat16")
-    key = pool.add_consumer("victim-int8-bf16", 10**9)
-    for i in range(4):
-        complete(pool, key, i)
-        try:
-            wait_until(lambda: account(pool, cheat)["slash_count"] > 0, 30, "a slash")
-            break
-        except TimeoutError:
-            continue
+    serve_until_slashed(pool, pool.add_consumer("victim-int8-bf16", 10**9), cheat, requests=4)
     cheated = pool.get(f"/ledger/accounts/{cheat}?recent=100")
     penalties = [e for e in cheated["recent_entries"] if e["kind"] == "penalty"]
     assert penalties and any("two verifiers of its class" in e["meta"]["reason"] for e in penalties), penalties
