@@ -164,8 +164,8 @@ def test_requests_join_and_leave_micro_batches_in_flight_and_survive_a_kill(pool
     reference's greedy text."""
     pool.add_provider("spare2", max_memory_mb=CAP_MB)
     [stages] = stages_of(wait_settled(pool, n_stages=3))
-    jobs = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate((4, 24, 8, 32, 12, 28))]
-    jobs[4] = (" ".join(PROMPTS) * 16, 12)  # over 256 tokens: prefilled in chunks between decode steps
+    jobs = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate((4, 14, 6, 18, 8, 16))]
+    jobs[4] = (" ".join(PROMPTS) * 16, 8)  # over 256 tokens: prefilled in chunks between decode steps
     results: dict[int, tuple[int, dict]] = {}
     workers = [threading.Thread(target=lambda i=i: results.update({i: complete(pool, *jobs[i])}))
                for i in range(len(jobs))]
