@@ -172,7 +172,7 @@ def test_requests_join_and_leave_micro_batches_in_flight_and_survive_a_kill(pool
     for w in workers:
         w.start()
         time.sleep(0.3)  # each joins while the ones before it decode
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert sum(w.is_alive() for w in workers) >= 3, "too few requests still running before the kill"
     pool.kill(stages[0][0])
     for w in workers:
