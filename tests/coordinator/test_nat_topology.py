@@ -141,8 +141,10 @@ def test_a_dead_home_fails_over_without_an_error_for_the_caller(pool, reference)
     worker.join(timeout=300)
     assert result.get("status") == 200, result
     assert result["body"]["choices"][0]["text"] == reference(PROMPTS[0], 48)
-    state = pool.wait_for(lambda s: s["pipelines"] and victim not in stage_peers(s), 120, "a pipeline without the victim")
-    assert {p["peer"]: p["state"] for p in state["providers"]}[victim] == "dead"
+    # out of the plan at once (its step failed), and dead once its connection or heartbeats say so
+    state = pool.wait_for(lambda s: s["pipelines"] and victim not in stage_peers(s)
+                          and {p["peer"]: p["state"] for p in s["providers"]}[victim] == "dead",
+                          120, "a pipeline without the victim, the victim dead")
     assert {p["peer"]: p["reachability"] for p in state["providers"]}[spare] == "public"
 
 
