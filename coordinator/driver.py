@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from coordinator import incidents
-from wire.messages import MAX_BATCH_SESSIONS, Result, SamplingParams, Stage, Step
+from wire.messages import MAX_BATCH_SESSIONS, SamplingParams, Stage, Step
 
 log = logging.getLogger("meshpool.coordinator")
 

@@ -23,8 +23,9 @@ from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.measurements import Measurements
 from coordinator.planner import (Capacity, InsufficientMemoryError, Links, ModelShape, Objective, Pipeline,
-                                 PipelineCost, PlanError, Workload, choose_with_hysteresis, evaluate_pipeline,
-                                 plan_within_memory, provider_spec_from_profile, sessions_held, stage_memory_bytes)
+                                 PipelineCost, PlanError, ProviderSpec, Workload, choose_with_hysteresis,
+                                 evaluate_pipeline, plan_within_memory, provider_spec_from_profile, sessions_held,
+                                 stage_memory_bytes)
 from coordinator.registry import Registry, ProviderRecord
 from wire.messages import MAX_BATCH_SESSIONS, SERVING_DTYPES, Assign, Stage, Step
 
