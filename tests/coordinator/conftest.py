@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from coordinator.local_pool import LocalPool, free_port
+from tests.postgres import empty_schema_url
 
 THREE_STAGE_CAP_MB = 300  # no two providers hold the model: every pipeline has three stages
 
@@ -45,3 +46,14 @@ def reference(default_reference):
         return greedy(tokenizer(prompt)["input_ids"], max_tokens)
 
     return text
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request):
+    """A coordinator's `--db`: None (its own SQLite file), then an empty PostgreSQL schema (skipped
+    with the reason when no server is configured)."""
+    if request.param == "sqlite":
+        yield None
+    else:
+        with empty_schema_url(f"{request.node.name} on PostgreSQL") as url:
+            yield url

@@ -13,16 +13,13 @@ import sys
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
-import pytest
 
 from contracts import DEFAULT_PARAMS
 from contracts.pricing import gas_units, quote
 from coordinator.inflight import InflightStore
 from coordinator.local_pool import LocalPool
 from ledger.db import make_engine, resolve_url
-from tests.postgres import empty_schema_url
 
 MODEL = "smollm2-135m-instruct"
 N_LAYERS = 30
@@ -30,16 +27,6 @@ CREDITS = 10**12
 NAME = "alice-the-consumer"
 TWO_STAGE_CAP_MB = 500  # neither provider holds the whole model: one pipeline of two stages
 CHUNKS_BEFORE_KILL = 4
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request):
-    if request.param == "sqlite":
-        with nullcontext(None) as url:
-            yield url
-    else:
-        with empty_schema_url("a coordinator restart on PostgreSQL") as url:
-            yield url
 
 
 def get(pool: LocalPool, path: str, key: str | None = None) -> tuple[int, bytes]:

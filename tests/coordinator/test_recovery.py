@@ -5,10 +5,8 @@ recorded pipeline), the others refunded; `ledger verify` passes; a second start 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import pytest
 from sqlalchemy import func, select
 
 from contracts.pricing import gas_units, quote
@@ -17,7 +15,6 @@ from coordinator.accounts import Accounts
 from ledger.receipts import StageReceipt
 from ledger.verify import verify
 from node.transport.identity import Identity
-from tests.postgres import empty_schema_url
 from wire.messages import Stage
 
 N_LAYERS = 30
@@ -29,16 +26,6 @@ PROMPT = 7
 @dataclass
 class Request:  # what Accounts.delivered reads of a GenerationRequest
     stages: tuple = field(default_factory=tuple)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request):
-    if request.param == "sqlite":
-        with nullcontext(None) as url:
-            yield url
-    else:
-        with empty_schema_url("recovery on PostgreSQL") as url:
-            yield url
 
 
 def receipt(identity: Identity, request_id: str, start: int, end: int, tokens: int, input_hash: str,
