@@ -290,6 +290,8 @@ class Pool:
                     most = min(self.workload.batch * cost.microbatches, MAX_BATCH_SESSIONS)
                     capacity = Capacity(sessions_held(p, specs, self.model_shape, bent.context_tokens, most),
                                         bent.context_tokens)
+                    if capacity.sessions < 1:  # a kept pipeline that no longer holds one session here
+                        continue
                     pid = pipeline_id(p, capacity, self._dtype_for)
                     wanted[pid], capacities[pid], predicted[pid] = p, capacity, cost
             except (InsufficientMemoryError, PlanError) as exc:
