@@ -166,7 +166,8 @@ class Provider:
         return decode(self.node.request(self.coordinator_peer, PROTO_CONTROL, message.to_frame(), timeout_s=timeout_s))
 
     def _register(self) -> None:
-        unsigned = Register(self.profile, (self.announced_addr or self.node.addr,), self.max_memory_bytes, self.identity.public_key_bytes, b"")
+        unsigned = Register(self.profile, (self.announced_addr or self.node.addr,), self.max_memory_bytes,
+                            self.identity.public_key_bytes, b"")
         signature = self.identity.sign(unsigned.signed_bytes(self.node.peer_id))
         reply = self._control(Register(**{**vars(unsigned), "signature": signature}), CONNECT_TIMEOUT_S)
         if not isinstance(reply, Ack) or not reply.ok:
@@ -197,6 +198,9 @@ class Provider:
                 reply = self._control(Heartbeat(self.node.peer_id))
                 if isinstance(reply, Ack) and not reply.ok and not self.stopping.is_set():
                     log.warning("the coordinator no longer knows us (%s); registering again", reply.reason)
+                    if "/p2p-circuit" in self.announced_addr:  # our relay slot went with the coordinator's process
+                        self.announced_addr = announce_addr(self.node, self.coordinator_addr, self.coordinator_peer,
+                                                            self.relay_mode, self.announce)
                     self._register()
                 if lost_since_s is not None:
                     log.info("back in contact with the coordinator after %.1f s", time.monotonic() - lost_since_s)
