@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.local_pool import LocalPool
+from tests.verification.test_audits_e2e import audit_entries
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).with_name("nat_peer.py")
@@ -80,16 +81,6 @@ def complete(pool: LocalPool, prompt: str, max_tokens: int) -> tuple[int, dict]:
 
 def stage_peers(state: dict) -> list[str]:
     return [s["peer"] for p in state["pipelines"] for s in p["stages"]]
-
-
-def audit_entries(pool: LocalPool) -> list[dict]:
-    found, after = [], -1
-    while True:
-        page = pool.get(f"/ledger/entries?after={after}&limit=1000")
-        found += [e for e in page["entries"] if e["kind"] == "audit"]
-        if not page["entries"]:
-            return found
-        after = page["next_after"]
 
 
 def test_homes_are_reached_only_through_the_relay_and_serve_the_reference(pool, reference):
