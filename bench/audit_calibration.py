@@ -74,7 +74,7 @@ class StageRecord:
     logits: list[torch.Tensor] = field(default_factory=list)  # last stage: logits of the sampled rows
     tokens: list[int] = field(default_factory=list)  # last stage: sampled tokens
     positions: list[int] = field(default_factory=list)  # last stage: their positions
-    boundaries: torch.Tensor | None = None  # (L + 1, T, D): every layer boundary, as the runtime kept them
+    trace: torch.Tensor | None = None  # (2L + 1, T, D): the layer trace, as the runtime kept it
     serve_s: float = 0.0  # time spent in this stage's steps (batched decode: shared equally)
 
     def stage_input(self) -> torch.Tensor:
@@ -108,7 +108,7 @@ def build_stages(config, tensors, model_id, dtypes, fault_at: int | None = None,
     stages = []
     for i, ((s, e), dt) in enumerate(zip(RANGES, dtypes)):
         rt = ShardRuntime.from_tensors(config, Shard(model_id, s, e, config.n_layers), tensors, dtype=dt,
-                                       max_sessions=8, max_seq_len=256, capture_boundaries=True)
+                                       max_sessions=8, max_seq_len=256, capture_trace=True)
         if fault is not None and i == fault_at:
             fault.install(rt)
         stages.append(rt)
@@ -188,7 +188,7 @@ def serve(stages: list[ShardRuntime], prompts: list[list[int]], batch: int, chun
             for k, st in enumerate(stages):
                 for i, sid in sids.items():
                     if sid in st.sessions:
-                        records[i][k].boundaries = st.boundaries(sid).clone()
+                        records[i][k].trace = st.trace(sid).clone()
                     st.close(sid)
     return records
 

@@ -1,10 +1,11 @@
 """Per-layer audit calibration: honest drift and cheats, one layer checked at a time.
 
-A stage served with `capture_boundaries` commits to the hidden state at every layer boundary. Each
-audit here re-executes ONE layer of ONE request (node/layer_reference.py) from the committed input
-of that layer, in float32 with the weights rounded to the serving dtype (the reference), and in
-the serving dtype itself (same recipe), then compares (verification/layer_compare.py). Stage 0's
-boundary 0 (the embeddings) is checked bit for bit.
+A stage served with `capture_trace` commits to its layer trace: its input and every layer's attention
+and MLP updates (verification/trace.py). Each audit here re-executes ONE block (attention or MLP) of
+ONE layer of ONE request (node/layer_reference.py) from what the stage committed as its input, in
+float32 with the weights rounded to the serving dtype (the reference), and in the serving dtype
+itself (same recipe), then compares (verification/layer_compare.py). Stage 0's trace row 0 (the
+embeddings) is checked bit for bit.
 
 Honest serving: prefill + decode at batch 1, and prefill in 3 chunks + decode at batch 8, in
 float32 and bfloat16. Cheats: node/faults.py kinds on every layer of the stage (skip-layer on one,
@@ -35,12 +36,14 @@ from node.faults import Fault  # noqa: E402
 from node.runtime import ShardRuntime  # noqa: E402
 from node.shard import Shard, tensor_names  # noqa: E402
 from verification.layer_compare import (FAIL, REFERENCE_THRESHOLDS, SAME_RECIPE_THRESHOLDS,  # noqa: E402
-                                        check_embedding, check_layer, combine)
+                                        check_embedding, check_update)
+from verification.trace import residuals  # noqa: E402
 from node.layer_reference import LayerReference  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 CHEATS = ("int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")
-SCENARIOS = (("prefill, decode b1", 1, 1), ("chunked3, decode b8", 8, 3))  # name, decode batch, chunks
+# name, decode batch, prefill chunks (a batch over the requests there are: all of them at once)
+SCENARIOS = (("prefill, decode b1", 1, 1), ("chunked3, decode b8", 8, 3), ("prefill, decode b64", 64, 1))
 RANDOM_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B; vocab cut (unused)
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
@@ -119,7 +122,7 @@ _sids = itertools.count()
 def serve(rt: ShardRuntime, prompts: list[list[int]], batch: int, chunks: int, new_tokens: int,
           seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Serve each prompt (prefill in `chunks`, then decode `new_tokens` at `batch`); greedy on a last
-    stage, seeded random tokens otherwise. Returns [(ids (T,), boundaries (L+1, T, D) on the CPU)]."""
+    stage, seeded random tokens otherwise. Returns [(ids (T,), trace (2L+1, T, D) on the CPU)]."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for lo in range(0, len(prompts), batch):
@@ -141,41 +144,46 @@ def serve(rt: ShardRuntime, prompts: list[list[int]], batch: int, chunks: int, n
             for f, t in zip(fed, nxt):
                 f.append(t)
         for sid, f in zip(sids, fed):
-            out.append((torch.tensor(f), rt.boundaries(sid).cpu()))
+            out.append((torch.tensor(f), rt.trace(sid).cpu()))
             rt.close(sid)
     return out
 
 
 def _timed(clock: dict | None, key: str, fn, *a):
     t0 = time.perf_counter()
-    out = fn(*a).cpu()  # .cpu() waits for a GPU
+    out = fn(*a)
+    if out[0].is_cuda:
+        torch.cuda.synchronize()
     if clock is not None:
         clock[key] = clock.get(key, 0.0) + time.perf_counter() - t0
     return out
 
 
 def audit_request(ref32: LayerReference, same: LayerReference | None, shard: Shard, ids: torch.Tensor,
-                  b: torch.Tensor, clock: dict | None = None) -> list[dict]:
+                  trace: torch.Tensor, clock: dict | None = None) -> list[dict]:
+    """Every check of one request: the embeddings (stage 0), then each layer's attention and MLP
+    alone. `clock` accumulates the seconds of the float32 and same-recipe recomputes."""
     # a same-recipe recompute is judged by the thresholds of the verifier's device type
     same_thresholds = None if same is None else SAME_RECIPE_THRESHOLDS[same.device.type]
-    """Every check of one request: the embeddings (stage 0), then each layer alone. `clock`
-    accumulates the seconds of the float32 and same-recipe recomputes."""
     rows = []
     if shard.is_first:
-        v = check_embedding(b[0], ref32.embed(ids).to(b.dtype))
+        v = check_embedding(trace[0], ref32.embed(ids).to(trace.dtype))
         rows.append(dict(layer=-1, outcome=v.outcome))
+    boundaries, mids = residuals(trace)
     for i in range(shard.n_shard_layers):
-        x, y = b[i], b[i + 1]
-        r = _timed(clock, "reference_s", ref32.layer, shard.start + i, x)
-        s = None if same is None else _timed(clock, "same_recipe_s", same.layer, shard.start + i, x)
-        v_ref = check_layer(x, y, r, shard.start + i, thresholds=REFERENCE_THRESHOLDS)
-        row = dict(layer=shard.start + i, outcome=v_ref.outcome, **v_ref.stats.to_dict())
-        if s is not None:
-            v_same = check_layer(x, y, r, shard.start + i, same=s, thresholds=same_thresholds)
-            st = v_same.stats
-            row.update(outcome_same=v_same.outcome, drift_ratio=st.drift_ratio, same_median=st.same_median,
-                       ulp_fraction_same=st.ulp_fraction)
-        rows.append(row)
+        index, x, h = shard.start + i, boundaries[i], mids[i]
+        r = [t.cpu() for t in _timed(clock, "reference_s", ref32.updates, index, x, h)]
+        s = None if same is None else [t.cpu() for t in _timed(clock, "same_recipe_s", same.updates, index, x, h)]
+        for k, block in enumerate(("attention", "mlp")):
+            y = trace[1 + 2 * i + k]
+            v_ref = check_update(y, r[k], index, thresholds=REFERENCE_THRESHOLDS, block=block)
+            row = dict(layer=index, outcome=v_ref.outcome, **v_ref.stats.to_dict())
+            if s is not None:
+                v_same = check_update(y, r[k], index, same=s[k], thresholds=same_thresholds, block=block)
+                st = v_same.stats
+                row.update(outcome_same=v_same.outcome, drift_ratio=st.drift_ratio, same_median=st.same_median,
+                           ulp_fraction_same=st.ulp_fraction)
+            rows.append(row)
     return rows
 
 
@@ -235,7 +243,7 @@ def run_shape(name: str, args, results: dict) -> None:
 
         def runtime():
             return ShardRuntime.from_tensors(config, shard, tensors, device=args.device, dtype=dtype,
-                                             max_sessions=8, max_seq_len=512, capture_boundaries=True)
+                                             max_sessions=64, max_seq_len=512, capture_trace=True)
 
         all_rows = []
         for scen, batch, chunks in SCENARIOS:
@@ -266,7 +274,7 @@ def run_shape(name: str, args, results: dict) -> None:
             skipped = shard.start + shard.n_shard_layers // 2
             touched = {"skip-layer": lambda r: r["layer"] == skipped, "token": lambda r: False}.get(kind)
             s = summarise(rows, touched)
-            # a stage audit checks every boundary: caught when any check fails
+            # a stage audit checks every block of every layer: caught when any check fails
             s["stage_audits"] = len(per_request)
             s["stage_caught_ref"] = sum(any(r["outcome"] == FAIL for r in rr) for rr in per_request)
             if same is not None:
@@ -324,7 +332,7 @@ def main() -> None:
                    thresholds_same={device: {str(k): vars(v) for k, v in table.items()}
                                     for device, table in SAME_RECIPE_THRESHOLDS.items()}, shapes={})
     print("honest rows: p99 of each statistic; cheat rows: min over the layers it touches. fail: vs the fp32 "
-          "reference; failS: vs same recipe; stage: stage audits caught (any boundary fails) / run")
+          "reference; failS: vs same recipe; stage: stage audits caught (any check fails) / run")
     print(HEADER)
     started = time.perf_counter()
     out = Path(args.out)

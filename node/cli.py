@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="the precision to ask the coordinator for (default: float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--retention-mb", type=int, default=512,
-                   help="memory for the tensors kept for audits (every layer boundary of recent requests)")
+                   help="memory for the tensors kept for audits (every layer's updates of recent requests)")
     p.add_argument("--fault-injection", metavar="KIND",
                    help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
                         "bad-verifier, refuse, inflate-profile, int8, fp8, int4, tamper, skip-layer, window, token, "

@@ -61,11 +61,12 @@ class DecodeStep:
     is fused into the next norm; q, k, v and gate/up are one matmul each."""
 
     def __init__(self, model, cache, cos: torch.Tensor, sin: torch.Tensor, ops: Ops,
-                 boundaries: torch.Tensor | None = None):
-        """`boundaries` (n_layers + 1, rows, D): if given, each step writes into it every layer's input
-        and then its output, for the stage's commitment to its layer boundaries (inside a graph too)."""
+                 trace: torch.Tensor | None = None):
+        """`trace` (2 n_layers + 1, rows, D): if given, each step writes into it the step's input and
+        then every layer's attention and MLP updates, for the stage's commitment to its layer trace
+        (verification/trace.py; inside a graph too)."""
         config = model.config
-        self.model, self.ops, self.boundaries = model, ops, boundaries
+        self.model, self.ops, self.trace = model, ops, trace
         self.n_layers = len(model.layers)
         self.cos, self.sin = cos.contiguous(), sin.contiguous()  # (T, Dh)
         self.k, self.v = cache.k, cache.v  # (layers, S, Hkv, T, Dh)
@@ -80,34 +81,33 @@ class DecodeStep:
         ops, m = self.ops, self.model
         if start == 0:
             h, delta = (m.embed(state) if m.embed is not None else state), None  # (B, D)
+            self._keep(0, h)
         else:
             h, delta = state
         for i in range(start, end):
             layer = m.layers[i]
             attn, mlp = layer.attn, layer.mlp
             h, xn = ops.rms_norm(h, layer.input_norm.weight, self.eps, delta)  # h: layer i's input
-            self._keep(i, h)
             qkv = F.linear(xn, attn.qkv.weight, attn.qkv.bias)  # (B, (H + 2 Hkv) Dh)
             q = ops.rope_write(qkv, self.cos, self.sin, positions, slots, self.k[i], self.v[i],
                                self.n_heads, self.n_kv_heads)  # (B, H, Dh)
             a = ops.attention(q, self.k[i], self.v[i], slots, lengths, plan)  # (B, H Dh)
             delta = F.linear(a, attn.o.weight, attn.o.bias)
+            self._keep(1 + 2 * i, delta)
             h, xn = ops.rms_norm(h, layer.post_attn_norm.weight, self.eps, delta)
             gate_up = F.linear(xn, mlp.gate_up.weight, mlp.gate_up.bias)  # (B, 2 I)
             delta = F.linear(ops.silu_mul(gate_up), mlp.down.weight, mlp.down.bias)
+            self._keep(2 + 2 * i, delta)
         if end < self.n_layers:
             return h, delta
         if m.norm is None:
-            out = h + delta
-            self._keep(self.n_layers, out)
-            return out
+            return h + delta
         h, xn = ops.rms_norm(h, m.norm.weight, self.eps, delta)
-        self._keep(self.n_layers, h)
         return F.linear(xn, m.head_weight()), h  # logits (B, V) and the hidden states behind them
 
-    def _keep(self, boundary: int, h: torch.Tensor) -> None:
-        if self.boundaries is not None:
-            self.boundaries[boundary, :h.shape[0]].copy_(h)
+    def _keep(self, row: int, h: torch.Tensor) -> None:
+        if self.trace is not None:
+            self.trace[row, :h.shape[0]].copy_(h)
 
 
 class GraphedDecoder:

@@ -1,20 +1,21 @@
 """Re-execution of ONE layer at a time, for a per-layer audit (DESIGN 5).
 
-A stage commits to the hidden state at every layer boundary of its range, in the dtype it serves
-in (node/runtime.py `capture_boundaries`). The verifier re-runs each layer i alone, over all the
-request's positions in one causal prefill, from the committed input of layer i, and compares with
-the committed output of layer i (verification/layer_compare.py). Honest drift is then one layer's
-drift whatever the stage's depth; a cheat shows at every layer it touches.
+A stage commits to its layer trace, in the dtype it serves in (node/runtime.py `capture_trace`,
+verification/trace.py): its input and every layer's attention and MLP updates. The verifier
+re-runs each layer i alone, over all the request's positions in one causal prefill: the attention
+from the committed input x_i of layer i, the MLP from the committed x_i + a_i, and compares each
+with the committed update (verification/layer_compare.py). Honest drift is then one block's drift
+whatever the stage's depth; a cheat shows at every layer it touches.
 
 The reference holds the weights exactly as the stage should: the checkpoint's tensors rounded to
 the serving dtype, then held in the compute dtype (float32 for the reference; the serving dtype
 itself for a same-recipe recompute, which runs the serving path's op sequence).
 
     ref = LayerReference.from_checkpoint(model_dir, shard, serving_dtype=torch.bfloat16)
-    y = ref.layer(shard.start + i, boundaries[i])         # (T, D) in float32
-    e = ref.embed(ids)                                    # stage 0: boundary 0
+    a, m = ref.updates(shard.start + i, x, h)             # (T, D) each, in float32
+    e = ref.embed(ids)                                    # stage 0: trace row 0
     logits = ref.head(boundaries[-1])                     # last stage: final norm + head
-    verdict = audit_boundaries(ref, same, stage_input, boundaries)   # all of it, one verdict
+    verdict = audit_trace(ref, same, stage_input, trace)  # all of it, one verdict
 
 The last stage's tokens are checked as before (verification/compare.py `compare_tokens`) on
 `ref.head` of its last boundary's sampled rows.
@@ -34,15 +35,16 @@ from node.layers import DecoderLayer, rope_tables
 from node.models import model_id_of
 from node.runtime import ShardModel
 from node.shard import Checkpoint, Shard, tensor_names
-from verification.layer_compare import (COULD_NOT_CHECK, LayerVerdict, check_embedding, check_layer, combine,
+from verification.layer_compare import (COULD_NOT_CHECK, LayerVerdict, check_embedding, check_update, combine,
                                         same_recipe_thresholds)
+from verification.trace import n_trace_rows, residuals
 from wire.messages import AuditTask
 
 MAX_TOKENS = 1 << 15  # positions one re-execution may cover
 
 
-def run_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One decoder layer over T positions (a fresh causal prefill, no cache): x (T, D) -> (T, D)."""
+def run_attention(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One layer's attention update over T positions (a fresh causal prefill, no cache): x (T, D) -> (T, D)."""
     kv: dict[str, torch.Tensor] = {}
 
     def write(name, new):  # new: (1, Hkv, T, Dh); the "cache" is just this step's keys/values
@@ -51,7 +53,12 @@ def run_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torc
     def read(name):
         return kv[name]
 
-    return layer(x[None], cos[None, None], sin[None, None], "k", "v", write, read, None)[0]
+    return layer.attn(layer.input_norm(x)[None], cos[None, None], sin[None, None], "k", "v", write, read, None)[0]
+
+
+def run_mlp(layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
+    """One layer's MLP update from the stream after its attention: h (T, D) -> (T, D)."""
+    return layer.mlp(layer.post_attn_norm(h))
 
 
 class LayerReference:
@@ -95,14 +102,18 @@ class LayerReference:
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
 
     @torch.inference_mode()
-    def layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer `index` (absolute, within the shard) over the committed input x (T, D) of that layer,
-        upcast as it is: returns its output (T, D) in the compute dtype."""
+    def updates(self, index: int, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (absolute, within the shard) attention update from its committed input x
+        and its MLP update from the committed stream after the attention h, both (T, D) and upcast
+        as they are: (a, m), each (T, D) in the compute dtype."""
         if not self.shard.start <= index < self.shard.end:
             raise ValueError(f"layer {index} is outside {self.shard}")
         self._check_hidden(x)
+        self._check_hidden(h)
         cos, sin = self._rope(x.shape[0])
-        return run_layer(self.model.layers[index - self.shard.start], x.to(self.device, self.compute_dtype), cos, sin)
+        layer = self.model.layers[index - self.shard.start]
+        a = run_attention(layer, x.to(self.device, self.compute_dtype), cos, sin)
+        return a, run_mlp(layer, h.to(self.device, self.compute_dtype))
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -124,33 +135,34 @@ class LayerReference:
         return F.linear(self.model.norm(h.to(self.device, self.compute_dtype)), self.model.head_weight())
 
 
-def audit_boundaries(ref: LayerReference, same: LayerReference | None, stage_input: torch.Tensor,
-                     boundaries: torch.Tensor, same_thresholds=None) -> tuple[LayerVerdict, list[LayerVerdict]]:
-    """A stage audit from its committed boundaries (L + 1, T, D): the embeddings of stage 0's token
-    ids bit for bit, then every layer alone against `ref` (float32) and, for a low-precision stage
-    of the verifier's own hardware class, `same` (its serving dtype), judged by `same_thresholds`
-    (verification/layer_compare.py SAME_RECIPE_THRESHOLDS of the verifier's device type).
-    Returns (the stage's verdict, each boundary's verdict)."""
+def audit_trace(ref: LayerReference, same: LayerReference | None, stage_input: torch.Tensor,
+                trace: torch.Tensor, same_thresholds=None) -> tuple[LayerVerdict, list[LayerVerdict]]:
+    """A stage audit from its committed layer trace (2L + 1, T, D): the embeddings of stage 0's token
+    ids bit for bit, then every layer's attention and MLP updates alone against `ref` (float32) and,
+    for a low-precision stage of the verifier's own hardware class, `same` (its serving dtype),
+    judged by `same_thresholds` (verification/layer_compare.py SAME_RECIPE_THRESHOLDS of the
+    verifier's device type). Returns (the stage's verdict, each check's verdict)."""
     shard, L = ref.shard, ref.shard.n_shard_layers
-    if not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 3 or boundaries.shape[0] != L + 1 \
-            or boundaries.shape[2] != ref.config.hidden_size:
-        v = LayerVerdict(COULD_NOT_CHECK, f"boundaries {tuple(getattr(boundaries, 'shape', ()))} are not "
-                                          f"({L + 1}, T, {ref.config.hidden_size})")
+    if not isinstance(trace, torch.Tensor) or trace.dim() != 3 or trace.shape[0] != n_trace_rows(L) \
+            or trace.shape[2] != ref.config.hidden_size:
+        v = LayerVerdict(COULD_NOT_CHECK, f"trace {tuple(getattr(trace, 'shape', ()))} is not "
+                                          f"({n_trace_rows(L)}, T, {ref.config.hidden_size})")
         return v, [v]
+    boundaries, mids = residuals(trace)
     verdicts = []
     try:
         if shard.is_first:
-            verdicts.append(check_embedding(boundaries[0], ref.embed(stage_input).to(boundaries.dtype)))
-        elif stage_input.shape != boundaries[0].shape or not torch.equal(stage_input.to(boundaries.dtype),
-                                                                        boundaries[0]):
-            # the receipt's input hash binds boundary 0 to what upstream sent
-            verdicts.append(LayerVerdict("fail", "boundary 0 is not the stage's input", shard.start))
+            verdicts.append(check_embedding(trace[0], ref.embed(stage_input).to(trace.dtype)))
+        elif stage_input.shape != trace[0].shape or not torch.equal(stage_input.to(trace.dtype), trace[0]):
+            # the receipt's input hash binds trace row 0 to what upstream sent
+            verdicts.append(LayerVerdict("fail", "trace row 0 is not the stage's input", shard.start))
         for i in range(L):
-            x, y = boundaries[i], boundaries[i + 1]
-            r = ref.layer(shard.start + i, x).cpu()
-            s = None if same is None else same.layer(shard.start + i, x).cpu()
-            verdicts.append(check_layer(x.cpu(), y.cpu(), r, shard.start + i, same=s,
-                                        thresholds=same_thresholds if s is not None else None))
+            index, x, h = shard.start + i, boundaries[i], mids[i]
+            r = ref.updates(index, x, h)
+            s = (None, None) if same is None else same.updates(index, x, h)
+            for block, claimed, r_b, s_b in zip(("attention", "mlp"), (trace[1 + 2 * i], trace[2 + 2 * i]), r, s):
+                verdicts.append(check_update(claimed.cpu(), r_b.cpu(), index, None if s_b is None else s_b.cpu(),
+                                             same_thresholds if s_b is not None else None, block))
     except ValueError as exc:  # e.g. token ids outside the vocabulary: nothing to re-execute
         verdicts.append(LayerVerdict(COULD_NOT_CHECK, f"cannot re-execute: {exc}", shard.start))
     return combine(verdicts), verdicts
@@ -174,7 +186,7 @@ class LayerAuditor:
         self._references: OrderedDict[tuple[Shard, torch.dtype, torch.dtype], LayerReference] = OrderedDict()
         self._lock = threading.Lock()  # one re-execution at a time: references are large
 
-    def __call__(self, task: AuditTask, stage_input: torch.Tensor, boundaries: torch.Tensor,
+    def __call__(self, task: AuditTask, stage_input: torch.Tensor, trace: torch.Tensor,
                  rows: list[int]) -> tuple[LayerVerdict, list[LayerVerdict], torch.Tensor | None]:
         if task.model != self.model_id:
             raise ValueError(f"this verifier holds {self.model_id}, not {task.model}")
@@ -186,8 +198,9 @@ class LayerAuditor:
         with self._lock:
             ref = self._reference(shard, dtype, torch.float32)
             same = self._reference(shard, dtype, dtype) if same_thresholds else None
-            verdict, verdicts = audit_boundaries(ref, same, stage_input, boundaries, same_thresholds)
-            logits = ref.head(boundaries[-1][rows]).cpu() if shard.is_last and rows else None
+            verdict, verdicts = audit_trace(ref, same, stage_input, trace, same_thresholds)
+            last = residuals(trace)[0][-1] if shard.is_last and rows else None
+            logits = ref.head(last[rows]).cpu() if last is not None else None
         return verdict, verdicts, logits
 
     def _reference(self, shard: Shard, dtype: torch.dtype, compute_dtype: torch.dtype) -> LayerReference:

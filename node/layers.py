@@ -134,9 +134,15 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
-        x = x + self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, write, read, mask)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, trace: list | None = None):
+        """`trace`: if given, the attention's and then the MLP's update (what each adds to the
+        residual stream) are appended to it, for the stage's commitment (node/runtime.py)."""
+        a = self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, write, read, mask)
+        x = x + a
+        m = self.mlp(self.post_attn_norm(x))
+        if trace is not None:
+            trace += (a, m)
+        return x + m
 
 
 def load_layer(layer: DecoderLayer, tensors: dict[str, torch.Tensor], prefix: str) -> None:

@@ -256,11 +256,11 @@ class Provider:
                 with tqdm(total=len(tensor_names(ModelConfig.load(self.model_dir), shard)),
                           desc=f"loading layers [{shard.start}, {shard.end})", leave=False,
                           disable=not sys.stderr.isatty()) as bar:
-                    # every layer boundary is kept: the receipt commits to them, audits re-execute from them
+                    # every layer's updates are kept: the receipt commits to them, audits re-execute from them
                     runtime = ShardRuntime(
                         self.model_dir, shard, device=self.device, dtype=getattr(torch, spec.dtype),
                         max_sessions=spec.max_sessions, max_seq_len=spec.max_seq_len,
-                        on_tensor_loaded=lambda _name: bar.update(), capture_boundaries=True,
+                        on_tensor_loaded=lambda _name: bar.update(), capture_trace=True,
                     )
                 if self.fault is not None:
                     self.fault.install(runtime)

@@ -40,17 +40,17 @@ class SessionRecord:
             self.positions.append(sampled[0])
             self.tokens.append(sampled[1])
 
-    def seal(self, boundaries: torch.Tensor | None = None) -> "Retained":
-        """`boundaries`: the hidden states at every layer boundary (L + 1, T, D), if the runtime kept them."""
+    def seal(self, trace: torch.Tensor | None = None) -> "Retained":
+        """`trace`: the layer trace (2L + 1, T, D) (verification/trace.py), if the runtime kept it."""
         stage_input = torch.cat(self.inputs)
         output = [torch.cat(self.outputs)]
         if self.positions:
             output += [torch.tensor(self.positions, dtype=torch.int64), torch.tensor(self.tokens, dtype=torch.int64)]
-        if boundaries is None:
+        if trace is None:
             return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output))
-        boundaries = boundaries.detach().to("cpu")
-        return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output), boundaries,
-                        tensor_digest([boundaries]))
+        trace = trace.detach().to("cpu")
+        return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output), trace,
+                        tensor_digest([trace]))
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ class Retained:
     output: list[torch.Tensor]  # [hidden] or, on the last stage, [hidden, positions, tokens]
     input_hash: str
     output_hash: str
-    boundaries: torch.Tensor | None = None  # (L + 1, T, D): the input of each layer, then the last output
+    trace: torch.Tensor | None = None  # (2L + 1, T, D): the input, then each layer's attention and MLP updates
     layers_hash: str = ""
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        """What an audit fetches: [input, *output] and the boundaries when kept."""
-        return [self.stage_input, *self.output, *([] if self.boundaries is None else [self.boundaries])]
+        """What an audit fetches: [input, *output] and the trace when kept."""
+        return [self.stage_input, *self.output, *([] if self.trace is None else [self.trace])]
 
     @property
     def nbytes(self) -> int:

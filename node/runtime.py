@@ -6,11 +6,11 @@ Decode steps of different sessions run as one batch. On a CUDA device decode run
 replayed from CUDA graphs (node/cuda_graphs.py); prefill, and every step on the CPU, run the
 layers of node/layers.py.
 
-With `capture_boundaries` a runtime also keeps, per session, the hidden state at every layer
-boundary of its range in its serving dtype: (n_shard_layers + 1, T, D), row 0 the stage's input
-(stage 0: the embeddings), row i + 1 the output of its i-th layer. An audit re-checks each layer
-alone from them (node/layer_reference.py). Off by default: then nothing is kept or copied.
-On CUDA the captured decode step writes them into a static (L + 1, B, D) buffer, copied out after
+With `capture_trace` a runtime also keeps, per session, its layer trace in its serving dtype
+(verification/trace.py): (2 n_shard_layers + 1, T, D), row 0 the stage's input (stage 0: the
+embeddings), then each layer's attention and MLP updates. An audit re-checks each layer alone
+from them (node/layer_reference.py). Off by default: then nothing is kept or copied.
+On CUDA the captured decode step writes them into a static (2L + 1, B, D) buffer, copied out after
 each replay, so capturing keeps the CUDA graphs.
 """
 
@@ -29,6 +29,7 @@ from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
 from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
+from verification.trace import residuals
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
 DEFAULT_MAX_SESSIONS = 32
@@ -45,8 +46,8 @@ class Session:
     slot: int
     n_tokens: int = 0  # tokens already in this session's cache
     last_used_s: float = 0.0
-    # with capture_boundaries: (L + 1, t, D) per step, in order; concatenated on first read
-    boundaries: list[torch.Tensor] = field(default_factory=list)
+    # with capture_trace: (2L + 1, t, D) per step, in order; concatenated on first read
+    trace: list[torch.Tensor] = field(default_factory=list)
 
 
 class ShardModel(nn.Module):
@@ -113,15 +114,15 @@ class ShardRuntime:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         cuda_graphs: bool = True,
         on_tensor_loaded=None,
-        capture_boundaries: bool = False,
+        capture_trace: bool = False,
     ):
         """`cuda_graphs`: on a CUDA device, decode through fused kernels and CUDA graphs (False:
         the layers of node/layers.py, as on the CPU). `on_tensor_loaded(name)`: loading progress.
-        `capture_boundaries`: keep every session's layer-boundary hidden states (`boundaries`)."""
+        `capture_trace`: keep every session's layer trace (`trace`)."""
         config = ModelConfig.load(model_dir)
         with device_scope(device):  # loading, the cache and the graphs' streams on this device, not cuda:0
             self._build(config, shard, lambda model: model.load(Checkpoint(model_dir), on_tensor_loaded), device,
-                        dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_boundaries)
+                        dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs, capture_trace)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, shard: Shard, tensors: dict[str, torch.Tensor],
@@ -130,13 +131,13 @@ class ShardRuntime:
         runtime = cls.__new__(cls)
         kwargs = {**dict(device="cpu", dtype=torch.float32, max_sessions=DEFAULT_MAX_SESSIONS,
                          max_seq_len=DEFAULT_MAX_SEQ_LEN, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S,
-                         cuda_graphs=True, capture_boundaries=False), **kwargs}
+                         cuda_graphs=True, capture_trace=False), **kwargs}
         with device_scope(kwargs["device"]):
             runtime._build(config, shard, lambda model: model.load_tensors(tensors), **kwargs)
         return runtime
 
     def _build(self, config, shard, load, device, dtype, max_sessions, max_seq_len, idle_timeout_s, cuda_graphs,
-               capture_boundaries=False):
+               capture_trace=False):
         self.config = config
         if shard.n_layers != self.config.n_layers:
             raise ModelError(f"shard says {shard.n_layers} layers, the model has {self.config.n_layers}")
@@ -150,8 +151,8 @@ class ShardRuntime:
         self.loaded_tensors = load(self.model)
         cos, sin = rope_tables(self.config, self.max_seq_len)
         self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
-        self.capture_boundaries = capture_boundaries
-        # the hidden states of the latest step's boundaries, [input, after layer 0, ...], each (B, T, D)
+        self.capture_trace = capture_trace
+        # the latest step's trace, [input, attention 0, MLP 0, ...], each (B, T, D)
         self._taken: list[torch.Tensor] | None = None
         use_graphs = cuda_graphs and self.device.type == "cuda" and triton_usable(self.device)
         # the graphs pad batches with rows that write into one extra slot, owned by no session
@@ -162,8 +163,8 @@ class ShardRuntime:
         self.graphs = None
         if use_graphs:
             kept = None
-            if capture_boundaries:
-                kept = torch.zeros(shard.n_shard_layers + 1, max_sessions, self.config.hidden_size, dtype=dtype,
+            if capture_trace:
+                kept = torch.zeros(2 * shard.n_shard_layers + 1, max_sessions, self.config.hidden_size, dtype=dtype,
                                    device=self.device)
             step = DecodeStep(self.model, self.cache, self.cos, self.sin, Ops(use_triton=True), kept)
             self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
@@ -236,7 +237,7 @@ class ShardRuntime:
         positions = slice(start, start + T)
         h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read, mask)
         if self._taken is not None:
-            session.boundaries.append(torch.stack(self._taken)[:, 0])  # (L + 1, T, D)
+            session.trace.append(torch.stack(self._taken)[:, 0])  # (2L + 1, T, D)
             self._taken = None
         session.n_tokens += T
         session.last_used_s = time.monotonic()
@@ -270,12 +271,12 @@ class ShardRuntime:
             xs = [self._check_input(torch.cat(xs), to_device=self.graphs is None)]
         slot_list = [s.slot for s in sessions]
         pos_list = [s.n_tokens for s in sessions]
-        taken = None  # with capture_boundaries: (L + 1, B, D)
+        taken = None  # with capture_trace: (2L + 1, B, D)
         if self.graphs is not None:
             out = self.graphs.decode(slot_list, pos_list, xs)
             self.last_hidden = self.graphs.last_hidden
-            if self.capture_boundaries:  # the step's static buffer: copied out before the next replay
-                taken = self.graphs.step.boundaries[:, :len(steps)].clone()
+            if self.capture_trace:  # the step's static buffer: copied out before the next replay
+                taken = self.graphs.step.trace[:, :len(steps)].clone()
         else:
             x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
             out = self._decode_layers(x, slot_list, pos_list)
@@ -284,7 +285,7 @@ class ShardRuntime:
                 self._taken = None
         if taken is not None:
             for row, s in enumerate(sessions):
-                s.boundaries.append(taken[:, row:row + 1])
+                s.trace.append(taken[:, row:row + 1])
         now = time.monotonic()
         for s in sessions:
             s.n_tokens += 1
@@ -322,33 +323,36 @@ class ShardRuntime:
 
     def _forward(self, x, cos, sin, write, read, mask) -> torch.Tensor:
         h = self.model.embed(x) if self.shard.is_first else x.to(self.dtype)  # (B, T, D)
-        if self.capture_boundaries:
+        if self.capture_trace:
             return self._forward_captured(h, cos, sin, write, read, mask)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask)
         return h
 
     def _forward_captured(self, h, cos, sin, write, read, mask) -> torch.Tensor:
-        taken = [h]  # each layer returns a new tensor: keeping references copies nothing
+        taken = [h]  # each update is a new tensor: keeping references copies nothing
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask)
-            taken.append(h)
+            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask, taken)
         self._taken = taken
         return h
 
-    def boundaries(self, session_id: str) -> torch.Tensor:
-        """The layer-boundary hidden states of every position fed to an open session so far:
-        (n_shard_layers + 1, T, D) in the serving dtype, on the runtime's device."""
-        if not self.capture_boundaries:
-            raise SessionError("this runtime does not capture layer boundaries")
+    def trace(self, session_id: str) -> torch.Tensor:
+        """The layer trace of every position fed to an open session so far: (2 n_shard_layers + 1,
+        T, D) in the serving dtype, on the runtime's device."""
+        if not self.capture_trace:
+            raise SessionError("this runtime does not capture layer traces")
         session = self.sessions.get(session_id)
         if session is None:
             raise SessionError(f"unknown session {session_id!r}")
-        if not session.boundaries:
+        if not session.trace:
             raise SessionError(f"session {session_id!r} has run no step yet")
-        if len(session.boundaries) > 1:
-            session.boundaries[:] = [torch.cat(session.boundaries, dim=1)]
-        return session.boundaries[0]
+        if len(session.trace) > 1:
+            session.trace[:] = [torch.cat(session.trace, dim=1)]
+        return session.trace[0]
+
+    def boundaries(self, session_id: str) -> torch.Tensor:
+        """The hidden state at every layer boundary that trace implies: (n_shard_layers + 1, T, D)."""
+        return residuals(self.trace(session_id))[0]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.norm(h), self.model.head_weight())

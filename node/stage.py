@@ -88,12 +88,12 @@ class StageWorker:
         for sid, request_id in zip(close.sessions, close.requests):
             record = self.records.pop(sid, None)
             keep = record is not None and request_id and self.identity is not None and self.retained is not None
-            boundaries = None
-            if keep and self.runtime.capture_boundaries and sid in self.runtime.sessions:
-                boundaries = self.runtime.boundaries(sid)
+            trace = None
+            if keep and self.runtime.capture_trace and sid in self.runtime.sessions:
+                trace = self.runtime.trace(sid)
             self.runtime.close(sid)
             if keep:
-                retained = record.seal(boundaries)
+                retained = record.seal(trace)
                 self.retained.put(request_id, retained)
                 receipts.append(self._sign(request_id, record.n_tokens, retained))
         return receipts

@@ -3,10 +3,11 @@ re-execute every layer alone from its committed input, compare. Verifiers and th
 referee both call `check_stage`; fetching the tensors and re-executing layers are theirs
 (node/verifier.py, node/layer_reference.py), so this module stays pure.
 
-A stage commits, besides its input and output, to the hidden state at every boundary of its layer
-range (the receipt's `layers_hash`), in the precision the coordinator assigned it (the receipt's
-`dtype`). Each layer is then checked on its own (verification/layer_compare.py): honest drift is
-one layer's drift whatever the stage's depth, and a cheat shows at the layer it touches.
+A stage commits, besides its input and output, to its layer trace (the receipt's `layers_hash`):
+each layer's attention and MLP updates (verification/trace.py), in the precision the coordinator
+assigned it (the receipt's `dtype`). Each update is then checked on its own, at its own scale
+(verification/layer_compare.py): honest drift is one block's drift whatever the stage's depth,
+and a cheat shows at the layer it touches.
 
 Three outcomes: "pass", "fail" (evidence of wrong work: what the stage handed over contradicts its
 receipt or its assignment, or its layers do not compute what the model's layers compute), and
@@ -24,17 +25,18 @@ import torch
 
 from verification.commitments import tensor_digest
 from verification.compare import compare_tokens
+from verification.trace import n_trace_rows, residuals
 from verification.layer_compare import COULD_NOT_CHECK, FAIL as LAYER_FAIL, LayerVerdict
 from wire.messages import AuditTask, dtype_name
 
 PASS, FAIL, UNCHECKED = "pass", "fail", "unchecked"
 # A layer failure whose worst statistic is at most this many times its threshold is marginal: the
 # auditor escalates it (more of the provider's work audited) before anybody is slashed. Everything
-# else that fails (a hash, the dtype, a boundary unlike the output, a token, a layer far over its
+# else that fails (a hash, the dtype, a trace unlike the output, a token, a layer far over its
 # threshold) is clear.
 MARGINAL_EXCESS = 2.0
 
-# (task, stage input, boundaries (L + 1, T, D), rows) -> (the stage's verdict, each boundary's
+# (task, stage input, trace (2L + 1, T, D), rows) -> (the stage's verdict, each layer's
 # verdict, the last stage's logits (len(rows), V) at those rows, else None); raises ValueError when
 # it cannot re-execute at all
 ReExecute = Callable[[AuditTask, torch.Tensor, torch.Tensor, list[int]],
@@ -77,7 +79,7 @@ def layer_metrics(verdicts: list[LayerVerdict]) -> dict:
     """The evidence an audit records: layers checked and the worst per-layer statistics."""
     stats = [v.stats for v in verdicts if v.stats is not None]
     # whether a same-recipe recompute judged these layers: what a float32 referee cannot see
-    metrics = {"layers_checked": len(stats), "same_recipe": any(s.same_median == s.same_median for s in stats)}
+    metrics = {"layers_checked": len({v.layer for v in verdicts if v.stats is not None}), "same_recipe": any(s.same_median == s.same_median for s in stats)}
     for name in ("median", "quantile", "max", "drift_ratio", "same_median", "ulp_fraction"):
         values = [getattr(s, name) for s in stats if getattr(s, name) == getattr(s, name)]  # not NaN
         if values:
@@ -86,28 +88,28 @@ def layer_metrics(verdicts: list[LayerVerdict]) -> dict:
 
 
 def check_stage(reexecute: ReExecute, task: AuditTask, tensors: list[torch.Tensor]) -> Outcome:
-    """Judge a stage from its retained [input, *output, boundaries] against the receipt in `task`."""
+    """Judge a stage from its retained [input, *output, trace] against the receipt in `task`."""
     if not task.layers_hash:
-        return Outcome(FAIL, "the receipt commits to no layer boundaries")
+        return Outcome(FAIL, "the receipt commits to no layer trace")
     if len(tensors) != (5 if is_last(task) else 3):
         return Outcome(FAIL, f"{len(tensors)} retained tensors, not what this stage keeps")
-    stage_input, output, boundaries = tensors[0], tensors[1:-1], tensors[-1]
+    stage_input, output, trace = tensors[0], tensors[1:-1], tensors[-1]
     if tensor_digest([stage_input]) != task.input_hash:
         return Outcome(FAIL, "retained input does not match the receipt's input hash")
     if tensor_digest(output) != task.output_hash:
         return Outcome(FAIL, "retained output does not match the receipt's output hash")
-    if tensor_digest([boundaries]) != task.layers_hash:
-        return Outcome(FAIL, "retained layer boundaries do not match the receipt's layers hash")
+    if tensor_digest([trace]) != task.layers_hash:
+        return Outcome(FAIL, "retained layer trace does not match the receipt's layers hash")
     claimed = output[0]
-    for name, t in (("output", claimed), ("layer boundaries", boundaries)):
+    for name, t in (("output", claimed), ("layer trace", trace)):
         if dtype_name(t.dtype) != task.dtype:
             return Outcome(FAIL, f"{name} in {t.dtype}, but the stage was assigned {task.dtype}")
-    if claimed.dim() != 2 or boundaries.dim() != 3 or boundaries.shape[0] != task.end - task.start + 1 \
-            or tuple(boundaries.shape[1:]) != tuple(claimed.shape):
-        return Outcome(FAIL, f"boundaries {tuple(boundaries.shape)} do not fit "
+    if claimed.dim() != 2 or trace.dim() != 3 or trace.shape[0] != n_trace_rows(task.end - task.start) \
+            or tuple(trace.shape[1:]) != tuple(claimed.shape):
+        return Outcome(FAIL, f"trace {tuple(trace.shape)} does not fit "
                              f"{task.end - task.start} layers and an output of {tuple(claimed.shape)}")
-    if not torch.equal(boundaries[-1], claimed):
-        return Outcome(FAIL, "the output sent is not the last layer's output")
+    if not torch.equal(residuals(trace)[0][-1], claimed):
+        return Outcome(FAIL, "the output sent is not what the trace's updates add up to")
     rows: list[int] = []
     if is_last(task):
         positions = output[1].tolist()
@@ -115,7 +117,7 @@ def check_stage(reexecute: ReExecute, task: AuditTask, tensors: list[torch.Tenso
             return Outcome(FAIL, "sampled positions outside the request")
         rows = [p - 1 for p in positions]  # the token chosen at position p comes from row p - 1
     try:
-        verdict, verdicts, logits = reexecute(task, stage_input, boundaries, rows)
+        verdict, verdicts, logits = reexecute(task, stage_input, trace, rows)
     except ValueError as exc:
         return Outcome(UNCHECKED, f"cannot re-execute: {exc}")
     metrics = layer_metrics(verdicts)

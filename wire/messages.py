@@ -597,7 +597,7 @@ class AuditTask(Message):
     lets the verifier fetch the subject's retained tensors."""
 
     TYPE = "audit.task"
-    VERSION = 4
+    VERSION = 5  # 5: layers_hash commits to the layer trace (verification/trace.py), not the boundaries
     audit_id: str
     request_id: str
     subject: str
@@ -608,7 +608,7 @@ class AuditTask(Message):
     n_layers: int
     input_hash: str
     output_hash: str
-    layers_hash: str  # the receipt's commitment to every layer boundary
+    layers_hash: str  # the receipt's commitment to the layer trace (verification/trace.py)
     dtype: str  # the precision the stage was assigned and signed for
     hardware_class: str  # the class the stage served on (its profile's): a verifier of that class re-runs its recipe
     sampling: SamplingParams
@@ -656,10 +656,10 @@ class AuditFetch(Message):
 
 class AuditData(Message):
     """The retained input, then the output ([hidden] or, from a last stage, [hidden, positions,
-    tokens]), then the layer boundaries (L + 1, T, D) when the stage kept them."""
+    tokens]), then the layer trace (2L + 1, T, D) when the stage kept it."""
 
     TYPE = "audit.data"
-    VERSION = 2
+    VERSION = 3  # 3: the layer trace (2L + 1, T, D) in place of the boundaries (L + 1, T, D)
     TENSORS = (2, 5)
     request_id: str
     tensors: tuple = field(repr=False, compare=False, default=())

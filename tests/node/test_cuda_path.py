@@ -230,13 +230,15 @@ def test_graph_path_keeps_session_errors(llama_dir):
 
 
 @cuda
-def test_graphs_capture_layer_boundaries_that_pass_a_layer_audit(llama_dir):
-    """With capture on, decode still replays CUDA graphs; the boundaries they write are the eager
-    kernels' bit for bit, and every layer of them passes a per-layer audit."""
-    from node.layer_reference import LayerReference, audit_boundaries
+def test_graphs_capture_layer_traces_that_pass_a_layer_audit(llama_dir):
+    """With capture on, decode still replays CUDA graphs; the traces they write are the eager
+    kernels' bit for bit, and every layer of them passes a per-layer audit, against the float32
+    reference and against a same-recipe recompute on the GPU."""
+    from node.layer_reference import LayerReference, audit_trace
+    from verification.layer_compare import same_recipe_thresholds
 
     make = lambda: [_runtime(llama_dir, a, b, device="cuda", dtype=torch.bfloat16, max_sessions=4,  # noqa: E731
-                             max_seq_len=256, capture_boundaries=True) for a, b in [(0, 2), (2, 4)]]
+                             max_seq_len=256, capture_trace=True) for a, b in [(0, 2), (2, 4)]]
     graphed, eager = make(), make()
     for stage in eager:
         stage.graphs.use_graphs = False
@@ -261,10 +263,13 @@ def test_graphs_capture_layer_boundaries_that_pass_a_layer_audit(llama_dir):
     assert ids[id(graphed)] == ids[id(eager)]
     for i, tokens in enumerate(ids[id(graphed)]):
         for g, e in zip(graphed, eager):
-            assert torch.equal(g.boundaries(f"s{i}"), e.boundaries(f"s{i}"))
+            assert torch.equal(g.trace(f"s{i}"), e.trace(f"s{i}"))
         fed = torch.tensor(tokens[:-1])  # the last token was sampled, never fed
         inputs = (fed, graphed[0].boundaries(f"s{i}")[-1])
         for stage, stage_input in zip(graphed, inputs):
-            ref = LayerReference.from_checkpoint(llama_dir, stage.shard, serving_dtype=torch.bfloat16, device="cuda")
-            verdict, verdicts = audit_boundaries(ref, None, stage_input, stage.boundaries(f"s{i}"))
+            ref, same = (LayerReference.from_checkpoint(llama_dir, stage.shard, serving_dtype=torch.bfloat16,
+                                                        compute_dtype=dt, device="cuda")
+                         for dt in (torch.float32, torch.bfloat16))
+            verdict, verdicts = audit_trace(ref, same, stage_input, stage.trace(f"s{i}"),
+                                            same_recipe_thresholds("cuda", torch.bfloat16))
             assert verdict.ok, [v.reason for v in verdicts if not v.ok]

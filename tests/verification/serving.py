@@ -26,6 +26,6 @@ def audit_record(auditor: LayerAuditor, rec: StageRecord, params: SamplingParams
         output += [torch.tensor(rec.positions, dtype=torch.int64), torch.tensor(rec.tokens, dtype=torch.int64)]
     stage_input, shard = rec.stage_input(), rec.shard
     task = AuditTask("audit", "request", "subject", (), shard.model_id, shard.start, shard.end, shard.n_layers,
-                     tensor_digest([stage_input]), tensor_digest(output), tensor_digest([rec.boundaries]),
+                     tensor_digest([stage_input]), tensor_digest(output), tensor_digest([rec.trace]),
                      dtype_name(output[0].dtype), hardware_class, params, 0, b"")
-    return check_stage(auditor, task, [stage_input, *output, rec.boundaries])
+    return check_stage(auditor, task, [stage_input, *output, rec.trace])

@@ -44,7 +44,7 @@ def test_one_layer_changed_by_1e_3_fails_in_float32(model, run_pool, auditor, la
     records = run_pool((F32,) * 3, batch=2, weights=perturb_layer(tensors, layer, 1e-3))
     for per_stage in records:
         verdict = audit_record(auditor, per_stage[1])
-        assert verdict.outcome == "fail" and verdict.reason.startswith(f"layer {layer}:"), verdict
+        assert verdict.outcome == "fail" and verdict.reason.startswith(f"layer {layer} "), verdict
         assert verdict.metrics["worst_median"] > 10 * REFERENCE_THRESHOLDS[F32].median_max
         assert audit_record(auditor, per_stage[0]).ok  # the stage before is honest
 

@@ -43,7 +43,7 @@ def stages(model_dir, fault: Fault | None = None):
     out = []
     for start, end in ((0, 2), (2, n)):
         runtime = ShardRuntime(model_dir, Shard(model_id_of(model_dir), start, end, n), max_sessions=4, max_seq_len=64,
-                               capture_boundaries=True)
+                               capture_trace=True)
         if fault is not None and start == 0:
             fault.install(runtime)
         out.append(StageWorker(runtime, "p", Identity.generate(), RetentionStore(),
@@ -125,15 +125,15 @@ def test_audits_pass_honest_stages_and_fail_tampered_or_cheating_ones(model_dir)
     for w, r in zip(workers, receipts):
         kept = w.retained.get("req-3")
         task = audit_task("req-3", w, r)
-        assert r.layers_hash and r.dtype == "float32"  # the receipt commits to every layer boundary
+        assert r.layers_hash and r.dtype == "float32"  # the receipt commits to the layer trace
         outcome = check_stage(auditor, task, kept.tensors)
         assert outcome.ok and outcome.metrics["layers_checked"] == w.runtime.shard.n_shard_layers, outcome
-        forged = [kept.stage_input, kept.output[0] * 1.01, *kept.output[1:], kept.boundaries]
+        forged = [kept.stage_input, kept.output[0] * 1.01, *kept.output[1:], kept.trace]
         outcome = check_stage(auditor, task, forged)
         assert outcome.outcome == "fail" and "output hash" in outcome.reason
-        boundaries = kept.boundaries.clone()
-        boundaries[1] *= 1.01  # a boundary unlike the one committed to
-        outcome = check_stage(auditor, task, [*kept.tensors[:-1], boundaries])
+        trace = kept.trace.clone()
+        trace[1] *= 1.01  # an update unlike the one committed to
+        outcome = check_stage(auditor, task, [*kept.tensors[:-1], trace])
         assert outcome.outcome == "fail" and "layers hash" in outcome.reason
     assert workers[1].retained.get("req-3").output[2].tolist() == tokens  # the last stage keeps what it sent
 
@@ -141,7 +141,7 @@ def test_audits_pass_honest_stages_and_fail_tampered_or_cheating_ones(model_dir)
     _, receipts = serve(cheats, "req-4")
     kept = cheats[0].retained.get("req-4")
     outcome = check_stage(auditor, audit_task("req-4", cheats[0], receipts[0]), kept.tensors)
-    assert outcome.outcome == "fail" and "not the last layer's output" in outcome.reason
+    assert outcome.outcome == "fail" and "not what the trace's updates add up to" in outcome.reason
 
 
 def test_retention_forgets_after_the_window_or_over_the_budget():
