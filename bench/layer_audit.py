@@ -44,6 +44,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 CHEATS = ("int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")
 # name, decode batch, prefill chunks (a batch over the requests there are: all of them at once)
 SCENARIOS = (("prefill, decode b1", 1, 1), ("chunked3, decode b8", 8, 3), ("prefill, decode b64", 64, 1))
+BLOCKS = ("attention", "mlp")
 RANDOM_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B; vocab cut (unused)
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
@@ -259,6 +260,8 @@ def run_shape(name: str, args, results: dict) -> None:
             shape_out["honest"][f"{dname} {scen}"] = s
             show(name, dname, f"honest {scen}", s)
         shape_out["honest"][f"{dname} all"] = summarise(all_rows)
+        for block in BLOCKS:  # the same-recipe limits may judge one block only (SAME_RECIPE_THRESHOLDS)
+            shape_out["honest"][f"{dname} all {block}"] = summarise(all_rows, lambda r, b=block: r.get("block") == b)
         curve = shape_out[f"{dname} per-layer median"] = per_layer_curve(all_rows)
         print(f"  {dname} honest median of e_t per layer (median over requests): "
               + " ".join(f"{v:.2g}" for v in curve.values()), flush=True)
@@ -281,6 +284,9 @@ def run_shape(name: str, args, results: dict) -> None:
                 s["stage_caught_same"] = sum(any(r.get("outcome_same", r["outcome"]) == FAIL for r in rr)
                                              for rr in per_request)
             shape_out["cheats"][f"{dname} {kind}"] = s
+            for block in BLOCKS:
+                shape_out["cheats"][f"{dname} {kind} {block}"] = summarise(
+                    rows, lambda r, b=block: r.get("block") == b and (touched is None or touched(r)))
             show(name, dname, kind, s)
         del ref32, same
     shape_out["elapsed_s"] = time.perf_counter() - t0

@@ -64,9 +64,10 @@ def excess(verdict: LayerVerdict) -> float:
     limits, stats = verdict.limits, verdict.stats
     if limits is None or stats is None:
         return float("inf")
-    pairs = ((stats.median, limits.median_max), (stats.quantile, limits.quantile_max), (stats.max, limits.max_max),
-             (stats.ulp_fraction, limits.ulp_fraction_max), (stats.drift_ratio, limits.drift_ratio_max),
-             (stats.same_median, limits.same_median_max))
+    pairs = [(stats.median, limits.median_max), (stats.quantile, limits.quantile_max), (stats.max, limits.max_max)]
+    if not stats.block or stats.block in limits.same_blocks:  # the same-recipe limits judged this block
+        pairs += [(stats.ulp_fraction, limits.ulp_fraction_max), (stats.drift_ratio, limits.drift_ratio_max),
+                  (stats.same_median, limits.same_median_max)]
     ratios = [value / limit for value, limit in pairs if value == value and 0 < limit < float("inf")]
     return max(ratios, default=float("inf"))
 
