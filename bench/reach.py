@@ -6,8 +6,9 @@ Every row is P2PNode to P2PNode in this process (meshpool's transport, real libp
   small RTT  = a 1 KB frame and its echo on one long-lived stream, as stages use (median)
   8 MB hop   = an 8 MB frame until its small ack comes back (median), i.e. one hop's transfer
                plus one round trip; predicted = Link(delay, rate).time_s(8 MB) + one delay back.
-Shaped rows run with the bulk side channel off: its socket goes to the sender's own port, around
-the shaper, and would measure loopback. The unshaped direct row shows both.
+Shaped rows run over the libp2p stream, and at 20 ms also over the bulk side channel, whose socket
+goes to the sender's own port: MESHPOOL_SHAPE_BULK puts a shaper of the same shape in front of it
+(without it the bulk rows would measure loopback).
 Relayed through the shaper = two shaped legs (dialer -> relay -> destination).
 Across address translation (as root, scripts/netns.sh; bench/netns_peer.py in each namespace, veth
 links, no shaper): direct = a home dialing a public peer through its NAT; relayed = a public peer
@@ -77,6 +78,15 @@ def measure(client: P2PNode, peer: str, reps: int, small_reps: int) -> dict:
 
 
 def run_row(relayed: bool, shape: Shape | None, bulk: bool, reps: int, small_reps: int) -> dict:
+    if bulk and shape is not None:  # read by each node's bulk listener as it starts
+        os.environ["MESHPOOL_SHAPE_BULK"] = f"{shape.delay_ms},{shape.rate_mbit}"
+    try:
+        return _run_row(relayed, shape, bulk, reps, small_reps)
+    finally:
+        os.environ.pop("MESHPOOL_SHAPE_BULK", None)
+
+
+def _run_row(relayed: bool, shape: Shape | None, bulk: bool, reps: int, small_reps: int) -> dict:
     cfg = TransportConfig() if bulk else TransportConfig(bulk_threshold_bytes=0)
     relay = P2PNode(config=TransportConfig(relay_hop=True, bulk_threshold_bytes=cfg.bulk_threshold_bytes))
     server, client = P2PNode(config=cfg), P2PNode(config=cfg)
@@ -191,6 +201,8 @@ def main() -> None:
     for d in delays:
         for rate in (100.0, 1000.0):
             rows.append((f"direct {d:g} ms {rate:g} Mbit/s", False, Shape(d, rate), False))
+            if d == 20.0:
+                rows.append((f"direct {d:g} ms {rate:g} Mbit/s, bulk", False, Shape(d, rate), True))
         rows.append((f"relayed {d:g} ms/leg 100 Mbit/s", True, Shape(d, 100.0), False))
     results = {}
     print(f"{'hop':34} {'RTT ms':>8} {'pred':>7} {'8MB hop ms':>11} {'pred':>8} {'MB/s':>7} {'meas/pred':>9}")
