@@ -58,6 +58,7 @@ def timed(pool: LocalPool, max_tokens: int) -> tuple[float, int]:
 
 def run_pool(n_stages: int, shape: Shape, reps: int) -> dict:
     shapers: list[ShaperThread] = []
+    os.environ["MESHPOOL_SHAPE_BULK"] = f"{shape.delay_ms},{shape.rate_mbit}"  # the processes' bulk channels
     pool = LocalPool(Path(tempfile.mkdtemp(prefix=f"distance-{n_stages}-")), heartbeat_timeout_s=10.0)
     try:
         pool.start_coordinator()
@@ -83,10 +84,16 @@ def run_pool(n_stages: int, shape: Shape, reps: int) -> dict:
             steps.append((t_long - t_short) / (n_long - n_short))
         steps.sort()
         step_s = steps[len(steps) // 2]
-        return {"stages": len(state["pipelines"][0]["stages"]), "step_ms": round(step_s * 1e3, 2),
+        state = pool.get("/pool")
+        pipeline = state["pipelines"][0]
+        return {"stages": len(pipeline["stages"]), "step_ms": round(step_s * 1e3, 2),
                 "tokens_per_s": round(1 / step_s, 2), "steps_ms": [round(x * 1e3, 2) for x in steps],
+                "hop_ms_coordinator": state["measurements"]["hop_latency_ms"],
+                "planner_at_plan_time": {"predicted_tokens_per_s": pipeline.get("predicted_tokens_per_s"),
+                                         "stage_predicted_ms": [st.get("predicted_ms") for st in pipeline["stages"]]},
                 "rtt_ms": {p["peer"][-6:]: p.get("rtt_ms") for p in state["providers"]}}
     finally:
+        os.environ.pop("MESHPOOL_SHAPE_BULK", None)
         pool.stop()
         for s in shapers:
             s.close()
@@ -110,18 +117,30 @@ def main() -> None:
     out_path = Path(__file__).with_name(args.out)
     results: dict = {"rate_mbit": args.rate_mbit, "note": "2 shared CPU cores with other work running: "
                      "figures under contention", "pools": {}}
-    print(f"{'stages':>6} {'delay ms':>8} {'step ms':>8} {'pred ms':>8} {'meas/pred':>9} {'tok/s':>7}")
+    print(f"{'stages':>6} {'delay ms':>8} {'step ms':>8} {'pred ms':>8} {'meas/pred':>9} {'split pred':>10} "
+          f"{'meas/split':>10} {'hop ms':>7} {'model hop':>9} {'tok/s':>7}")
     for n in (int(x) for x in args.stages.split(",")):
-        base_ms = None
+        base_ms = hop0_ms = None
         for d in (float(x) for x in args.delays.split(",")):
             shape = Shape(d, args.rate_mbit)
             got = run_pool(n, shape, args.reps)
-            if base_ms is None:
-                base_ms = got["step_ms"] - link_cost_ms(n, shape)
-            pred = base_ms + link_cost_ms(n, shape)
-            got |= {"delay_ms": d, "predicted_step_ms": round(pred, 2), "measured_over_predicted": round(got["step_ms"] / pred, 3)}
+            link_ms = link_cost_ms(n, shape)
+            hop_ms = got["hop_ms_coordinator"] or 0.0
+            if base_ms is None:  # the first (0 ms) pool: the baselines
+                base_ms = got["step_ms"] - link_ms
+                hop0_ms = hop_ms - link_ms / (n + 1)  # software time per hop, beyond the link model
+            pred = base_ms + link_ms
+            compute_ms = got["step_ms"] - (n + 1) * hop_ms
+            split = compute_ms + (n + 1) * hop0_ms + link_ms
+            model_hop = hop0_ms + link_ms / (n + 1)
+            got |= {"delay_ms": d, "predicted_step_ms": round(pred, 2),
+                    "measured_over_predicted": round(got["step_ms"] / pred, 3),
+                    "compute_ms": round(compute_ms, 2), "predicted_split_step_ms": round(split, 2),
+                    "measured_over_predicted_split": round(got["step_ms"] / split, 3),
+                    "hop_ms_model": round(model_hop, 2)}
             results["pools"][f"{n} stages, {d:g} ms"] = got
             print(f"{got['stages']:>6} {d:>8g} {got['step_ms']:>8.1f} {pred:>8.1f} {got['step_ms'] / pred:>9.2f} "
+                  f"{split:>10.1f} {got['step_ms'] / split:>10.2f} {hop_ms:>7.1f} {model_hop:>9.1f} "
                   f"{got['tokens_per_s']:>7.2f}", flush=True)
             results["loadavg"] = os.getloadavg()
             out_path.write_text(json.dumps(results, indent=2) + "\n")

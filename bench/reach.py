@@ -6,10 +6,15 @@ Every row is P2PNode to P2PNode in this process (meshpool's transport, real libp
   small RTT  = a 1 KB frame and its echo on one long-lived stream, as stages use (median)
   8 MB hop   = an 8 MB frame until its small ack comes back (median), i.e. one hop's transfer
                plus one round trip; predicted = Link(delay, rate).time_s(8 MB) + one delay back.
-Shaped rows run with the bulk side channel off: its socket goes to the sender's own port, around
-the shaper, and would measure loopback. The unshaped direct row shows both.
+Shaped rows run over the libp2p stream, and at 20 ms also over the bulk side channel, whose socket
+goes to the sender's own port: MESHPOOL_SHAPE_BULK puts a shaper of the same shape in front of it
+(without it the bulk rows would measure loopback).
 Relayed through the shaper = two shaped legs (dialer -> relay -> destination).
-Run: .venv/bin/python bench/reach.py [--reps N] [--quick]   (writes bench/reach.json)
+Across address translation (as root, scripts/netns.sh; bench/netns_peer.py in each namespace, veth
+links, no shaper): direct = a home dialing a public peer through its NAT; relayed = a public peer
+reaching a home through the relay in mp-pub, hole punching off; hole-punched = the same with DCUtR
+on, measured once the connection turned direct (new streams take the direct connection).
+Run: .venv/bin/python bench/reach.py [--reps N] [--quick] [--no-netns]   (writes bench/reach.json)
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +78,15 @@ def measure(client: P2PNode, peer: str, reps: int, small_reps: int) -> dict:
 
 
 def run_row(relayed: bool, shape: Shape | None, bulk: bool, reps: int, small_reps: int) -> dict:
+    if bulk and shape is not None:  # read by each node's bulk listener as it starts
+        os.environ["MESHPOOL_SHAPE_BULK"] = f"{shape.delay_ms},{shape.rate_mbit}"
+    try:
+        return _run_row(relayed, shape, bulk, reps, small_reps)
+    finally:
+        os.environ.pop("MESHPOOL_SHAPE_BULK", None)
+
+
+def _run_row(relayed: bool, shape: Shape | None, bulk: bool, reps: int, small_reps: int) -> dict:
     cfg = TransportConfig() if bulk else TransportConfig(bulk_threshold_bytes=0)
     relay = P2PNode(config=TransportConfig(relay_hop=True, bulk_threshold_bytes=cfg.bulk_threshold_bytes))
     server, client = P2PNode(config=cfg), P2PNode(config=cfg)
@@ -103,6 +119,58 @@ def run_row(relayed: bool, shape: Shape | None, bulk: bool, reps: int, small_rep
             s.close()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+NETNS = ROOT / "scripts" / "netns.sh"
+PUBLIC_IP, HOME1_IP, HOME2_IP = "10.77.0.1", "192.168.71.2", "192.168.72.2"
+
+
+def _in_netns(netns: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(ROOT / "bench" / "netns_peer.py"),
+                             *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def netns_rows(reps: int, small_reps: int) -> dict:
+    """Direct, relayed and hole-punched hops across nftables NAT (scripts/netns.sh), as root."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        print("netns rows skipped: needs root and iproute2", flush=True)
+        return {}
+    subprocess.run(["bash", str(NETNS), "up"], check=True, capture_output=True, timeout=180)
+    servers: list[subprocess.Popen] = []
+
+    def server(netns: str, *args: str) -> str:
+        servers.append(_in_netns(netns, *args))
+        return servers[-1].stdout.readline().strip()
+
+    def dial(netns: str, listen: str, addr: str, punch: bool, kind: str, bulk: bool) -> dict:
+        proc = _in_netns(netns, "measure", listen, addr, str(int(punch)), kind, str(reps), str(small_reps),
+                         str(int(bulk)))
+        out, _ = proc.communicate(timeout=600)
+        return json.loads(out.strip().splitlines()[-1])
+
+    try:
+        relay = server("mp-pub", "relay", PUBLIC_IP)
+        public = server("mp-pub", "serve", PUBLIC_IP, "-", "0")
+        home_relayed = server("mp-home2", "serve", HOME2_IP, relay, "0")
+        home_punch = server("mp-home2", "serve", HOME2_IP, relay, "1")
+        return {
+            "netns direct, home -> public through its NAT": dial("mp-home1", HOME1_IP, public, False, "direct", False),
+            "netns direct, bulk channel": dial("mp-home1", HOME1_IP, public, False, "direct", True),
+            "netns relayed, public -> home": dial("mp-pub", PUBLIC_IP, home_relayed, False, "relayed", False),
+            "netns hole-punched, public -> home": dial("mp-pub", PUBLIC_IP, home_punch, True, "hole-punched", False),
+            "netns hole-punched, bulk channel": dial("mp-pub", PUBLIC_IP, home_punch, True, "hole-punched", True),
+        }
+    finally:
+        for proc in servers:
+            proc.stdin.close()
+        for proc in servers:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        subprocess.run(["bash", str(NETNS), "down"], capture_output=True, timeout=60)
+
+
 def predicted(relayed: bool, shape: Shape | None) -> dict:
     """The planner's link model for the same hop (Link.time_s), plus the ack's way back."""
     delay_ms = shape.delay_ms if shape else 0.0
@@ -120,6 +188,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--small-reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="20 ms rows only, besides the bare ones")
+    ap.add_argument("--no-netns", action="store_true", help="skip the rows across address translation")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -132,6 +201,8 @@ def main() -> None:
     for d in delays:
         for rate in (100.0, 1000.0):
             rows.append((f"direct {d:g} ms {rate:g} Mbit/s", False, Shape(d, rate), False))
+            if d == 20.0:
+                rows.append((f"direct {d:g} ms {rate:g} Mbit/s, bulk", False, Shape(d, rate), True))
         rows.append((f"relayed {d:g} ms/leg 100 Mbit/s", True, Shape(d, 100.0), False))
     results = {}
     print(f"{'hop':34} {'RTT ms':>8} {'pred':>7} {'8MB hop ms':>11} {'pred':>8} {'MB/s':>7} {'meas/pred':>9}")
@@ -142,6 +213,11 @@ def main() -> None:
         results[name] = {**got, "predicted": want, "hop_measured_over_predicted": ratio and round(ratio, 3)}
         print(f"{name:34} {got['rtt_ms']:>8.2f} {want['rtt_ms']:>7.2f} {got['hop_8m_ms']:>11.1f} "
               f"{want['hop_8m_ms']:>8.1f} {got['mb_s']:>7.2f} {('%.2f' % ratio) if ratio else '-':>9}", flush=True)
+    if not args.no_netns:
+        for name, got in netns_rows(args.reps, args.small_reps).items():
+            results[name] = got
+            print(f"{name:34} {got['rtt_ms']:>8.2f} {'-':>7} {got['hop_8m_ms']:>11.1f} {'-':>8} {got['mb_s']:>7.2f} "
+                  f"{'-':>9}  ({got['connection']}, after {got['waited_for_kind_s']} s)", flush=True)
     out = {"machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
                        "note": "2 shared cores, other work running: figures under contention"},
            "big_bytes": BIG_BYTES, "reps": args.reps, "results": results}

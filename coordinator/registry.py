@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,17 +39,32 @@ class ProviderRecord:
     state: str = "newcomer"  # newcomer | idle | serving | leaving | dead | banned
     reason: str = ""
     rtt_ms: float | None = None  # round trip coordinator <-> provider, last measured (coordinator/reachability.py)
+    # how it holds its links now, by peer: "direct", "hole-punched" or "relayed" (its last heartbeat)
+    links: dict[str, str] = field(default_factory=dict)
 
     @property
     def reachability(self) -> str:
-        """How others reach it: "relayed" when it announced only /p2p-circuit addresses, else "public"."""
+        """How others dial it: "relayed" when it announced only /p2p-circuit addresses, else "public"
+        (the planner prices hops by this; /pool refines it with `seen_reachability`)."""
         return "relayed" if self.addrs and all("/p2p-circuit" in a for a in self.addrs) else "public"
 
-    def public(self, vouched: bool) -> dict:
+    def public(self, vouched: bool, reachability: str | None = None) -> dict:
         return {"peer": self.peer, "profile": self.profile, "vouched": vouched, "state": self.state,
                 "max_memory_bytes": self.max_memory_bytes, "addrs": self.addrs,
-                "reachability": self.reachability,
+                "reachability": reachability or self.reachability,
+                "links": [{"peer": peer, "kind": kind} for peer, kind in sorted(self.links.items())],
                 "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3)}
+
+
+def seen_reachability(record: ProviderRecord, records: list[ProviderRecord]) -> str:
+    """public / hole-punched / relayed: a provider that announced only a relayed address is
+    "hole-punched" once a link of its own, or a link another provider reports to it, is one that
+    DCUtR made direct (node/transport/reach.py); only the two ends of a link can tell."""
+    if record.reachability != "relayed":
+        return record.reachability
+    punched = "hole-punched" in record.links.values() or any(
+        r.links.get(record.peer) == "hole-punched" for r in records if r.peer != record.peer and r.state != "dead")
+    return "hole-punched" if punched else "relayed"
 
 
 def add_vouch(data_dir: str | Path, peer: str) -> bool:
@@ -133,12 +148,15 @@ class Registry:
         with self.lock:
             self.standings[peer] = standing
 
-    def heartbeat(self, peer: str) -> bool:
+    def heartbeat(self, peer: str, links: dict[str, str] | None = None) -> bool:
+        """A beat from `peer`, with how it holds its links now (None: leave what it said before)."""
         with self.lock:
             record = self._providers.get(peer)
             if record is None or record.state == "dead":
                 return False
             record.last_seen_s = self.clock()
+            if links is not None:
+                record.links = dict(links)
             return True
 
     def set_state(self, peer: str, state: str, reason: str = "") -> None:
@@ -212,7 +230,8 @@ class Registry:
     def snapshot(self) -> list[dict]:
         with self.lock:
             self._refresh_vouches()
-            return [p.public(p.peer in self._vouches) for p in self._providers.values()]
+            records = list(self._providers.values())
+            return [p.public(p.peer in self._vouches, seen_reachability(p, records)) for p in records]
 
     def _refresh_vouches(self) -> None:
         try:

@@ -137,7 +137,7 @@ class Coordinator:
         if isinstance(message, Register):
             return self._register(message, peer)
         if isinstance(message, Heartbeat):
-            known = self.registry.heartbeat(peer)
+            known = self.registry.heartbeat(peer, dict(zip(message.link_peers, message.link_kinds)))
             return Ack(known, "" if known else "unknown or expired provider")
         if isinstance(message, Leave):
             return self._leave(peer)

@@ -36,10 +36,10 @@ from node.stage import StageWorker, StepError
 from node.status import ProviderStats
 from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, TransportConfig, TransportError
 from node.verifier import AuditService
-from wire.messages import (PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE, AccountInfo,
-                           AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message, MessageError, Ping,
-                           Probe, ProbeResult, ProbeRun, Receipts, Register, Retain, Step, Unassign, decode,
-                           dtype_name, refuse)
+from wire.messages import (LINK_KINDS, PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE,
+                           AccountInfo, AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message,
+                           MessageError, Ping, Probe, ProbeResult, ProbeRun, Receipts, Register, Retain, Step,
+                           Unassign, decode, dtype_name, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
@@ -195,7 +195,7 @@ class Provider:
             try:
                 if lost_since_s is not None:  # the peerstore may have forgotten its address: dial it
                     self.node.connect(self.coordinator_addr, timeout_s=CONNECT_TIMEOUT_S)
-                reply = self._control(Heartbeat(self.node.peer_id))
+                reply = self._control(self._heartbeat())
                 if isinstance(reply, Ack) and not reply.ok and not self.stopping.is_set():
                     log.warning("the coordinator no longer knows us (%s); registering again", reply.reason)
                     if "/p2p-circuit" in self.announced_addr:  # our relay slot went with the coordinator's process
@@ -221,6 +221,17 @@ class Provider:
                 self.stats.update(state="reconnecting")
                 wait_s = redial_wait_s(backoff_s)
 
+
+    def _heartbeat(self) -> Heartbeat:
+        """A beat with how we hold our links now: to the coordinator and to our next stage (the hop
+        we dial), so that /pool can tell a relayed hop from one hole punching made direct."""
+        assignment = self.assignment
+        peers = [self.coordinator_peer] if self.coordinator_peer else []
+        if assignment is not None and assignment.spec.next_peer not in ("", *peers):
+            peers.append(assignment.spec.next_peer)
+        links = [(p, self.node.connection_kind(p)) for p in peers]
+        links = [(p, kind) for p, kind in links if kind in LINK_KINDS]  # "none": no link to speak of
+        return Heartbeat(self.node.peer_id, tuple(p for p, _ in links), tuple(k for _, k in links))
 
     # -- assignments ----------------------------------------------------------------------
 

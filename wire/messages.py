@@ -306,9 +306,27 @@ class Register(Message):
         return data
 
 
+# How a provider holds its connection to a peer: "direct" (dialed, either way), "hole-punched" (a
+# direct connection DCUtR made out of a relayed one) or "relayed" (through the relay only)
+LINK_KINDS = ("direct", "hole-punched", "relayed")
+MAX_LINKS = 8  # the peers a heartbeat reports links to: the next stages and the coordinator
+
+
 class Heartbeat(Message):
+    """A provider's beat, with how it holds its links to its next stages and the coordinator now
+    (v2: link_peers, link_kinds, entries paired, each kind one of LINK_KINDS)."""
+
     TYPE = "pool.heartbeat"
+    VERSION = 2
     peer: str
+    link_peers: tuple[str, ...] = ()
+    link_kinds: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        _texts(self.link_peers, "link_peers", MAX_LINKS, MAX_PEER_ID_CHARS)
+        _require(len(self.link_kinds) == len(self.link_peers), "link_kinds must pair with link_peers")
+        _require(all(k in LINK_KINDS for k in self.link_kinds), f"every link kind must be one of {LINK_KINDS}")
+        _require(len(set(self.link_peers)) == len(self.link_peers), "a peer appears twice in link_peers")
 
 
 class Leave(Message):

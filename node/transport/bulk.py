@@ -25,6 +25,8 @@ How it is authenticated (no trust in the TCP socket itself):
      way either, and A sends large frames over the libp2p stream from then on.
   On a relayed libp2p connection (reach.py) no bulk channel is offered: the IP the connection
   shows is the relay's, and the peers cannot dial each other by definition.
+In benchmarks over emulated distance (`MESHPOOL_SHAPE_BULK`, shaper.py) the offered port is a
+shaper in front of the listener, so large frames pay the same delay and rate as the streams.
 With cipher "none" (bench only, and only if the receiver allows it) records
 are plain and only the token binds the socket: not confidential, and a
 network attacker able to inject into TCP could alter bytes.
@@ -42,6 +44,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .config import BULK_CIPHERS, TransportError
+from .shaper import Shape, Shaped
+from .shaper import serve as serve_shaped
 from wire.frames import FrameError
 
 log = logging.getLogger("meshpool.transport")
@@ -146,9 +150,11 @@ class BulkListener:
     """The sender's end of bulk channels: one TCP listener per node, matching
     each incoming connection's token to a pending offer (bounded, one use)."""
 
-    def __init__(self, host: str, setup_timeout_s: float, max_pending: int) -> None:
+    def __init__(self, host: str, setup_timeout_s: float, max_pending: int, shape: Shape | None = None) -> None:
         self.host = host
-        self.port: int | None = None
+        self.port: int | None = None  # the port offered to peers (a shaper's, when shaped)
+        self.shape = shape if shape is not None else Shape.from_env()
+        self.shaped = Shaped()  # what the shaper in front of the listener forwarded (when shaped)
         self.setup_timeout_s = setup_timeout_s
         self.max_pending = max_pending
         self._pending: dict[bytes, trio.MemorySendChannel] = {}
@@ -160,6 +166,9 @@ class BulkListener:
         sock.listen(64)
         self.port = sock.getsockname()[1]
         nursery.start_soon(self._accept_loop, sock, nursery)
+        if self.shape is not None:  # peers dial the shaper, which forwards to the listener
+            self.port = await nursery.start(serve_shaped, (self.host, 0), (self.host, self.port), self.shape,
+                                            self.shaped)
 
     def expect(self, token: bytes) -> trio.MemoryReceiveChannel:
         """Register an offer; the receive channel yields the matching socket."""

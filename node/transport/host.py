@@ -272,8 +272,10 @@ class P2PNode:
                          server_peer, [self.addr])
 
     def connection_kind(self, peer: str) -> str:
-        """"direct", "relayed" or "none" (read from the trio thread's swarm; a snapshot)."""
-        return connection_kind(self._host, peer) if self._host is not None else "none"
+        """"direct", "hole-punched", "relayed" or "none" (read from the trio thread's swarm; a snapshot)."""
+        if self._host is None:
+            return "none"
+        return connection_kind(self._host, peer, self._reach.punched if self._reach is not None else None)
 
     # ------------------------------------------------------------ trio side
     @staticmethod

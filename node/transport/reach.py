@@ -19,17 +19,22 @@ What py-libp2p 0.8.1 gives and what this module adds:
   * AutoNAT's server dials back with `host.connect`, which reuses the connection the asker
     already has; a dial-back to an address whose IP differs from the one the server observes is
     refused (the amplification rule), and that refusal is the verdict behind a NAT.
-  * DCUtR (hole punching) is not started: see README "a pool across machines".
+  * DCUtR (hole punching) keeps no lasting record of which direct connections it made (its
+    cache is emptied whenever any connection to the peer closes): `PunchedConnections` marks a
+    direct connection that opens while a relayed one to the same peer is up, which only DCUtR
+    does (nobody dials a peer's direct address when it announced only a relayed one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import multiaddr
 import trio
+from libp2p.abc import INotifee
 from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.peer.id import ID
@@ -67,21 +72,61 @@ def circuit_addr(relay_addr: str, peer_id: str) -> str:
     return f"{relay_addr}{CIRCUIT}/p2p/{peer_id}"
 
 
-def connection_kind(host: Any, peer_id: str) -> str:
-    """"direct", "relayed" or "none": the connections this host has to the peer now."""
+def _is_relayed(conn: Any) -> bool:
+    addrs = []
+    with contextlib.suppress(Exception):
+        addrs = conn.get_transport_addresses() or []
+    return any(CIRCUIT in str(a) for a in addrs)
+
+
+class PunchedConnections(INotifee):
+    """The direct connections hole punching made: a direct connection that opens while the peer is
+    connected through a relay. Weak references: a closed connection leaves the set with its object."""
+
+    def __init__(self) -> None:
+        self._conns: weakref.WeakSet = weakref.WeakSet()
+
+    def __contains__(self, conn: Any) -> bool:
+        return conn in self._conns
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        if _is_relayed(conn):
+            return
+        with contextlib.suppress(Exception):  # a closing swarm: nothing to mark
+            if any(_is_relayed(c) for c in network.get_connections(conn.muxed_conn.peer_id) if c is not conn):
+                self._conns.add(conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        return None
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+
+def connection_kind(host: Any, peer_id: str, punched: PunchedConnections | None = None) -> str:
+    """"direct", "hole-punched" (a direct connection DCUtR made out of a relayed one), "relayed" or
+    "none": the connections this host has to the peer now."""
     try:
         conns = host.get_network().get_connections(ID.from_base58(peer_id))
     except Exception:  # unknown peer id or a closing swarm: no connection to speak of
         return "none"
     if not conns:
         return "none"
-    for conn in conns:
-        addrs = []
-        with contextlib.suppress(Exception):
-            addrs = conn.get_transport_addresses() or []
-        if not any(CIRCUIT in str(a) for a in addrs):
-            return "direct"
-    return "relayed"
+    direct = [conn for conn in conns if not _is_relayed(conn)]
+    if not direct:
+        return "relayed"
+    if punched is not None and all(conn in punched for conn in direct):
+        return "hole-punched"
+    return "direct"
 
 
 class Reach:
@@ -97,6 +142,8 @@ class Reach:
         # DCUtR: every 2 s it tries to turn relayed connections into direct ones (TCP simultaneous
         # open from our listen port to the peer's observed address); the relayed one stays if not
         self.dcutr = DCUtRProtocol(host) if hole_punch else None
+        self.punched = PunchedConnections()
+        host.get_network().register_notifee(self.punched)
         self.reserved_at: str | None = None
 
     @contextlib.asynccontextmanager

@@ -7,12 +7,16 @@ Each direction reads what arrives, stamps it, and sends it on no sooner than `de
 arrived and no faster than `rate_mbit` (a chunk leaves when the link has finished the previous
 ones: the link's serialisation time, then the delay). Benchmarks put one in front of each
 provider (`provider join --announce-addr` names the proxy) and one in front of the coordinator.
+The bulk side channel's socket does not go through those (its port is offered on the stream): with
+`MESHPOOL_SHAPE_BULK=DELAY_MS,RATE_MBIT` in a node's environment (benchmarks and tests only) the
+node puts a shaper of that shape in front of its own bulk listener (node/transport/bulk.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -30,8 +34,31 @@ class Shape:
     def __post_init__(self):
         assert self.delay_ms >= 0 and self.rate_mbit > 0, self
 
+    @classmethod
+    def from_env(cls, name: str = "MESHPOOL_SHAPE_BULK") -> "Shape | None":
+        """`DELAY_MS,RATE_MBIT` from the environment (benchmarks and tests only), or None."""
+        text = os.environ.get(name, "").strip()
+        if not text:
+            return None
+        try:
+            delay_ms, rate_mbit = (float(x) for x in text.split(","))
+            return cls(delay_ms, rate_mbit)
+        except (ValueError, AssertionError):
+            raise ValueError(f"{name}={text!r}: expected DELAY_MS,RATE_MBIT, e.g. 20,100") from None
 
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream, shape: Shape) -> None:
+
+@dataclass
+class Shaped:
+    """What a shaper did, both directions together (read for tests and benchmarks): the bytes it
+    forwarded and the link time it scheduled for them (serialisation + delay, per chunk)."""
+
+    bytes: int = 0
+    chunks: int = 0
+    serialisation_s: float = 0.0
+    delay_s: float = 0.0
+
+
+async def _pump(src: trio.SocketStream, dst: trio.SocketStream, shape: Shape, shaped: Shaped | None = None) -> None:
     send, recv = trio.open_memory_channel(MAX_QUEUED_CHUNKS)
 
     async def reader() -> None:
@@ -49,6 +76,10 @@ async def _pump(src: trio.SocketStream, dst: trio.SocketStream, shape: Shape) ->
                 # the link serialises chunks back to back; each arrives delay_ms after it left
                 start = max(arrived, busy_until)
                 busy_until = start + len(data) * 8 / (shape.rate_mbit * 1e6)
+                if shaped is not None:
+                    shaped.bytes, shaped.chunks = shaped.bytes + len(data), shaped.chunks + 1
+                    shaped.serialisation_s += len(data) * 8 / (shape.rate_mbit * 1e6)
+                    shaped.delay_s += shape.delay_ms / 1e3
                 await trio.sleep_until(busy_until + shape.delay_ms / 1e3)
                 try:
                     await dst.send_all(data)
@@ -64,7 +95,7 @@ async def _pump(src: trio.SocketStream, dst: trio.SocketStream, shape: Shape) ->
         nursery.start_soon(writer)
 
 
-async def _serve_one(client: trio.SocketStream, to: tuple[str, int], shape: Shape) -> None:
+async def _serve_one(client: trio.SocketStream, to: tuple[str, int], shape: Shape, shaped: Shaped | None) -> None:
     try:
         upstream = await trio.open_tcp_stream(*to)
     except OSError:
@@ -72,15 +103,15 @@ async def _serve_one(client: trio.SocketStream, to: tuple[str, int], shape: Shap
         return
     async with client, upstream:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump, client, upstream, shape)
-            nursery.start_soon(_pump, upstream, client, shape)
+            nursery.start_soon(_pump, client, upstream, shape, shaped)
+            nursery.start_soon(_pump, upstream, client, shape, shaped)
 
 
-async def serve(listen: tuple[str, int], to: tuple[str, int], shape: Shape,
+async def serve(listen: tuple[str, int], to: tuple[str, int], shape: Shape, shaped: Shaped | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(lambda c: _serve_one(c, to, shape), listeners)
+    await trio.serve_listeners(lambda c: _serve_one(c, to, shape, shaped), listeners)
 
 
 class ShaperThread:

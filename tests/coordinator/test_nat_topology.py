@@ -115,11 +115,14 @@ def test_audits_fetch_through_the_relay_and_pass(pool):
         assert pool.get(f"/ledger/accounts/{peer}?recent=0")["slash_count"] == 0
 
 
-def test_a_dead_home_fails_over_without_an_error_for_the_caller(pool, reference):
+def test_a_dead_home_fails_over_and_the_hop_left_is_hole_punched(pool, reference):
+    # a spare on the public host that announces only its relayed address (`--relay always`): the
+    # home the failover pairs it with reaches it, or is reached by it, through the relay first, and
+    # DCUtR then opens a direct connection (the home dials out to it), which /pool shows
     spare = pool.add_provider("spare", HALF_MODEL_MB, netns="mp-pub",
-                              extra_args=["--listen-host", PUBLIC_HOST, "--relay", "never"])
+                              extra_args=["--listen-host", PUBLIC_HOST, "--relay", "always"])
     pool.wait_for(lambda s: any(p["peer"] == spare and p["state"] in ("idle", "serving") for p in s["providers"]),
-                  60, "the public spare ready")
+                  60, "the spare ready")
     # the plan may change for the spare: wait until a pipeline serves with a home in it
     pool.wait_for(lambda s: len(stage_peers(s)) == 2 and set(stage_peers(s)) & set(pool.homes.values()), 120,
                   "a pipeline with a home")
@@ -136,7 +139,19 @@ def test_a_dead_home_fails_over_without_an_error_for_the_caller(pool, reference)
     state = pool.wait_for(lambda s: s["pipelines"] and victim not in stage_peers(s)
                           and {p["peer"]: p["state"] for p in s["providers"]}[victim] == "dead",
                           120, "a pipeline without the victim, the victim dead")
-    assert {p["peer"]: p["reachability"] for p in state["providers"]}[spare] == "public"
+    first, second = stage_peers(state)
+    assert {first, second} == {spare, *set(pool.homes.values()) - {victim}}
+
+    def punched(s: dict) -> bool:
+        providers = {p["peer"]: p for p in s["providers"]}
+        hop = {link["peer"]: link["kind"] for link in providers[first]["links"]}.get(second)
+        return hop == "hole-punched" and providers[second]["reachability"] == "hole-punched"
+
+    state = pool.wait_for(punched, 60, "the stage hop hole-punched in /pool")
+    providers, coordinator = {p["peer"]: p for p in state["providers"]}, pool.p2p_addr.rsplit("/p2p/", 1)[1]
+    # the hops to the coordinator are the ones the providers dialed: direct
+    for peer in (first, second):
+        assert {link["peer"]: link["kind"] for link in providers[peer]["links"]}[coordinator] == "direct"
 
 
 def _spawn(netns: str, *args: str) -> subprocess.Popen:
@@ -147,7 +162,8 @@ def _spawn(netns: str, *args: str) -> subprocess.Popen:
 
 def test_hole_punching_upgrades_a_relayed_connection_where_the_nats_allow(topology):
     """DCUtR to mp-home2, whose router picks a random source port for every connection: from a
-    public peer the relayed connection becomes direct (the home's dial out is let through), from
+    public peer the relayed connection becomes direct, the connection kind says hole-punched (the
+    home's dial out is let through), from
     mp-home1, behind a NAT of its own, no hole meets and it stays relayed. (Two homes that both
     keep source ports, as mp-rt1 does, were measured to punch through: see the README.)"""
     procs = []
@@ -164,8 +180,8 @@ def test_hole_punching_upgrades_a_relayed_connection_where_the_nats_allow(topolo
         procs += dialers.values()
         kinds = {name: [line.strip() for line in d.stdout] for name, d in dialers.items()}
         assert all(d.wait(timeout=60) == 0 for d in dialers.values()), kinds
-        # DCUtR tries every 2 s; once direct, new streams take the direct connection
-        assert kinds["public"][0] == "relayed" and "direct" in kinds["public"], kinds
+        # DCUtR tries every 2 s; once direct (marked as hole punching's), new streams take it
+        assert kinds["public"][0] == "relayed" and "hole-punched" in kinds["public"], kinds
         assert kinds["home1"] and set(kinds["home1"]) == {"relayed"}, kinds
     finally:
         for proc in procs:

@@ -187,3 +187,30 @@ def test_with_no_provider_registered_the_pool_says_it_waits_for_them_to_rejoin(t
     pool._replan()
     with pytest.raises(PoolBusy, match="newcomers only verify until vouched for"):
         pool.submit(GenerationRequest([1, 2], 4))
+
+
+def test_pool_tells_a_hole_punched_provider_from_a_relayed_one_by_the_links_heartbeats_report(tmp_path):
+    from wire.messages import Heartbeat, MessageError, decode
+
+    reg = registry(tmp_path)
+    join(reg, "pub")
+    for peer in ("home1", "home2"):
+        reg.register(peer, {}, [f"/ip4/10.77.0.1/tcp/4001/p2p/coord/p2p-circuit/p2p/{peer}"], 2**30)
+    # what each provider's heartbeat says, through the wire as the coordinator decodes it
+    beat = Heartbeat("pub", ("coord", "home1"), ("direct", "hole-punched"))
+    beat = decode(beat.to_frame(), Heartbeat)
+    assert reg.heartbeat("pub", dict(zip(beat.link_peers, beat.link_kinds)))
+    assert reg.heartbeat("home2", {"coord": "direct", "home1": "relayed"})
+    shown = {p["peer"]: p for p in reg.snapshot()}
+    assert {peer: p["reachability"] for peer, p in shown.items()} == {
+        "pub": "public", "home1": "hole-punched", "home2": "relayed"}
+    assert shown["pub"]["links"] == [{"peer": "coord", "kind": "direct"}, {"peer": "home1", "kind": "hole-punched"}]
+    # the punched link gone (its next beat says relayed): relayed again; planner pricing never changed
+    reg.heartbeat("pub", {"coord": "direct", "home1": "relayed"})
+    assert {p["peer"]: p["reachability"] for p in reg.snapshot()}["home1"] == "relayed"
+    assert reg.get("home1").reachability == "relayed"
+    # strict decoding: unpaired entries or an unknown kind are refused
+    for bad in (Heartbeat("pub", ("coord",), ()), Heartbeat("pub", ("coord",), ("punched",)),
+                Heartbeat("pub", ("a", "a"), ("direct", "direct"))):
+        with pytest.raises(MessageError):
+            decode(bad.to_frame(), Heartbeat)
