@@ -10,6 +10,11 @@ coordinator -> stage 0 -> ... -> last stage -> coordinator. Then an 8 MB activat
 two processes, P2PNode (as the stages use it) against plain TCP, with bench/transport.py's code.
 With --baseline, each pool is also measured running another checkout's code (e.g. main), in the
 same run, and so is the Python time of encoding and decoding one batch-1 frame of each kind.
+Each pool runs once per transport path (--paths): "libp2p" (MESHPOOL_FRAME_LINK=off: stage frames
+over py-libp2p streams, as before the frame link) and "link" (node/transport/link.py). A pool's
+per-token figure carries the compute's noise (on this 2-core, shared machine: milliseconds), so
+the hop itself is also measured without compute, by bench/hop_ring.py's ring of relay processes
+(both paths, same run), with the parts a hop is made of measured alone beside it.
 Writes bench/pipeline_overhead.json.
 """
 
@@ -29,11 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.hop_ring import parts_us, ring_us  # noqa: E402
 from bench.transport import run_row  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import default_model_dir  # noqa: E402
+from node.transport.config import FRAME_LINK_ENV  # noqa: E402
 from wire.messages import Result, SamplingParams, Step  # noqa: E402
 from wire.frames import encode_frame  # noqa: E402
 
@@ -133,6 +140,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", default="1,2,4")
     parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured too, in the same run")
+    parser.add_argument("--paths", default="libp2p,link", help="transport paths of the pools: libp2p, link")
+    parser.add_argument("--ring-steps", type=int, default=400, help="steps through the relay ring (0: skip it)")
+    parser.add_argument("--ring-relays", type=int, default=3)
+    parser.add_argument("--skip-8mb", action="store_true", help="skip the 8 MB activation hop")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as each provider process runs
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -141,35 +152,50 @@ def main() -> None:
 
     here = Path(__file__).resolve().parent.parent
     trees = ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("this", here)]
+    paths = [p for p in args.paths.split(",") if p]
+    ring = []
+    if args.ring_steps:
+        ring = [ring_us(path, args.ring_relays, args.ring_steps, config.hidden_size) for path in paths]
+        for r in ring:
+            print(f"relay ring, {r['path']:>6}: round trip {r['round_trip_us']:.0f} us over {r['hops']} hops = "
+                  f"{r['per_hop_us'] / 1e3:.3f} ms per hop (median; p90 {r['p90_per_hop_us'] / 1e3:.3f})")
+    parts = parts_us(config.hidden_size)
+    print("a hop's parts, alone (us): " + ", ".join(f"{k} {v}" for k, v in parts.items()))
     rows = []
-    print(f"{'code':>8} {'stages':>6} {'layer ranges':<28} {'pool ms/token':>13} {'in-process ms/token':>19} "
-          f"{'per hop ms':>10} {'bytes/token':>11}")
+    print(f"{'code':>8} {'path':>6} {'stages':>6} {'layer ranges':<28} {'pool ms/token':>13} "
+          f"{'in-process ms/token':>19} {'per hop ms':>10} {'bytes/token':>11}")
     for n in [int(s) for s in args.stages.split(",")]:
         for label, tree in trees:
-            pool_ms, ranges = pool_latency_ms(n, args.tokens, args.repeats, None if tree == here else tree)
-            local_ms = local_latency_ms(model_dir, ranges, args.tokens)
-            hop_ms = (pool_ms - local_ms) / (n + 1)
-            n_bytes = bytes_per_token(config, n)
-            rows.append({"code": label, "stages": n, "ranges": ranges, "pool_ms_per_token": round(pool_ms, 2),
-                         "in_process_ms_per_token": round(local_ms, 2), "per_hop_ms": round(hop_ms, 2),
-                         "hops_per_token": n + 1, "bytes_per_token": n_bytes})
-            print(f"{label:>8} {n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} {hop_ms:>10.2f} "
-                  f"{n_bytes:>11}")
+            for path in paths:
+                os.environ[FRAME_LINK_ENV] = "on" if path == "link" else "off"  # LocalPool's processes inherit it
+                pool_ms, ranges = pool_latency_ms(n, args.tokens, args.repeats, None if tree == here else tree)
+                local_ms = local_latency_ms(model_dir, ranges, args.tokens)
+                hop_ms = (pool_ms - local_ms) / (n + 1)
+                n_bytes = bytes_per_token(config, n)
+                rows.append({"code": label, "path": path, "stages": n, "ranges": ranges,
+                             "pool_ms_per_token": round(pool_ms, 2), "in_process_ms_per_token": round(local_ms, 2),
+                             "per_hop_ms": round(hop_ms, 2), "hops_per_token": n + 1, "bytes_per_token": n_bytes})
+                print(f"{label:>8} {path:>6} {n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} "
+                      f"{hop_ms:>10.2f} {n_bytes:>11}")
+    os.environ.pop(FRAME_LINK_ENV, None)
     serialization = {label: serialization_us(tree, config.hidden_size) for label, tree in trees}
     for label, figures in serialization.items():
         print(f"{label:>8} encode/decode us per batch-1 frame: "
               + ", ".join(f"{k} {v['encode_us']:.0f}/{v['decode_us']:.0f}" for k, v in figures.items()))
 
-    hops = {kind: [run_row(kind, True, 50, 7)["hop_8m_mb_s"] for _ in range(3)] for kind in ("tcp", "node-aes")}
-    tcp_mb_s, node_mb_s = (statistics.median(hops[k]) for k in ("tcp", "node-aes"))
-    print(f"8 MB hop between processes: plain TCP {tcp_mb_s:.0f} MB/s, P2PNode {node_mb_s:.0f} MB/s "
-          f"= {node_mb_s / tcp_mb_s:.0%} of TCP (median of 3)")
+    hop_8mb = None
+    if not args.skip_8mb:
+        hops = {kind: [run_row(kind, True, 50, 7)["hop_8m_mb_s"] for _ in range(3)] for kind in ("tcp", "node-aes")}
+        tcp_mb_s, node_mb_s = (statistics.median(hops[k]) for k in ("tcp", "node-aes"))
+        print(f"8 MB hop between processes: plain TCP {tcp_mb_s:.0f} MB/s, P2PNode {node_mb_s:.0f} MB/s "
+              f"= {node_mb_s / tcp_mb_s:.0%} of TCP (median of 3)")
+        hop_8mb = {"plain_tcp": tcp_mb_s, "p2pnode_aes": node_mb_s, "ratio": round(node_mb_s / tcp_mb_s, 3)}
     path = Path(__file__).with_suffix(".json")
-    path.write_text(json.dumps({"model": model_dir.name, "tokens": args.tokens, "rows": rows,
-                                "serialization_us": serialization,
-                                "hop_8mb_mb_s": {"plain_tcp": tcp_mb_s, "p2pnode_aes": node_mb_s,
-                                                 "ratio": round(node_mb_s / tcp_mb_s, 3)},
-                                "loadavg": os.getloadavg()}, indent=2) + "\n")
+    path.write_text(json.dumps({"model": model_dir.name, "hidden_size": config.hidden_size, "tokens": args.tokens,
+                                "relay_ring": ring, "hop_parts_us": parts, "rows": rows,
+                                "serialization_us": serialization, "hop_8mb_mb_s": hop_8mb,
+                                "loadavg": os.getloadavg(),
+                                "note": "2 shared CPU cores, contended by other work: medians"}, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -69,6 +69,8 @@ class BulkHub(Protocol):
 
     def submit(self, fn: Any, *args: Any) -> Any: ...
 
+    def spawn(self, fn: Any, *args: Any) -> None: ...
+
 
 class FrameStream:
     """Frames over one libp2p stream. Runs in the node's trio thread, except
@@ -105,6 +107,7 @@ class FrameStream:
         self._link_in_sock: Any = None  # trio socket dialed for the peer's offer, until link_on
         self._link_in_secret: tuple | None = None  # (key, cipher) of the offer we took
         self._link_in_pending: tuple | None = None  # (token, waiter) of our link_reverse
+        self._link_dialed: trio.Event | None = None  # set once our dial for the peer's offer is done
         self._link_offered: bytes | None = None
         self._link_dup: Frame | None = None
         self.end_reason: str | None = None
@@ -303,8 +306,8 @@ class FrameStream:
                 sock.close()
                 return
             self.link_ready = linkmod.LinkSender(linkmod.stdlib_socket(sock), key, self.cfg.bulk_cipher)
-        except (StreamClosed, FrameError, OSError) as e:
-            log.info("frame link to %s not opened: %s", self.peer_id, e)
+        except Exception as e:  # the stream carries on over libp2p
+            log.info("frame link to %s not opened: %s: %s", self.peer_id, type(e).__name__, e)
         finally:
             self._link_offered = None
             self.hub.bulk_forget(token)
@@ -322,15 +325,33 @@ class FrameStream:
         if not 0 < f["port"] < 65536:
             raise FrameError(f"link offer port {f['port']} out of range")
         self._link_in_secret = (f["key"], cipher)
-        no = Frame("transport.link_reverse", 1, {"port": 0, "token": b""})
         if not self.accept_link:  # an asyncio or request handler reads through the inbox only
-            await self.send(no, control=True)
+            await self.send(Frame("transport.link_reverse", 1, {"port": 0, "token": b""}), control=True)
             return
-        remote = None if self.relayed else self.ns.get_remote_address()
-        sock = await self._bulk_dial(remote, f["port"], f["token"]) if remote else None
-        if sock is not None:
-            self._link_in_sock = sock
-            return
+        # dialed beside the reader, not in it: a dial into a NAT may take the whole set-up timeout,
+        # and the frames on this stream must not wait for it
+        self._link_dialed = trio.Event()
+        self.hub.spawn(self._dial_link_offer, f["port"], f["token"])
+
+    async def _dial_link_offer(self, port: int, token: bytes) -> None:
+        try:
+            remote = None if self.relayed else self.ns.get_remote_address()
+            sock = await self._bulk_dial(remote, port, token) if remote else None
+            if sock is not None:
+                if self.closed:
+                    sock.close()
+                else:
+                    self._link_in_sock = sock
+                return
+            await self._offer_link_reverse()
+        except Exception as e:  # runs in the node's nursery: whatever fails here ends only the link
+            log.info("frame link from %s not taken: %s: %s", self.peer_id, type(e).__name__, e)
+        finally:
+            self._link_dialed.set()
+
+    async def _offer_link_reverse(self) -> None:
+        """We could not dial the opener's link offer: ask it to dial us (as _offer_reverse for bulk)."""
+        no = Frame("transport.link_reverse", 1, {"port": 0, "token": b""})
         if self.relayed or self.hub.bulk_port is None:
             await self.send(no, control=True)
             return
@@ -361,6 +382,9 @@ class FrameStream:
         on its way if the opener dials us)."""
         if self.link_in is not None or self._link_in_secret is None:
             raise FrameError("link_on without a link offer")
+        if self._link_dialed is not None:  # the opener only switches once it has a socket, so this is short
+            with trio.move_on_after(2 * self.cfg.bulk_setup_timeout_s):
+                await self._link_dialed.wait()
         sock, self._link_in_sock = self._link_in_sock, None
         if sock is None and self._link_in_pending is not None:
             token, waiter = self._link_in_pending

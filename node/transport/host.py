@@ -460,6 +460,10 @@ class P2PNode:
     def bulk_fulfil(self, token: bytes, sock: Any) -> bool:
         return self._bulk is not None and self._bulk.fulfil(token, sock)
 
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Trio side: run `await fn(*args)` beside the caller, in the node's nursery."""
+        self._nursery.start_soon(fn, *args)
+
     def on_bad_frame(self, peer_id: str, reason: str) -> None:
         """Trio side: a stream from peer_id was dropped for a bad frame (already logged)."""
         if self.cfg.disconnect_on_bad_frame and self._nursery is not None:

@@ -198,3 +198,52 @@ def test_link_records_round_trip_and_refuse_a_replayed_record():
     sender.send_parts(parts, frame_nbytes(parts), 5.0)
     with pytest.raises(FrameError, match="authentication"):
         receiver.recv(5.0)
+
+
+@pytest.mark.parametrize("dials", ["opener only", "nobody"])
+def test_the_link_is_dialed_the_other_way_or_not_at_all(nodes, monkeypatch, dials):
+    """The serving side cannot dial the opener (a NAT in front of the opener): the opener dials it;
+    if neither can, frames stay on the libp2p stream, in order."""
+    from node.transport.channel import FrameStream
+
+    real_dial = FrameStream._bulk_dial
+    refused: list[int] = []
+    got = Collector()
+    receiver, sender = _pair(nodes, got)
+
+    async def blocked(self, remote, port, token):
+        if port == sender.bulk_port or dials == "nobody":
+            refused.append(port)
+            return None
+        return await real_dial(self, remote, port, token)
+
+    monkeypatch.setattr(FrameStream, "_bulk_dial", blocked)
+    stream = sender.open_stream(receiver.peer_id, PIPE, link=True)
+    for n in range(60):
+        stream.send(Frame("test.n", 1, {"n": n}))
+        if n == 10:
+            time.sleep(0.5)  # the link is up by now, if it can be
+    stream.close()
+    assert got.done.wait(10)
+    assert [f.fields["n"] for f in got.frames] == list(range(60)) and refused
+    if dials == "opener only":
+        assert receiver.stats["link_frames_received"] >= 49
+    else:
+        assert receiver.stats["link_frames_received"] == 0
+
+
+def test_a_relayed_stream_keeps_the_libp2p_path(nodes):
+    relay = nodes(relay_hop=True)
+    got = Collector()
+    hidden, dialer = nodes(), nodes()
+    hidden.set_stream_handler(PIPE, got)
+    relay_addr = relay.start()
+    hidden.start()
+    dialer.start()
+    dialer.connect(hidden.reserve_relay(relay_addr))
+    with dialer.open_stream(hidden.peer_id, PIPE, link=True) as stream:
+        for n in range(5):
+            stream.send(Frame("test.n", 1, {"n": n}, [torch.ones(4)]))
+        got.wait_for(5)
+    assert [f.fields["n"] for f in got.frames] == list(range(5))
+    assert dialer.stats["link_frames_sent"] == 0 and not stream._fs.link_wanted
