@@ -44,7 +44,7 @@ from node.transport.config import FRAME_LINK_ENV  # noqa: E402
 from wire.messages import Result, SamplingParams, Step  # noqa: E402
 from wire.frames import encode_frame  # noqa: E402
 
-CAPS_MB = {1: None, 2: 450, 4: 230}  # memory caps that make the planner use exactly N stages
+CAPS_MB = {1: None, 2: 450, 3: 300, 4: 230}  # memory caps that make the planner use exactly N stages
 PROMPT = "The history of the printing press begins"
 
 
