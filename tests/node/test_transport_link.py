@@ -147,12 +147,14 @@ def test_no_link_for_an_asyncio_reader_or_when_switched_off(nodes):
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     seen: list[int] = []
+    ended = threading.Event()
 
     async def collect(stream) -> None:
         while True:
             try:
                 seen.append((await stream.recv(timeout_s=20)).fields["n"])
             except (StreamClosed, TransportTimeout):
+                ended.set()
                 return
 
     receiver = nodes()
@@ -169,6 +171,7 @@ def test_no_link_for_an_asyncio_reader_or_when_switched_off(nodes):
         while len(seen) < 5 and time.monotonic() < end:
             time.sleep(0.01)
     assert seen == list(range(5)) and sender.stats["link_frames_sent"] == 0
+    assert ended.wait(10)
     loop.call_soon_threadsafe(loop.stop)
 
     got = Collector()
