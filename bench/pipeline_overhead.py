@@ -6,7 +6,10 @@ layer ranges chained in one process, measured in the same run: the cost of each 
 Each pool is `coordinator serve` plus N `provider join` processes whose memory caps force N stages
 (one compute thread each, as in the tests). Per-token latency = (time of a request for 1 + T tokens
 minus time of a request for 1 token) / T, median of the repeats. A token crosses N + 1 hops:
-coordinator -> stage 0 -> ... -> last stage -> coordinator. Then an 8 MB activation hop between
+coordinator -> stage 0 -> ... -> last stage -> coordinator. "per hop ms" = (pool - in process) /
+hops, the two measured minutes apart; "in-pool hop ms" = the coordinator's own figure for the same
+steps (its wall time of a step minus the compute each stage reports, over hops: see
+coordinator/measurements.py), which the compute's noise does not reach. Then an 8 MB activation hop between
 two processes, P2PNode (as the stages use it) against plain TCP, with bench/transport.py's code.
 With --baseline, each pool is also measured running another checkout's code (e.g. main), in the
 same run, and so is the Python time of encoding and decoding one batch-1 frame of each kind.
@@ -49,7 +52,10 @@ PROMPT = "The history of the printing press begins"
 
 
 def pool_latency_ms(n_stages: int, tokens: int, repeats: int, code_dir: Path | None = None
-                    ) -> tuple[float, list[tuple[int, int]]]:
+                    ) -> tuple[float, list[tuple[int, int]], float | None]:
+    """(ms per token, layer ranges, the coordinator's own per-hop figure: step wall time minus the
+    stages' reported compute, over hops (coordinator/measurements.py), its EWMA read after each
+    request, median; None where the code does not report it)."""
     with tempfile.TemporaryDirectory(prefix="meshpool-bench-") as root:
         pool = LocalPool(Path(root), code_dir=code_dir)
         try:
@@ -70,12 +76,15 @@ def pool_latency_ms(n_stages: int, tokens: int, repeats: int, code_dir: Path | N
                 return time.perf_counter() - start, body["usage"]["completion_tokens"]
 
             timed(4)  # warm-up: first streams, first allocations
-            per_token = []
+            per_token, hop_ms = [], []
             for _ in range(repeats):
                 one_s, _ = timed(1)
                 many_s, n = timed(1 + tokens)
                 per_token.append((many_s - one_s) / (n - 1) * 1e3)
-            return statistics.median(per_token), ranges
+                measured = pool.get("/pool").get("measurements", {}).get("hop_latency_ms")
+                if measured is not None:
+                    hop_ms.append(measured)
+            return statistics.median(per_token), ranges, statistics.median(hop_ms) if hop_ms else None
         finally:
             pool.stop()
 
@@ -163,20 +172,23 @@ def main() -> None:
     print("a hop's parts, alone (us): " + ", ".join(f"{k} {v}" for k, v in parts.items()))
     rows = []
     print(f"{'code':>8} {'path':>6} {'stages':>6} {'layer ranges':<28} {'pool ms/token':>13} "
-          f"{'in-process ms/token':>19} {'per hop ms':>10} {'bytes/token':>11}")
+          f"{'in-process ms/token':>19} {'per hop ms':>10} {'in-pool hop ms':>14} {'bytes/token':>11}")
     for n in [int(s) for s in args.stages.split(",")]:
         for label, tree in trees:
             for path in paths:
                 os.environ[FRAME_LINK_ENV] = "on" if path == "link" else "off"  # LocalPool's processes inherit it
-                pool_ms, ranges = pool_latency_ms(n, args.tokens, args.repeats, None if tree == here else tree)
+                pool_ms, ranges, measured_hop_ms = pool_latency_ms(n, args.tokens, args.repeats,
+                                                                    None if tree == here else tree)
                 local_ms = local_latency_ms(model_dir, ranges, args.tokens)
                 hop_ms = (pool_ms - local_ms) / (n + 1)
                 n_bytes = bytes_per_token(config, n)
                 rows.append({"code": label, "path": path, "stages": n, "ranges": ranges,
                              "pool_ms_per_token": round(pool_ms, 2), "in_process_ms_per_token": round(local_ms, 2),
-                             "per_hop_ms": round(hop_ms, 2), "hops_per_token": n + 1, "bytes_per_token": n_bytes})
+                             "per_hop_ms": round(hop_ms, 2), "in_pool_hop_ms": measured_hop_ms,
+                             "hops_per_token": n + 1, "bytes_per_token": n_bytes})
                 print(f"{label:>8} {path:>6} {n:>6} {str(ranges):<28} {pool_ms:>13.1f} {local_ms:>19.1f} "
-                      f"{hop_ms:>10.2f} {n_bytes:>11}")
+                      f"{hop_ms:>10.2f} {measured_hop_ms if measured_hop_ms is not None else float('nan'):>14.3f} "
+                      f"{n_bytes:>11}")
     os.environ.pop(FRAME_LINK_ENV, None)
     serialization = {label: serialization_us(tree, config.hidden_size) for label, tree in trees}
     for label, figures in serialization.items():
