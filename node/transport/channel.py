@@ -427,9 +427,11 @@ class FrameStream:
                 log.warning("dropping stream %s from peer %s: bad frame on the link: %s", self.protocol,
                             self.peer_id, e)
                 self._link_failed(f"bad frame: {e}", bad=True)
+                self.link_in.close()  # the reading thread owns the socket; the trio side only shuts it down
                 raise StreamClosed(self.end_reason) from None
             except (EOFError, OSError) as e:
                 self._link_failed(self.end_reason or f"link ended: {e}")
+                self.link_in.close()
                 raise StreamClosed(self.end_reason) from None
             self.hub.stats["frames_received"] += 1
             self.hub.stats["link_frames_received"] += 1
