@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--stages", type=int, default=2, choices=sorted(CAPS_MB))
     parser.add_argument("--paths", default="",
                         help="e.g. libp2p,link: this checkout's pool once per stage-frame path, in this order")
+    parser.add_argument("--out", help="where to write the figures (default bench/api_load.json)")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
@@ -184,7 +185,7 @@ def main() -> int:
             print(f"{run['code']}: {n} clients get {pool_gain:.2f}x one client's tok/s = "
                   f"{kept:.0%} of generate's batching gain; TTFT p99 at {n} = {p99_vs_median:.2f}x the 1-client median")
     out["loadavg"] = os.getloadavg()
-    path = Path(__file__).with_suffix(".json")
+    path = Path(args.out) if args.out else Path(__file__).with_suffix(".json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
