@@ -8,7 +8,8 @@ official `openai` client streaming a greedy completion of `--tokens` tokens, `--
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
 With --baseline, a pool running another checkout's code (e.g. main) is measured first, in the same
-run. Then `transformers` generate in this process at batch 1 and 16: the share of its batching gain
+run. `--stages 3` uses three providers instead (memory caps that force three stages);
+`--paths libp2p,link` measures this checkout's pool once per stage-frame path (MESHPOOL_FRAME_LINK). Then `transformers` generate in this process at batch 1 and 16: the share of its batching gain
 (tok/s at 16 / tok/s at 1, minus 1) the pool keeps at 16 clients. Writes bench/api_load.json.
 """
 
@@ -30,8 +31,9 @@ import openai  # noqa: E402
 import torch  # noqa: E402
 
 from coordinator.local_pool import LocalPool  # noqa: E402
+from node.transport.config import FRAME_LINK_ENV  # noqa: E402
 
-CAP_MB = 600
+CAPS_MB = {2: 600, 3: 300}  # memory caps that make the planner use exactly that many stages
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are", "def fibonacci(n):",
            "The history of the printing press begins"]
 
@@ -82,18 +84,22 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None}
 
 
-def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None) -> dict:
-    """Every level on one 2-stage pool whose processes run the code in `code_dir` (None: this checkout)."""
+def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None, stages: int = 2,
+             path: str | None = None) -> dict:
+    """Every level on one pool of `stages` stages whose processes run the code in `code_dir` (None:
+    this checkout); `path`: "libp2p" or "link", the transport path of its stage frames (None: default)."""
+    if path is not None:
+        os.environ[FRAME_LINK_ENV] = "on" if path == "link" else "off"  # the pool's processes inherit it
     pool = LocalPool(Path(tempfile.mkdtemp(prefix="meshpool-api-load-")), context_tokens=256,
                      max_sessions=max(levels), coordinator_args=["--rate-limit-rps", "1000"], code_dir=code_dir)
     try:
         pool.start_coordinator()
-        for i in range(2):
-            pool.add_provider(f"provider{i}", max_memory_mb=CAP_MB)
+        for i in range(stages):
+            pool.add_provider(f"provider{i}", max_memory_mb=CAPS_MB[stages])
         state = pool.wait_for_pipelines(1)
         key = pool.add_consumer("bench", 10**15)
         model = pool.get("/v1/models")["data"][0]["id"]
-        stages = [[(s["start"], s["end"]) for s in p["stages"]] for p in state["pipelines"]]
+        ranges = [[(s["start"], s["end"]) for s in p["stages"]] for p in state["pipelines"]]
         run_level(pool, model, key, 1, 4, 1)  # warm-up
         rows = [run_level(pool, model, key, n, tokens, rounds) for n in levels]
         oc = openai.OpenAI(base_url=pool.api + "/v1", api_key=key, max_retries=0)
@@ -101,11 +107,12 @@ def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None)
         account = {k: account[k] for k in ("balance_units", "held_units", "spent_units", "requests")}
     finally:
         pool.stop()
+        os.environ.pop(FRAME_LINK_ENV, None)
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["ratio_vs_first"] = round(row["tokens_per_s"] / base, 2) if base else None
-    return {"code": str(code_dir or Path(__file__).resolve().parent.parent), "pipelines": stages, "rows": rows,
-            "account": account}
+    return {"code": str(code_dir or Path(__file__).resolve().parent.parent), "path": path or "default",
+            "pipelines": ranges, "rows": rows, "account": account}
 
 
 def generate_tokens_per_s(batch: int, tokens: int) -> float:
@@ -128,7 +135,7 @@ def generate_tokens_per_s(batch: int, tokens: int) -> float:
 
 
 def print_rows(run: dict) -> None:
-    print(f"{run['code']}: pipelines (layer ranges) {run['pipelines']}")
+    print(f"{run['code']} ({run.get('path', 'default')} path): pipelines (layer ranges) {run['pipelines']}")
     print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'vs 1':>6} {'TTFT p50 ms':>11} "
           f"{'TTFT p99 ms':>11}")
     for row in run["rows"]:
@@ -144,11 +151,16 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured first, in the same run")
     parser.add_argument("--gain-batch", type=int, default=16,
                         help="compare the pool's gain at this many clients with generate's at this batch")
+    parser.add_argument("--stages", type=int, default=2, choices=sorted(CAPS_MB))
+    parser.add_argument("--paths", default="",
+                        help="e.g. libp2p,link: this checkout's pool once per stage-frame path, in this order")
+    parser.add_argument("--out", help="where to write the figures (default bench/api_load.json)")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
-    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve())] if args.baseline else [])
-    runs.append(run_pool(levels, args.tokens, args.rounds, None))
+    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve(), args.stages)] if args.baseline else [])
+    for path in [p for p in args.paths.split(",") if p] or [None]:
+        runs.append(run_pool(levels, args.tokens, args.rounds, None, args.stages, path))
     print(f"{args.tokens} tokens a request, {args.rounds} requests a client; load average {os.getloadavg()[0]:.1f}")
     for run in runs:
         print_rows(run)
@@ -173,7 +185,7 @@ def main() -> int:
             print(f"{run['code']}: {n} clients get {pool_gain:.2f}x one client's tok/s = "
                   f"{kept:.0%} of generate's batching gain; TTFT p99 at {n} = {p99_vs_median:.2f}x the 1-client median")
     out["loadavg"] = os.getloadavg()
-    path = Path(__file__).with_suffix(".json")
+    path = Path(args.out) if args.out else Path(__file__).with_suffix(".json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

@@ -88,7 +88,7 @@ class StreamLink:
         future.add_done_callback(on_done)
         try:
             if self.stream is None:
-                self.stream = self.node.open_stream(self.stage0_peer, PROTO_STAGE, timeout_s=timeout_s)
+                self.stream = self.node.open_stream(self.stage0_peer, PROTO_STAGE, timeout_s=timeout_s, link=True)
             self.stream.send(step.to_frame(), timeout_s=timeout_s)
         except TransportError as exc:
             self.board.forget(self.pipeline, step.step)

@@ -319,7 +319,7 @@ class Provider:
                 if spec.next_addrs:
                     self.node.connect(spec.next_addrs[0], timeout_s=CONNECT_TIMEOUT_S)
                 prepared.set_result(self.node.open_stream(spec.next_peer, self._next_protocol(spec),
-                                                          timeout_s=CONNECT_TIMEOUT_S))
+                                                          timeout_s=CONNECT_TIMEOUT_S, link=True))
             except TransportError as exc:  # the first step dials again and reports what fails then
                 prepared.set_exception(exc)
 
@@ -393,7 +393,7 @@ class Provider:
             if assignment.next_stream is None:
                 self.node.connect(assignment.spec.next_addrs[0], timeout_s=CONNECT_TIMEOUT_S)
                 assignment.next_stream = self.node.open_stream(nxt, self._next_protocol(assignment.spec),
-                                                               timeout_s=CONNECT_TIMEOUT_S)
+                                                               timeout_s=CONNECT_TIMEOUT_S, link=True)
             assignment.next_stream.send(message.to_frame(), timeout_s=FORWARD_TIMEOUT_S)
         except TransportError as exc:
             assignment.next_stream = None

@@ -144,6 +144,12 @@ register_message(MessageSpec("transport.bulk_ref", 1, {"nbytes": int}, max_tenso
 # the receiver's answer when it cannot dial the offer: dial me at port with token (port 0: no bulk channel)
 register_message(MessageSpec("transport.bulk_reverse", 1, {"port": int, "token": bytes}, max_tensors=0))
 register_message(MessageSpec("transport.ping", 1, {}))
+# the frame link (node/transport/link.py): offered like bulk_offer, answered like bulk_reverse; link_on
+# marks where the opener's frames move from the libp2p stream to the link
+register_message(MessageSpec("transport.link_offer", 1, {"port": int, "token": bytes, "key": bytes, "cipher": str},
+                             max_tensors=0))
+register_message(MessageSpec("transport.link_reverse", 1, {"port": int, "token": bytes}, max_tensors=0))
+register_message(MessageSpec("transport.link_on", 1, {}, max_tensors=0))
 
 
 # ---------------------------------------------------------------- encoding

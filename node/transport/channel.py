@@ -17,6 +17,8 @@ py-libp2p 0.8.1 quirks handled here:
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import Counter
 from typing import Any, Protocol
 
@@ -25,8 +27,9 @@ from libp2p.connection_types import ConnectionType
 
 from . import bulk as bulkmod
 from . import faults as faultsmod
-from .bridge import BridgeClosed, Inbox, Outbox
-from .config import RemoteError, StreamClosed, TransportConfig, TransportError
+from . import link as linkmod
+from .bridge import BridgeClosed, Inbox, Outbox, _call_in_trio
+from .config import RemoteError, StreamClosed, TransportConfig, TransportError, TransportTimeout
 from wire.frames import (
     PREFIX_BYTES,
     Frame,
@@ -64,6 +67,10 @@ class BulkHub(Protocol):
 
     def on_bad_frame(self, peer_id: str, reason: str) -> None: ...
 
+    def submit(self, fn: Any, *args: Any) -> Any: ...
+
+    def spawn(self, fn: Any, *args: Any) -> None: ...
+
 
 class FrameStream:
     """Frames over one libp2p stream. Runs in the node's trio thread, except
@@ -87,6 +94,22 @@ class FrameStream:
         self._bulk_offered: bytes | None = None  # token of our offer while the peer answers it
         self._bulk_in_pending: tuple | None = None  # (token, waiter, key, cipher) of our bulk_reverse
         self.relayed = _is_relayed(ns)
+        # the frame link (link.py): the opener asks for one (link_wanted), the serving side takes it
+        # only for a threaded stream handler (accept_link); the opener's threads switch to it at
+        # their next send once it is ready, the reader's thread once it takes `transport.link_on`
+        self.link_wanted = False
+        self.accept_link = False
+        self.link_ready: linkmod.LinkSender | None = None
+        self.link_out: linkmod.LinkSender | None = None
+        self.link_send_lock = threading.Lock()
+        self.link_in: linkmod.LinkReceiver | None = None
+        self.link_in_active = False
+        self._link_in_sock: Any = None  # trio socket dialed for the peer's offer, until link_on
+        self._link_in_secret: tuple | None = None  # (key, cipher) of the offer we took
+        self._link_in_pending: tuple | None = None  # (token, waiter) of our link_reverse
+        self._link_dialed: trio.Event | None = None  # set once our dial for the peer's offer is done
+        self._link_offered: bytes | None = None
+        self._link_dup: Frame | None = None
         self.end_reason: str | None = None
         self.closed = False
         self._faults = cfg.faults.for_stream(protocol) if cfg.faults is not None else None
@@ -104,6 +127,9 @@ class FrameStream:
                         frame = await self._control(frame)
                         if frame is None:
                             continue
+                        if frame.type == "transport.link_on":  # a marker, never faulted or counted
+                            await self.inbox.put(frame)
+                            continue
                     self.hub.stats["frames_received"] += 1
                     if self._faults is None:
                         await self.inbox.put(frame)
@@ -118,6 +144,10 @@ class FrameStream:
             except Exception as e:  # libp2p stream errors: reset, EOF, closed connection
                 self.end_reason = self.end_reason or f"stream error: {type(e).__name__}: {e}"
                 log.debug("stream %s with %s ended: %s", self.protocol, self.peer_id, e)
+        if self.end_reason != "peer closed the stream" or self.link_in is None:
+            # the link's own end follows a clean close (the opener closes it first); anything else
+            # wakes a thread blocked on the link now
+            self._close_link_in()
         self.inbox.close(self.end_reason or "stream closed")
 
     async def _put_faulted(self, frame: Frame) -> None:
@@ -148,6 +178,15 @@ class FrameStream:
         if frame.type == "transport.bulk_reverse":
             await self._dial_reverse(frame.fields)
             return None
+        if frame.type == "transport.link_offer":
+            await self._accept_link_offer(frame.fields)
+            return None
+        if frame.type == "transport.link_reverse":
+            await self._dial_link_reverse(frame.fields)
+            return None
+        if frame.type == "transport.link_on":
+            await self._link_on()
+            return frame  # goes through the inbox: its reader switches to the link after the frames before it
         if frame.type == "transport.ping":
             return None
         raise FrameError(f"unknown control message {frame.type}")
@@ -240,6 +279,212 @@ class FrameStream:
             raise FrameError("control message inside a bulk frame")
         self.hub.stats["bulk_frames_received"] += 1
         return frame
+
+    # ------------------------------------------------------------ frame link (link.py)
+    async def open_link(self) -> None:
+        """Opener, in the background from the stream's start: offer a link and wait for its socket;
+        the sending threads switch to it at their next send. Any failure keeps the libp2p path."""
+        if self.relayed or self.hub.bulk_port is None:
+            return
+        token, key = bulkmod.new_secrets()
+        try:
+            waiter = self.hub.bulk_expect(token)
+        except TransportError as e:
+            log.info("frame link to %s not opened: %s", self.peer_id, e)
+            return
+        try:
+            self._link_offered = token
+            await self.send(Frame("transport.link_offer", 1, {"port": self.hub.bulk_port, "token": token, "key": key,
+                                                             "cipher": self.cfg.bulk_cipher}), control=True)
+            sock = None
+            with trio.move_on_after(2 * self.cfg.bulk_setup_timeout_s):
+                sock = await waiter.receive()
+            if sock is None:
+                log.info("no frame link with %s either way; frames go over libp2p", self.peer_id)
+                return
+            if self.closed:
+                sock.close()
+                return
+            self.link_ready = linkmod.LinkSender(linkmod.stdlib_socket(sock), key, self.cfg.bulk_cipher)
+        except Exception as e:  # the stream carries on over libp2p
+            log.info("frame link to %s not opened: %s: %s", self.peer_id, type(e).__name__, e)
+        finally:
+            self._link_offered = None
+            self.hub.bulk_forget(token)
+
+    async def _accept_link_offer(self, f: dict) -> None:
+        if self._link_in_secret is not None:
+            raise FrameError("second link offer on one stream")
+        cipher = f["cipher"]
+        if cipher not in bulkmod.CIPHERS:
+            raise FrameError(f"link offer with unknown cipher {cipher!r}")
+        if cipher == "none" and not self.cfg.bulk_accept_plaintext:
+            raise FrameError("peer offered a plaintext link; refused by config")
+        if len(f["token"]) != bulkmod.TOKEN_BYTES or len(f["key"]) != bulkmod.KEY_BYTES:
+            raise FrameError("link offer token/key of wrong length")
+        if not 0 < f["port"] < 65536:
+            raise FrameError(f"link offer port {f['port']} out of range")
+        self._link_in_secret = (f["key"], cipher)
+        if not self.accept_link:  # an asyncio or request handler reads through the inbox only
+            await self.send(Frame("transport.link_reverse", 1, {"port": 0, "token": b""}), control=True)
+            return
+        # dialed beside the reader, not in it: a dial into a NAT may take the whole set-up timeout,
+        # and the frames on this stream must not wait for it
+        self._link_dialed = trio.Event()
+        self.hub.spawn(self._dial_link_offer, f["port"], f["token"])
+
+    async def _dial_link_offer(self, port: int, token: bytes) -> None:
+        try:
+            remote = None if self.relayed else self.ns.get_remote_address()
+            sock = await self._bulk_dial(remote, port, token) if remote else None
+            if sock is not None:
+                if self.closed:
+                    sock.close()
+                else:
+                    self._link_in_sock = sock
+                return
+            await self._offer_link_reverse()
+        except Exception as e:  # runs in the node's nursery: whatever fails here ends only the link
+            log.info("frame link from %s not taken: %s: %s", self.peer_id, type(e).__name__, e)
+        finally:
+            self._link_dialed.set()
+
+    async def _offer_link_reverse(self) -> None:
+        """We could not dial the opener's link offer: ask it to dial us (as _offer_reverse for bulk)."""
+        no = Frame("transport.link_reverse", 1, {"port": 0, "token": b""})
+        if self.relayed or self.hub.bulk_port is None:
+            await self.send(no, control=True)
+            return
+        token, _ = bulkmod.new_secrets()
+        try:
+            waiter = self.hub.bulk_expect(token)
+        except TransportError:
+            await self.send(no, control=True)
+            return
+        self._link_in_pending = (token, waiter)
+        await self.send(Frame("transport.link_reverse", 1, {"port": self.hub.bulk_port, "token": token}),
+                        control=True)
+
+    async def _dial_link_reverse(self, f: dict) -> None:
+        """The peer could not dial our link offer (or refuses the link: port 0)."""
+        token, self._link_offered = self._link_offered, None
+        if token is None:
+            raise FrameError("link_reverse without a pending link offer")
+        if not 0 <= f["port"] < 65536 or (f["port"] and len(f["token"]) != bulkmod.TOKEN_BYTES):
+            raise FrameError("link_reverse with a bad port or token")
+        remote = None if self.relayed else self.ns.get_remote_address()
+        sock = await self._bulk_dial(remote, f["port"], f["token"]) if f["port"] and remote else None
+        if not self.hub.bulk_fulfil(token, sock) and sock is not None:
+            sock.close()
+
+    async def _link_on(self) -> None:
+        """The opener sends on the link from here on: make the receiving end (its socket may still be
+        on its way if the opener dials us)."""
+        if self.link_in is not None or self._link_in_secret is None:
+            raise FrameError("link_on without a link offer")
+        if self._link_dialed is not None:  # the opener only switches once it has a socket, so this is short
+            with trio.move_on_after(2 * self.cfg.bulk_setup_timeout_s):
+                await self._link_dialed.wait()
+        sock, self._link_in_sock = self._link_in_sock, None
+        if sock is None and self._link_in_pending is not None:
+            token, waiter = self._link_in_pending
+            self._link_in_pending = None
+            with trio.move_on_after(self.cfg.bulk_setup_timeout_s):
+                sock = await waiter.receive()
+            self.hub.bulk_forget(token)
+        if sock is None:
+            raise FrameError("link_on without a link")
+        key, cipher = self._link_in_secret
+        self.link_in = linkmod.LinkReceiver(linkmod.stdlib_socket(sock), key, cipher, self.cfg.limits,
+                                            self.cfg.frame_timeout_s)
+
+    def send_link(self, parts: list, nbytes: int, timeout_s: float) -> None:
+        """Sending thread, with link_send_lock held and link_out set: write one frame on the link."""
+        try:
+            self.link_out.send_parts(parts, nbytes, timeout_s)
+        except StreamClosed as e:
+            self._link_failed(str(e))
+            raise
+        self.hub.stats["frames_sent"] += 1
+        self.hub.stats["link_frames_sent"] += 1
+
+    def recv_link(self, timeout_s: float) -> Frame:
+        """The reading thread, once it took link_on: the next frame from the link, faults applied."""
+        while True:
+            if self._link_dup is not None:
+                frame, self._link_dup = self._link_dup, None
+                return frame
+            if self.closed:
+                raise StreamClosed(self.end_reason or "stream closed")
+            try:
+                frame = self.link_in.recv(timeout_s)
+                if frame.type.startswith("transport."):
+                    raise FrameError(f"control message {frame.type} on the link")
+            except linkmod.LinkTimeout as e:
+                raise TransportTimeout(str(e)) from None
+            except FrameError as e:
+                self.hub.stats["streams_dropped"] += 1
+                log.warning("dropping stream %s from peer %s: bad frame on the link: %s", self.protocol,
+                            self.peer_id, e)
+                self._link_failed(f"bad frame: {e}", bad=True)
+                self.link_in.close()  # the reading thread owns the socket; the trio side only shuts it down
+                raise StreamClosed(self.end_reason) from None
+            except (EOFError, OSError) as e:
+                self._link_failed(self.end_reason or f"link ended: {e}")
+                self.link_in.close()
+                raise StreamClosed(self.end_reason) from None
+            self.hub.stats["frames_received"] += 1
+            self.hub.stats["link_frames_received"] += 1
+            if self._faults is not None:
+                frame = self._fault_link(frame)
+                if frame is None:
+                    continue
+            return frame
+
+    def _fault_link(self, frame: Frame) -> Frame | None:
+        """As _put_faulted, in the reading thread: a delay holds back this frame and those behind it."""
+        action, delay_s = self._faults.next()
+        if delay_s > 0:
+            self.hub.stats["faults_delayed"] += 1
+            log.info("frame fault: delayed %s on %s from %s by %.0f ms", frame.type, self.protocol, self.peer_id,
+                     delay_s * 1000)
+            time.sleep(delay_s)
+        if action == faultsmod.DROP:
+            self.hub.stats["faults_dropped"] += 1
+            log.info("frame fault: dropped %s on %s from %s", frame.type, self.protocol, self.peer_id)
+            return None
+        if action == faultsmod.DUP:
+            self.hub.stats["faults_duplicated"] += 1
+            log.info("frame fault: duplicated %s on %s from %s", frame.type, self.protocol, self.peer_id)
+            self._link_dup = frame
+        return frame
+
+    def _link_failed(self, reason: str, *, bad: bool = False) -> None:
+        """Any thread: the link is over, and so is the stream (as a libp2p stream that broke)."""
+        self.end_reason = self.end_reason or reason
+        if self.closed:
+            return
+        if bad:
+            _call_in_trio(self.inbox._token, self.hub.on_bad_frame, self.peer_id, reason)
+        try:
+            self.hub.submit(self.reset, reason)
+        except TransportError:
+            pass  # the node is closing: its streams go with it
+
+    def _close_link_in(self) -> None:
+        sock, self._link_in_sock = self._link_in_sock, None
+        if sock is not None:
+            sock.close()
+        if self._link_in_pending is not None:
+            self.hub.bulk_forget(self._link_in_pending[0])
+            self._link_in_pending = None
+        if self.link_in is not None:
+            self.link_in.shutdown()  # the reading thread sees the end and the socket closes with it
+
+    def _close_link_out(self) -> None:
+        for sender in (self.link_out, self.link_ready):
+            if sender is not None:
+                sender.close()
 
     async def recv(self) -> Frame:
         """Trio side (request/response); threads and asyncio use inbox.get / get_async."""
@@ -360,6 +605,8 @@ class FrameStream:
         self._reader_scope.cancel()
         self.inbox.close(self.end_reason)
         self._close_bulk()
+        self._close_link_out()  # FIN after the last frame, before the stream's own: the reader sees the link end
+        self._close_link_in()
         try:
             await self.ns.close()
         except Exception as e:
@@ -370,6 +617,8 @@ class FrameStream:
         self.closed = True
         self.outbox.close()
         self._close_bulk()
+        self._close_link_out()
+        self._close_link_in()
         try:
             await self.ns.reset()
         except Exception as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from wire.frames import FrameLimits
@@ -9,6 +10,7 @@ from wire.frames import FrameLimits
 from .faults import FrameFaults
 
 BULK_CIPHERS = ("aes-256-gcm", "none")
+FRAME_LINK_ENV = "MESHPOOL_FRAME_LINK"
 
 
 class TransportError(Exception):
@@ -52,6 +54,9 @@ class TransportConfig:
     bulk_accept_plaintext: bool = False
     bulk_setup_timeout_s: float = 5.0
     max_bulk_pending: int = 64
+    # frame link (link.py) for streams opened with link=True (pipeline hops); MESHPOOL_FRAME_LINK=off
+    # keeps those on libp2p, as before it existed (benchmarks measure both in one run)
+    frame_link: bool = field(default_factory=lambda: os.environ.get(FRAME_LINK_ENV, "on") != "off")
     # seeded frame faults for chaos tests (faults.py): None, unless MESHPOOL_FAULTS is set
     faults: FrameFaults | None = field(default_factory=FrameFaults.from_env, compare=False)
     # Circuit Relay v2 (reach.py): serve the hop role, i.e. relay for peers that cannot be dialed

@@ -253,8 +253,12 @@ class P2PNode:
         """Open a stream, send one frame, return the reply frame."""
         return self.call(timeout_s or self.cfg.request_timeout_s, self._request, peer, protocol, frame)
 
-    def open_stream(self, peer: str, protocol: str, timeout_s: float | None = None) -> "Stream":
-        fs = self.call(timeout_s or self.cfg.connect_timeout_s, self._open, peer, protocol)
+    def open_stream(self, peer: str, protocol: str, timeout_s: float | None = None, *,
+                    link: bool = False) -> "Stream":
+        """A stream to peer. `link`: also open a frame link (link.py) in the background, and send
+        every frame on it once it is up (pipeline hops); the libp2p stream stays for control, and
+        carries the frames where no link can be made (a relayed connection, no dial either way)."""
+        fs = self.call(timeout_s or self.cfg.connect_timeout_s, self._open, peer, protocol, link)
         return Stream(self, fs)
 
     def stream_count(self) -> int:
@@ -331,7 +335,7 @@ class P2PNode:
                                  + (f" ({detail})" if detail else "")) from e
         return info.peer_id.to_base58()
 
-    async def _open(self, peer: str, protocol: str) -> FrameStream:
+    async def _open(self, peer: str, protocol: str, link: bool = False) -> FrameStream:
         if "/p2p/" in peer:
             peer = await self._connect(peer)
         if len(self._streams) >= self.cfg.max_streams:
@@ -343,6 +347,7 @@ class P2PNode:
         except Exception as e:  # unknown protocol, refused stream, no route: one error type
             raise TransportError(f"could not open {protocol} to {peer}: {type(e).__name__}: {e}") from e
         fs = FrameStream(ns, peer, protocol, self.cfg, self)
+        fs.link_wanted = link and self.cfg.frame_link and not fs.relayed and self.bulk_port is not None
         self._streams.add(fs)
         self._nursery.start_soon(self._run_stream, fs)
         return fs
@@ -352,6 +357,8 @@ class P2PNode:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fs.run_reader)
                 nursery.start_soon(fs.run_writer)
+                if fs.link_wanted:
+                    nursery.start_soon(fs.open_link)
         finally:
             self._streams.discard(fs)
 
@@ -388,6 +395,7 @@ class P2PNode:
             await ns.reset()
             return
         fs = FrameStream(ns, peer, protocol, self.cfg, self)
+        fs.accept_link = handler.kind == "stream" and handler.loop is None  # a thread reads it: link.py
         self._streams.add(fs)
         try:
             async with trio.open_nursery() as nursery:
@@ -453,6 +461,10 @@ class P2PNode:
 
     def bulk_fulfil(self, token: bytes, sock: Any) -> bool:
         return self._bulk is not None and self._bulk.fulfil(token, sock)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Trio side: run `await fn(*args)` beside the caller, in the node's nursery."""
+        self._nursery.start_soon(fn, *args)
 
     def on_bad_frame(self, peer_id: str, reason: str) -> None:
         """Trio side: a stream from peer_id was dropped for a bad frame (already logged)."""

@@ -32,7 +32,13 @@ class Stream:
 
     def send(self, frame: Frame, timeout_s: float | None = None) -> None:
         timeout_s = timeout_s or self.node.cfg.request_timeout_s
-        done = self._post(frame, timeout_s, copy_small=True)
+        if self._fs.link_wanted:
+            with self._fs.link_send_lock:  # one order for both paths while they switch
+                if self._send_link(frame, timeout_s):
+                    return
+                done = self._post(frame, timeout_s, copy_small=True)
+        else:
+            done = self._post(frame, timeout_s, copy_small=True)
         if done is None:
             return
         try:
@@ -43,13 +49,44 @@ class Stream:
     def send_nowait(self, frame: Frame, timeout_s: float | None = None) -> concurrent.futures.Future:
         """Queue a frame without a copy and return at once, to overlap compute with sending
         (e.g. chunked prefill). Don't change its tensors until the future is done."""
-        done = self._post(frame, timeout_s or self.node.cfg.request_timeout_s, copy_small=False)
+        timeout_s = timeout_s or self.node.cfg.request_timeout_s
+        if self._fs.link_wanted:
+            with self._fs.link_send_lock:
+                if self._send_link(frame, timeout_s):  # written by now: the tensors are free again
+                    done: concurrent.futures.Future = concurrent.futures.Future()
+                    done.set_result(None)
+                    return done
+                done = self._post(frame, timeout_s, copy_small=False)
+        else:
+            done = self._post(frame, timeout_s, copy_small=False)
         assert done is not None
         return done
 
-    def _post(self, frame: Frame, timeout_s: float, *, copy_small: bool) -> concurrent.futures.Future | None:
+    def _send_link(self, frame: Frame, timeout_s: float) -> bool:
+        """With link_send_lock held: write the frame on the frame link (link.py) from this thread if
+        there is one, switching to it first if it just became ready; False: use the libp2p path."""
         fs = self._fs
+        if fs.link_out is None and fs.link_ready is not None:
+            # the marker goes after every frame queued on the libp2p stream: once it is written, so
+            # are they, and the reader takes them all before it turns to the link
+            marker = self._post(Frame("transport.link_on", 1, {}), timeout_s, copy_small=False, control=True)
+            try:
+                marker.result(timeout=timeout_s + fs.cfg.frame_timeout_s)
+            except concurrent.futures.TimeoutError:
+                raise TransportTimeout(f"send to {self.peer_id} not done within {timeout_s} s") from None
+            fs.link_out, fs.link_ready = fs.link_ready, None
+        if fs.link_out is None:
+            return False
         parts, nbytes = fs.encode(frame)
+        if fs.closed:
+            raise StreamClosed(fs.end_reason or "stream closed")
+        fs.send_link(parts, nbytes, timeout_s)
+        return True
+
+    def _post(self, frame: Frame, timeout_s: float, *, copy_small: bool,
+              control: bool = False) -> concurrent.futures.Future | None:
+        fs = self._fs
+        parts, nbytes = fs.encode(frame, control=control)
         if fs.closed:
             raise StreamClosed(fs.end_reason or "stream closed")
         if not fs.outbox.acquire_slot(timeout_s):
@@ -65,8 +102,16 @@ class Stream:
         """Next frame; StreamClosed at the end (reason in the message), RemoteError, TransportTimeout."""
         if threading.current_thread() is self.node._thread:
             raise TransportError("Stream.recv called from the node's trio thread")
+        timeout_s = timeout_s or self.node.cfg.request_timeout_s
+        fs = self._fs
         try:
-            return self._fs.unwrap(self._fs.inbox.get(timeout_s or self.node.cfg.request_timeout_s))
+            if fs.link_in_active:
+                return fs.recv_link(timeout_s)
+            frame = fs.inbox.get(timeout_s)
+            if frame.type == "transport.link_on":  # every frame sent before it is taken: on to the link
+                fs.link_in_active = True
+                return fs.recv_link(timeout_s)
+            return fs.unwrap(frame)
         except BridgeClosed as e:
             raise StreamClosed(str(e)) from None
         except BridgeTimeout as e:

@@ -48,7 +48,7 @@ def test_one_seed_gives_each_stream_the_same_faults():
     assert FrameFaults(FaultSpec(1, drop=1.0, protocols=("result",))).for_stream("/meshpool/stage/1") is None
 
 
-def _received(spec: FaultSpec) -> tuple[list[int], dict]:
+def _received(spec: FaultSpec, link: bool = False) -> tuple[list[int], dict]:
     """FRAMES frames sent over one real stream to a node with these faults; the numbers it read."""
     got: list[int] = []
 
@@ -65,7 +65,7 @@ def _received(spec: FaultSpec) -> tuple[list[int], dict]:
         addr = receiver.start()
         sender.start()
         sender.connect(addr)
-        with sender.open_stream(receiver.peer_id, PIPE) as stream:
+        with sender.open_stream(receiver.peer_id, PIPE, link=link) as stream:
             for n in range(FRAMES):
                 stream.send(Frame("test.n", 1, {"n": n}))
             stream.send(Frame("test.n", 1, {"n": -1}))  # a marker: the stream carried everything before it
@@ -89,6 +89,15 @@ def test_frames_on_a_real_stream_are_dropped_duplicated_and_delayed_in_order():
     assert stats["faults_duplicated"] == len(duplicated) + (got.count(-1) == 2)
     again, _ = _received(FaultSpec(3, drop=0.2, dup=0.2, delay=0.2, delay_ms=20))
     assert again == got  # the same seed, the same faults at the same frames
+
+
+def test_faults_apply_to_frames_on_the_frame_link():
+    """Pipeline hops send over the frame link (link.py): the same faults at the same frames as on
+    libp2p, whichever path each frame took."""
+    got, stats = _received(FaultSpec(3, drop=0.2, dup=0.2, delay=0.2, delay_ms=20), link=True)
+    assert stats["link_frames_received"] > 0
+    plain, _ = _received(FaultSpec(3, drop=0.2, dup=0.2, delay=0.2, delay_ms=20))
+    assert got == plain
 
 
 def test_no_faults_nothing_changes():
