@@ -82,23 +82,38 @@ class LayerVerdict:
                     stats=None if self.stats is None else self.stats.to_dict())
 
 
-# Thresholds, from bench/layer_audit.json (PROVISIONAL: being re-measured for the trace's updates).
-#   float32 vs the float32 reference. Honest: median of e_t <= 5.5e-7, max <= 2.5e-6. Tamper (1e-3
-#            relative weight noise): median >= 7.6e-4, max >= 1.0e-3; int8 median >= 5.3e-3.
-#   bfloat16 vs the float32 reference. Honest: median <= 0.016, max <= 0.034.
+# Thresholds, from bench/layer_audit.json (this 2-core CPU: the default model's 30-layer stage, 16
+# requests of 32-160 tokens + 8 decoded, served as prefill + decode b1 and as a 3-chunk prefill +
+# decode b8: 1,920 honest block checks per dtype; random 1B / 8B shapes) and the H200 runs
+# (bench/layer_audit_cuda_*.json: batches 1, 8 and 64, 8 or 96 decoded tokens). None failed.
+#   float32 vs the float32 reference. Honest: e_t <= 2.7e-6 everywhere (CPU and H200). Weakest
+#            cheat, tamper (1e-3 relative weight noise): median >= 8.8e-4, p90 >= 1.1e-3, max >= 1.3e-3
+#            (the default model; 2.2e-3 on the random shapes); int8 median >= 5.2e-3. Every cheat
+#            fails every layer it touches.
+#   bfloat16 vs the float32 reference. Honest: median <= 0.0158, p90 <= 0.023, max <= 0.043 (the
+#            default model; H200 8B shape 0.008 / 0.010 / 0.012). Caught: int4 (median >= 0.051),
+#            fp8 (192 of 240 blocks), skip-layer, other-model, window (the attention past 64
+#            tokens); int8 (>= 0.0055) and tamper (>= 0.0022) stay inside bf16's own rounding.
 REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
     torch.float32: LayerThresholds(median_max=1e-4, quantile_max=2e-4, max_max=5e-4),
-    torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.1),
+    torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.1),
 }
 # bfloat16 against a same-recipe recompute s: a verifier of the stage's own hardware class also runs
-# the block in the serving dtype (the serving op sequence), on top of the reference's thresholds.
-# Keyed by the class's device type: the verifier's own kernels decide how close an honest stage lands.
-#   cpu (this 2-core CPU, default model): elements > 1 ulp from round(s): honest <= 0.027 (0 where the
-#       stage ran the verifier's own prefill kernel); tamper >= 0.119, int8 >= 0.597.
+# the block in the serving dtype (the serving op sequence), on top of the reference's thresholds,
+# and counts the elements more than one ulp from round(s). Keyed by the class's device type: the
+# verifier's own kernels decide how close an honest stage lands.
+#   cpu (default model, 30-layer stage): honest <= 0.035 (0 where the stage ran the verifier's own
+#       prefill kernel); tamper >= 0.118, int8 >= 0.59, fp8 >= 0.80.
+#   cuda (H200, random 1B / 8B shapes through the CUDA graphs, verifier on the H200): the MLP's
+#       decode kernels round as eager does: honest <= 0.0015 with 96 decoded tokens of ~170;
+#       tamper >= 0.21, int8 >= 0.70. Decoded rows' attention comes from the Triton decode kernel
+#       (float32 softmax and PV), the verifier's from SDPA's flash prefill (probabilities rounded
+#       to bf16): 11-16 % of an honest attention update's elements part there, so on CUDA the
+#       same-recipe count judges the MLP only (every copy of the weights changes the MLP too).
 # Across classes (GPU serving, CPU verifier) a verifier runs the float32 reference alone.
 SAME_RECIPE_THRESHOLDS: dict[str, dict[torch.dtype, LayerThresholds]] = {
-    "cpu": {torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.1, ulp_fraction_max=0.06)},
-    "cuda": {torch.bfloat16: LayerThresholds(median_max=0.04, quantile_max=0.06, max_max=0.1, ulp_fraction_max=0.06,
+    "cpu": {torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.1, ulp_fraction_max=0.072)},
+    "cuda": {torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.1, ulp_fraction_max=0.072,
                                              same_blocks=("mlp",))},
 }
 
