@@ -213,13 +213,18 @@ class Auditor:
         stage fails on two independent same-recipe re-executions; passing it, nobody is blamed."""
         witness = self._pick_verifier(job.receipt.provider_id, hardware_class, exclude, same_class_only=True)
         second = self._ask(witness, job, subject_addrs) if witness else None
-        if second is None or second.outcome == UNCHECKED or not second.metrics.get("same_recipe"):
-            return Outcome(UNCHECKED, f"a same-recipe failure ({first.reason}) no second verifier of "
-                                      f"{hardware_class!r} could confirm")
-        if second.outcome == FAIL:
+        if second is not None and second.outcome == FAIL and second.metrics.get("same_recipe"):
             return Outcome(FAIL, f"two verifiers of its class: {first.reason}; {second.reason}",
                            {**first.metrics, "witness": witness})
-        return Outcome(UNCHECKED, f"verifiers of {hardware_class!r} disagree: {first.reason}")
+        if second is None or second.outcome == UNCHECKED or not second.metrics.get("same_recipe"):
+            reason = f"a same-recipe failure ({first.reason}) no second verifier of {hardware_class!r} could confirm"
+        else:
+            reason = f"verifiers of {hardware_class!r} disagree: {first.reason}"
+        # unsettled in its precision: it serves float32 from now on, where every verifier sees everything
+        if self.registry.restrict_to_float32(job.receipt.provider_id, reason[:500]):
+            log.warning("%s serves float32 from now on: %s", job.receipt.provider_id, reason)
+            self.on_standing_changed()
+        return Outcome(UNCHECKED, reason)
 
     def _hardware_class(self, peer: str) -> str:
         record = self.registry.get(peer)

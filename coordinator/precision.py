@@ -7,8 +7,11 @@ weights, a 1e-3 tamper) hides inside bfloat16's own rounding from a float32 refe
 verifiers of the stage's own hardware class see it, by re-running its recipe, and what they find
 counts when two of them agree (coordinator/audits.py). So a provider that asks for bfloat16 gets
 it when its class has measured same-recipe thresholds (verification/layer_compare.py) and at least
-WITNESSES other live providers of that class; otherwise it serves float32. An operator may force
-one precision for every stage instead (`coordinator serve --serving-dtype`).
+WITNESSES other live providers of that class; otherwise it serves float32. A provider whose
+low-precision work failed a same-recipe check that no second witness confirmed serves float32
+from then on: what cannot be settled in bfloat16 is settled in float32, where any verifier sees
+everything. An operator may force one precision for every stage instead (`coordinator serve
+--serving-dtype`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,6 @@ def serving_dtype(record: ProviderRecord | None, records: list[ProviderRecord], 
     if forced:
         return forced
     wanted = record.profile.get("serving_dtype") if record else None
-    if wanted not in SERVING_DTYPES:
+    if wanted not in SERVING_DTYPES or record.float32_only:
         return "float32"
     return wanted if verifiable(record, wanted, records) else "float32"

@@ -41,6 +41,8 @@ class ProviderRecord:
     rtt_ms: float | None = None  # round trip coordinator <-> provider, last measured (coordinator/reachability.py)
     # how it holds its links now, by peer: "direct", "hole-punched" or "relayed" (its last heartbeat)
     links: dict[str, str] = field(default_factory=dict)
+    # why it may serve in float32 only: a same-recipe failure of its work nobody could confirm
+    float32_only: str = ""
 
     @property
     def reachability(self) -> str:
@@ -53,6 +55,7 @@ class ProviderRecord:
                 "max_memory_bytes": self.max_memory_bytes, "addrs": self.addrs,
                 "reachability": reachability or self.reachability,
                 "links": [{"peer": peer, "kind": kind} for peer, kind in sorted(self.links.items())],
+                "float32_only": self.float32_only,
                 "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3)}
 
 
@@ -102,6 +105,7 @@ class Registry:
         self._providers: dict[str, ProviderRecord] = {}
         self._vouches: set[str] = set()
         self._vouch_mtime_ns = -1
+        self._float32_only: dict[str, str] = {}  # peer -> why; kept across registrations
 
     def register(self, peer: str, profile: dict, addrs: list[str], max_memory_bytes: int) -> ProviderRecord:
         with self.lock:
@@ -118,7 +122,8 @@ class Registry:
                 # one key, two processes: streams would reach either one (node/transport/instance.py)
                 raise ValueError(f"peer id {peer} is live in another process (at {', '.join(old.addrs)}); "
                                  "one peer id serves from one process")
-            record = ProviderRecord(peer, profile, addrs, max_memory_bytes, joined_s=now, last_seen_s=now)
+            record = ProviderRecord(peer, profile, addrs, max_memory_bytes, joined_s=now, last_seen_s=now,
+                                    float32_only=self._float32_only.get(peer, ""))
             self._providers[peer] = record
             record.state = "idle" if self.may_serve(peer) else "newcomer"
             if live and old.state in ("idle", "serving") and record.state == "idle":
@@ -157,6 +162,17 @@ class Registry:
             record.last_seen_s = self.clock()
             if links is not None:
                 record.links = dict(links)
+            return True
+
+    def restrict_to_float32(self, peer: str, reason: str) -> bool:
+        """From now on `peer` serves in float32 (coordinator/precision.py): its low-precision work
+        failed a check that nobody could confirm. Returns whether that is news."""
+        with self.lock:
+            if peer in self._float32_only:
+                return False
+            self._float32_only[peer] = reason
+            if peer in self._providers:
+                self._providers[peer].float32_only = reason
             return True
 
     def set_state(self, peer: str, state: str, reason: str = "") -> None:

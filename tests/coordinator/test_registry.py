@@ -214,3 +214,25 @@ def test_pool_tells_a_hole_punched_provider_from_a_relayed_one_by_the_links_hear
                 Heartbeat("pub", ("a", "a"), ("direct", "direct"))):
         with pytest.raises(MessageError):
             decode(bad.to_frame(), Heartbeat)
+
+
+def test_bfloat16_needs_two_witnesses_of_the_class_and_an_unsettled_failure_means_float32(tmp_path):
+    """coordinator/precision.py: bf16 is granted with two other live providers of the stage's class;
+    once a same-recipe failure of its work could not be confirmed it serves float32, across
+    registrations, while the operator's forced precision still wins."""
+    from coordinator.precision import serving_dtype
+
+    reg = registry(tmp_path)
+    profile = {"hardware_class": "cpu/test/2 threads", "serving_dtype": "bfloat16"}
+    for peer in ("a", "b"):
+        reg.register(peer, profile, [f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"], 2**30)
+    assert serving_dtype(reg.get("a"), reg.records()) == "float32"  # one witness only
+    reg.register("c", profile, ["/ip4/127.0.0.1/tcp/1/p2p/c"], 2**30)
+    assert serving_dtype(reg.get("a"), reg.records()) == "bfloat16"
+    assert reg.restrict_to_float32("a", "unconfirmed") and not reg.restrict_to_float32("a", "again")
+    assert serving_dtype(reg.get("a"), reg.records()) == "float32"
+    assert serving_dtype(reg.get("b"), reg.records()) == "bfloat16"
+    reg.register("a", profile, ["/ip4/127.0.0.1/tcp/1/p2p/a"], 2**30)  # registering again does not clear it
+    assert reg.get("a").float32_only == "unconfirmed" and reg.get("a").public(False)["float32_only"]
+    assert serving_dtype(reg.get("a"), reg.records()) == "float32"
+    assert serving_dtype(reg.get("a"), reg.records(), forced="bfloat16") == "bfloat16"
