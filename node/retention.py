@@ -20,6 +20,9 @@ from verification.commitments import tensor_digest
 
 DEFAULT_WINDOW_S = 600.0
 DEFAULT_BUDGET_BYTES = 512 * 2**20
+# one part of an audit fetch, half the frame limit (wire/frames.py): an 8B stage's trace of 4,096
+# tokens is 2 GB, and one row of it (a layer's update over the request) 32 MB
+AUDIT_PART_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -66,6 +69,15 @@ class Retained:
     def tensors(self) -> list[torch.Tensor]:
         """What an audit fetches: [input, *output] and the trace when kept."""
         return [self.stage_input, *self.output, *([] if self.trace is None else [self.trace])]
+
+    def parts(self, part_bytes: int | None = None) -> list[list[torch.Tensor]]:
+        """What an audit fetches, in frames: [input, *output], then the trace in slices of whole rows
+        of at most `part_bytes` each (at least one row)."""
+        if self.trace is None:
+            return [[self.stage_input, *self.output]]
+        row_bytes = max(1, self.trace[0].numel() * self.trace.element_size())
+        rows = max(1, (part_bytes or AUDIT_PART_BYTES) // row_bytes)
+        return [[self.stage_input, *self.output], *([s] for s in self.trace.split(rows))]
 
     @property
     def nbytes(self) -> int:

@@ -33,16 +33,33 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 def fetch_retained(node: P2PNode, task: AuditTask, expires_ms: int, ticket: bytes) -> list[torch.Tensor]:
-    """The subject's retained [input, *output]; raises TransportError (could not reach it) or
-    MessageError (it answered, but did not hand over its tensors)."""
+    """The subject's retained [input, *output, trace], fetched part by part (AuditData); raises
+    TransportError (could not reach it) or MessageError (it answered, but did not hand over its
+    tensors)."""
     if task.subject_addrs:
         node.connect(task.subject_addrs[0], timeout_s=CONNECT_TIMEOUT_S)
-    reply = node.request(task.subject, PROTO_AUDIT, AuditFetch(task.request_id, expires_ms, ticket).to_frame(),
-                         timeout_s=FETCH_TIMEOUT_S)
-    message = decode(reply)
-    if not isinstance(message, AuditData):
-        raise MessageError(f"the stage did not hand over its tensors: {getattr(message, 'reason', reply.type)}")
-    return list(message.tensors)
+
+    def part(index: int, parts: int | None) -> AuditData:
+        reply = node.request(task.subject, PROTO_AUDIT,
+                             AuditFetch(task.request_id, expires_ms, ticket, index).to_frame(), timeout_s=FETCH_TIMEOUT_S)
+        message = decode(reply)
+        if not isinstance(message, AuditData):
+            raise MessageError(f"the stage did not hand over its tensors: {getattr(message, 'reason', reply.type)}")
+        if message.part != index or (parts is not None and message.parts != parts):
+            raise MessageError(f"asked for part {index} of {parts}, got {message.part} of {message.parts}")
+        return message
+
+    first = part(0, None)
+    if first.parts == 1:
+        return list(first.tensors)
+    slices = [part(i, first.parts).tensors for i in range(1, first.parts)]
+    if any(len(s) != 1 for s in slices):
+        raise MessageError("a part of the trace carries more than one tensor")
+    try:
+        trace = torch.cat([s[0] for s in slices])
+    except RuntimeError as exc:  # slices of different dtypes or shapes
+        raise MessageError(f"the trace's parts do not fit together: {exc}") from exc
+    return [*first.tensors, trace]
 
 
 def as_verdict(audit_id: str, outcome: Outcome) -> Frame:
@@ -82,7 +99,10 @@ class AuditService:
         kept = self.retained.get(fetch.request_id)
         if kept is None:
             return refuse(f"nothing retained for request {fetch.request_id!r}").to_frame()
-        return AuditData(fetch.request_id, tuple(kept.tensors)).to_frame()
+        parts = kept.parts()
+        if fetch.part >= len(parts):
+            return refuse(f"request {fetch.request_id!r} was retained in {len(parts)} parts").to_frame()
+        return AuditData(fetch.request_id, fetch.part, len(parts), tuple(parts[fetch.part])).to_frame()
 
     def _verify(self, task: AuditTask) -> Outcome:
         self.on_audit()

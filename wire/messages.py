@@ -659,28 +659,42 @@ class AuditVerdict(Message):
         _require(len(self.metrics) <= MAX_METRICS, f"at most {MAX_METRICS} metrics")
 
 
+MAX_AUDIT_PARTS = 4096  # an 8B stage's trace of 4,096 tokens is 130 parts of AUDIT_PART_BYTES
+
+
 class AuditFetch(Message):
-    """Verifier (or coordinator) -> audited stage: hand over what you retained for this request."""
+    """Verifier (or coordinator) -> audited stage: hand over part `part` of what you retained for
+    this request (AuditData: a trace outgrows one frame)."""
 
     TYPE = "audit.fetch"
+    VERSION = 2  # 2: `part`
     request_id: str
     expires_ms: int
     ticket: bytes
+    part: int = 0
 
     def validate(self) -> None:
         _text(self.request_id, "request_id", MAX_REQUEST_ID_CHARS, allow_empty=False)
         _count(self.expires_ms, "expires_ms")
+        _count(self.part, "part", MAX_AUDIT_PARTS)
 
 
 class AuditData(Message):
-    """The retained input, then the output ([hidden] or, from a last stage, [hidden, positions,
-    tokens]), then the layer trace (2L + 1, T, D) when the stage kept it."""
+    """Part `part` of the `parts` of what a stage retained: part 0 its input, then its output
+    ([hidden] or, from a last stage, [hidden, positions, tokens]); parts 1 on, when it kept its
+    layer trace (2L + 1, T, D), consecutive slices of the trace's rows, in order."""
 
     TYPE = "audit.data"
-    VERSION = 3  # 3: the layer trace (2L + 1, T, D) in place of the boundaries (L + 1, T, D)
-    TENSORS = (2, 5)
+    VERSION = 4  # 3: the layer trace in place of the boundaries; 4: in parts
+    TENSORS = (1, 4)
     request_id: str
+    part: int = 0
+    parts: int = 1
     tensors: tuple = field(repr=False, compare=False, default=())
+
+    def validate(self) -> None:
+        _count(self.parts, "parts", MAX_AUDIT_PARTS + 1)
+        _require(0 <= self.part < self.parts, f"part {self.part} of {self.parts}")
 
     @classmethod
     def _tensor_fields(cls) -> tuple[str, ...]:
@@ -692,4 +706,4 @@ class AuditData(Message):
     @classmethod
     def _decode_fields(cls, f: dict, tensors: list) -> dict:
         _text(f["request_id"], "request_id", MAX_REQUEST_ID_CHARS)
-        return {"request_id": f["request_id"], "tensors": tuple(tensors)}
+        return {"request_id": f["request_id"], "part": f["part"], "parts": f["parts"], "tensors": tuple(tensors)}

@@ -64,3 +64,35 @@ def test_a_stage_that_kept_nothing_leaves_the_verifier_unchecked_and_others_get_
     finally:
         for node in (coordinator, verifier, subject):
             node.close()
+
+
+def test_a_trace_larger_than_a_part_is_fetched_in_parts_and_put_back_together(tmp_path, monkeypatch):
+    """AuditData travels in parts (a trace outgrows one frame): the fetcher gets back exactly what
+    the stage retained; a part beyond the last is refused."""
+    import node.retention
+    from node.retention import SessionRecord
+    from node.verifier import fetch_retained
+    from wire.messages import Ack, AuditFetch
+
+    monkeypatch.setattr(node.retention, "AUDIT_PART_BYTES", 3 * 40 * 8 * 4)  # three trace rows a part
+    record = SessionRecord()
+    record.add(torch.randn(40, 8), torch.randn(40, 8))
+    kept = record.seal(torch.randn(2 * 5 + 1, 40, 8))  # 5 layers: 11 rows, so 4 parts of the trace
+    store = RetentionStore()
+    store.put("req-1", kept)
+    coordinator, subject = P2PNode(), P2PNode()
+    for n in (coordinator, subject):
+        n.start()
+    subject.set_handler(PROTO_AUDIT, AuditService(subject, tmp_path, torch.device("cpu"), store,
+                                                  lambda: coordinator.peer_id).handle)
+    try:
+        assert len(kept.parts()) == 5
+        fetched = fetch_retained(coordinator, task_for(subject), 2**62, b"")
+        assert len(fetched) == len(kept.tensors)
+        assert all(torch.equal(a, b) for a, b in zip(fetched, kept.tensors))
+        beyond = decode(coordinator.request(subject.peer_id, PROTO_AUDIT,
+                                            AuditFetch("req-1", 2**62, b"", 5).to_frame(), timeout_s=30))
+        assert isinstance(beyond, Ack) and not beyond.ok and "5 parts" in beyond.reason
+    finally:
+        for n in (coordinator, subject):
+            n.close()
