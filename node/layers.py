@@ -52,6 +52,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def input_major_(weight: nn.Parameter) -> None:
+    """Re-lay a (out, in) matrix in place as the transpose of a contiguous (in, out) one: same
+    shape and values, strides (1, out). On the CPU a one-row product x @ W.t() then streams the
+    weight in order (MKL's no-transpose GEMV) at about twice the speed of the row-dot-product
+    path the default layout takes on this machine's AMD EPYC; decode at batch 1 is those reads.
+    Copies into the parameter (loading) keep the layout."""
+    out_features, in_features = weight.shape
+    data = torch.empty(in_features, out_features, dtype=weight.dtype, device=weight.device)
+    data.copy_(weight.data.t())
+    weight.data = data.t()
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for `n_slots` sessions of up to `max_tokens` each, per layer.
 

@@ -28,7 +28,7 @@ from node.config import ModelConfig, ModelError
 from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
-from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
+from node.layers import DecoderLayer, KVCache, RMSNorm, input_major_, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
 DEFAULT_MAX_SESSIONS = 32
@@ -68,6 +68,10 @@ class ShardModel(nn.Module):
             )
         self.to(dtype)  # still on the meta device: the weights are allocated once, in `dtype`
         self.to_empty(device=device)
+        if torch.device(device).type == "cpu":
+            heads = [self.head_weight()] if shard.is_last else []
+            for weight in [m.weight for m in self.modules() if isinstance(m, nn.Linear)] + heads:
+                input_major_(weight)
 
     def load(self, checkpoint: Checkpoint, on_tensor=None) -> list[str]:
         names = tensor_names(self.config, self.shard)
