@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.config import ModelConfig, ModelError
+from node.cpu_threads import threads_for_step
 from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
@@ -282,7 +283,8 @@ class ShardRuntime:
                 taken = self.graphs.step.boundaries[:, :len(steps)].clone()
         else:
             x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
-            out = self._decode_layers(x, slot_list, pos_list)
+            with threads_for_step(len(steps), self.device):
+                out = self._decode_layers(x, slot_list, pos_list)
             if self._taken is not None:
                 taken = torch.stack(self._taken)[:, :, 0]
                 self._taken = None
