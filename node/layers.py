@@ -93,18 +93,18 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.o = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
-        self.split = (q_dim, kv_dim, kv_dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
         """x: (B, T, D). `write(cache, new)` stores this step's keys/values, `read(cache)` returns
         the (B, Hkv, L, Dh) keys/values the step attends to, `mask` is (B, 1, T, L) bool or None
         for a plain causal prefill of T == L tokens."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        # q and k rotate as one tensor: half the small ops of a decode step's RoPE, same values
+        qk = apply_rope(qkv[..., :(H + Hkv) * Dh].view(B, T, H + Hkv, Dh).transpose(1, 2), cos, sin)
+        q, k = qk.split((H, Hkv), dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh)
+        v = qkv[..., (H + Hkv) * Dh:].view(B, T, Hkv, Dh).transpose(1, 2)
         write(k_cache, k)
         write(v_cache, v)
         keys, values = read(k_cache), read(v_cache)
