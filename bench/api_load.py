@@ -1,9 +1,11 @@
 """Load on the consumer API of a local pool: 1, 8 and 32 concurrent streaming clients.
 
     python bench/api_load.py [--clients 1,8,16,32] [--tokens 32] [--rounds 2] [--baseline /path/to/main]
+    python bench/api_load.py --clients 1 --caps-mb 380,300,240   # the demo's three stages
 
 The pool is `coordinator serve` plus two `provider join` processes whose memory caps force two
-stages (one compute thread each, as in the tests), 32 KV slots a stage. Each client is the
+stages (one compute thread each, as in the tests), 32 KV slots a stage; `--caps-mb` gives one
+provider per cap instead (the demo's caps make three stages). Each client is the
 official `openai` client streaming a greedy completion of `--tokens` tokens, `--rounds` requests
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
@@ -82,14 +84,16 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None}
 
 
-def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None) -> dict:
-    """Every level on one 2-stage pool whose processes run the code in `code_dir` (None: this checkout)."""
+def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None,
+             caps_mb: tuple[int, ...] = (CAP_MB, CAP_MB)) -> dict:
+    """Every level on one pool of a provider per memory cap whose processes run the code in
+    `code_dir` (None: this checkout)."""
     pool = LocalPool(Path(tempfile.mkdtemp(prefix="meshpool-api-load-")), context_tokens=256,
                      max_sessions=max(levels), coordinator_args=["--rate-limit-rps", "1000"], code_dir=code_dir)
     try:
         pool.start_coordinator()
-        for i in range(2):
-            pool.add_provider(f"provider{i}", max_memory_mb=CAP_MB)
+        for i, cap_mb in enumerate(caps_mb):
+            pool.add_provider(f"provider{i}", max_memory_mb=cap_mb)
         state = pool.wait_for_pipelines(1)
         key = pool.add_consumer("bench", 10**15)
         model = pool.get("/v1/models")["data"][0]["id"]
@@ -142,17 +146,21 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured first, in the same run")
+    parser.add_argument("--caps-mb", default=f"{CAP_MB},{CAP_MB}",
+                        help="one provider per memory cap (MB); 380,300,240 makes three stages")
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
     parser.add_argument("--gain-batch", type=int, default=16,
                         help="compare the pool's gain at this many clients with generate's at this batch")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
+    caps_mb = tuple(int(x) for x in args.caps_mb.split(","))
 
-    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve())] if args.baseline else [])
-    runs.append(run_pool(levels, args.tokens, args.rounds, None))
+    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve(), caps_mb)] if args.baseline else [])
+    runs.append(run_pool(levels, args.tokens, args.rounds, None, caps_mb))
     print(f"{args.tokens} tokens a request, {args.rounds} requests a client; load average {os.getloadavg()[0]:.1f}")
     for run in runs:
         print_rows(run)
-    out = {"tokens_per_request": args.tokens, "rounds": args.rounds, "runs": runs,
+    out = {"tokens_per_request": args.tokens, "rounds": args.rounds, "caps_mb": list(caps_mb), "runs": runs,
            # the figures of this checkout, where earlier versions of this file had them
            "pipelines": runs[-1]["pipelines"], "rows": runs[-1]["rows"], "account": runs[-1]["account"]}
     n = args.gain_batch
@@ -173,7 +181,7 @@ def main() -> int:
             print(f"{run['code']}: {n} clients get {pool_gain:.2f}x one client's tok/s = "
                   f"{kept:.0%} of generate's batching gain; TTFT p99 at {n} = {p99_vs_median:.2f}x the 1-client median")
     out["loadavg"] = os.getloadavg()
-    path = Path(__file__).with_suffix(".json")
+    path = args.json
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
