@@ -71,8 +71,7 @@ class ShardModel(nn.Module):
         self.to_empty(device=device)
         if torch.device(device).type == "cpu":
             heads = [self.head_weight()] if shard.is_last else []
-            for weight in [m.weight for m in self.modules() if isinstance(m, nn.Linear)] + heads:
-                input_major_(weight)
+            input_major_([m.weight for m in self.modules() if isinstance(m, nn.Linear)] + heads)
 
     def load(self, checkpoint: Checkpoint, on_tensor=None) -> list[str]:
         names = tensor_names(self.config, self.shard)
