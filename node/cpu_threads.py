@@ -11,7 +11,6 @@ ones (prefill, wide batches), where the second core does real work, keep torch's
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 import torch
@@ -19,27 +18,18 @@ import torch
 # rows (sessions x new tokens) up to which a CPU step runs on one thread
 SINGLE_THREAD_MAX_ROWS = 4
 
-_lock = threading.Lock()
-_depth = 0  # steps inside the single-thread scope now (several runtimes may step at once)
-_saved = 0  # torch's setting before the first of them entered
-
 
 @contextmanager
 def threads_for_step(n_rows: int, device: torch.device):
-    """Run the body on one intra-op thread if it is a small CPU step; else leave threads alone."""
-    global _depth, _saved
+    """Run the body on one intra-op thread if it is a small CPU step; else leave threads alone.
+    torch's setting belongs to the calling thread (OpenMP's and MKL's are per thread), so steps
+    in other threads neither see nor undo it."""
     if device.type != "cpu" or n_rows > SINGLE_THREAD_MAX_ROWS:
         yield
         return
-    with _lock:
-        if _depth == 0:
-            _saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _depth += 1
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                torch.set_num_threads(_saved)
+        torch.set_num_threads(saved)
