@@ -13,8 +13,10 @@ same load (this machine's two cores are shared) and each figure is the median ov
   the CPU decode work), on torch's default threads and on one thread;
 - `transformers` `generate` in the project's environment and `transformers` 4.33 in a separate
   virtual environment (made at `--ref-venv` if absent: `python -m venv`, then `pip install
-  torch==<this torch> transformers==4.33.*`), each on 1 and on 2 threads. The fastest of these is
-  "the fastest single-process decode".
+  torch==<this torch> transformers==4.33.*`), each on 1 and on 2 threads, and on 1 thread with
+  torch's THP_MEM_ALLOC_ENABLE=1 (huge pages, which the runtime asks for itself). The fastest of
+  these is "the fastest single-process decode"; the figure against stock transformers (no THP)
+  is printed too.
 Each times decode steps only: the runtime's steps after its prefill; `generate(N)` minus
 `generate(1)` for transformers. The greedy texts must be identical (the run fails otherwise).
 Writes bench/cpu_decode.json next to this file.
@@ -117,9 +119,10 @@ def _runtime_runner(model_dir: str):
 
 
 class Worker:
-    def __init__(self, name: str, python: str, kind: str, model_dir: Path, threads: int, code_dir: Path):
+    def __init__(self, name: str, python: str, kind: str, model_dir: Path, threads: int, code_dir: Path,
+                 env: dict[str, str] | None = None):
         self.name = name
-        env = {**os.environ, "PYTHONPATH": str(code_dir)}
+        env = {**os.environ, "PYTHONPATH": str(code_dir), **(env or {})}
         self.proc = subprocess.Popen(
             [python, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model_dir),
              "--threads", str(threads)],
@@ -198,20 +201,23 @@ def main() -> None:
     base_dir = Path(tempfile.mkdtemp(prefix="cpu-decode-baseline-"))
     baseline_tree(args.baseline_ref, base_dir)
     here = sys.executable
-    specs = [  # name, python, kind, threads (0: torch's default, as a provider runs), code
-        ("runtime", here, "runtime", 0, ROOT),
-        ("runtime 1 thread", here, "runtime", 1, ROOT),  # as LocalPool's providers run (OMP_NUM_THREADS=1)
-        (f"runtime@{args.baseline_ref}", here, "runtime", 0, base_dir),
-        (f"runtime@{args.baseline_ref} 1 thread", here, "runtime", 1, base_dir),
-        ("transformers (project) 1 thread", here, "transformers", 1, ROOT),
-        ("transformers (project) 2 threads", here, "transformers", 2, ROOT),
-        ("transformers 4.33 1 thread", ref_python, "transformers", 1, base_dir),
-        ("transformers 4.33 2 threads", ref_python, "transformers", 2, base_dir),
+    thp = {"THP_MEM_ALLOC_ENABLE": "1"}  # torch's own switch: huge pages for its allocations >= 2 MiB
+    specs = [  # name, python, kind, threads (0: torch's default, as a provider runs), code, environment
+        ("runtime", here, "runtime", 0, ROOT, None),
+        ("runtime 1 thread", here, "runtime", 1, ROOT, None),  # as LocalPool's providers run (OMP_NUM_THREADS=1)
+        (f"runtime@{args.baseline_ref}", here, "runtime", 0, base_dir, None),
+        (f"runtime@{args.baseline_ref} 1 thread", here, "runtime", 1, base_dir, None),
+        ("transformers (project) 1 thread", here, "transformers", 1, ROOT, None),
+        ("transformers (project) 2 threads", here, "transformers", 2, ROOT, None),
+        ("transformers (project) 1 thread THP", here, "transformers", 1, ROOT, thp),
+        ("transformers 4.33 1 thread", ref_python, "transformers", 1, base_dir, None),
+        ("transformers 4.33 2 threads", ref_python, "transformers", 2, base_dir, None),
+        ("transformers 4.33 1 thread THP", ref_python, "transformers", 1, base_dir, thp),
     ]
     workers = []
     try:
-        for name, python, kind, threads, code in specs:
-            workers.append(Worker(name, python, kind, model_dir, threads, code))
+        for name, python, kind, threads, code, env in specs:
+            workers.append(Worker(name, python, kind, model_dir, threads, code, env))
         versions = {w.name: w.info for w in workers}
         print(f"model {model_dir.name}, float32, prompt {len(ids)} tokens, {args.new_tokens} new, "
               f"{args.rounds} rounds; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine)")
@@ -234,7 +240,9 @@ def main() -> None:
         print(f"{w.name:<34} {w.info['threads']:>7} {median[w.name]:>12.1f} {min(w.rates):>6.1f} {max(w.rates):>6.1f} "
               f"{median[w.name] / median[fastest]:>9.2f}x")
     ours, base = median["runtime"], median[f"runtime@{args.baseline_ref}"]
+    stock = max((n for n in refs if not n.endswith("THP")), key=median.get)
     print(f"runtime / fastest single-process ({fastest}): {ours / median[fastest]:.2f}x (must hold: >= 1.2x); "
+          f"runtime / fastest stock transformers ({stock}): {ours / median[stock]:.2f}x; "
           f"runtime / baseline runtime: {ours / base:.2f}x; greedy text identical across all: {same}")
     out = {
         "model": model_dir.name, "dtype": "float32", "device": "cpu", "cpu": platform.processor() or platform.machine(),
@@ -246,6 +254,7 @@ def main() -> None:
                          for name, w in zip(median, workers)},
         "fastest_single_process": fastest,
         "runtime_vs_fastest": round(ours / median[fastest], 3),
+        "fastest_stock_transformers": stock, "runtime_vs_fastest_stock": round(ours / median[stock], 3),
         "runtime_vs_baseline": round(ours / base, 3),
         "same_text": same, "text": texts["runtime"],
     }
