@@ -1,11 +1,12 @@
 """Load on the consumer API of a local pool: 1, 8 and 32 concurrent streaming clients.
 
     python bench/api_load.py [--clients 1,8,16,32] [--tokens 32] [--rounds 2] [--baseline /path/to/main]
-    python bench/api_load.py --clients 1 --caps-mb 380,300,240   # the demo's three stages
+    python bench/api_load.py --clients 1 --caps-mb 230,230,230   # three stages
 
 The pool is `coordinator serve` plus two `provider join` processes whose memory caps force two
 stages (one compute thread each, as in the tests), 32 KV slots a stage; `--caps-mb` gives one
-provider per cap instead (the demo's caps make three stages). Each client is the
+provider per cap instead (230,230,230 makes three). With one client in the levels, `transformers`
+generate at batch 1 in this process is timed too, and the single client's rate set against it. Each client is the
 official `openai` client streaming a greedy completion of `--tokens` tokens, `--rounds` requests
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
@@ -147,7 +148,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured first, in the same run")
     parser.add_argument("--caps-mb", default=f"{CAP_MB},{CAP_MB}",
-                        help="one provider per memory cap (MB); 380,300,240 makes three stages")
+                        help="one provider per memory cap (MB); 230,230,230 makes three stages")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
     parser.add_argument("--gain-batch", type=int, default=16,
                         help="compare the pool's gain at this many clients with generate's at this batch")
@@ -164,8 +165,16 @@ def main() -> int:
            # the figures of this checkout, where earlier versions of this file had them
            "pipelines": runs[-1]["pipelines"], "rows": runs[-1]["rows"], "account": runs[-1]["account"]}
     n = args.gain_batch
+    if 1 in levels:  # one client against generate in one process at batch 1, same run
+        one = generate_tokens_per_s(1, args.tokens)
+        out["generate_batch_1_tokens_per_s"] = round(one, 1)
+        for run in runs:
+            single = next(r for r in run["rows"] if r["clients"] == 1)["tokens_per_s"]
+            run["single_client_vs_generate"] = round(single / one, 3)
+            print(f"{run['code']}: 1 client {single:.1f} tok/s = {single / one:.0%} of generate at batch 1 "
+                  f"in one process (1 thread, prefill included) {one:.1f} tok/s")
     if 1 in levels and n in levels:
-        one, many = generate_tokens_per_s(1, args.tokens), generate_tokens_per_s(n, args.tokens)
+        many = generate_tokens_per_s(n, args.tokens)
         gain = many / one
         out["generate"] = {"batch_1_tokens_per_s": round(one, 1), f"batch_{n}_tokens_per_s": round(many, 1),
                            "gain": round(gain, 2)}
