@@ -1,9 +1,12 @@
 """Load on the consumer API of a local pool: 1, 8 and 32 concurrent streaming clients.
 
     python bench/api_load.py [--clients 1,8,16,32] [--tokens 32] [--rounds 2] [--baseline /path/to/main]
+    python bench/api_load.py --clients 1 --caps-mb 230,230,230   # three stages
 
 The pool is `coordinator serve` plus two `provider join` processes whose memory caps force two
-stages (one compute thread each, as in the tests), 32 KV slots a stage. Each client is the
+stages (one compute thread each, as in the tests), 32 KV slots a stage; `--caps-mb` gives one
+provider per cap instead (230,230,230 makes three). With one client in the levels, `transformers`
+generate at batch 1 in this process is timed too, and the single client's rate set against it. Each client is the
 official `openai` client streaming a greedy completion of `--tokens` tokens, `--rounds` requests
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
@@ -84,18 +87,19 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None}
 
 
-def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None, stages: int = 2,
+def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None, caps_mb: tuple[int, ...],
              path: str | None = None) -> dict:
-    """Every level on one pool of `stages` stages whose processes run the code in `code_dir` (None:
-    this checkout); `path`: "libp2p" or "link", the transport path of its stage frames (None: default)."""
+    """Every level on one pool of a provider per memory cap whose processes run the code in
+    `code_dir` (None: this checkout); `path`: "libp2p" or "link", the transport path of its stage
+    frames (None: default)."""
     if path is not None:
         os.environ[FRAME_LINK_ENV] = "on" if path == "link" else "off"  # the pool's processes inherit it
     pool = LocalPool(Path(tempfile.mkdtemp(prefix="meshpool-api-load-")), context_tokens=256,
                      max_sessions=max(levels), coordinator_args=["--rate-limit-rps", "1000"], code_dir=code_dir)
     try:
         pool.start_coordinator()
-        for i in range(stages):
-            pool.add_provider(f"provider{i}", max_memory_mb=CAPS_MB[stages])
+        for i, cap_mb in enumerate(caps_mb):
+            pool.add_provider(f"provider{i}", max_memory_mb=cap_mb)
         state = pool.wait_for_pipelines(1)
         key = pool.add_consumer("bench", 10**15)
         model = pool.get("/v1/models")["data"][0]["id"]
@@ -149,6 +153,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="a checkout (e.g. of main) measured first, in the same run")
+    parser.add_argument("--caps-mb", default="",
+                        help="one provider per memory cap (MB), e.g. 230,230,230 (default: --stages' caps)")
     parser.add_argument("--gain-batch", type=int, default=16,
                         help="compare the pool's gain at this many clients with generate's at this batch")
     parser.add_argument("--stages", type=int, default=2, choices=sorted(CAPS_MB))
@@ -157,19 +163,28 @@ def main() -> int:
     parser.add_argument("--out", help="where to write the figures (default bench/api_load.json)")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
+    caps_mb = tuple(int(x) for x in args.caps_mb.split(",")) if args.caps_mb else (CAPS_MB[args.stages],) * args.stages
 
-    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve(), args.stages)] if args.baseline else [])
+    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve(), caps_mb)] if args.baseline else [])
     for path in [p for p in args.paths.split(",") if p] or [None]:
-        runs.append(run_pool(levels, args.tokens, args.rounds, None, args.stages, path))
+        runs.append(run_pool(levels, args.tokens, args.rounds, None, caps_mb, path))
     print(f"{args.tokens} tokens a request, {args.rounds} requests a client; load average {os.getloadavg()[0]:.1f}")
     for run in runs:
         print_rows(run)
-    out = {"tokens_per_request": args.tokens, "rounds": args.rounds, "runs": runs,
+    out = {"tokens_per_request": args.tokens, "rounds": args.rounds, "caps_mb": list(caps_mb), "runs": runs,
            # the figures of this checkout, where earlier versions of this file had them
            "pipelines": runs[-1]["pipelines"], "rows": runs[-1]["rows"], "account": runs[-1]["account"]}
     n = args.gain_batch
+    if 1 in levels:  # one client against generate in one process at batch 1, same run
+        one = generate_tokens_per_s(1, args.tokens)
+        out["generate_batch_1_tokens_per_s"] = round(one, 1)
+        for run in runs:
+            single = next(r for r in run["rows"] if r["clients"] == 1)["tokens_per_s"]
+            run["single_client_vs_generate"] = round(single / one, 3)
+            print(f"{run['code']}: 1 client {single:.1f} tok/s = {single / one:.0%} of generate at batch 1 "
+                  f"in one process (1 thread, prefill included) {one:.1f} tok/s")
     if 1 in levels and n in levels:
-        one, many = generate_tokens_per_s(1, args.tokens), generate_tokens_per_s(n, args.tokens)
+        many = generate_tokens_per_s(n, args.tokens)
         gain = many / one
         out["generate"] = {"batch_1_tokens_per_s": round(one, 1), f"batch_{n}_tokens_per_s": round(many, 1),
                            "gain": round(gain, 2)}

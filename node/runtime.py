@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.config import ModelConfig, ModelError
+from node.cpu_threads import threads_for_step
 from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
-from node.layers import DecoderLayer, KVCache, RMSNorm, load_layer, rope_tables
+from node.layers import DecoderLayer, KVCache, RMSNorm, input_major_, load_layer, rope_tables
 from verification.trace import residuals
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
@@ -69,6 +70,9 @@ class ShardModel(nn.Module):
             )
         self.to(dtype)  # still on the meta device: the weights are allocated once, in `dtype`
         self.to_empty(device=device)
+        if torch.device(device).type == "cpu":
+            heads = [self.head_weight()] if shard.is_last else []
+            input_major_([m.weight for m in self.modules() if isinstance(m, nn.Linear)] + heads)
 
     def load(self, checkpoint: Checkpoint, on_tensor=None) -> list[str]:
         names = tensor_names(self.config, self.shard)
@@ -279,7 +283,8 @@ class ShardRuntime:
                 taken = self.graphs.step.trace[:, :len(steps)].clone()
         else:
             x = xs[0] if self.shard.is_first else torch.cat([x.to(self.device, self.dtype) for x in xs])
-            out = self._decode_layers(x, slot_list, pos_list)
+            with threads_for_step(len(steps), self.device):
+                out = self._decode_layers(x, slot_list, pos_list)
             if self._taken is not None:
                 taken = torch.stack(self._taken)[:, :, 0]
                 self._taken = None

@@ -68,8 +68,15 @@ def test_random_models_hidden_states_match_at_every_boundary(random_model):
         x = stage.prefill("s", x, all_positions=True)
         if not stage.shard.is_last:
             # hidden_states[k] is the input of layer k, i.e. the output of a shard ending at k
-            torch.testing.assert_close(x, reference.hidden_states[stage.shard.end][0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(x, reference.logits[0], atol=1e-4, rtol=0)
+            assert_close_to_scale(x, reference.hidden_states[stage.shard.end][0])
+    assert_close_to_scale(x, reference.logits[0])
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding at the tensor's scale: the CPU weights' layout
+    (layers.input_major_) sums each product in another order than transformers, which moves
+    an element by up to ~3e-6 of the largest one (these wide random models reach ~90)."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=max(1e-4, 1e-5 * float(expected.abs().max())))
 
 
 def test_batched_decode_of_uneven_sessions_matches_each_alone(random_model):
