@@ -90,13 +90,14 @@ class LayerVerdict:
 #            cheat, tamper (1e-3 relative weight noise): median >= 8.8e-4, p90 >= 1.1e-3, max >= 1.3e-3
 #            (the default model; 2.2e-3 on the random shapes); int8 median >= 5.2e-3. Every cheat
 #            fails every layer it touches.
-#   bfloat16 vs the float32 reference. Honest: median <= 0.0158, p90 <= 0.023, max <= 0.043 (the
-#            default model; H200 8B shape 0.008 / 0.010 / 0.012). Caught: int4 (median >= 0.051),
+#   bfloat16 vs the float32 reference. Honest: median <= 0.0158, p90 <= 0.023, max <= 0.056 (the
+#            default model, 7,776 checks with bench/layer_audit_cpu_honest.json; H200 8B shape
+#            0.008 / 0.010 / 0.012). Caught: int4 (median >= 0.051),
 #            fp8 (192 of 240 blocks), skip-layer, other-model, window (the attention past 64
 #            tokens); int8 (>= 0.0055) and tamper (>= 0.0022) stay inside bf16's own rounding.
 REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
     torch.float32: LayerThresholds(median_max=1e-4, quantile_max=2e-4, max_max=5e-4),
-    torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.1),
+    torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.12),
 }
 # bfloat16 against a same-recipe recompute s: a verifier of the stage's own hardware class also runs
 # the block in the serving dtype (the serving op sequence), on top of the reference's thresholds,
@@ -112,8 +113,8 @@ REFERENCE_THRESHOLDS: dict[torch.dtype, LayerThresholds] = {
 #       same-recipe count judges the MLP only (every copy of the weights changes the MLP too).
 # Across classes (GPU serving, CPU verifier) a verifier runs the float32 reference alone.
 SAME_RECIPE_THRESHOLDS: dict[str, dict[torch.dtype, LayerThresholds]] = {
-    "cpu": {torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.1, ulp_fraction_max=0.072)},
-    "cuda": {torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.1, ulp_fraction_max=0.072,
+    "cpu": {torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.12, ulp_fraction_max=0.072)},
+    "cuda": {torch.bfloat16: LayerThresholds(median_max=0.033, quantile_max=0.06, max_max=0.12, ulp_fraction_max=0.072,
                                              same_blocks=("mlp",))},
 }
 
