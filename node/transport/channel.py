@@ -243,15 +243,20 @@ class FrameStream:
                         control=True)
 
     async def _dial_reverse(self, f: dict) -> None:
-        """The peer could not dial our offer and asks us to dial it instead."""
+        """The peer could not dial our bulk offer and asks us to dial it instead."""
         token, self._bulk_offered = self._bulk_offered, None
-        if token is None:
-            raise FrameError("bulk_reverse without a pending bulk offer")
+        await self._reverse(token, f, "bulk")
+
+    async def _reverse(self, offered: bytes | None, f: dict, what: str) -> None:
+        """Dial the peer's listener for our pending `what` offer `offered` (port 0: it refuses), and
+        hand the socket to whoever waits for the offer."""
+        if offered is None:
+            raise FrameError(f"{what}_reverse without a pending {what} offer")
         if not 0 <= f["port"] < 65536 or (f["port"] and len(f["token"]) != bulkmod.TOKEN_BYTES):
-            raise FrameError("bulk_reverse with a bad port or token")
+            raise FrameError(f"{what}_reverse with a bad port or token")
         remote = None if self.relayed else self.ns.get_remote_address()
         sock = await self._bulk_dial(remote, f["port"], f["token"]) if f["port"] and remote else None
-        if not self.hub.bulk_fulfil(token, sock) and sock is not None:
+        if not self.hub.bulk_fulfil(offered, sock) and sock is not None:
             sock.close()  # the offer timed out meanwhile
 
     async def _recv_bulk(self, nbytes: int) -> Frame:
@@ -368,14 +373,7 @@ class FrameStream:
     async def _dial_link_reverse(self, f: dict) -> None:
         """The peer could not dial our link offer (or refuses the link: port 0)."""
         token, self._link_offered = self._link_offered, None
-        if token is None:
-            raise FrameError("link_reverse without a pending link offer")
-        if not 0 <= f["port"] < 65536 or (f["port"] and len(f["token"]) != bulkmod.TOKEN_BYTES):
-            raise FrameError("link_reverse with a bad port or token")
-        remote = None if self.relayed else self.ns.get_remote_address()
-        sock = await self._bulk_dial(remote, f["port"], f["token"]) if f["port"] and remote else None
-        if not self.hub.bulk_fulfil(token, sock) and sock is not None:
-            sock.close()
+        await self._reverse(token, f, "link")
 
     async def _link_on(self) -> None:
         """The opener sends on the link from here on: make the receiving end (its socket may still be
