@@ -24,7 +24,29 @@ log = logging.getLogger("meshpool.transport")
 CALLBACK_THREADS = 2  # disconnects are rare; two threads keep one slow callback from delaying the next
 
 
-class PeerEvents(INotifee):
+class QuietNotifee(INotifee):
+    """An INotifee that ignores every event: subclasses override the ones they want."""
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        return None
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        return None
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+
+class PeerEvents(QuietNotifee):
     """Calls each `on_lost(peer_id)` when the last connection to that peer has closed."""
 
     def __init__(self) -> None:
@@ -60,17 +82,3 @@ class PeerEvents(INotifee):
             except RuntimeError:  # closed meanwhile
                 return
 
-    async def connected(self, network: Any, conn: Any) -> None:
-        return None
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        return None

@@ -34,7 +34,6 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import INotifee
 from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.peer.id import ID
@@ -48,6 +47,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from .config import TransportError
+from .peers import QuietNotifee
 
 log = logging.getLogger("meshpool.transport")
 
@@ -79,7 +79,7 @@ def _is_relayed(conn: Any) -> bool:
     return any(CIRCUIT in str(a) for a in addrs)
 
 
-class PunchedConnections(INotifee):
+class PunchedConnections(QuietNotifee):
     """The direct connections hole punching made: a direct connection that opens while the peer is
     connected through a relay. Weak references: a closed connection leaves the set with its object."""
 
@@ -96,20 +96,6 @@ class PunchedConnections(INotifee):
             if any(_is_relayed(c) for c in network.get_connections(conn.muxed_conn.peer_id) if c is not conn):
                 self._conns.add(conn)
 
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        return None
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        return None
 
 
 def connection_kind(host: Any, peer_id: str, punched: PunchedConnections | None = None) -> str:
