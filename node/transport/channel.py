@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -228,7 +229,16 @@ class FrameStream:
         """We could not dial the sender: ask it to dial us (bulk.py, 2b). The socket is awaited at
         the first bulk_ref, which the sender only sends once it has dialed; if it could not, it
         sends large frames over this stream and the pending token goes when the stream ends."""
-        no = Frame("transport.bulk_reverse", 1, {"port": 0, "token": b""})
+
+        def pending(token: bytes, waiter: Any) -> None:
+            self._bulk_in_pending = (token, waiter, key, cipher)
+
+        await self._offer_to_be_dialed("transport.bulk_reverse", pending)
+
+    async def _offer_to_be_dialed(self, frame_type: str, pending: Callable[[bytes, Any], None]) -> None:
+        """Send `frame_type` with our bulk listener's port and a fresh token, after `pending(token,
+        waiter)` has recorded the wait for the peer's dial; port 0 where we cannot be dialed."""
+        no = Frame(frame_type, 1, {"port": 0, "token": b""})
         if self.relayed or self.hub.bulk_port is None:
             await self.send(no, control=True)
             return
@@ -238,9 +248,8 @@ class FrameStream:
         except TransportError:
             await self.send(no, control=True)
             return
-        self._bulk_in_pending = (token, waiter, key, cipher)
-        await self.send(Frame("transport.bulk_reverse", 1, {"port": self.hub.bulk_port, "token": token}),
-                        control=True)
+        pending(token, waiter)
+        await self.send(Frame(frame_type, 1, {"port": self.hub.bulk_port, "token": token}), control=True)
 
     async def _dial_reverse(self, f: dict) -> None:
         """The peer could not dial our bulk offer and asks us to dial it instead."""
@@ -356,19 +365,11 @@ class FrameStream:
 
     async def _offer_link_reverse(self) -> None:
         """We could not dial the opener's link offer: ask it to dial us (as _offer_reverse for bulk)."""
-        no = Frame("transport.link_reverse", 1, {"port": 0, "token": b""})
-        if self.relayed or self.hub.bulk_port is None:
-            await self.send(no, control=True)
-            return
-        token, _ = bulkmod.new_secrets()
-        try:
-            waiter = self.hub.bulk_expect(token)
-        except TransportError:
-            await self.send(no, control=True)
-            return
-        self._link_in_pending = (token, waiter)
-        await self.send(Frame("transport.link_reverse", 1, {"port": self.hub.bulk_port, "token": token}),
-                        control=True)
+
+        def pending(token: bytes, waiter: Any) -> None:
+            self._link_in_pending = (token, waiter)
+
+        await self._offer_to_be_dialed("transport.link_reverse", pending)
 
     async def _dial_link_reverse(self, f: dict) -> None:
         """The peer could not dial our link offer (or refuses the link: port 0)."""
