@@ -30,7 +30,6 @@ from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
 from node.layers import DecoderLayer, KVCache, RMSNorm, input_major_, load_layer, rope_tables
-from verification.trace import residuals
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
 DEFAULT_MAX_SESSIONS = 32
@@ -354,10 +353,6 @@ class ShardRuntime:
         if len(session.trace) > 1:
             session.trace[:] = [torch.cat(session.trace, dim=1)]
         return session.trace[0]
-
-    def boundaries(self, session_id: str) -> torch.Tensor:
-        """The hidden state at every layer boundary that trace implies: (n_shard_layers + 1, T, D)."""
-        return residuals(self.trace(session_id))[0]
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.norm(h), self.model.head_weight())

@@ -236,6 +236,7 @@ def test_graphs_capture_layer_traces_that_pass_a_layer_audit(llama_dir):
     reference and against a same-recipe recompute on the GPU."""
     from node.layer_reference import LayerReference, audit_trace
     from verification.layer_compare import same_recipe_thresholds
+    from verification.trace import residuals
 
     make = lambda: [_runtime(llama_dir, a, b, device="cuda", dtype=torch.bfloat16, max_sessions=4,  # noqa: E731
                              max_seq_len=256, capture_trace=True) for a, b in [(0, 2), (2, 4)]]
@@ -265,7 +266,7 @@ def test_graphs_capture_layer_traces_that_pass_a_layer_audit(llama_dir):
         for g, e in zip(graphed, eager):
             assert torch.equal(g.trace(f"s{i}"), e.trace(f"s{i}"))
         fed = torch.tensor(tokens[:-1])  # the last token was sampled, never fed
-        inputs = (fed, graphed[0].boundaries(f"s{i}")[-1])
+        inputs = (fed, residuals(graphed[0].trace(f"s{i}"))[0][-1])
         for stage, stage_input in zip(graphed, inputs):
             ref, same = (LayerReference.from_checkpoint(llama_dir, stage.shard, serving_dtype=torch.bfloat16,
                                                         compute_dtype=dt, device="cuda")

@@ -71,7 +71,7 @@ def test_trace_of_decode_matches_one_prefill(stage, dtype):
     out = rt.prefill("one", ids)
     whole = rt.trace("one")
     assert whole.shape == served.shape == (n_trace_rows(shard.n_shard_layers), len(ids), config.hidden_size)
-    assert torch.equal(out, residuals(whole)[0][-1]) and torch.equal(out, rt.boundaries("one")[-1])
+    assert torch.equal(out, residuals(whole)[0][-1])
     if dtype == F32:
         assert torch.allclose(served, whole, rtol=1e-4, atol=1e-4)
     plain = ShardRuntime.from_tensors(config, shard, tensors, dtype=dtype, max_sessions=2, max_seq_len=128)
