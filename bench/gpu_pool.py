@@ -8,6 +8,14 @@ memory caps split the layers) it serves `--requests` completions from `--clients
 clients through `/v1/completions`, then waits for the audits (p = 99.9999 %) and reads their
 outcomes from the ledger: passed, failed, slashes. Prints a table; writes JSON to `--out`.
 
+    python bench/gpu_pool.py --tokenizer-dir DIR --load 1,8,32 [--stages 1,2] [--devices cuda:0,cuda:1]
+
+With `--load` it measures speed instead, as a user meets the pool: at each level, that many clients
+stream greedy completions through the official `openai` client (`--rounds` each) with audits at
+1 ppm and no witnesses; tokens/s and time to first token p50/p99, beside the in-process runtime
+(node/runtime.py ShardRuntime on the same checkpoint and device, all layers, CUDA graphs) decoding
+the same number of tokens at batch 1, 8 and 32 in the same run, and the ratios between them.
+
 The checkpoint is written on the machine (no hub): Llama-3-8B shapes (hidden 4096, 32 layers,
 32/8 heads, intermediate 14336) with the tokenizer of `--tokenizer-dir` (its vocabulary), weights
 N(0, 0.02), embeddings N(0, 4) so the residual stream is a few times a layer's update.
@@ -30,8 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench.api_load import run_level  # noqa: E402
+from bench.shard_decode import time_ours  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
+from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import model_id_of  # noqa: E402
+from node.runtime import ShardRuntime  # noqa: E402
+from node.shard import Shard  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              num_hidden_layers=32, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
@@ -149,6 +162,78 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         pool.stop()
 
 
+def in_process_rates(model_dir: Path, device: str, batches: list[int], n_new: int, n_prompt: int = 8) -> dict:
+    """Decode tokens/s of the runtime in one process (all layers on `device`, bfloat16, CUDA graphs)
+    at each batch: the baseline the pool is held to."""
+    model = model_id_of(model_dir)
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    runtime = ShardRuntime(model_dir, Shard(model, 0, n_layers, n_layers), device=device, dtype=torch.bfloat16,
+                           max_sessions=max(batches), max_seq_len=512)
+    pipeline = LocalPipeline([runtime])
+    generator = torch.Generator().manual_seed(0)
+    rates = {}
+    for b in batches:
+        prompts = torch.randint(3, runtime.config.vocab_size, (b, n_prompt), generator=generator)
+        time_ours(pipeline, prompts, 4)  # captures this batch's graphs
+        seconds = sorted(time_ours(pipeline, prompts, n_new)[0] for _ in range(3))[1]
+        rates[b] = round(b * (n_new - 1) / seconds, 1)
+    del pipeline, runtime
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rates
+
+
+def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in_process: dict, args) -> dict:
+    """`levels` of concurrent streaming clients on a pool of `n_stages` providers, audits at 1 ppm."""
+    pool = LocalPool(root, model_dir, context_tokens=args.context_tokens, max_sessions=max(levels), compute_threads=8,
+                     coordinator_args=["--audit-probability-ppm", "1", "--rate-limit-rps", "100000",
+                                       "--serving-dtype", "bfloat16"])
+    try:
+        pool.start_coordinator()
+        cap = [] if n_stages == 1 else ["--max-memory-mb", "10000"]  # 16 GB of bf16 weights: two stages
+        devices = args.devices.split(",") if args.devices else [args.device]
+        started_s = time.perf_counter()
+        for i in range(n_stages):
+            pool.add_provider(f"gpu{i}", extra_args=["--device", devices[i % len(devices)], *cap])
+        state = pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
+                              what=f"a {n_stages}-stage pipeline", timeout_s=300)
+        ready_s = time.perf_counter() - started_s
+        key = pool.add_consumer("bench", 10**15)
+        model = model_id_of(model_dir)
+        run_level(pool, model, key, 1, 4, 1)  # warm-up
+        rows = []
+        for n in levels:
+            run_level(pool, model, key, n, 4, 1)  # captures this batch's graphs on every stage
+            rows.append(run_level(pool, model, key, n, args.tokens, args.rounds))
+            if n in in_process:
+                rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
+        final = pool.get("/pool")
+        return {"stages": n_stages, "devices": devices[:n_stages], "ready_s": round(ready_s, 1),
+                "pipeline": final["pipelines"][0]["stages"] if final["pipelines"] else state["pipelines"][0]["stages"],
+                "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows}
+    finally:
+        pool.stop()
+
+
+def load_main(args, model_dir: Path, root: Path) -> None:
+    levels = [int(x) for x in args.load.split(",")]
+    devices = args.devices.split(",") if args.devices else [args.device]
+    in_process = in_process_rates(model_dir, devices[0], levels, args.tokens)
+    print(f"in process (one runtime, all layers, {devices[0]}): " +
+          ", ".join(f"batch {b} {r} tok/s" for b, r in in_process.items()), flush=True)
+    out = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
+           "tokens": args.tokens, "rounds": args.rounds, "in_process_tokens_per_s": in_process, "rows": []}
+    for n in [int(x) for x in args.stages.split(",")]:
+        row = load_shape(root / f"load{n}", model_dir, n, levels, in_process, args)
+        out["rows"].append(row)
+        print(f"{n} stage(s) on {','.join(row['devices'])} {[(s['start'], s['end']) for s in row['pipeline']]}:")
+        for r in row["levels"]:
+            print(f"  {r['clients']:>3} clients {r['tokens_per_s']:>8.1f} tok/s ({r.get('vs_in_process', '-')} of "
+                  f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}",
+                  flush=True)
+        args.out.write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer-dir", required=True, type=Path, help="a model directory with tokenizer files")
@@ -166,6 +251,8 @@ def main() -> None:
                    help="the coordinator's --serving-dtype (auto: bfloat16 only with two witnesses of the class)")
     p.add_argument("--witnesses", type=int, default=0, help="newcomers on the same GPU that only verify")
     p.add_argument("--fault", default="", help="the serving providers' --fault-injection (e.g. int8)")
+    p.add_argument("--load", default="", help="client levels for a speed run, e.g. 1,8,32 (no audits)")
+    p.add_argument("--rounds", type=int, default=2, help="--load: requests per client per level")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))
@@ -174,6 +261,9 @@ def main() -> None:
         t0 = time.perf_counter()
         write_model(model_dir, args.tokenizer_dir, args.layers, args.device)
         print(f"checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.load:
+        load_main(args, model_dir, root)
+        return
     rows = []
     for n in [int(x) for x in args.stages.split(",")]:
         rows.append(run_shape(root / f"pool{n}", model_dir, n, args))
