@@ -40,6 +40,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from bench.api_load import run_level  # noqa: E402
 from bench.shard_decode import time_ours  # noqa: E402
+from contracts.params import MoneyParams  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import model_id_of  # noqa: E402
@@ -90,6 +91,7 @@ def write_model(path: Path, tokenizer_dir: Path, n_layers: int, device: str) -> 
 
 
 AUDIT_LINE = re.compile(r"audit (\S+) of (\S+): (passed|FAILED: .*?) \(verifier")
+RECOMPUTE_MS = re.compile(r"audit \S+ of \S+: .* \(recompute (\d+) ms\)")
 
 
 def audit_outcomes(pool: LocalPool) -> dict:
@@ -150,13 +152,19 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         while time.monotonic() < deadline and audit_outcomes(pool)["audits"] < n_stages * args.requests:
             time.sleep(2)
         outcomes = audit_outcomes(pool)
+        # audit compute against serving compute: every stage of every request was audited here (p ~ 1),
+        # so at the default p the verifiers spend p x (their recompute time) / (the stages' serving time);
+        # serving time counts every stage busy for the whole serve (an upper bound: the share is at most this)
+        recompute_s = sum(int(ms) for proc in pool.providers.values() for ms in RECOMPUTE_MS.findall(proc.log())) / 1e3
+        default_p = MoneyParams().audit_probability_ppm / 1e6
         return {"stages": n_stages, "devices": devices[:n_stages], "pipeline": state["pipelines"][0]["stages"],
                 "ready_s": round(ready_s, 1),
                 "witnesses": args.witnesses, "fault": args.fault, "serving_dtype": args.serving_dtype,
                 "requests": args.requests, "clients": args.clients, "errors": [c for c in counts if c < 0],
                 "tokens": sum(c for c in counts if c > 0), "serve_s": round(serve_s, 2),
                 "tokens_per_s": round(sum(c for c in counts if c > 0) / serve_s, 1), **outcomes,
-                "audits_expected": n_stages * args.requests,
+                "audits_expected": n_stages * args.requests, "recompute_s": round(recompute_s, 2),
+                "audit_compute_pct_at_default_p": round(100 * default_p * recompute_s / (serve_s * n_stages), 2),
                 "coordinator_log_tail": pool.coordinator.log()[-3000:] if outcomes["audits_failed"] else ""}
     finally:
         pool.stop()
@@ -272,6 +280,7 @@ def main() -> None:
               f"{r['clients']} clients; audits {r['audits']} ({r['audits_failed']} failed, "
               f"{r['same_recipe_audits']} by a same-class verifier), "
               f"unchecked {r['unchecked']}, escalated {r['escalated']}, penalties {r['penalties']}, "
+              f"recompute {r['recompute_s']} s = {r['audit_compute_pct_at_default_p']} % of serving at the default p, "
               f"errors {r['errors']}", flush=True)
         if r["failed"]:
             print(json.dumps(r["failed"], indent=1)[:3000], flush=True)

@@ -180,8 +180,12 @@ def audit_request(ref32: LayerReference, same: LayerReference | None, shard: Sha
             v_ref = check_update(y, r[k], index, thresholds=REFERENCE_THRESHOLDS, block=block)
             row = dict(layer=index, outcome=v_ref.outcome, **v_ref.stats.to_dict())
             if s is not None:
-                v_same = check_update(y, r[k], index, same=s[k], thresholds=same_thresholds, block=block)
-                st = v_same.stats
+                st = check_update(y, r[k], index, same=s[k], thresholds=same_thresholds, block=block).stats
+                # the verdict as a verifier gives it (node/layer_reference.py audit_trace): a block the
+                # same-recipe count judges has its serving-dtype recompute as the reference
+                judged = block in same_thresholds[y.dtype].same_blocks
+                v_same = check_update(y, s[k].float() if judged else r[k], index, same=s[k],
+                                      thresholds=same_thresholds, block=block)
                 row.update(outcome_same=v_same.outcome, drift_ratio=st.drift_ratio, same_median=st.same_median,
                            ulp_fraction_same=st.ulp_fraction)
             rows.append(row)

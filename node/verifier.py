@@ -112,8 +112,11 @@ class AuditService:
             tensors = fetch_retained(self.node, task, task.expires_ms, task.ticket)
         except (TransportError, MessageError) as exc:
             return Outcome(UNCHECKED, f"could not fetch the stage's tensors: {exc}")
-        outcome = check_stage(self._get_auditor(), task, tensors)
-        log.info("audit %s of %s: %s %s", task.audit_id, task.subject, outcome.outcome, outcome.reason)
+        auditor = self._get_auditor()
+        outcome = check_stage(auditor, task, tensors)
+        # the recompute's time: bench/gpu_pool.py sets it against the time spent serving
+        log.info("audit %s of %s: %s %s (recompute %.0f ms)", task.audit_id, task.subject, outcome.outcome,
+                 outcome.reason, 1000 * auditor.recompute_s)
         return outcome
 
     def _get_auditor(self) -> LayerAuditor:

@@ -93,6 +93,30 @@ def test_audit_trace_gives_one_verdict(stage):
     assert verdict.outcome == FAIL and verdict.layer == 1 and "attention" in verdict.reason
 
 
+def test_a_same_class_verifier_recomputes_each_block_once(stage, monkeypatch):
+    """Where the same-recipe count judges a block (both blocks on the CPU) the float32 reference is
+    not run for it, and the verdicts stand: honest passes, a 1e-3 tampered copy fails on the count."""
+    config, shard, tensors, refs = stage
+    ref32, same = refs[BF16]
+    asked = []
+    real = ref32.updates
+    monkeypatch.setattr(ref32, "updates", lambda i, x, h, blocks: asked.append(blocks) or real(i, x, h, blocks))
+    judged = SAME_RECIPE_THRESHOLDS["cpu"]
+    for fault, outcome in ((None, PASS), ("tamper", FAIL)):
+        rt = ShardRuntime.from_tensors(config, shard, tensors, dtype=BF16, max_sessions=2, max_seq_len=128,
+                                       capture_trace=True)
+        if fault:
+            Fault.parse(fault, seed=3).install(rt)
+        (ids, b), = serve(rt, PROMPTS[:1], 1, 1, 4)
+        verdict, _ = audit_trace(ref32, same, ids, b, judged)
+        assert verdict.outcome == outcome, verdict.reason
+    assert "ulp" in verdict.reason
+    assert asked == [()] * (2 * shard.n_shard_layers)  # every layer, twice: no float32 block recomputed
+    asked.clear()
+    audit_trace(ref32, same, ids, b, SAME_RECIPE_THRESHOLDS["cuda"])  # judges the MLP only: attention in float32
+    assert asked == [("attention",)] * shard.n_shard_layers
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_a_cheat_on_the_decoded_rows_alone_fails_against_the_reference(stage, dtype):
     """Prefill honest, layer 1's MLP skipped on the decode steps: the largest row error shows it."""
