@@ -175,7 +175,8 @@ def audit_trace(ref: LayerReference, same: LayerReference | None, stage_input: t
             for block, claimed, r_b, s_b in zip(BLOCKS, (trace[1 + 2 * i], trace[2 + 2 * i]), r, s):
                 if r_b is None:
                     r_b = s_b.float()
-                verdicts.append(check_update(claimed.cpu(), r_b.cpu(), index, None if s_b is None else s_b.cpu(),
+                # compared where the recompute lies: on a GPU the statistics cost less than the recompute
+                verdicts.append(check_update(claimed.to(r_b.device), r_b, index, s_b,
                                              same_thresholds if s_b is not None else None, block))
     except ValueError as exc:  # e.g. token ids outside the vocabulary: nothing to re-execute
         verdicts.append(LayerVerdict(COULD_NOT_CHECK, f"cannot re-execute: {exc}", shard.start))
