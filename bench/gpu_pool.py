@@ -155,7 +155,10 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         # audit compute against serving compute: every stage of every request was audited here (p ~ 1),
         # so at the default p the verifiers spend p x (their recompute time) / (the stages' serving time);
         # serving time counts every stage busy for the whole serve (an upper bound: the share is at most this)
-        recompute_s = sum(int(ms) for proc in pool.providers.values() for ms in RECOMPUTE_MS.findall(proc.log())) / 1e3
+        recompute_ms = [int(ms) for proc in pool.providers.values() for ms in RECOMPUTE_MS.findall(proc.log())]
+        recompute_s = sum(recompute_ms) / 1e3
+        # the mean audit's recompute for every stage of every request (some may still be running)
+        all_audits_s = recompute_s / max(1, len(recompute_ms)) * n_stages * args.requests
         default_p = MoneyParams().audit_probability_ppm / 1e6
         return {"stages": n_stages, "devices": devices[:n_stages], "pipeline": state["pipelines"][0]["stages"],
                 "ready_s": round(ready_s, 1),
@@ -164,7 +167,8 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
                 "tokens": sum(c for c in counts if c > 0), "serve_s": round(serve_s, 2),
                 "tokens_per_s": round(sum(c for c in counts if c > 0) / serve_s, 1), **outcomes,
                 "audits_expected": n_stages * args.requests, "recompute_s": round(recompute_s, 2),
-                "audit_compute_pct_at_default_p": round(100 * default_p * recompute_s / (serve_s * n_stages), 2),
+                "recompute_audits": len(recompute_ms),
+                "audit_compute_pct_at_default_p": round(100 * default_p * all_audits_s / (serve_s * n_stages), 2),
                 "coordinator_log_tail": pool.coordinator.log()[-3000:] if outcomes["audits_failed"] else ""}
     finally:
         pool.stop()

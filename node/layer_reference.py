@@ -5,7 +5,9 @@ verification/trace.py): its input and every layer's attention and MLP updates. T
 re-runs each layer i alone, over all the request's positions in one causal prefill: the attention
 from the committed input x_i of layer i, the MLP from the committed x_i + a_i, and compares each
 with the committed update (verification/layer_compare.py). Honest drift is then one block's drift
-whatever the stage's depth; a cheat shows at every layer it touches.
+whatever the stage's depth; a cheat shows at every layer it touches. The attention is re-run at every
+position, the MLP (most of a layer's weights) at MLP_ROWS of them (`mlp_rows`): an audit costs a
+fraction of what serving the request did.
 
 The reference holds the weights exactly as the stage should: the checkpoint's tensors rounded to
 the serving dtype, then held in the compute dtype (float32 for the reference; the serving dtype
@@ -23,6 +25,7 @@ The last stage's tokens are checked as before (verification/compare.py `compare_
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -43,6 +46,9 @@ from wire.messages import AuditTask
 
 MAX_TOKENS = 1 << 15  # positions one re-execution may cover
 BLOCKS = ("attention", "mlp")
+MLP_ROWS = 32  # positions whose MLP an audit re-executes per layer (verification/layer_compare.py
+#                judges the 90th percentile from 32 positions on)
+LAST_MLP_ROWS = 8  # of which the latest
 
 
 def run_attention(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -104,11 +110,12 @@ class LayerReference:
                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
 
     @torch.inference_mode()
-    def updates(self, index: int, x: torch.Tensor, h: torch.Tensor,
-                blocks: tuple[str, ...] = BLOCKS) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def updates(self, index: int, x: torch.Tensor, h: torch.Tensor, blocks: tuple[str, ...] = BLOCKS,
+                mlp_rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Layer `index`'s (absolute, within the shard) attention update from its committed input x
         and its MLP update from the committed stream after the attention h, both (T, D) and upcast
-        as they are: (a, m), each (T, D) in the compute dtype; None for a block not in `blocks`."""
+        as they are: (a, m), each (T, D) in the compute dtype, m only at `mlp_rows` when given;
+        None for a block not in `blocks`."""
         if not self.shard.start <= index < self.shard.end:
             raise ValueError(f"layer {index} is outside {self.shard}")
         self._check_hidden(x)
@@ -119,7 +126,7 @@ class LayerReference:
             cos, sin = self._rope(x.shape[0])
             a = run_attention(layer, x.to(self.device, self.compute_dtype), cos, sin)
         if "mlp" in blocks:
-            m = run_mlp(layer, h.to(self.device, self.compute_dtype))
+            m = run_mlp(layer, (h if mlp_rows is None else h[mlp_rows]).to(self.device, self.compute_dtype))
         return a, m
 
     @torch.inference_mode()
@@ -142,14 +149,31 @@ class LayerReference:
         return F.linear(self.model.norm(h.to(self.device, self.compute_dtype)), self.model.head_weight())
 
 
+def mlp_rows(n_positions: int, generator: torch.Generator) -> torch.Tensor | None:
+    """The positions whose MLP update an audit re-executes in one layer: every one of a short
+    request; else the last LAST_MLP_ROWS (the latest decode steps) and the rest of MLP_ROWS drawn
+    among the others. An MLP works on each position alone, so a sample costs only its share of the
+    recompute (the MLP is most of a layer's weights), and every copy of the weights moves every
+    position; a fresh draw per layer leaves a cheat on a few positions nowhere to hide."""
+    if n_positions <= MLP_ROWS:
+        return None
+    earlier = n_positions - LAST_MLP_ROWS
+    drawn = torch.randperm(earlier, generator=generator)[:MLP_ROWS - LAST_MLP_ROWS].sort().values
+    return torch.cat((drawn, torch.arange(earlier, n_positions)))
+
+
 def audit_trace(ref: LayerReference, same: LayerReference | None, stage_input: torch.Tensor,
-                trace: torch.Tensor, same_thresholds=None) -> tuple[LayerVerdict, list[LayerVerdict]]:
+                trace: torch.Tensor, same_thresholds=None,
+                generator: torch.Generator | None = None) -> tuple[LayerVerdict, list[LayerVerdict]]:
     """A stage audit from its committed layer trace (2L + 1, T, D): the embeddings of stage 0's token
     ids bit for bit, then every layer's attention and MLP updates alone against `ref` (float32) and,
     for a low-precision stage of the verifier's own hardware class, `same` (its serving dtype),
     judged by `same_thresholds` (verification/layer_compare.py SAME_RECIPE_THRESHOLDS of the
-    verifier's device type). Returns (the stage's verdict, each check's verdict)."""
+    verifier's device type). Every position's attention, MLP_ROWS positions' MLP (`mlp_rows`, drawn
+    from `generator`: by default seeded unpredictably, after the stage committed). Returns (the
+    stage's verdict, each check's verdict)."""
     shard, L = ref.shard, ref.shard.n_shard_layers
+    generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
     if not isinstance(trace, torch.Tensor) or trace.dim() != 3 or trace.shape[0] != n_trace_rows(L) \
             or trace.shape[2] != ref.config.hidden_size:
         v = LayerVerdict(COULD_NOT_CHECK, f"trace {tuple(getattr(trace, 'shape', ()))} is not "
@@ -170,9 +194,11 @@ def audit_trace(ref: LayerReference, same: LayerReference | None, stage_input: t
             verdicts.append(LayerVerdict("fail", "trace row 0 is not the stage's input", shard.start))
         for i in range(L):
             index, x, h = shard.start + i, boundaries[i], mids[i]
-            r = ref.updates(index, x, h, tuple(b for b in BLOCKS if b not in by_same))
-            s = (None, None) if same is None else same.updates(index, x, h)
-            for block, claimed, r_b, s_b in zip(BLOCKS, (trace[1 + 2 * i], trace[2 + 2 * i]), r, s):
+            rows = mlp_rows(x.shape[0], generator)
+            r = ref.updates(index, x, h, tuple(b for b in BLOCKS if b not in by_same), rows)
+            s = (None, None) if same is None else same.updates(index, x, h, mlp_rows=rows)
+            mlp = trace[2 + 2 * i] if rows is None else trace[2 + 2 * i][rows]
+            for block, claimed, r_b, s_b in zip(BLOCKS, (trace[1 + 2 * i], mlp), r, s):
                 if r_b is None:
                     r_b = s_b.float()
                 # compared where the recompute lies: on a GPU the statistics cost less than the recompute

@@ -18,7 +18,7 @@ from node.runtime import ShardRuntime
 from node.shard import Checkpoint, Shard, tensor_names
 from verification.layer_compare import (COULD_NOT_CHECK, FAIL, PASS, REFERENCE_THRESHOLDS, SAME_RECIPE_THRESHOLDS,
                                         check_embedding, check_update, combine)
-from node.layer_reference import LayerReference, audit_trace
+from node.layer_reference import LAST_MLP_ROWS, MLP_ROWS, LayerReference, audit_trace, mlp_rows
 from verification.trace import n_trace_rows, residuals
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -98,9 +98,11 @@ def test_a_same_class_verifier_recomputes_each_block_once(stage, monkeypatch):
     not run for it, and the verdicts stand: honest passes, a 1e-3 tampered copy fails on the count."""
     config, shard, tensors, refs = stage
     ref32, same = refs[BF16]
-    asked = []
-    real = ref32.updates
-    monkeypatch.setattr(ref32, "updates", lambda i, x, h, blocks: asked.append(blocks) or real(i, x, h, blocks))
+    asked, sampled = [], []
+    real, real_same = ref32.updates, same.updates
+    monkeypatch.setattr(ref32, "updates", lambda i, x, h, blocks, rows: asked.append(blocks) or real(i, x, h, blocks, rows))
+    monkeypatch.setattr(same, "updates", lambda i, x, h, mlp_rows: sampled.append(len(mlp_rows))
+                        or real_same(i, x, h, mlp_rows=mlp_rows))
     judged = SAME_RECIPE_THRESHOLDS["cpu"]
     for fault, outcome in ((None, PASS), ("tamper", FAIL)):
         rt = ShardRuntime.from_tensors(config, shard, tensors, dtype=BF16, max_sessions=2, max_seq_len=128,
@@ -112,9 +114,19 @@ def test_a_same_class_verifier_recomputes_each_block_once(stage, monkeypatch):
         assert verdict.outcome == outcome, verdict.reason
     assert "ulp" in verdict.reason
     assert asked == [()] * (2 * shard.n_shard_layers)  # every layer, twice: no float32 block recomputed
+    assert sampled == [MLP_ROWS] * (2 * shard.n_shard_layers)  # ~94 positions: the MLP at 32 of them
     asked.clear()
     audit_trace(ref32, same, ids, b, SAME_RECIPE_THRESHOLDS["cuda"])  # judges the MLP only: attention in float32
     assert asked == [("attention",)] * shard.n_shard_layers
+
+
+def test_the_mlp_is_sampled_at_the_latest_and_at_drawn_positions():
+    assert mlp_rows(MLP_ROWS, torch.Generator()) is None  # a short request: every position
+    draws = [mlp_rows(100, torch.Generator().manual_seed(seed)).tolist() for seed in range(2)]
+    for rows in draws:
+        assert len(set(rows)) == MLP_ROWS and rows == sorted(rows) and 0 <= rows[0] and rows[-1] == 99
+        assert rows[-LAST_MLP_ROWS:] == list(range(100 - LAST_MLP_ROWS, 100))
+    assert draws[0] != draws[1]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -135,6 +147,8 @@ def test_a_cheat_on_the_decoded_rows_alone_fails_against_the_reference(stage, dt
                              thresholds=REFERENCE_THRESHOLDS, block="mlp") for i in range(3)]
     assert [v.outcome for v in verdicts] == [PASS, FAIL, PASS], [v.reason for v in verdicts]
     assert "largest" in verdicts[1].reason
+    verdict, _ = audit_trace(ref, None, ids, forged)  # the MLP sampled: the latest positions always among it
+    assert verdict.outcome == FAIL and verdict.layer == 1 and "mlp" in verdict.reason, verdict.reason
 
 
 CHEATS = ["int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model"]
