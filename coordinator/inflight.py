@@ -26,6 +26,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Tex
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from coordinator.group_commit import GroupCommit
 from ledger.errors import ReceiptError
 from ledger.receipts import StageReceipt
 
@@ -83,23 +84,30 @@ class InflightStore:
 
     def __init__(self, writer: Engine, reader: Engine):
         self.writer, self.reader = writer, reader
+        self._deliveries = GroupCommit(self._write_deliveries)  # the streams' records share transactions
 
     def delivered(self, request_id: str, hold_id: str, model: str, prompt_tokens: int, delivered_tokens: int,
                   stages) -> None:
         """Record, durably, that the client has been sent `delivered_tokens` generated tokens, computed by
-        `stages` (Stage values of the attempt). The count only grows: an older write never lowers it."""
-        plan, now = _plan_json(stages), _now_ms()
+        `stages` (Stage values of the attempt). The count only grows: an older write never lowers it.
+        Returns once committed, in one transaction with other streams' records of the moment."""
+        self._deliveries.write((request_id, hold_id, model, prompt_tokens, delivered_tokens, _plan_json(stages),
+                                _now_ms()))
+
+    def _write_deliveries(self, records: list[tuple]) -> None:
         with self.writer.begin() as conn:
-            changed = conn.execute(update(requests).where(requests.c.request_id == request_id,
-                                                          requests.c.delivered_tokens < delivered_tokens)
-                                   .values(delivered_tokens=delivered_tokens, plan_json=plan, updated_ms=now)).rowcount
-            if changed:
-                return
-            exists = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)).first()
-            if exists is None:
-                conn.execute(insert(requests).values(request_id=request_id, hold_id=hold_id, model=model,
-                                                     prompt_tokens=prompt_tokens, delivered_tokens=delivered_tokens,
-                                                     plan_json=plan, updated_ms=now))
+            for request_id, hold_id, model, prompt_tokens, delivered_tokens, plan, now in records:
+                changed = conn.execute(update(requests).where(requests.c.request_id == request_id,
+                                                              requests.c.delivered_tokens < delivered_tokens)
+                                       .values(delivered_tokens=delivered_tokens, plan_json=plan, updated_ms=now)
+                                       ).rowcount
+                if changed:
+                    continue
+                exists = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)).first()
+                if exists is None:
+                    conn.execute(insert(requests).values(request_id=request_id, hold_id=hold_id, model=model,
+                                                         prompt_tokens=prompt_tokens, delivered_tokens=delivered_tokens,
+                                                         plan_json=plan, updated_ms=now))
 
     def add_receipt(self, receipt: StageReceipt) -> None:
         """Keep a checked receipt until its request settles; a resend replaces the one before."""
