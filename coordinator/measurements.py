@@ -15,9 +15,11 @@ Thread-safe: drivers record steps, the planner thread records probes and reads s
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field, replace
 
+from contracts import DEFAULT_PARAMS
 from coordinator.planner import Link, Links, ModelShape, ProviderSpec
 from coordinator.planner.cost import stage_step_bytes_and_flops, stage_time_s
 from coordinator.planner.hardware import COORDINATOR
@@ -95,6 +97,7 @@ class Measurements:
     hop_latency_ms: float | None = None  # provider <-> provider, EWMA over pipelines' steps
     events: list[dict] = field(default_factory=list)
     contradictions_total: int = 0
+    contradiction_ratio: int = CONTRADICTION_RATIO  # the ledger's, where there is one
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- recording ------------------------------------------------------------------------
@@ -110,7 +113,7 @@ class Measurements:
             figures.probe = speed if figures.probe is None else figures.probe.blend(speed)
             figures.steps = {}  # a new probe starts the step figures again
             figures.claim_ratio = ratio
-            contradicted = ratio > CONTRADICTION_RATIO
+            contradicted = math.floor(ratio) > self.contradiction_ratio
             if contradicted:
                 figures.contradicted = True
                 self._event(claimed.peer_id, "profile contradicted by measurement",
@@ -168,6 +171,12 @@ class Measurements:
                 figures.probe, figures.steps = None, {}
 
     # -- reading --------------------------------------------------------------------------
+
+    def claim_ratio(self, peer: str) -> float | None:
+        """The last probe's time over the time its claim predicted."""
+        with self.lock:
+            figures = self.peers.get(peer)
+            return None if figures is None else figures.claim_ratio
 
     def probed(self, peer: str) -> bool:
         with self.lock:

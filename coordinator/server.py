@@ -17,12 +17,13 @@ import uvicorn
 from contracts import ContractError, MoneyParams
 from contracts.stakes import max_context_tokens
 from coordinator.accounts import Accounts
-from coordinator.admission import Admission
+from coordinator.admission import Admission, ProbeOutcome
 from coordinator.api import create_app
 from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
 from coordinator.measurements import Measurements
-from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
+from coordinator.misconduct import MisconductRecorder
+from coordinator.planner import ModelShape, ProviderSpec, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
 from coordinator.reachability import LinkMonitor
 from coordinator.registry import Registry
@@ -79,6 +80,10 @@ class Coordinator:
         shape = ModelShape.from_hf_config(raw, name=self.model_id, bytes_per_param=4.0, activation_bytes=4)
         # the planner plans from what the coordinator measures of each provider, not from its claims
         self.measurements = Measurements(shape, max_sessions)
+        self.misconduct: MisconductRecorder | None = None
+        if accounts is not None:  # a contradicted claim is misconduct the ledger records (coordinator/misconduct.py)
+            self.measurements.contradiction_ratio = accounts.ledger.params.misconduct_claim_ratio
+            self.misconduct = MisconductRecorder(accounts.ledger, self.ledger_reader)
         self.admission = Admission(model_dir, self.model_id, self.config.n_layers, max_sessions, self._ask,
                                    self.measurements)
         self.pool = Pool(self.registry, shape, self.model_id, (self.identity.peer_id_str, ()), self._assign,
@@ -86,7 +91,7 @@ class Coordinator:
                          Workload(batch=-(-max_sessions // microbatches), context_tokens=context_tokens,
                                   microbatches_in_flight=microbatches),
                          serving_dtype=serving_dtype, step_timeout_s=step_timeout_s, measurements=self.measurements,
-                         admit=self.admission.admit if self.admission.possible else None)
+                         admit=self._admit if self.admission.possible else None)
         self.link_monitor = LinkMonitor(self.node, self.registry)
         self.pool.reach_links = self.link_monitor.links
         self.auditor: Auditor | None = None
@@ -243,6 +248,18 @@ class Coordinator:
     def _ask(self, peer: str, message: Message, timeout_s: float) -> Message:
         """One request on the assign protocol (the admission probe's); its decoded answer."""
         return decode(self.node.request(peer, PROTO_ASSIGN, message.to_frame(), timeout_s=timeout_s))
+
+    def _admit(self, claimed: ProviderSpec, dtype: str) -> ProbeOutcome:
+        """The admission probe; a claim it contradicts is recorded as misconduct (once: a registration
+        is probed once) and the provider is planned at its measured speed all the same."""
+        outcome = self.admission.admit(claimed, dtype)
+        if outcome.contradicted and self.misconduct is not None:
+            standing = self.misconduct.contradicted_claim(
+                claimed.peer_id, outcome.claim_ratio,
+                f"its probe took {outcome.claim_ratio:.0f}x the time its claimed figures predict")
+            if standing is not None:
+                self.registry.set_standing(claimed.peer_id, standing)
+        return outcome
 
     def _unassign(self, peer: str, pipeline: str) -> None:
         try:

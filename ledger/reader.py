@@ -69,6 +69,7 @@ class LedgerReader:
                 "reputation": a.standing.reputation, "audits_agreed": a.standing.audits_agreed,
                 "audits_disagreed": a.standing.audits_disagreed, "audits_passed": a.standing.audits_passed,
                 "slash_count": a.standing.slash_count, "banned": a.standing.banned,
+                "misconduct_count": a.standing.misconduct_count,
                 "may_serve": a.kind in (PROVIDER, VERIFIER) and audits.may_serve(standing, self.params),
                 "recent_entries": [entry_dict(r) for r in rows]}
 

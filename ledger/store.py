@@ -17,7 +17,8 @@ from ledger.models import accounts, chain_head, holds
 from ledger.state import AccountState, HoldState, Totals
 
 _ACCOUNT_FIELDS = ("balance_units", "stake_units", "slashed_units")
-_STANDING_FIELDS = ("reputation", "audits_agreed", "audits_disagreed", "audits_passed", "slash_count", "banned")
+_STANDING_FIELDS = ("reputation", "audits_agreed", "audits_disagreed", "audits_passed", "slash_count", "banned",
+                    "misconduct_count")
 _HOLD_FIELDS = ("released_units", "paid_units", "status", "closed_seq")
 
 

@@ -104,6 +104,8 @@ class DashboardState:
                               "rtt_ms": None if p.get("rtt_ms") is None else _number(p.get("rtt_ms"), 0),
                               "profile": device_summary(p.get("profile")), "stages": stages_of.get(p["peer"], []),
                               "reputation": standing.get("reputation"), "stake_units": standing.get("stake_units"),
+                              # contradicted claims the ledger recorded (coordinator/misconduct.py)
+                              "misconduct_count": standing.get("misconduct_count"),
                               "earned_units": standing.get("earned_units"),
                               "balance_units": standing.get("balance_units"),
                               "slashed_units": standing.get("slashed_units"),

@@ -95,7 +95,9 @@ function renderProviders(s) {
       + (p.measured && p.measured.contradicted ? " ✗ contradicted" : "")),
     el("td", {}, p.profile.matmul_tflops === null ? "–" : `${num(p.profile.matmul_tflops, 2)} TFLOP/s`),
     el("td", {}, p.stages.map(([a, b]) => `[${a}, ${b})`).join(" ") || "–"),
-    el("td", {}, num(p.reputation)), el("td", {}, units(p.stake_units)), el("td", {}, units(p.earned_units))));
+    el("td", { title: p.misconduct_count ? `${p.misconduct_count} contradicted claim(s) recorded in the ledger` : "" },
+      num(p.reputation) + (p.misconduct_count ? ` (✗ ${p.misconduct_count})` : "")),
+    el("td", {}, units(p.stake_units)), el("td", {}, units(p.earned_units))));
   replaceRows($("providers"), rows, 10, "no provider has joined");
 }
 
