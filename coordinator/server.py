@@ -21,6 +21,7 @@ from coordinator.admission import Admission, ProbeOutcome
 from coordinator.api import create_app
 from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
+from coordinator.hop_bandwidth import HopProber
 from coordinator.measurements import Measurements
 from coordinator.misconduct import MisconductRecorder
 from coordinator.planner import ModelShape, ProviderSpec, Workload, provider_spec_from_profile
@@ -94,6 +95,8 @@ class Coordinator:
                          admit=self._admit if self.admission.possible else None)
         self.link_monitor = LinkMonitor(self.node, self.registry)
         self.pool.reach_links = self.link_monitor.links
+        # each hop's bandwidth, timed by the provider that would send on it; never during a probe
+        self.hop_prober = HopProber(self._ask, self.registry, self.measurements, self.admission.lock)
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
@@ -108,6 +111,7 @@ class Coordinator:
         addr = self.node.start()
         self.pool.coordinator_addrs = (addr,)  # known once listening, before the planner's first round
         self.link_monitor.start()
+        self.hop_prober.start()
         self.pool.start()
         if self.auditor is not None:
             self.auditor.start()
@@ -117,6 +121,7 @@ class Coordinator:
         if self.auditor is not None:
             self.auditor.stop()
         self.pool.stop()
+        self.hop_prober.stop()
         self.link_monitor.stop()
         self.node.close()
 
