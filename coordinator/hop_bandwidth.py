@@ -6,8 +6,8 @@ thread asks provider A, for each pair of providers that may be given stages, to 
 on the path A's stage frames to B would take (a `LinkTest`, node/link_test.py), and records the
 result (coordinator/measurements.py), so the planner prices that hop at what it measured and /pool
 shows it under each provider's `links`. A pair is tested as soon as both may serve, and again every
-RETEST_S; at most PAIRS_PER_ROUND a round, and never while an admission probe runs (each would slow
-the other's timing). Bounded: PAYLOAD_BYTES a transfer, TRANSFERS transfers, TEST_TIMEOUT_S a test.
+RETEST_S; at most PAIRS_PER_ROUND a round, and none starts while an admission probe runs (each would
+slow the other's timing). Bounded: PAYLOAD_BYTES a transfer, TRANSFERS transfers, TEST_TIMEOUT_S a test.
 """
 
 from __future__ import annotations
@@ -93,16 +93,16 @@ class HopProber:
         """Test the pairs due; how many were."""
         done = 0
         for a, b in self.due():
+            # not while a probe is timed; the lock is not held through the test, though: a test of a hop
+            # to a provider that just died may wait out its timeouts, and admissions must not wait for it
             if self._stop.is_set() or not self.quiet.acquire(timeout=self.interval_s):
                 break
-            try:
-                if self.test(a, b) is None:
-                    self._failed[(a, b)] = self.clock()
-                else:
-                    self._failed.pop((a, b), None)
-                    done += 1
-            finally:
-                self.quiet.release()
+            self.quiet.release()
+            if self.test(a, b) is None:
+                self._failed[(a, b)] = self.clock()
+            else:
+                self._failed.pop((a, b), None)
+                done += 1
         return done
 
     def _run(self) -> None:

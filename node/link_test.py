@@ -30,6 +30,7 @@ ROUND_TRIPS = 3  # empty payloads timed once the stream is on its path: the leas
 LINK_WAIT_S = 2.0  # how long the sender waits for the frame link to come up before timing libp2p
 TEST_TIMEOUT_S = 20.0  # the whole test, set-up included
 FRAME_TIMEOUT_S = 10.0  # one payload and its Ack
+CONNECT_TIMEOUT_S = 5.0  # dialing the peer and opening the stream, each
 MAX_SERVING = 2  # link tests a provider answers at once
 MAX_FRAMES_SERVED = 64  # per test stream: more than a test sends (warm-up, round trips, transfers)
 
@@ -39,8 +40,8 @@ def run(node: P2PNode, test: LinkTest) -> Message:
     deadline = time.monotonic() + TEST_TIMEOUT_S
     try:
         if test.addrs:
-            node.connect(test.addrs[0], timeout_s=FRAME_TIMEOUT_S)
-        with node.open_stream(test.peer, PROTO_LINK_TEST, timeout_s=FRAME_TIMEOUT_S, link=True) as stream:
+            node.connect(test.addrs[0], timeout_s=CONNECT_TIMEOUT_S)
+        with node.open_stream(test.peer, PROTO_LINK_TEST, timeout_s=CONNECT_TIMEOUT_S, link=True) as stream:
             empty = LinkPayload(torch.zeros(0))
             _round_trip(stream, empty)
             waited = time.monotonic() + LINK_WAIT_S
