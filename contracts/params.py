@@ -44,12 +44,14 @@ class MoneyParams:
     # on real layers took more than `misconduct_claim_ratio` x the time the claimed figures predict).
     # Honest providers measured 4.5-18.5x on a shared 2-core CPU (tiny layers are per-op overhead the
     # roofline leaves out) and 1.35x on an H200; a 1000x inflated profile 4,408x. Recorded once per
-    # registration (a registration is probed once), never from step times (the stages report those,
-    # and contention moves them). It costs reputation but does not by itself stop the provider serving:
+    # contradicted signed profile (the same profile registered again costs nothing more; a new one that
+    # is contradicted again does), never from step times (the stages report those, and contention
+    # moves them). It costs reputation but does not by itself stop the provider serving:
     # it is planned at its measured speed, which already takes away all the claim would have gained,
     # and an honest provider whose probe met an extreme stall must not lose its income for it. The
     # serving tests of `contracts.audits.may_serve` judge the reputation earned by audits (penalties
-    # for misconduct added back); a provider caught `bench_after_misconducts` times does not serve.
+    # for misconduct added back); a provider caught with `bench_after_misconducts` different contradicted
+    # profiles does not serve.
     reputation_penalty_per_misconduct: int = 10
     misconduct_claim_ratio: int = 100
     bench_after_misconducts: int = 3

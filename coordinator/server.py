@@ -255,12 +255,13 @@ class Coordinator:
         return decode(self.node.request(peer, PROTO_ASSIGN, message.to_frame(), timeout_s=timeout_s))
 
     def _admit(self, claimed: ProviderSpec, dtype: str) -> ProbeOutcome:
-        """The admission probe; a claim it contradicts is recorded as misconduct (once: a registration
-        is probed once) and the provider is planned at its measured speed all the same."""
+        """The admission probe; a claim it contradicts is recorded as misconduct (once per signed profile,
+        coordinator/misconduct.py) and the provider is planned at its measured speed all the same."""
         outcome = self.admission.admit(claimed, dtype)
-        if outcome.contradicted and self.misconduct is not None:
+        record = self.registry.get(claimed.peer_id)
+        if outcome.contradicted and self.misconduct is not None and record is not None:
             standing = self.misconduct.contradicted_claim(
-                claimed.peer_id, outcome.claim_ratio,
+                claimed.peer_id, record.profile, outcome.claim_ratio,
                 f"its probe took {outcome.claim_ratio:.0f}x the time its claimed figures predict")
             if standing is not None:
                 self.registry.set_standing(claimed.peer_id, standing)
