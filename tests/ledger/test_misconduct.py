@@ -79,6 +79,9 @@ def test_a_ledger_from_before_misconduct_opens_and_verifies(db_url, coordinator_
     with svc.engine.begin() as conn:
         conn.execute(text("ALTER TABLE accounts DROP COLUMN misconduct_count"))
     svc.close()
+    old = make_engine(resolve_url(db_url), writer=False)  # an auditor's tools read it as it is
+    assert verify(old).ok and LedgerReader(old).account("peerA", 0)["misconduct_count"] == 0
+    old.dispose()
     reopened = LedgerService(make_engine(resolve_url(db_url)), coordinator_key)
     reopened.record_misconduct("misconduct:peerA:r1", "peerA", "contradicted", EVIDENCE)
     assert LedgerReader(reopened.engine).account("peerA", 0)["misconduct_count"] == 1
