@@ -31,8 +31,10 @@ EWMA_WEIGHT = 0.3  # weight of the newest measurement: a few steps move the figu
 # admission probe of a real pool (coordinator and three providers on the two cores; tiny layers are
 # dominated by per-op overhead the roofline leaves out). An H200 decodes the 8B shape at 74.6% of its
 # bandwidth floor (1.35x). A profile inflated 1000x measured 4,408x; the forged "H100, 3.35 PB/s"
-# profile of a CPU is ~1e5x off.
-CONTRADICTION_RATIO = 100.0
+# profile of a CPU is ~1e5x off. It is the ledger's `misconduct_claim_ratio` (contracts/params.py), so
+# that a probe shown contradicted here is one the ledger records as misconduct; whole ratios, as the
+# ledger holds them: "more than 100x" is >= 101x.
+CONTRADICTION_RATIO = DEFAULT_PARAMS.misconduct_claim_ratio
 # Steps' compute times are the stages' own reports: they may show a provider at most this much
 # faster than the probe the coordinator timed itself, so under-reporting gains little.
 STEP_TRUST_FACTOR = 2.0

@@ -24,7 +24,7 @@ from ledger.chain import (ZERO_HASH, CheckpointBody, Entry, canonical_json, publ
                           verify_hash_signature)
 from ledger.errors import LedgerError
 from ledger.legs import check_receipts, plan_from_items, plan_settlement_legs, settlement_legs
-from ledger.models import accounts, chain_head, checkpoints, entries, holds, receipts
+from ledger.models import chain_head, checkpoints, entries, holds, receipts
 from ledger.receipts import StageReceipt, receipts_digest
 from ledger.state import ESCROW_REQUESTS, ESCROW_STAKES, OPEN, POSTED, HoldState, MemoryView, apply
 from ledger.store import account_columns, account_from_row, hold_from_row

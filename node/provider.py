@@ -39,9 +39,8 @@ from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, Trans
 from node.verifier import AuditService
 from wire.messages import (LINK_KINDS, PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_LINK_TEST, PROTO_RESULT,
                            PROTO_STAGE, AccountInfo, AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave,
-                           LinkTest, Message,
-                           MessageError, Ping, Probe, ProbeResult, ProbeRun, Receipts, Register, Retain, Step,
-                           Unassign, decode, dtype_name, refuse)
+                           LinkTest, Message, MessageError, Ping, Probe, ProbeResult, ProbeRun, Receipts, Register,
+                           Retain, Step, Unassign, decode, dtype_name, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
