@@ -1,6 +1,6 @@
 """Audits: probability, selection, and what an audit's outcome does to a provider's standing.
 
-A provider's standing is derived from the ledger (audit and slash entries) by these functions,
+A provider's standing is derived from the ledger (audit, slash and misconduct entries) by these functions,
 so replaying the log gives the same reputation and the same `may_serve` answer.
 """
 
@@ -57,6 +57,7 @@ class Standing:
     slash_count: int = 0
     banned: bool = False
     stake_units: int = 0
+    misconduct_count: int = 0  # signed profiles that the coordinator's timing contradicted
 
 
 def after_verifying(standing: Standing, agreed_with_referee: bool, params: MoneyParams) -> Standing:
@@ -81,6 +82,17 @@ def after_slash(standing: Standing, params: MoneyParams) -> Standing:
                    slash_count=count, banned=standing.banned or count >= params.ban_after_slashes)
 
 
+def after_misconduct(standing: Standing, params: MoneyParams) -> Standing:
+    """A claim that measurement contradicted (contracts.params, `misconduct_claim_ratio`)."""
+    return replace(standing, reputation=standing.reputation - params.reputation_penalty_per_misconduct,
+                   misconduct_count=standing.misconduct_count + 1)
+
+
+def audit_reputation(standing: Standing, params: MoneyParams) -> int:
+    """The reputation audits and slashes gave: misconduct penalties added back (they do not bench)."""
+    return standing.reputation + standing.misconduct_count * params.reputation_penalty_per_misconduct
+
+
 def may_serve(standing: Standing, params: MoneyParams, vouched: bool = False) -> bool:
     """Who serves: not banned, the stake locked, and either vouched or promoted by audits.
 
@@ -88,7 +100,9 @@ def may_serve(standing: Standing, params: MoneyParams, vouched: bool = False) ->
     taken from locked credits (contracts.stakes). Promotion: agreed with the referee on K audits,
     reputation above zero. A provider the operator vouched for skips the K audits, not the slashes:
     it serves while its reputation (0 at first, + per passed audit, - per slash) is not negative.
-    A slash that leaves the stake short stops it serving until the stake is topped up."""
+    A slash that leaves the stake short stops it serving until the stake is topped up.
+    Misconduct (a profile its measurement contradicted) lowers the reputation shown, not the one these
+    tests judge, until it happens `bench_after_misconducts` times (contracts.params says why)."""
     if standing.banned or standing.stake_units < required_stake_units(params):
         return False
     return may_serve_but_for_stake(standing, params, vouched)
@@ -96,8 +110,9 @@ def may_serve(standing: Standing, params: MoneyParams, vouched: bool = False) ->
 
 def may_serve_but_for_stake(standing: Standing, params: MoneyParams, vouched: bool = False) -> bool:
     """The audit half of `may_serve`: whether locking the required stake is all that is missing."""
-    if standing.banned:
+    if standing.banned or standing.misconduct_count >= params.bench_after_misconducts:
         return False
+    earned = audit_reputation(standing, params)
     if vouched:
-        return standing.reputation >= 0
-    return standing.audits_agreed >= params.promotion_agreements and standing.reputation > 0
+        return earned >= 0
+    return standing.audits_agreed >= params.promotion_agreements and earned > 0

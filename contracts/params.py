@@ -40,6 +40,21 @@ class MoneyParams:
     ban_after_slashes: int = 3
     # Stake: a serving provider must lock enough to cover the slash of a request this large.
     max_request_layer_tokens: int = 32 * 4096
+    # Misconduct: a signed profile that the coordinator's own timing contradicts (its admission probe
+    # on real layers took more than `misconduct_claim_ratio` x the time the claimed figures predict).
+    # Honest providers measured 4.5-18.5x on a shared 2-core CPU (tiny layers are per-op overhead the
+    # roofline leaves out) and 1.35x on an H200; a 1000x inflated profile 4,408x. Recorded once per
+    # contradicted signed profile (the same profile registered again costs nothing more; a new one that
+    # is contradicted again does), never from step times (the stages report those, and contention
+    # moves them). It costs reputation but does not by itself stop the provider serving:
+    # it is planned at its measured speed, which already takes away all the claim would have gained,
+    # and an honest provider whose probe met an extreme stall must not lose its income for it. The
+    # serving tests of `contracts.audits.may_serve` judge the reputation earned by audits (penalties
+    # for misconduct added back); a provider caught with `bench_after_misconducts` different contradicted
+    # profiles does not serve.
+    reputation_penalty_per_misconduct: int = 10
+    misconduct_claim_ratio: int = 100
+    bench_after_misconducts: int = 3
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -58,9 +73,17 @@ class MoneyParams:
             raise ContractError("slash_safety_factor must be >= 1")
         if self.ban_after_slashes < 1:
             raise ContractError("ban_after_slashes must be >= 1")
+        if self.misconduct_claim_ratio < 2:
+            raise ContractError("misconduct_claim_ratio must be >= 2: honest hardware runs below its roofline")
+        if self.bench_after_misconducts < 1:
+            raise ContractError("bench_after_misconducts must be >= 1")
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """As the genesis entry records them. A parameter added after the first ledgers were written is
+        left out while it has its default: those ledgers' genesis entries (and the digest a reopening
+        service checks them by) stay what they were, and `from_dict` gives it its default again."""
+        return {k: v for k, v in asdict(self).items()
+                if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, data: dict) -> "MoneyParams":
@@ -72,6 +95,9 @@ class MoneyParams:
 
 
 DEFAULT_PARAMS = MoneyParams()
+# fields added after ledgers existed, with their defaults (see MoneyParams.to_dict)
+LATER_FIELDS = {name: getattr(DEFAULT_PARAMS, name) for name in
+                ("reputation_penalty_per_misconduct", "misconduct_claim_ratio", "bench_after_misconducts")}
 
 
 def check_units(name: str, value: int, *, allow_zero: bool = True) -> int:

@@ -48,6 +48,7 @@ class ProbeOutcome:
     seconds_per_step: float
     rtt_ms: float
     contradicted: bool
+    claim_ratio: float = 0.0  # the probe's time over the time the claimed figures predict
 
 
 class Admission:
@@ -99,7 +100,7 @@ class Admission:
         log.info("provider %s probed: %.2f ms a step of %d layers at batch %d (rtt %.2f ms)%s", peer,
                  seconds * 1e3, self.end - self.start, self.batch, rtt_ms,
                  "; its profile is contradicted by the measurement" if contradicted else "")
-        return ProbeOutcome(seconds, rtt_ms, contradicted)
+        return ProbeOutcome(seconds, rtt_ms, contradicted, self.measurements.claim_ratio(peer) or 0.0)
 
     def _ping(self, peer: str) -> float:
         best = float("inf")

@@ -15,9 +15,11 @@ Thread-safe: drivers record steps, the planner thread records probes and reads s
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field, replace
 
+from contracts import DEFAULT_PARAMS
 from coordinator.planner import Link, Links, ModelShape, ProviderSpec
 from coordinator.planner.cost import stage_step_bytes_and_flops, stage_time_s
 from coordinator.planner.hardware import COORDINATOR
@@ -29,8 +31,10 @@ EWMA_WEIGHT = 0.3  # weight of the newest measurement: a few steps move the figu
 # admission probe of a real pool (coordinator and three providers on the two cores; tiny layers are
 # dominated by per-op overhead the roofline leaves out). An H200 decodes the 8B shape at 74.6% of its
 # bandwidth floor (1.35x). A profile inflated 1000x measured 4,408x; the forged "H100, 3.35 PB/s"
-# profile of a CPU is ~1e5x off.
-CONTRADICTION_RATIO = 100.0
+# profile of a CPU is ~1e5x off. It is the ledger's `misconduct_claim_ratio` (contracts/params.py), so
+# that a probe shown contradicted here is one the ledger records as misconduct; whole ratios, as the
+# ledger holds them: "more than 100x" is >= 101x.
+CONTRADICTION_RATIO = DEFAULT_PARAMS.misconduct_claim_ratio
 # Steps' compute times are the stages' own reports: they may show a provider at most this much
 # faster than the probe the coordinator timed itself, so under-reporting gains little.
 STEP_TRUST_FACTOR = 2.0
@@ -87,14 +91,38 @@ class PeerFigures:
     memory_cap_bytes: int | None = None  # below the stage whose assignment it failed
 
 
+def hop_bandwidth_gbps(payload_bytes: int, rtt_ms: float, transfer_ms: float) -> float:
+    """A hop's bandwidth from a link test (node/link_test.py): the payload's bits over what its transfer
+    took beyond an empty round trip, which is what the cost model's per-byte term prices (its latency
+    term comes from steps). At least half the transfer: on a link so fast that the payload takes little
+    more than a round trip (1 MiB in 2.06 ms on loopback against a 1.69 ms round trip, both minima of
+    three under contention), the difference is noise, and the estimate stays within 2x of the plain
+    payload / transfer rate instead of reading that noise as an unbounded one."""
+    serial_ms = max(transfer_ms - rtt_ms, transfer_ms / 2, 1e-6)
+    return payload_bytes * 8 / (serial_ms / 1e3) / 1e9
+
+
+@dataclass
+class HopFigures:
+    """provider -> provider, as the sending provider timed it."""
+
+    bandwidth_gbps: float
+    rtt_ms: float
+    path: str  # "link" (the frame link) or "libp2p"
+    measured_s: float  # monotonic, of the last test
+    samples: int = 1
+
+
 @dataclass
 class Measurements:
     model: ModelShape
     plan_batch: int  # the batch the planner plans for: step figures at this batch replace the probe's
     peers: dict[str, PeerFigures] = field(default_factory=dict)
     hop_latency_ms: float | None = None  # provider <-> provider, EWMA over pipelines' steps
+    hops: dict[tuple[str, str], HopFigures] = field(default_factory=dict)  # (sender, receiver): link tests
     events: list[dict] = field(default_factory=list)
     contradictions_total: int = 0
+    contradiction_ratio: int = CONTRADICTION_RATIO  # the ledger's, where there is one
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- recording ------------------------------------------------------------------------
@@ -110,7 +138,7 @@ class Measurements:
             figures.probe = speed if figures.probe is None else figures.probe.blend(speed)
             figures.steps = {}  # a new probe starts the step figures again
             figures.claim_ratio = ratio
-            contradicted = ratio > CONTRADICTION_RATIO
+            contradicted = math.floor(ratio) > self.contradiction_ratio
             if contradicted:
                 figures.contradicted = True
                 self._event(claimed.peer_id, "profile contradicted by measurement",
@@ -159,15 +187,64 @@ class Measurements:
             self._event(peer, "assignment failed", f"could not take a stage of {stage_memory_bytes / 2**20:.0f} MiB: "
                         f"{reason[:200]}; planned below that from now on")
 
-    def forget_probe(self, peer: str) -> None:
-        """A provider that registers again is probed again (its hardware may have changed); what it
-        was caught at (contradicted, memory cap) stays."""
+    def record_hop(self, sender: str, receiver: str, payload_bytes: int, rtt_ms: float, transfer_ms: float,
+                   path: str, now_s: float) -> float:
+        """A link test of the hop sender -> receiver; its bandwidth (Gbit/s), EWMA'd in time per bit."""
+        gbps = hop_bandwidth_gbps(payload_bytes, rtt_ms, transfer_ms)
         with self.lock:
+            held = self.hops.get((sender, receiver))
+            if held is not None:
+                gbps = 1.0 / ((1 - EWMA_WEIGHT) / held.bandwidth_gbps + EWMA_WEIGHT / gbps)
+                rtt_ms = (1 - EWMA_WEIGHT) * held.rtt_ms + EWMA_WEIGHT * rtt_ms
+            self.hops[(sender, receiver)] = HopFigures(gbps, rtt_ms, path, now_s,
+                                                      1 if held is None else held.samples + 1)
+            return gbps
+
+    def hop_measured_s(self, sender: str, receiver: str) -> float | None:
+        """When the hop was last tested (monotonic), None if never."""
+        with self.lock:
+            held = self.hops.get((sender, receiver))
+            return None if held is None else held.measured_s
+
+    def with_hop_bandwidths(self, links: Links) -> Links:
+        """`links` with every tested hop priced at its measured bandwidth (its latency as `links` has it)."""
+        with self.lock:
+            measured = {pair: h.bandwidth_gbps for pair, h in self.hops.items()}
+        if not measured:
+            return links
+        pairs = dict(links.pairs)
+        for (a, b), gbps in measured.items():
+            pairs[(a, b)] = replace(links.between(a, b), bandwidth_gbps=gbps)
+        return Links(links.default, pairs)
+
+    def hop_links(self, peer: str, links: list[dict]) -> list[dict]:
+        """For /pool: `peer`'s links (how it holds them, from its heartbeat) with what its link tests
+        measured of the hop from it to each peer (`bandwidth_gbps`, `hop_rtt_ms`, `path`); a tested hop
+        it holds no connection for yet has kind ""."""
+        with self.lock:
+            tested = {b: h for (a, b), h in self.hops.items() if a == peer}
+        out = []
+        for link in links:
+            hop = tested.pop(link.get("peer"), None)
+            out.append(link if hop is None else {**link, **_hop_public(hop)})
+        return out + [{"peer": b, "kind": "", **_hop_public(h)} for b, h in sorted(tested.items())]
+
+    def forget_probe(self, peer: str) -> None:
+        """A provider that registers again is probed again (its hardware may have changed), and its hops
+        tested again (its network may have); what it was caught at (contradicted, memory cap) stays."""
+        with self.lock:
+            self.hops = {pair: h for pair, h in self.hops.items() if peer not in pair}
             figures = self.peers.get(peer)
             if figures is not None:
                 figures.probe, figures.steps = None, {}
 
     # -- reading --------------------------------------------------------------------------
+
+    def claim_ratio(self, peer: str) -> float | None:
+        """The last probe's time over the time its claim predicted."""
+        with self.lock:
+            figures = self.peers.get(peer)
+            return None if figures is None else figures.claim_ratio
 
     def probed(self, peer: str) -> bool:
         with self.lock:
@@ -192,14 +269,15 @@ class Measurements:
             return spec
 
     def links(self) -> Links:
-        """Measured links: coordinator <-> provider from round trips, provider <-> provider from steps."""
+        """Measured links: coordinator <-> provider from round trips, provider <-> provider latency from
+        steps and bandwidth from link tests (a hop not tested yet: DEFAULT_LINK's)."""
         with self.lock:
             default = DEFAULT_LINK
             if self.hop_latency_ms is not None:
                 default = replace(DEFAULT_LINK, latency_ms=self.hop_latency_ms)
             pairs = {(COORDINATOR, peer): replace(DEFAULT_LINK, latency_ms=max(f.rtt_ms / 2, MIN_LATENCY_MS))
                      for peer, f in self.peers.items() if f.rtt_ms is not None}
-            return Links(default, pairs)
+        return self.with_hop_bandwidths(Links(default, pairs))
 
     def public(self, peer: str) -> dict | None:
         """For /pool and the dashboard: what is measured of `peer` and what the planner uses."""
@@ -235,6 +313,11 @@ def _capped(speed: Speed, probe: Speed) -> Speed:
     """A step figure no more than STEP_TRUST_FACTOR x the probe the coordinator timed itself."""
     return Speed(min(speed.mem_bandwidth_gb_per_s, probe.mem_bandwidth_gb_per_s * STEP_TRUST_FACTOR),
                  min(speed.matmul_tflops, probe.matmul_tflops * STEP_TRUST_FACTOR), speed.samples)
+
+
+def _hop_public(hop: HopFigures) -> dict:
+    return {"bandwidth_gbps": _round(hop.bandwidth_gbps), "hop_rtt_ms": _round(hop.rtt_ms), "path": hop.path,
+            "tests": hop.samples}
 
 
 def _round(value: float | None) -> float | None:

@@ -185,7 +185,9 @@ class Pool:
 
     def snapshot(self) -> dict:
         with self.lock:
-            providers = [{**p, "measured": self.measurements.public(p["peer"])} for p in self.registry.snapshot()]
+            providers = [{**p, "measured": self.measurements.public(p["peer"]),
+                          "links": self.measurements.hop_links(p["peer"], p["links"])}
+                         for p in self.registry.snapshot()]
             return {"providers": providers,
                     "pipelines": [a.public() for a in self.active.values()],
                     "pending_requests": len(self.pending), "plan_error": self.plan_error,
@@ -372,11 +374,13 @@ class Pool:
             self._flush_pending()
 
     def _links(self) -> Links:
-        """Measured hop times (coordinator/measurements.py), hops into relayed providers priced as relayed."""
+        """Measured hop times (coordinator/measurements.py), hops into relayed providers priced as relayed,
+        and every hop whose bandwidth a link test measured at that bandwidth, whatever the estimate."""
         measured = self.measurements.links()
         if self.reach_links is None:
             return measured
-        return Links(measured.default, {**measured.pairs, **self.reach_links().pairs})
+        return self.measurements.with_hop_bandwidths(Links(measured.default,
+                                                           {**measured.pairs, **self.reach_links().pairs}))
 
     def _admitted(self, candidates: list[ProviderRecord]) -> list[ProviderRecord]:
         """The candidates measured by an admission probe, probing those not yet measured; a provider

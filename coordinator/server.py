@@ -17,12 +17,14 @@ import uvicorn
 from contracts import ContractError, MoneyParams
 from contracts.stakes import max_context_tokens
 from coordinator.accounts import Accounts
-from coordinator.admission import Admission
+from coordinator.admission import Admission, ProbeOutcome
 from coordinator.api import create_app
 from coordinator.audits import Auditor
 from coordinator.links import ResultBoard, StreamLink
+from coordinator.hop_bandwidth import HopProber
 from coordinator.measurements import Measurements
-from coordinator.planner import ModelShape, Workload, provider_spec_from_profile
+from coordinator.misconduct import MisconductRecorder
+from coordinator.planner import ModelShape, ProviderSpec, Workload, provider_spec_from_profile
 from coordinator.pool import AssignmentFailed, Pool
 from coordinator.reachability import LinkMonitor
 from coordinator.registry import Registry
@@ -79,6 +81,10 @@ class Coordinator:
         shape = ModelShape.from_hf_config(raw, name=self.model_id, bytes_per_param=4.0, activation_bytes=4)
         # the planner plans from what the coordinator measures of each provider, not from its claims
         self.measurements = Measurements(shape, max_sessions)
+        self.misconduct: MisconductRecorder | None = None
+        if accounts is not None:  # a contradicted claim is misconduct the ledger records (coordinator/misconduct.py)
+            self.measurements.contradiction_ratio = accounts.ledger.params.misconduct_claim_ratio
+            self.misconduct = MisconductRecorder(accounts.ledger, self.ledger_reader)
         self.admission = Admission(model_dir, self.model_id, self.config.n_layers, max_sessions, self._ask,
                                    self.measurements)
         self.pool = Pool(self.registry, shape, self.model_id, (self.identity.peer_id_str, ()), self._assign,
@@ -86,9 +92,11 @@ class Coordinator:
                          Workload(batch=-(-max_sessions // microbatches), context_tokens=context_tokens,
                                   microbatches_in_flight=microbatches),
                          serving_dtype=serving_dtype, step_timeout_s=step_timeout_s, measurements=self.measurements,
-                         admit=self.admission.admit if self.admission.possible else None)
+                         admit=self._admit if self.admission.possible else None)
         self.link_monitor = LinkMonitor(self.node, self.registry)
         self.pool.reach_links = self.link_monitor.links
+        # each hop's bandwidth, timed by the provider that would send on it; never during a probe
+        self.hop_prober = HopProber(self._ask, self.registry, self.measurements, self.admission.lock)
         self.auditor: Auditor | None = None
         if accounts is not None:
             self.auditor = Auditor(self.node, self.identity, self.registry, accounts.ledger,
@@ -103,6 +111,7 @@ class Coordinator:
         addr = self.node.start()
         self.pool.coordinator_addrs = (addr,)  # known once listening, before the planner's first round
         self.link_monitor.start()
+        self.hop_prober.start()
         self.pool.start()
         if self.auditor is not None:
             self.auditor.start()
@@ -112,6 +121,7 @@ class Coordinator:
         if self.auditor is not None:
             self.auditor.stop()
         self.pool.stop()
+        self.hop_prober.stop()
         self.link_monitor.stop()
         self.node.close()
 
@@ -243,6 +253,19 @@ class Coordinator:
     def _ask(self, peer: str, message: Message, timeout_s: float) -> Message:
         """One request on the assign protocol (the admission probe's); its decoded answer."""
         return decode(self.node.request(peer, PROTO_ASSIGN, message.to_frame(), timeout_s=timeout_s))
+
+    def _admit(self, claimed: ProviderSpec, dtype: str) -> ProbeOutcome:
+        """The admission probe; a claim it contradicts is recorded as misconduct (once per signed profile,
+        coordinator/misconduct.py) and the provider is planned at its measured speed all the same."""
+        outcome = self.admission.admit(claimed, dtype)
+        record = self.registry.get(claimed.peer_id)
+        if outcome.contradicted and self.misconduct is not None and record is not None:
+            standing = self.misconduct.contradicted_claim(
+                claimed.peer_id, record.profile, outcome.claim_ratio,
+                f"its probe took {outcome.claim_ratio:.0f}x the time its claimed figures predict")
+            if standing is not None:
+                self.registry.set_standing(claimed.peer_id, standing)
+        return outcome
 
     def _unassign(self, peer: str, pipeline: str) -> None:
         try:

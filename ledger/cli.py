@@ -122,7 +122,7 @@ def _print_account(a: dict) -> None:
                   ("stake", a["stake_units"]), ("slashed", a["slashed_units"]), ("reputation", a["reputation"]),
                   ("audits agreed", a["audits_agreed"]), ("audits disagreed", a["audits_disagreed"]),
                   ("audits passed", a["audits_passed"]), ("slashes", a["slash_count"]), ("banned", a["banned"]),
-                  ("may serve", a["may_serve"]), ("public key", a["public_key"])]))
+                  ("contradicted claims", a["misconduct_count"]), ("may serve", a["may_serve"]), ("public key", a["public_key"])]))
     print(f"\nrecent entries ({len(a['recent_entries'])})")
     print(_entries_table(a["recent_entries"]))
 

@@ -49,6 +49,8 @@ class AccountRow(Base):
     audits_passed: Mapped[int] = mapped_column(BigInteger, default=0)
     slash_count: Mapped[int] = mapped_column(BigInteger, default=0)
     banned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # added after ledgers existed: LedgerService adds the column to an older table (ledger/service.py)
+    misconduct_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     opened_seq: Mapped[int] = mapped_column(BigInteger)
     # The service never writes a negative balance; the database refuses one too (defence in depth).
     __table_args__ = (CheckConstraint("balance_units >= 0 AND stake_units >= 0 AND slashed_units >= 0",

@@ -16,7 +16,7 @@ from ledger.db import make_engine, resolve_url
 from ledger.errors import LedgerError, UnknownAccount
 from ledger.models import accounts, chain_head, checkpoints, entries, holds, receipts
 from ledger.state import ESCROW_REQUESTS, ESCROW_STAKES, OPEN, PROVIDER, VERIFIER, AccountState
-from ledger.store import account_from_row
+from ledger.store import account_columns, account_from_row
 
 MAX_PAGE = 1000
 
@@ -37,6 +37,7 @@ class LedgerReader:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._params: MoneyParams | None = None
+        self._account_columns: list | None = None  # as the database has them (ledger/store.py)
 
     @classmethod
     def open(cls, db: str | None = None, data_dir=None) -> "LedgerReader":
@@ -52,10 +53,18 @@ class LedgerReader:
             self._params = MoneyParams.from_dict(json.loads(meta)["params"])
         return self._params
 
+    def _columns(self, conn) -> list:
+        if self._account_columns is not None:
+            return self._account_columns
+        columns = account_columns(conn)
+        if len(columns) == len(accounts.c):  # kept once complete: a service may add a column meanwhile
+            self._account_columns = columns
+        return columns
+
     def account(self, account_id: str, recent: int = 20) -> dict:
         recent = max(0, min(recent, MAX_PAGE))
         with self.engine.connect() as conn:
-            row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
+            row = conn.execute(select(*self._columns(conn)).where(accounts.c.id == account_id)).mappings().first()
             if row is None:
                 raise UnknownAccount(f"no account {account_id!r}")
             rows = conn.execute(select(entries).where(or_(entries.c.debit_id == account_id,
@@ -69,19 +78,20 @@ class LedgerReader:
                 "reputation": a.standing.reputation, "audits_agreed": a.standing.audits_agreed,
                 "audits_disagreed": a.standing.audits_disagreed, "audits_passed": a.standing.audits_passed,
                 "slash_count": a.standing.slash_count, "banned": a.standing.banned,
+                "misconduct_count": a.standing.misconduct_count,
                 "may_serve": a.kind in (PROVIDER, VERIFIER) and audits.may_serve(standing, self.params),
                 "recent_entries": [entry_dict(r) for r in rows]}
 
     def standing(self, account_id: str) -> audits.Standing | None:
         """A provider's record as the ledger derives it, with its locked stake; None for an unknown account."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
+            row = conn.execute(select(*self._columns(conn)).where(accounts.c.id == account_id)).mappings().first()
         return None if row is None else _with_stake(account_from_row(row))
 
     def account_state(self, account_id: str) -> AccountState | None:
         """An account's row (balance, stake, slashed units; its standing with the stake); None if unknown."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
+            row = conn.execute(select(*self._columns(conn)).where(accounts.c.id == account_id)).mappings().first()
         if row is None:
             return None
         a = account_from_row(row)

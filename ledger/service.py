@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import MetaData, func, insert, select, text
+from sqlalchemy import MetaData, func, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -109,6 +109,7 @@ class LedgerService:
             if is_postgres(self.engine):  # two services starting at once must not race on CREATE TABLE
                 conn.execute(text("SELECT pg_advisory_xact_lock(7275846)"))
             Base.metadata.create_all(conn)
+            _add_later_columns(conn)
             for metadata in self._beside:
                 metadata.create_all(conn)
             genesis = conn.execute(select(entries.c.meta_json).where(entries.c.seq == 0)).scalar()
@@ -225,6 +226,14 @@ class LedgerService:
         debit = state.FEES_VERIFICATION if fee_units else None
         return self._run(op_id, {"op": "audit", "verifier": verifier_id, "fee_units": fee_units, **meta},
                          lambda view, conn: [leg_rules.Leg("audit", debit, verifier_id, fee_units, meta=meta)])
+
+    def record_misconduct(self, op_id: str, peer_id: str, reason: str, evidence: dict) -> OpResult:
+        """Record a signed claim that the coordinator's measurement contradicted: it costs the peer
+        reputation (contracts.audits.after_misconduct). `evidence` carries an int `claim_ratio` above the
+        ledger's `misconduct_claim_ratio`; the op id makes a resend cost nothing more."""
+        return self._run(op_id, {"op": "misconduct", "peer": peer_id, "reason": reason, "evidence": evidence},
+                         lambda view, conn: [leg_rules.Leg("misconduct", None, peer_id, 0,
+                                                           meta={"reason": reason, "evidence": evidence})])
 
     def checkpoint(self) -> Checkpoint:
         """Sign and store a tree head for the log as it is now."""
@@ -401,6 +410,20 @@ class LedgerService:
         last = conn.execute(select(entries.c.seq, entries.c.entry_hash).order_by(entries.c.seq.desc()).limit(1)).first()
         if head is None or last is None or last.seq + 1 != head.entry_count or last.entry_hash != head.head_hash:
             raise LedgerCorrupt("the chain head row does not match the last entry; run `ledger verify`")
+
+
+# Columns added to a table after ledgers existed, with their DDL: `create_all` makes new tables only, so
+# an older table gets them here, each at the value a replay of its log gives (no entry set it yet).
+_LATER_COLUMNS = {"accounts": {"misconduct_count": "BIGINT NOT NULL DEFAULT 0"}}
+
+
+def _add_later_columns(conn: Connection) -> None:
+    inspector = inspect(conn)
+    for table, columns in _LATER_COLUMNS.items():
+        have = {c["name"] for c in inspector.get_columns(table)}
+        for name, ddl in columns.items():
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
 
 def _retryable(exc: DBAPIError) -> bool:

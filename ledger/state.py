@@ -26,7 +26,7 @@ SYSTEM_ACCOUNTS = {ESCROW_REQUESTS: ESCROW, ESCROW_STAKES: ESCROW, TREASURY_ID: 
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/+=@-]{0,127}")
 KINDS = ("genesis", "open", "mint", "burn", "transfer", "hold", "release", "close", "stake", "unstake",
-         "slash", "penalty", "audit")
+         "slash", "penalty", "audit", "misconduct")
 RELEASE_ROLES = ("stage", "coordinator_fee", "verification_fee", "refund")
 OPEN, POSTED, VOIDED = "open", "posted", "voided"
 
@@ -130,7 +130,7 @@ def apply(e: Entry, view: View, params: MoneyParams) -> None:
     """Check entry `e` against the state in `view` and apply it; raise and change nothing if refused."""
     if e.kind not in KINDS:
         raise InvalidTransfer(f"unknown entry kind {e.kind!r}")
-    zero_ok = e.kind in ("genesis", "open", "close", "penalty", "audit")
+    zero_ok = e.kind in ("genesis", "open", "close", "penalty", "audit", "misconduct")
     check_amount(e.amount_units, allow_zero=zero_ok)
     if zero_ok and e.kind != "audit" and e.amount_units != 0:
         raise InvalidTransfer(f"a {e.kind} entry moves no units")
@@ -289,10 +289,27 @@ def _audit(e: Entry, view: View, params: MoneyParams) -> None:
     view.touch(subject)
 
 
+def _misconduct(e: Entry, view: View, params: MoneyParams) -> None:
+    """A signed claim the coordinator's measurement contradicted: the evidence must show a ratio past
+    the ledger's threshold, so an auditor replaying the log sees what each penalty rests on."""
+    peer = _need(view, e.credit_id, PROVIDER, VERIFIER)
+    reason, evidence = e.meta.get("reason"), e.meta.get("evidence")
+    if e.debit_id is not None or e.ref_id is not None:
+        raise InvalidTransfer("a misconduct entry names only the peer (credit side)")
+    if not isinstance(reason, str) or not 0 < len(reason) <= 200:
+        raise InvalidTransfer("misconduct needs a reason of 1-200 characters")
+    ratio = evidence.get("claim_ratio") if isinstance(evidence, dict) else None
+    if type(ratio) is not int or ratio <= params.misconduct_claim_ratio:
+        raise InvalidTransfer(f"misconduct needs evidence of a claim_ratio above {params.misconduct_claim_ratio} "
+                              f"(the measured time over the time the claim predicts), got {ratio!r}")
+    peer.standing = audits.after_misconduct(peer.standing, params)
+    view.touch(peer)
+
+
 _HANDLERS = {
     "genesis": _genesis, "open": _open, "mint": _mint, "burn": _burn, "transfer": _transfer, "hold": _hold,
     "release": _release, "close": _close, "stake": _stake, "unstake": _unstake, "slash": _slash,
-    "penalty": _penalty, "audit": _audit,
+    "penalty": _penalty, "audit": _audit, "misconduct": _misconduct,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, inspect, select, update
 from sqlalchemy.engine import Connection
 
 from contracts import audits
@@ -17,7 +17,8 @@ from ledger.models import accounts, chain_head, holds
 from ledger.state import AccountState, HoldState, Totals
 
 _ACCOUNT_FIELDS = ("balance_units", "stake_units", "slashed_units")
-_STANDING_FIELDS = ("reputation", "audits_agreed", "audits_disagreed", "audits_passed", "slash_count", "banned")
+_STANDING_FIELDS = ("reputation", "audits_agreed", "audits_disagreed", "audits_passed", "slash_count", "banned",
+                    "misconduct_count")
 _HOLD_FIELDS = ("released_units", "paid_units", "status", "closed_seq")
 
 
@@ -53,8 +54,17 @@ def save_head(conn: Connection, head: Head, *, create: bool = False) -> None:
         conn.execute(update(chain_head).where(chain_head.c.id == 1).values(**head_values(head)))
 
 
+def account_columns(conn: Connection) -> list:
+    """The accounts table's columns as this database has them. A ledger written before a column was
+    added, and not opened by a service since (which adds it: ledger/service.py), lacks it; readers and
+    `ledger verify` still read it, and `account_from_row` gives the missing field its default, which is
+    what the replay of such a log gives too."""
+    present = {c["name"] for c in inspect(conn).get_columns(accounts.name)}
+    return [c for c in accounts.c if c.name in present]
+
+
 def account_from_row(row) -> AccountState:
-    standing = audits.Standing(**{f: row[f] for f in _STANDING_FIELDS})
+    standing = audits.Standing(**{f: row[f] for f in _STANDING_FIELDS if f in row})
     return AccountState(row["id"], row["kind"], row["public_key"], row["balance_units"], row["stake_units"],
                         row["slashed_units"], standing, row["opened_seq"])
 

@@ -24,10 +24,10 @@ from ledger.chain import (ZERO_HASH, CheckpointBody, Entry, canonical_json, publ
                           verify_hash_signature)
 from ledger.errors import LedgerError
 from ledger.legs import check_receipts, plan_from_items, plan_settlement_legs, settlement_legs
-from ledger.models import accounts, chain_head, checkpoints, entries, holds, receipts
+from ledger.models import chain_head, checkpoints, entries, holds, receipts
 from ledger.receipts import StageReceipt, receipts_digest
 from ledger.state import ESCROW_REQUESTS, ESCROW_STAKES, OPEN, POSTED, HoldState, MemoryView, apply
-from ledger.store import account_from_row, hold_from_row
+from ledger.store import account_columns, account_from_row, hold_from_row
 
 CHUNK_ROWS = 5000
 
@@ -226,7 +226,7 @@ class _Replay:
 
     def _final_state(self, conn) -> None:
         view, report = self.view, self.report
-        stored_accounts = {r["id"]: account_from_row(r) for r in conn.execute(select(accounts)).mappings()}
+        stored_accounts = {r["id"]: account_from_row(r) for r in conn.execute(select(*account_columns(conn))).mappings()}
         if stored_accounts != view.accounts:
             bad = sorted(set(stored_accounts) ^ set(view.accounts)) or sorted(
                 a for a in view.accounts if stored_accounts[a] != view.accounts[a])

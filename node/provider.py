@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from node import link_test
 from node.config import ModelConfig, ModelError
 from node.faults import Fault
 from node.models import model_id_of
@@ -36,10 +37,10 @@ from node.stage import StageWorker, StepError
 from node.status import ProviderStats
 from node.transport import Frame, Identity, P2PNode, Stream, StreamClosed, TransportConfig, TransportError
 from node.verifier import AuditService
-from wire.messages import (LINK_KINDS, PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_RESULT, PROTO_STAGE,
-                           AccountInfo, AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave, Message,
-                           MessageError, Ping, Probe, ProbeResult, ProbeRun, Receipts, Register, Retain, Step,
-                           Unassign, decode, dtype_name, refuse)
+from wire.messages import (LINK_KINDS, PROTO_ASSIGN, PROTO_AUDIT, PROTO_CONTROL, PROTO_LINK_TEST, PROTO_RESULT,
+                           PROTO_STAGE, AccountInfo, AccountQuery, Ack, Assign, Close, Failed, Heartbeat, Leave,
+                           LinkTest, Message, MessageError, Ping, Probe, ProbeResult, ProbeRun, Receipts, Register,
+                           Retain, Step, Unassign, decode, dtype_name, refuse)
 
 log = logging.getLogger("meshpool.provider")
 
@@ -128,6 +129,7 @@ class Provider:
         self.assign_lock = threading.Lock()
         self.probe_work: ProbeWork | None = None  # the admission probe being run (coordinator/admission.py)
         self.probe_lock = threading.Lock()
+        self.link_tests = link_test.LinkTestServer()  # other providers time their hop to us (node/link_test.py)
         self.stopping = threading.Event()
         self.contact_lost = threading.Event()  # set when the coordinator's connection closes
 
@@ -137,6 +139,7 @@ class Provider:
         warm_up_shard_building(self.device)
         self.node.set_handler(PROTO_ASSIGN, self._on_assign)
         self.node.set_stream_handler(PROTO_STAGE, self._serve_upstream)
+        self.node.set_stream_handler(PROTO_LINK_TEST, self.link_tests.serve)
         self.node.set_handler(PROTO_AUDIT, self.audits.handle)
         self.node.on_peer_lost(self._on_peer_lost)
         self.node.start()
@@ -239,13 +242,15 @@ class Provider:
         if peer != self.coordinator_peer:
             return refuse("only the coordinator assigns shards").to_frame()
         try:
-            message = decode(frame, Assign, Unassign, Ping, Probe, ProbeRun)
+            message = decode(frame, Assign, Unassign, Ping, Probe, ProbeRun, LinkTest)
         except MessageError as exc:
             return refuse(str(exc)).to_frame()
         if isinstance(message, Ping):
             return Ack().to_frame()
         if isinstance(message, (Probe, ProbeRun)):
             return self._probe(message).to_frame()
+        if isinstance(message, LinkTest):  # the coordinator times our hop to another provider
+            return link_test.run(self.node, message).to_frame()
         with self.assign_lock:
             if isinstance(message, Unassign):
                 self._drop_assignment()

@@ -9,7 +9,9 @@ Control: a provider `Register`s a signed profile, sends a `Heartbeat` every seco
 `AccountQuery` -> `AccountInfo`, reports a `Failed` step, and `Leave`s; the coordinator answers each
 with an `Ack`. The coordinator `Assign`s a shard (or `Unassign`s it, or `Ping`s) on PROTO_ASSIGN, where
 it also times a newcomer: a `Probe` prepares layers and sessions, a timed `ProbeRun` answers a
-`ProbeResult` (coordinator/admission.py).
+`ProbeResult` (coordinator/admission.py). A `LinkTest` asks a provider to time its hop to another provider
+(node/link_test.py): it sends `LinkPayload`s on PROTO_LINK_TEST, each answered with an `Ack`, and answers
+the coordinator a `LinkMeasured`.
 
 Audits (PROTO_AUDIT): the coordinator gives a verifier an `AuditTask`; the verifier sends the
 audited stage an `AuditFetch` with the coordinator's ticket and gets `AuditData`; it answers the
@@ -40,6 +42,7 @@ PROTO_ASSIGN = "/meshpool/assign/1"  # coordinator -> provider: load a shard, or
 PROTO_STAGE = "/meshpool/stage/1"  # upstream -> stage: steps and closes, long-lived stream
 PROTO_RESULT = "/meshpool/result/1"  # last stage -> coordinator: sampled tokens, long-lived stream
 PROTO_AUDIT = "/meshpool/audit/1"  # coordinator -> verifier: tasks; verifier -> stage: retained tensors
+PROTO_LINK_TEST = "/meshpool/linktest/1"  # provider -> provider: a timed transfer on the path stage frames take
 
 # Limits, each checked on decode before a value is built.
 MAX_BATCH_SESSIONS = 256  # sessions in one step
@@ -509,6 +512,76 @@ class ProbeResult(Message):
         _count(self.seed, "seed")
         _require(isinstance(self.x, torch.Tensor) and self.x.dim() == 2
                  and 0 < self.x.shape[0] <= MAX_BATCH_SESSIONS, "a probe result is one (batch, D) tensor")
+
+
+# -- hop bandwidth: coordinator -> provider, provider -> provider --------------------------------
+
+MAX_LINK_TEST_BYTES = 16 * 2**20  # one timed payload: a prefill's hidden states are this order
+MAX_LINK_TEST_TRANSFERS = 8  # payloads timed in one test
+LINK_PATHS = ("link", "libp2p")  # the frame link (node/transport/link.py), or the libp2p stream it falls back to
+
+
+class LinkTest(Message):
+    """Coordinator -> provider (PROTO_ASSIGN): time `transfers` payloads of `payload_bytes` to `peer`
+    (dialed at `addrs`) on the path this provider's stage frames to it would take; answered with a
+    `LinkMeasured` (or a refusal saying why not)."""
+
+    TYPE = "pool.link_test"
+    peer: str
+    addrs: tuple[str, ...]
+    payload_bytes: int
+    transfers: int
+
+    def validate(self) -> None:
+        _text(self.peer, "peer", MAX_PEER_ID_CHARS, allow_empty=False)
+        _texts(self.addrs, "addrs", MAX_ADDRS, MAX_ADDR_CHARS)
+        _require(1 <= self.payload_bytes <= MAX_LINK_TEST_BYTES, f"payload_bytes must be in 1..{MAX_LINK_TEST_BYTES}")
+        _require(1 <= self.transfers <= MAX_LINK_TEST_TRANSFERS, f"transfers must be in 1..{MAX_LINK_TEST_TRANSFERS}")
+
+
+class LinkPayload(Message):
+    """Provider -> provider (PROTO_LINK_TEST): `x`, a 1-D float32 tensor of zeros whose bytes are the
+    payload (empty: a round trip), answered with an Ack once it is all received."""
+
+    TYPE = "pool.link_payload"
+    TENSORS = (1, 1)
+    x: torch.Tensor = field(repr=False, compare=False, default=None)
+
+    @classmethod
+    def _tensor_fields(cls) -> tuple[str, ...]:
+        return ("x",)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.x]
+
+    @classmethod
+    def _decode_fields(cls, f: dict, tensors: list) -> dict:
+        return {"x": tensors[0]}
+
+    def validate(self) -> None:
+        _require(isinstance(self.x, torch.Tensor) and self.x.dim() == 1 and self.x.dtype == torch.float32
+                 and self.x.numel() * 4 <= MAX_LINK_TEST_BYTES, f"a link payload is one 1-D float32 tensor of at "
+                 f"most {MAX_LINK_TEST_BYTES} bytes")
+
+
+class LinkMeasured(Message):
+    """Provider -> coordinator, the answer to a LinkTest: the least round trip of an empty payload and
+    the least time of one payload of `payload_bytes` until its Ack, on `path` (LINK_PATHS)."""
+
+    TYPE = "pool.link_measured"
+    peer: str
+    payload_bytes: int
+    rtt_ms: float
+    transfer_ms: float
+    path: str
+
+    def validate(self) -> None:
+        _text(self.peer, "peer", MAX_PEER_ID_CHARS, allow_empty=False)
+        _require(1 <= self.payload_bytes <= MAX_LINK_TEST_BYTES, f"payload_bytes must be in 1..{MAX_LINK_TEST_BYTES}")
+        for name in ("rtt_ms", "transfer_ms"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and 0 < value <= 3_600_000, f"{name} must be in (0, 3600000]")
+        _require(self.path in LINK_PATHS, f"path must be one of {LINK_PATHS}")
 
 
 # -- the data path ----------------------------------------------------------------------------

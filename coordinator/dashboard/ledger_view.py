@@ -81,6 +81,7 @@ class LedgerView:
                 "account": row["id"], "balance_units": row["balance_units"], "stake_units": row["stake_units"],
                 "slashed_units": row["slashed_units"], "reputation": row["reputation"],
                 "audits_passed": row["audits_passed"], "slash_count": row["slash_count"], "banned": bool(row["banned"]),
+                "misconduct_count": row["misconduct_count"],
                 "earned_units": earned.get(row["id"], 0)}
         return out
 

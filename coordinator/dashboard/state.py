@@ -99,11 +99,15 @@ class DashboardState:
             providers.append({"peer": p["peer"], "state": state, "vouched": bool(p.get("vouched")),
                               "max_memory_mb": int(_number(p.get("max_memory_bytes"), 0) // 2**20),
                               "reachability": _text(p.get("reachability", "")),
-                              "links": [{"peer": _text(link.get("peer")), "kind": _text(link.get("kind"))}
+                              # with each hop's bandwidth where a link test measured it (coordinator/hop_bandwidth.py)
+                              "links": [{"peer": _text(link.get("peer")), "kind": _text(link.get("kind")),
+                                         "bandwidth_gbps": _number(link.get("bandwidth_gbps"))}
                                         for link in (p.get("links") or [])[:8] if isinstance(link, dict)],
                               "rtt_ms": None if p.get("rtt_ms") is None else _number(p.get("rtt_ms"), 0),
                               "profile": device_summary(p.get("profile")), "stages": stages_of.get(p["peer"], []),
                               "reputation": standing.get("reputation"), "stake_units": standing.get("stake_units"),
+                              # contradicted claims the ledger recorded (coordinator/misconduct.py)
+                              "misconduct_count": standing.get("misconduct_count"),
                               "earned_units": standing.get("earned_units"),
                               "balance_units": standing.get("balance_units"),
                               "slashed_units": standing.get("slashed_units"),

@@ -30,6 +30,12 @@ class Stream:
         self.peer_id = fs.peer_id
         self.protocol = fs.protocol
 
+    @property
+    def on_link(self) -> bool:
+        """Whether frames sent now go on the frame link (link.py) rather than the libp2p stream
+        (a link test reports which path it timed: node/link_test.py)."""
+        return self._fs.link_out is not None or self._fs.link_ready is not None
+
     def send(self, frame: Frame, timeout_s: float | None = None) -> None:
         timeout_s = timeout_s or self.node.cfg.request_timeout_s
         if self._fs.link_wanted:

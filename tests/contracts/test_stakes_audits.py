@@ -152,3 +152,13 @@ def test_promotion_after_k_agreements_and_demotion_by_slash():
     assert s.banned and not may_serve(s, params)
     assert after_audited(Standing(), True, params).audits_passed == 1
     assert after_audited(Standing(), False, params) == Standing()
+
+
+def test_parameters_added_later_stay_out_of_genesis_at_their_default():
+    """Ledgers written before a parameter existed keep their genesis digest; a changed one is recorded."""
+    from contracts import DEFAULT_PARAMS, MoneyParams
+    from contracts.params import LATER_FIELDS
+    assert not set(LATER_FIELDS) & set(DEFAULT_PARAMS.to_dict())
+    assert MoneyParams.from_dict(DEFAULT_PARAMS.to_dict()) == DEFAULT_PARAMS
+    custom = MoneyParams(reputation_penalty_per_misconduct=3)
+    assert custom.to_dict()["reputation_penalty_per_misconduct"] == 3 and MoneyParams.from_dict(custom.to_dict()) == custom

@@ -71,8 +71,11 @@ def test_memory_caps_force_three_stages_that_generate_like_transformers(pool, re
 def test_a_forged_profile_gains_nothing(pool, default_model_dir):
     """A provider that signs a profile claiming 1000x its bandwidth and matmul rate joins a serving pool:
     the coordinator's probe measures it, records the contradiction, plans it at its measured speed, and
-    the honest pipeline keeps its stages; believed, the claim would have moved the plan onto the forger."""
+    the honest pipeline keeps its stages; believed, the claim would have moved the plan onto the forger.
+    The ledger records the contradiction once as misconduct (reputation), replay reproduces it, and the
+    honest providers' standing is untouched."""
     before = wait_settled(pool, n_stages=3)
+    honest_before = {peer: pool.get(f"/ledger/accounts/{peer}?recent=0") for peer, _, _ in stages_of(before)[0]}
     forger = pool.add_provider("forger", max_memory_mb=CAP_MB, extra_args=["--fault-injection", "inflate-profile:1000"])
 
     def probed(state):
@@ -106,6 +109,21 @@ def test_a_forged_profile_gains_nothing(pool, default_model_dir):
     assert forger in {p for pipeline in believed for p in pipeline.peer_ids}
     status, body = complete(pool, PROMPTS[1], 8)  # and it serves
     assert status == 200, body
+    # misconduct: one ledger entry, a reputation penalty, and the forger still may serve (re-planned, not benched)
+    account = pool.get(f"/ledger/accounts/{forger}?recent=100")
+    penalties = [e for e in account["recent_entries"] if e["kind"] == "misconduct"]
+    assert len(penalties) == 1 and account["misconduct_count"] == 1, account
+    assert penalties[0]["meta"]["evidence"]["claim_ratio"] > 100
+    assert account["reputation"] == account["audits_agreed"] + account["audits_passed"] - 10  # no slash here
+    assert {p["peer"]: p["state"] for p in pool.get("/pool")["providers"]}[forger] in ("idle", "serving")
+    for peer, seen in honest_before.items():
+        now = pool.get(f"/ledger/accounts/{peer}?recent=0")
+        assert now["misconduct_count"] == 0 and now["reputation"] >= seen["reputation"]
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "verify", "--data-dir", str(pool.root / "coordinator")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ledger verify: OK" in done.stdout, done.stdout + done.stderr
+    dashboard = {p["peer"]: p for p in pool.get("/dashboard/state")["providers"]}
+    assert dashboard[forger]["misconduct_count"] == 1 and dashboard[forger]["reputation"] < 0
 
 
 def test_kill_9_of_a_stage_mid_generation_changes_nothing_for_the_caller(pool, reference):

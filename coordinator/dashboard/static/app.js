@@ -88,14 +88,17 @@ function renderProviders(s) {
       p.benched ? `benched, back in ${num(p.benched.back_in_s)} s` : p.state)),
     el("td", { title: p.profile.name }, `${p.profile.device} ${p.profile.name}`),
     el("td", {}, `${num(p.max_memory_mb)} MB cap / ${num(p.profile.memory_gb, 1)} GB`),
-    el("td", { title: (p.links || []).map((l) => `${l.kind} to ${l.peer}`).join("\n") },
+    el("td", { title: (p.links || []).map((l) => `${l.kind || "hop"} to ${l.peer}` +
+      (l.bandwidth_gbps === null || l.bandwidth_gbps === undefined ? "" : `, ${num(l.bandwidth_gbps * 1000, 1)} Mbit/s measured`)).join("\n") },
       el("span", { class: `badge ${p.reachability}` }, p.reachability || "–"),
       p.rtt_ms === null ? "" : ` ${num(p.rtt_ms, 1)} ms`),
     el("td", { title: measuredTitle(p) }, (p.profile.bandwidth_gb_per_s === null ? "–" : `${num(p.profile.bandwidth_gb_per_s, 1)} GB/s`)
       + (p.measured && p.measured.contradicted ? " ✗ contradicted" : "")),
     el("td", {}, p.profile.matmul_tflops === null ? "–" : `${num(p.profile.matmul_tflops, 2)} TFLOP/s`),
     el("td", {}, p.stages.map(([a, b]) => `[${a}, ${b})`).join(" ") || "–"),
-    el("td", {}, num(p.reputation)), el("td", {}, units(p.stake_units)), el("td", {}, units(p.earned_units))));
+    el("td", { title: p.misconduct_count ? `${p.misconduct_count} contradicted claim(s) recorded in the ledger` : "" },
+      num(p.reputation) + (p.misconduct_count ? ` (✗ ${p.misconduct_count})` : "")),
+    el("td", {}, units(p.stake_units)), el("td", {}, units(p.earned_units))));
   replaceRows($("providers"), rows, 10, "no provider has joined");
 }
 
