@@ -196,7 +196,8 @@ def audit_trace(ref: LayerReference, same: LayerReference | None, stage_input: t
             index, x, h = shard.start + i, boundaries[i], mids[i]
             rows = mlp_rows(x.shape[0], generator)
             r = ref.updates(index, x, h, tuple(b for b in BLOCKS if b not in by_same), rows)
-            s = (None, None) if same is None else same.updates(index, x, h, mlp_rows=rows)
+            # the same recipe only where its count judges: elsewhere it would be measured, not used
+            s = (None, None) if same is None else same.updates(index, x, h, by_same, rows)
             mlp = trace[2 + 2 * i] if rows is None else trace[2 + 2 * i][rows]
             for block, claimed, r_b, s_b in zip(BLOCKS, (trace[1 + 2 * i], mlp), r, s):
                 if r_b is None:

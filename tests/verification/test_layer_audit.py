@@ -101,8 +101,8 @@ def test_a_same_class_verifier_recomputes_each_block_once(stage, monkeypatch):
     asked, sampled = [], []
     real, real_same = ref32.updates, same.updates
     monkeypatch.setattr(ref32, "updates", lambda i, x, h, blocks, rows: asked.append(blocks) or real(i, x, h, blocks, rows))
-    monkeypatch.setattr(same, "updates", lambda i, x, h, mlp_rows: sampled.append(len(mlp_rows))
-                        or real_same(i, x, h, mlp_rows=mlp_rows))
+    monkeypatch.setattr(same, "updates", lambda i, x, h, blocks, rows: sampled.append((blocks, len(rows)))
+                        or real_same(i, x, h, blocks, rows))
     judged = SAME_RECIPE_THRESHOLDS["cpu"]
     for fault, outcome in ((None, PASS), ("tamper", FAIL)):
         rt = ShardRuntime.from_tensors(config, shard, tensors, dtype=BF16, max_sessions=2, max_seq_len=128,
@@ -114,10 +114,12 @@ def test_a_same_class_verifier_recomputes_each_block_once(stage, monkeypatch):
         assert verdict.outcome == outcome, verdict.reason
     assert "ulp" in verdict.reason
     assert asked == [()] * (2 * shard.n_shard_layers)  # every layer, twice: no float32 block recomputed
-    assert sampled == [MLP_ROWS] * (2 * shard.n_shard_layers)  # ~94 positions: the MLP at 32 of them
+    assert sampled == [(("attention", "mlp"), MLP_ROWS)] * (2 * shard.n_shard_layers)  # the MLP at 32 of ~94
     asked.clear()
+    sampled.clear()
     audit_trace(ref32, same, ids, b, SAME_RECIPE_THRESHOLDS["cuda"])  # judges the MLP only: attention in float32
     assert asked == [("attention",)] * shard.n_shard_layers
+    assert sampled == [(("mlp",), MLP_ROWS)] * shard.n_shard_layers  # each block recomputed once
 
 
 def test_the_mlp_is_sampled_at_the_latest_and_at_drawn_positions():
