@@ -205,6 +205,7 @@ def main() -> None:
           f"per hop <= 0.5 ms")
     texts = {p.name: p.text for p in pools}
     out = {"model": model_dir.name, "prompt": PROMPT, "tokens": args.tokens, "rounds": args.rounds,
+           "baseline": str(args.baseline) if args.baseline else None,
            "contended": "2 cores shared with other work; pools and contenders interleaved round by round",
            "pools": rows, "single_process_tokens_per_s": singles, "fastest_single_process": fastest,
            "single_process_all": {w.name: [round(x, 2) for x in w.rates] for w in workers},
