@@ -77,10 +77,18 @@ class GenerationRequest:
             return self.prompt_ids + self.tokens
 
     def add_token(self, token: int) -> None:
+        if self.take_token(token):
+            self.notify(token)
+
+    def take_token(self, token: int) -> bool:
+        """Append a token without telling anyone yet (`notify` does); False if the request is done."""
         with self.lock:
             if self.done.is_set():
-                return
+                return False
             self.tokens.append(token)
+            return True
+
+    def notify(self, token: int) -> None:
         if self.on_token:
             self.on_token(token)
 
@@ -166,6 +174,9 @@ class PipelineDriver(threading.Thread):
         self.in_flight: dict[int, _Flight] = {}  # step number -> its flight
         self._decoding = 0  # sessions past their prefill (ready or in a decode step)
         self._last_kind = "decode"
+        # what results owe their observers (token callbacks, metrics, measurements), done once the
+        # next steps are sent: the pipeline works while this thread does it
+        self._after_send: list[Callable[[], None]] = []
         # results and new requests wake the thread through this queue (step numbers; None: look at the inbox)
         self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
@@ -192,6 +203,7 @@ class PipelineDriver(threading.Thread):
             while not self.stopping.is_set():
                 self._admit()
                 self._issue()
+                self._run_after_send()
                 self._wait()
         except (StepFailed, TimeoutError, EOFError, ConnectionError, OSError) as exc:
             reason = f"pipeline {self.pipeline_id} failed: {exc}"
@@ -205,7 +217,13 @@ class PipelineDriver(threading.Thread):
         finally:
             self.link.shutdown()
 
+    def _run_after_send(self) -> None:
+        after, self._after_send = self._after_send, []
+        for call in after:
+            call()
+
     def _drain(self) -> list[GenerationRequest]:
+        self._run_after_send()  # tokens taken are told before their requests go back for a replay
         pending = list(self.running.values())
         self.running.clear()
         self.ready.clear()
@@ -313,9 +331,10 @@ class PipelineDriver(threading.Thread):
             raise StepFailed(f"result of step {step.step} does not match its sessions")
         self.steps_done += 1
         wall_s = time.perf_counter() - flight.sent_s
-        _observe_step(self.pipeline_id, step.kind, flight.requests, wall_s, result.stage_ms)
+        self._after_send.append(lambda: _observe_step(self.pipeline_id, step.kind, flight.requests, wall_s,
+                                                      result.stage_ms))
         if self.on_step_timed is not None:
-            self.on_step_timed(step, wall_s, result.stage_ms)
+            self._after_send.append(lambda: self.on_step_timed(step, wall_s, result.stage_ms))
         if step.kind == "chunk":  # the rest of its prompt goes before prompts that came later
             self.to_prefill.appendleft(step.sessions[0])
             return
@@ -323,7 +342,8 @@ class PipelineDriver(threading.Thread):
             self.prompts.pop(step.sessions[0], None)
             self._decoding += 1
         for sid, request, token in zip(step.sessions, flight.requests, result.tokens):
-            request.add_token(token)
+            if request.take_token(token):
+                self._after_send.append(lambda request=request, token=token: request.notify(token))
             if request.finished or request.done.is_set():
                 self._decoding -= 1
                 self._finish(sid, request)
@@ -333,6 +353,7 @@ class PipelineDriver(threading.Thread):
     def _finish(self, sid: str, request: GenerationRequest) -> None:
         self.running.pop(sid, None)
         self.link.close_sessions([sid], [request.request_id])
+        self._run_after_send()  # its last token is told before it is done (streaming.py ends on done)
         request.finish()
 
 

@@ -29,7 +29,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -185,6 +185,7 @@ class Message:
         dataclass(frozen=True)(cls)
         hints = typing.get_type_hints(cls)
         cls._hints = {f.name: hints[f.name] for f in fields(cls) if f.name not in cls._tensor_fields()}
+        cls._decoders = {name: _field_decoder(name, hint) for name, hint in cls._hints.items()}
         register_message(MessageSpec(cls.TYPE, cls.VERSION, {n: _wire_type(h) for n, h in cls._hints.items()},
                                      min_tensors=cls.TENSORS[0], max_tensors=cls.TENSORS[1]))
         _BY_TYPE[(cls.TYPE, cls.VERSION)] = cls
@@ -207,7 +208,7 @@ class Message:
 
     @classmethod
     def _decode_fields(cls, f: dict, tensors: list[torch.Tensor]) -> dict:
-        return _decode_plain(cls._hints, f)
+        return _decode_plain(cls._decoders, f)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> "Message":
@@ -235,31 +236,48 @@ def _encode_value(value: Any) -> Any:
     return value
 
 
-def _decode_plain(hints: dict[str, Any], f: dict) -> dict:
-    """Fields strictly typed (no bool where a number is wanted); tuples from lists; SamplingParams
-    from their [temperature, top_p, seed] lists, at most MAX_BATCH_SESSIONS of them."""
-    out = {}
-    for name, hint in hints.items():
-        value = f[name]
-        if hint is SamplingParams:
-            value = SamplingParams.decode(value)
-        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is SamplingParams:
+def _field_decoder(name: str, hint: Any) -> Callable[[Any], Any]:
+    """How one field is checked and turned from its wire form into its value: fields strictly
+    typed (no bool where a number is wanted); tuples from lists; SamplingParams from their
+    [temperature, top_p, seed] lists, at most MAX_BATCH_SESSIONS of them. Built once per class:
+    reading the type hints again for every field of every frame cost most of a hop's decode."""
+    if hint is SamplingParams:
+        return SamplingParams.decode
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is SamplingParams:
+        def sampling_list(value):
             _require(isinstance(value, list) and len(value) <= MAX_BATCH_SESSIONS,
                      f"{name} is a list of at most {MAX_BATCH_SESSIONS} entries")
-            value = tuple(SamplingParams.decode(v) for v in value)
-        elif typing.get_origin(hint) is tuple:
-            item = typing.get_args(hint)[0]
+            return tuple(SamplingParams.decode(v) for v in value)
+        return sampling_list
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if item not in _FIELD_TYPES:  # a nested value: its class overrides _decode_fields
+            return _no_plain_decoder(name)
+        kinds, bool_ok = _FIELD_TYPES[item], item is bool
+
+        def plain_list(value):
             _require(isinstance(value, (list, tuple)), f"{name} must be a list")
-            kinds = _FIELD_TYPES[item]
-            _require(all(isinstance(v, kinds) and (item is bool or not isinstance(v, bool)) for v in value),
+            _require(all(isinstance(v, kinds) and (bool_ok or not isinstance(v, bool)) for v in value),
                      f"every entry of {name} must be {item.__name__}")
-            value = tuple(value)
-        else:
-            kinds = _FIELD_TYPES[hint]
-            _require(isinstance(value, kinds) and (hint is bool or not isinstance(value, bool)),
-                     f"{name} must be {hint.__name__}")
-        out[name] = value
-    return out
+            return tuple(value)
+        return plain_list
+    kinds, bool_ok = _FIELD_TYPES[hint], hint is bool
+
+    def plain(value):
+        _require(isinstance(value, kinds) and (bool_ok or not isinstance(value, bool)), f"{name} must be {hint.__name__}")
+        return value
+    return plain
+
+
+def _no_plain_decoder(name: str) -> Callable[[Any], Any]:
+    def refuse(value):
+        raise TypeError(f"{name} has no plain decoder")
+    return refuse
+
+
+def _decode_plain(decoders: dict[str, Callable[[Any], Any]], f: dict) -> dict:
+    """The plain fields of a frame, each through its class's decoder (`_field_decoder`)."""
+    return {name: decoder(f[name]) for name, decoder in decoders.items()}
 
 
 def decode(frame: Frame, *expected: type[Message]) -> Message:
@@ -506,7 +524,7 @@ class ProbeResult(Message):
 
     @classmethod
     def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        return {**_decode_plain(cls._hints, f), "x": tensors[0]}
+        return {**_decode_plain(cls._decoders, f), "x": tensors[0]}
 
     def validate(self) -> None:
         _count(self.seed, "seed")
@@ -615,7 +633,7 @@ class Step(Message):
 
     @classmethod
     def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        return {**_decode_plain(cls._hints, f), "x": tensors[0]}
+        return {**_decode_plain(cls._decoders, f), "x": tensors[0]}
 
     def validate(self) -> None:
         _require(self.kind in STEP_KINDS, f"unknown step kind {self.kind!r}")
