@@ -292,6 +292,23 @@ def decode(frame: Frame, *expected: type[Message]) -> Message:
 # -- control: provider -> coordinator ---------------------------------------------------------
 
 
+class OneTensor(Message):
+    """A message with one tensor, its last field `x`."""
+
+    TENSORS = (1, 1)
+
+    @classmethod
+    def _tensor_fields(cls) -> tuple[str, ...]:
+        return ("x",)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.x]
+
+    @classmethod
+    def _decode_fields(cls, f: dict, tensors: list) -> dict:
+        return {**_decode_plain(cls._decoders, f), "x": tensors[0]}
+
+
 class Ack(Message):
     TYPE = "pool.ack"
     ok: bool = True
@@ -507,24 +524,12 @@ class ProbeRun(Message):
         _require(1 <= self.steps <= MAX_PROBE_STEPS, f"steps must be in 1..{MAX_PROBE_STEPS}")
 
 
-class ProbeResult(Message):
+class ProbeResult(OneTensor):
     """Provider -> coordinator: the hidden states (batch, D) after the probe's last decode step."""
 
     TYPE = "pool.probe_result"
-    TENSORS = (1, 1)
     seed: int
     x: torch.Tensor = field(repr=False, compare=False, default=None)
-
-    @classmethod
-    def _tensor_fields(cls) -> tuple[str, ...]:
-        return ("x",)
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [self.x]
-
-    @classmethod
-    def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        return {**_decode_plain(cls._decoders, f), "x": tensors[0]}
 
     def validate(self) -> None:
         _count(self.seed, "seed")
@@ -557,24 +562,12 @@ class LinkTest(Message):
         _require(1 <= self.transfers <= MAX_LINK_TEST_TRANSFERS, f"transfers must be in 1..{MAX_LINK_TEST_TRANSFERS}")
 
 
-class LinkPayload(Message):
+class LinkPayload(OneTensor):
     """Provider -> provider (PROTO_LINK_TEST): `x`, a 1-D float32 tensor of zeros whose bytes are the
     payload (empty: a round trip), answered with an Ack once it is all received."""
 
     TYPE = "pool.link_payload"
-    TENSORS = (1, 1)
     x: torch.Tensor = field(repr=False, compare=False, default=None)
-
-    @classmethod
-    def _tensor_fields(cls) -> tuple[str, ...]:
-        return ("x",)
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [self.x]
-
-    @classmethod
-    def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        return {"x": tensors[0]}
 
     def validate(self) -> None:
         _require(isinstance(self.x, torch.Tensor) and self.x.dim() == 1 and self.x.dtype == torch.float32
@@ -605,7 +598,7 @@ class LinkMeasured(Message):
 # -- the data path ----------------------------------------------------------------------------
 
 
-class Step(Message):
+class Step(OneTensor):
     """One step of a pipeline: `x` is token ids (T,) into stage 0 and hidden states (rows, D) after.
     `kind`: "prefill" (one session's tokens, the last stage samples after them), "chunk" (one
     session's tokens with more to come: nothing sampled) or "decode" (one token per session).
@@ -614,7 +607,6 @@ class Step(Message):
 
     TYPE = "stage.step"
     VERSION = 3
-    TENSORS = (1, 1)
     pipeline: str
     step: int
     kind: str
@@ -623,17 +615,6 @@ class Step(Message):
     sampling: tuple[SamplingParams, ...]
     stage_ms: tuple[float, ...]
     x: torch.Tensor = field(repr=False, compare=False, default=None)
-
-    @classmethod
-    def _tensor_fields(cls) -> tuple[str, ...]:
-        return ("x",)
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [self.x]
-
-    @classmethod
-    def _decode_fields(cls, f: dict, tensors: list) -> dict:
-        return {**_decode_plain(cls._decoders, f), "x": tensors[0]}
 
     def validate(self) -> None:
         _require(self.kind in STEP_KINDS, f"unknown step kind {self.kind!r}")
