@@ -221,13 +221,15 @@ class Fault:
         noise = torch.randn(x.shape, generator=self._generator).to(x.device)
         return (x + self.noise_rel * rms * noise).to(out.dtype)
 
-    def perturb_last_hidden(self, runtime, last_only: bool = False) -> torch.Tensor | None:
+    def perturb_last_hidden(self, runtime, last_only: bool = False, rows: list[int] | None = None) -> torch.Tensor | None:
         """On the last stage, after a step: perturb `runtime.last_hidden` (what the stage keeps as its
         claimed output) and return the logits of the perturbed rows (only the last row if
-        `last_only`, as prefill returns), or None when this fault leaves the outputs alone."""
+        `last_only`, as prefill returns; only `rows` if given, as a prefill of several sessions
+        returns), or None when this fault leaves the outputs alone."""
         if self.kind != "noise":
             return None
         runtime.last_hidden = self.perturb(runtime.last_hidden)
         h = runtime.last_hidden[-1:] if last_only else runtime.last_hidden
+        h = h if rows is None else runtime.last_hidden[rows]
         with torch.inference_mode():
             return runtime._head(h)
