@@ -268,8 +268,9 @@ class PipelineDriver(threading.Thread):
     def _send_prefill(self) -> None:
         """One step of prompt rows, at most `prefill_chunk_tokens` of them: the first waiting prompt
         whole, or its next chunk if it is longer; then every following prompt that still fits whole,
-        oldest first, and one decode share of ready sessions riding along with their one token each.
-        The stages run all of them as one pass over the weights (`ShardRuntime.prefill_many`)."""
+        oldest first, up to 1 / microbatches of the rows waiting (a burst fills every micro-batch, not
+        one); and one decode share of ready sessions riding along with their one token each. The
+        stages run all of them as one pass over the weights (`ShardRuntime.prefill_many`)."""
         sid = self.to_prefill.popleft()
         ids, start = self._prompt(sid)
         if len(ids) - start > self.prefill_chunk_tokens:
@@ -280,7 +281,9 @@ class PipelineDriver(threading.Thread):
                             torch.tensor(ids[start:end], dtype=torch.int64)), [request])
             return
         entries = [(sid, start, ids[start:])]  # (session, position, ids it feeds)
-        budget = self.prefill_chunk_tokens - (len(ids) - start)
+        # a burst is spread over the micro-batches, so that the stages work on its parts in turn
+        waiting = len(ids) - start + sum(len(i) - p for i, p in map(self._prompt, self.to_prefill))
+        budget = min(self.prefill_chunk_tokens, -(-waiting // self.microbatches)) - (len(ids) - start)
         while self.to_prefill and len(entries) < MAX_BATCH_SESSIONS:
             sid = self.to_prefill[0]
             if self.running[sid].done.is_set():
