@@ -5,6 +5,7 @@ audits and signs the request's receipt."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from ledger.receipts import StageReceipt
@@ -37,7 +38,7 @@ class StageWorker:
             raise StepError("this stage refuses every step (fault injection 'refuse')")
         kind, sessions, positions, params, x = step.kind, step.sessions, step.positions, step.sampling, step.x
         lengths = step.rows
-        ends = [sum(lengths[:i + 1]) for i in range(len(lengths))]  # each session's rows are [end - length, end)
+        ends = list(itertools.accumulate(lengths))  # each session's rows are [end - length, end)
         started_s = time.perf_counter()
         try:
             if kind != "decode":  # prompts, or a chunk of one (a session already decoding may ride along)
