@@ -18,7 +18,8 @@ checkout's pool once per stage-frame path (MESHPOOL_FRAME_LINK). `transformers` 
 process at batch 1 and at --gain-batch (16) is timed before the pools and again after them (their
 means are used): "kept of generate's batching gain" = (pool tok/s at 16 clients / at 1) / (generate
 tok/s at batch 16 / at 1); the share of the gain beyond 1x ((pool gain - 1) / (generate gain - 1))
-is printed beside it. Writes bench/api_load.json.
+is printed beside it. One client is measured first and again last, and its mean is what these
+ratios divide by (the machine's load drifts). Writes bench/api_load.json.
 """
 
 from __future__ import annotations
@@ -198,6 +199,9 @@ def main() -> int:
         for i, n in enumerate(levels):
             for run in (runs if i % 2 == 0 else runs[::-1]):
                 measure(run, n, args.tokens, args.rounds)
+        if 1 in levels:  # one client again at the end: the baseline every ratio divides by is the mean of both
+            for run in (runs if len(levels) % 2 == 0 else runs[::-1]):
+                measure(run, 1, args.tokens, args.rounds)
     finally:
         runs = [stop_pool(run) for run in runs]
     print(f"{args.tokens} tokens a request, {args.rounds} requests a client; load average {os.getloadavg()[0]:.1f}")
@@ -211,7 +215,7 @@ def main() -> int:
         one = (one_before + generate_tokens_per_s(1, args.tokens)) / 2
         out["generate_batch_1_tokens_per_s"] = round(one, 1)
         for run in runs:
-            single = next(r for r in run["rows"] if r["clients"] == 1)["tokens_per_s"]
+            single = statistics.mean(r["tokens_per_s"] for r in run["rows"] if r["clients"] == 1)
             run["single_client_vs_generate"] = round(single / one, 3)
             print(f"{run['code']}: 1 client {single:.1f} tok/s = {single / one:.0%} of generate at batch 1 "
                   f"in one process (1 thread, prefill included) {one:.1f} tok/s")
@@ -226,11 +230,14 @@ def main() -> int:
               f"{many_before:.1f})")
         for run in runs:
             rows = {r["clients"]: r for r in run["rows"]}
-            pool_gain = rows[n]["tokens_per_s"] / rows[1]["tokens_per_s"]
+            ones = [r for r in run["rows"] if r["clients"] == 1]  # measured first and last
+            pool_1 = statistics.mean(r["tokens_per_s"] for r in ones)
+            median_1 = statistics.mean(r["ttft_p50_ms"] for r in ones)
+            pool_gain = rows[n]["tokens_per_s"] / pool_1
             # kept: the pool's gain over generate's; beyond_one: the same of what each adds to 1x
             kept = pool_gain / gain
             beyond_one = (pool_gain - 1) / (gain - 1) if gain > 1 else None
-            p99_vs_median = rows[n]["ttft_p99_ms"] / rows[1]["ttft_p50_ms"]
+            p99_vs_median = rows[n]["ttft_p99_ms"] / median_1
             run["batching"] = {"pool_gain": round(pool_gain, 2), "kept_of_generate_gain": round(kept, 3),
                                "share_of_generate_gain": beyond_one and round(beyond_one, 3),
                                f"ttft_p99_at_{n}_vs_single_median": round(p99_vs_median, 2)}
