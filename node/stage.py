@@ -42,12 +42,13 @@ class StageWorker:
         started_s = time.perf_counter()
         try:
             if kind != "decode":  # prompts, or a chunk of one (a session already decoding may ride along)
-                for sid, start in zip(sessions, positions):
+                for sid, start in zip(sessions, positions):  # every session checked before any changes
                     held = self.runtime.sessions.get(sid)
-                    if held is not None and start == 0:
-                        self.runtime.close(sid)  # a replay from the start replaces the old session
-                    elif (held.n_tokens if held else 0) != start:
+                    if start > 0 and (held.n_tokens if held else 0) != start:
                         raise StepError(f"session {sid!r} holds {held.n_tokens if held else 0} tokens, step says {start}")
+                for sid, start in zip(sessions, positions):
+                    if start == 0:
+                        self.runtime.close(sid)  # a replay from the start replaces the old session
                 if len(sessions) == 1:
                     out = self.runtime.prefill(sessions[0], x)
                 else:
