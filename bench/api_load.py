@@ -10,10 +10,16 @@ generate at batch 1 in this process is timed too, and the single client's rate s
 official `openai` client streaming a greedy completion of `--tokens` tokens, `--rounds` requests
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
-With --baseline, a pool running another checkout's code (e.g. main) is measured first, in the same
-run. `--stages 3` uses three providers instead (memory caps that force three stages);
-`--paths libp2p,link` measures this checkout's pool once per stage-frame path (MESHPOOL_FRAME_LINK). Then `transformers` generate in this process at batch 1 and 16: the share of its batching gain
-(tok/s at 16 / tok/s at 1, minus 1) the pool keeps at 16 clients. Writes bench/api_load.json.
+With --baseline, a pool running another checkout's code (e.g. main) is measured in the same run:
+every pool is started first and each level runs on each pool in turn, the order flipping from level
+to level, so that load from other processes on the machine falls on both alike. `--stages 3` uses
+three providers instead (memory caps that force three stages); `--paths libp2p,link` measures this
+checkout's pool once per stage-frame path (MESHPOOL_FRAME_LINK). `transformers` generate in this
+process at batch 1 and at --gain-batch (16) is timed before the pools and again after them (their
+means are used): "kept of generate's batching gain" = (pool tok/s at 16 clients / at 1) / (generate
+tok/s at batch 16 / at 1); the share of the gain beyond 1x ((pool gain - 1) / (generate gain - 1))
+is printed beside it. One client is measured first and again last, and its mean is what these
+ratios divide by (the machine's load drifts). Writes bench/api_load.json.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
 from node.transport.config import FRAME_LINK_ENV  # noqa: E402
 
-CAPS_MB = {2: 600, 3: 300}  # memory caps that make the planner use exactly that many stages
+CAPS_MB = {2: 500, 3: 300}  # caps that make the planner use that many stages (weights: 517 MB), 32 sessions each
 PROMPTS = ["Once upon a time, in a small village,", "The three primary colors are", "def fibonacci(n):",
            "The history of the printing press begins"]
 
@@ -87,11 +93,10 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None}
 
 
-def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None, caps_mb: tuple[int, ...],
-             path: str | None = None) -> dict:
-    """Every level on one pool of a provider per memory cap whose processes run the code in
-    `code_dir` (None: this checkout); `path`: "libp2p" or "link", the transport path of its stage
-    frames (None: default)."""
+def start_pool(levels: list[int], code_dir: Path | None, caps_mb: tuple[int, ...], path: str | None = None) -> dict:
+    """A pool of a provider per memory cap whose processes run the code in `code_dir` (None: this
+    checkout), warmed up; `path`: "libp2p" or "link", the transport path of its stage frames (None:
+    default). The returned run collects its levels' rows."""
     if path is not None:
         os.environ[FRAME_LINK_ENV] = "on" if path == "link" else "off"  # the pool's processes inherit it
     pool = LocalPool(Path(tempfile.mkdtemp(prefix="meshpool-api-load-")), context_tokens=256,
@@ -103,20 +108,34 @@ def run_pool(levels: list[int], tokens: int, rounds: int, code_dir: Path | None,
         state = pool.wait_for_pipelines(1)
         key = pool.add_consumer("bench", 10**15)
         model = pool.get("/v1/models")["data"][0]["id"]
-        ranges = [[(s["start"], s["end"]) for s in p["stages"]] for p in state["pipelines"]]
         run_level(pool, model, key, 1, 4, 1)  # warm-up
-        rows = [run_level(pool, model, key, n, tokens, rounds) for n in levels]
-        oc = openai.OpenAI(base_url=pool.api + "/v1", api_key=key, max_retries=0)
-        account = oc.get("/account", cast_to=object)
-        account = {k: account[k] for k in ("balance_units", "held_units", "spent_units", "requests")}
-    finally:
+    except BaseException:
         pool.stop()
+        raise
+    finally:
         os.environ.pop(FRAME_LINK_ENV, None)
-    base = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["ratio_vs_first"] = round(row["tokens_per_s"] / base, 2) if base else None
     return {"code": str(code_dir or Path(__file__).resolve().parent.parent), "path": path or "default",
-            "pipelines": ranges, "rows": rows, "account": account}
+            "pipelines": [[(s["start"], s["end"]) for s in p["stages"]] for p in state["pipelines"]], "rows": [],
+            "_pool": pool, "_key": key, "_model": model}
+
+
+def measure(run: dict, clients: int, tokens: int, rounds: int) -> None:
+    run["rows"].append(run_level(run["_pool"], run["_model"], run["_key"], clients, tokens, rounds))
+
+
+def stop_pool(run: dict) -> dict:
+    pool = run.pop("_pool")
+    try:
+        oc = openai.OpenAI(base_url=pool.api + "/v1", api_key=run.pop("_key"), max_retries=0)
+        account = oc.get("/account", cast_to=object)
+        run["account"] = {k: account[k] for k in ("balance_units", "held_units", "spent_units", "requests")}
+    finally:
+        run.pop("_model", None)
+        pool.stop()
+    base = run["rows"][0]["tokens_per_s"]
+    for row in run["rows"]:
+        row["ratio_vs_first"] = round(row["tokens_per_s"] / base, 2) if base else None
+    return run
 
 
 def generate_tokens_per_s(batch: int, tokens: int) -> float:
@@ -165,9 +184,26 @@ def main() -> int:
     levels = [int(x) for x in args.clients.split(",")]
     caps_mb = tuple(int(x) for x in args.caps_mb.split(",")) if args.caps_mb else (CAPS_MB[args.stages],) * args.stages
 
-    runs = ([run_pool(levels, args.tokens, args.rounds, args.baseline.resolve(), caps_mb)] if args.baseline else [])
-    for path in [p for p in args.paths.split(",") if p] or [None]:
-        runs.append(run_pool(levels, args.tokens, args.rounds, None, caps_mb, path))
+    n = args.gain_batch
+    # generate in one process before the pools and again after them: the figures are their means
+    one_before = generate_tokens_per_s(1, args.tokens) if 1 in levels else None
+    many_before = generate_tokens_per_s(n, args.tokens) if 1 in levels and n in levels else None
+    # Every pool is started first and each level is measured on each pool in turn (the order flips
+    # from level to level), so that the load others put on this machine falls on all of them alike.
+    runs = []
+    try:
+        if args.baseline:
+            runs.append(start_pool(levels, args.baseline.resolve(), caps_mb))
+        for path in [p for p in args.paths.split(",") if p] or [None]:
+            runs.append(start_pool(levels, None, caps_mb, path))
+        for i, n in enumerate(levels):
+            for run in (runs if i % 2 == 0 else runs[::-1]):
+                measure(run, n, args.tokens, args.rounds)
+        if 1 in levels:  # one client again at the end: the baseline every ratio divides by is the mean of both
+            for run in (runs if len(levels) % 2 == 0 else runs[::-1]):
+                measure(run, 1, args.tokens, args.rounds)
+    finally:
+        runs = [stop_pool(run) for run in runs]
     print(f"{args.tokens} tokens a request, {args.rounds} requests a client; load average {os.getloadavg()[0]:.1f}")
     for run in runs:
         print_rows(run)
@@ -176,29 +212,38 @@ def main() -> int:
            "pipelines": runs[-1]["pipelines"], "rows": runs[-1]["rows"], "account": runs[-1]["account"]}
     n = args.gain_batch
     if 1 in levels:  # one client against generate in one process at batch 1, same run
-        one = generate_tokens_per_s(1, args.tokens)
+        one = (one_before + generate_tokens_per_s(1, args.tokens)) / 2
         out["generate_batch_1_tokens_per_s"] = round(one, 1)
         for run in runs:
-            single = next(r for r in run["rows"] if r["clients"] == 1)["tokens_per_s"]
+            single = statistics.mean(r["tokens_per_s"] for r in run["rows"] if r["clients"] == 1)
             run["single_client_vs_generate"] = round(single / one, 3)
             print(f"{run['code']}: 1 client {single:.1f} tok/s = {single / one:.0%} of generate at batch 1 "
                   f"in one process (1 thread, prefill included) {one:.1f} tok/s")
     if 1 in levels and n in levels:
-        many = generate_tokens_per_s(n, args.tokens)
+        many = (many_before + generate_tokens_per_s(n, args.tokens)) / 2
         gain = many / one
         out["generate"] = {"batch_1_tokens_per_s": round(one, 1), f"batch_{n}_tokens_per_s": round(many, 1),
-                           "gain": round(gain, 2)}
-        print(f"generate in one process (1 thread): batch 1 {one:.1f} tok/s, batch {n} {many:.1f} tok/s, "
-              f"gain {gain:.2f}x")
+                           "gain": round(gain, 2),
+                           "before_pools": {"batch_1": round(one_before, 1), f"batch_{n}": round(many_before, 1)}}
+        print(f"generate in one process (1 thread), mean of before and after the pools: batch 1 {one:.1f} tok/s, "
+              f"batch {n} {many:.1f} tok/s, gain {gain:.2f}x (before the pools: {one_before:.1f} and "
+              f"{many_before:.1f})")
         for run in runs:
             rows = {r["clients"]: r for r in run["rows"]}
-            pool_gain = rows[n]["tokens_per_s"] / rows[1]["tokens_per_s"]
-            kept = (pool_gain - 1) / (gain - 1) if gain > 1 else None
-            p99_vs_median = rows[n]["ttft_p99_ms"] / rows[1]["ttft_p50_ms"]
-            run["batching"] = {"pool_gain": round(pool_gain, 2), "share_of_generate_gain": kept and round(kept, 3),
+            ones = [r for r in run["rows"] if r["clients"] == 1]  # measured first and last
+            pool_1 = statistics.mean(r["tokens_per_s"] for r in ones)
+            median_1 = statistics.mean(r["ttft_p50_ms"] for r in ones)
+            pool_gain = rows[n]["tokens_per_s"] / pool_1
+            # kept: the pool's gain over generate's; beyond_one: the same of what each adds to 1x
+            kept = pool_gain / gain
+            beyond_one = (pool_gain - 1) / (gain - 1) if gain > 1 else None
+            p99_vs_median = rows[n]["ttft_p99_ms"] / median_1
+            run["batching"] = {"pool_gain": round(pool_gain, 2), "kept_of_generate_gain": round(kept, 3),
+                               "share_of_generate_gain": beyond_one and round(beyond_one, 3),
                                f"ttft_p99_at_{n}_vs_single_median": round(p99_vs_median, 2)}
-            print(f"{run['code']}: {n} clients get {pool_gain:.2f}x one client's tok/s = "
-                  f"{kept:.0%} of generate's batching gain; TTFT p99 at {n} = {p99_vs_median:.2f}x the 1-client median")
+            print(f"{run['code']}: {n} clients get {pool_gain:.2f}x one client's tok/s: kept of generate's "
+                  f"batching gain {kept:.0%} ((pool {n}/pool 1) / (generate {n}/generate 1)), "
+                  f"{beyond_one:.0%} of the gain beyond 1x; TTFT p99 at {n} = {p99_vs_median:.2f}x the 1-client median")
     out["loadavg"] = os.getloadavg()
     path = Path(args.out) if args.out else Path(__file__).with_suffix(".json")
     path.write_text(json.dumps(out, indent=2) + "\n")

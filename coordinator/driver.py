@@ -1,5 +1,6 @@
 """Drives the requests of one pipeline: keeps the plan's micro-batches in flight, each a batched
-decode step of running requests or the prefill of a new one; requests join and leave at any step.
+decode step of running requests or a prefill of new ones (running requests riding along); requests
+join and leave at any step.
 When a step fails, every request goes back to the pool with the tokens produced so far, to be
 replayed on another pipeline."""
 
@@ -129,6 +130,7 @@ class _Flight:
     requests: list[GenerationRequest]
     future: concurrent.futures.Future
     sent_s: float
+    prompted: tuple[str, ...] = ()  # the sessions whose prompts this step ends (the rest were decoding)
 
 
 class PipelineDriver(threading.Thread):
@@ -137,12 +139,14 @@ class PipelineDriver(threading.Thread):
 
     Sessions are not tied to a micro-batch: a session is either waiting for its prefill, in exactly one
     step in flight, or ready (its next token known). Whenever a step's result comes back its sessions
-    are ready again, and each free slot gets the next step: a new request's prefill, or a decode of up to
+    are ready again, and each free slot gets the next step: a prefill, or a decode of up to
     ceil(decoding sessions / microbatches) ready sessions (so micro-batches stay about even as requests
-    join and leave). A prompt longer than `prefill_chunk_tokens` goes in chunks, one step each. Prefill
-    and decode steps alternate while both have work, so a burst of new prompts, or a long one, never
-    holds running streams for more than one prefill step. A request leaves the step after its last
-    token (its session is closed at once); one that arrives joins at the next free slot."""
+    join and leave). A prefill step carries the waiting prompts that fit in `prefill_chunk_tokens` rows
+    together (a burst of new requests is prefilled in one pass over the weights, not one step each),
+    and one decode share of ready sessions rides along with it, so running streams move on every step.
+    A prompt longer than `prefill_chunk_tokens` goes in chunks, one step each, and a decode step follows
+    each chunk. A request leaves the step after its last token (its session is closed at once); one
+    that arrives joins at the next free slot."""
 
     def __init__(self, pipeline_id: str, link: PipelineLink,
                  on_failure: Callable[[str, list[GenerationRequest], str], None],
@@ -263,25 +267,64 @@ class PipelineDriver(threading.Thread):
                 sid = self.to_prefill.popleft()
                 self.prompts.pop(sid, None)
                 self._finish(sid, self.running[sid])
-            prefill = bool(self.to_prefill) and (self._last_kind == "decode" or not self.ready)
+            # a chunk step carries no decodes: the step after it serves the running streams first
+            prefill = bool(self.to_prefill) and (self._last_kind != "chunk" or not self.ready)
             if prefill:
-                self._send_prefill(self.to_prefill.popleft())
+                self._send_prefill()
             elif self.ready:
                 self._send_decode()
             else:
                 return
 
-    def _send_prefill(self, sid: str) -> None:
-        """The next chunk of a session's prompt, or all that is left of it."""
-        request = self.running[sid]
-        if sid not in self.prompts:  # a replayed request feeds its prompt plus the tokens it already produced
-            self.prompts[sid] = (request.start_attempt(self.stages), 0)
-        ids, start = self.prompts[sid]
-        end = min(len(ids), start + self.prefill_chunk_tokens)
-        self.prompts[sid] = (ids, end)
-        kind = "prefill" if end == len(ids) else "chunk"
-        self._send(Step(self.pipeline_id, next(_step_numbers), kind, (sid,), (start,), (request.sampling,), (),
-                        torch.tensor(ids[start:end], dtype=torch.int64)), [request])
+    def _prompt(self, sid: str) -> tuple[list[int], int]:
+        """A session's ids to prefill and how many were sent; a replayed request feeds its prompt plus
+        the tokens it already produced."""
+        if sid not in self.prompts:
+            self.prompts[sid] = (self.running[sid].start_attempt(self.stages), 0)
+        return self.prompts[sid]
+
+    def _send_prefill(self) -> None:
+        """One step of prompt rows, at most `prefill_chunk_tokens` of them: the first waiting prompt
+        whole, or its next chunk if it is longer; then every following prompt that still fits whole,
+        oldest first, up to 1 / microbatches of the rows waiting (a burst fills every micro-batch, not
+        one); and one decode share of ready sessions riding along with their one token each. The
+        stages run all of them as one pass over the weights (`ShardRuntime.prefill_many`)."""
+        sid = self.to_prefill.popleft()
+        ids, start = self._prompt(sid)
+        if len(ids) - start > self.prefill_chunk_tokens:
+            end = start + self.prefill_chunk_tokens
+            self.prompts[sid] = (ids, end)
+            request = self.running[sid]
+            self._send(Step(self.pipeline_id, next(_step_numbers), "chunk", (sid,), (start,), (request.sampling,), (),
+                            torch.tensor(ids[start:end], dtype=torch.int64)), [request])
+            return
+        entries = [(sid, start, ids[start:])]  # (session, position, ids it feeds)
+        # a burst is spread over the micro-batches, so that the stages work on its parts in turn
+        waiting = len(ids) - start + sum(len(i) - p for i, p in map(self._prompt, self.to_prefill))
+        budget = min(self.prefill_chunk_tokens, -(-waiting // self.microbatches)) - (len(ids) - start)
+        while self.to_prefill and len(entries) < MAX_BATCH_SESSIONS:
+            sid = self.to_prefill[0]
+            if self.running[sid].done.is_set():
+                break  # cancelled: the next _issue finishes it
+            ids, start = self._prompt(sid)
+            if len(ids) - start > budget:
+                break
+            self.to_prefill.popleft()
+            entries.append((sid, start, ids[start:]))
+            budget -= len(ids) - start
+        prompted = tuple(sid for sid, _, _ in entries)
+        for sid in prompted:
+            self.prompts.pop(sid)
+        size = min(len(self.ready), -(-self._decoding // self.microbatches), MAX_BATCH_SESSIONS - len(entries))
+        for sid in list(itertools.islice(self.ready, size)):
+            del self.ready[sid]
+            request = self.running[sid]
+            entries.append((sid, len(request.prompt_ids) + len(request.tokens) - 1, [request.tokens[-1]]))
+        requests = [self.running[sid] for sid, _, _ in entries]
+        self._send(Step(self.pipeline_id, next(_step_numbers), "prefill", tuple(sid for sid, _, _ in entries),
+                        tuple(p for _, p, _ in entries), tuple(r.sampling for r in requests), (),
+                        torch.tensor([t for _, _, ids in entries for t in ids], dtype=torch.int64),
+                        tuple(len(ids) for _, _, ids in entries)), requests, prompted)
 
     def _send_decode(self) -> None:
         size = min(len(self.ready), -(-self._decoding // self.microbatches), MAX_BATCH_SESSIONS)
@@ -294,10 +337,10 @@ class PipelineDriver(threading.Thread):
                         tuple(r.sampling for r in requests), (),
                         torch.tensor([r.tokens[-1] for r in requests], dtype=torch.int64)), requests)
 
-    def _send(self, step: Step, requests: list[GenerationRequest]) -> None:
+    def _send(self, step: Step, requests: list[GenerationRequest], prompted: tuple[str, ...] = ()) -> None:
         number = step.step
         future = self.link.send(step, self.step_timeout_s, lambda _f: self._events.put(number))
-        self.in_flight[number] = _Flight(step, requests, future, time.perf_counter())
+        self.in_flight[number] = _Flight(step, requests, future, time.perf_counter(), prompted)
         self._last_kind = step.kind
 
     def _wait(self) -> None:
@@ -338,9 +381,7 @@ class PipelineDriver(threading.Thread):
         if step.kind == "chunk":  # the rest of its prompt goes before prompts that came later
             self.to_prefill.appendleft(step.sessions[0])
             return
-        if step.kind == "prefill":
-            self.prompts.pop(step.sessions[0], None)
-            self._decoding += 1
+        self._decoding += len(flight.prompted)
         for sid, request, token in zip(step.sessions, flight.requests, result.tokens):
             if request.take_token(token):
                 self._after_send.append(lambda request=request, token=token: request.notify(token))

@@ -33,7 +33,7 @@ bookkeeping (slots, positions) is unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -73,13 +73,19 @@ class WindowedAttention(nn.Module):
         super().__init__()
         self.attn, self.window = attn, window
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
-        T = x.shape[1]
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, groups=None):
+        if groups is not None:  # a ragged step: each group's mask is narrowed alike
+            groups = [replace(g, mask=self._narrow(g.mask, (g.hi - g.lo) if g.batch == 1 else 1, x.device))
+                      for g in groups]
+            return self.attn(x, cos, sin, k_cache, v_cache, write, read, mask, groups)
+        return self.attn(x, cos, sin, k_cache, v_cache, write, read, self._narrow(mask, x.shape[1], x.device))
+
+    def _narrow(self, mask, T, device):
         if mask is None:  # a fresh prefill: plain causal over T tokens
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
         # masks here are a prefix of True per row (causal): keep only its last `window` entries
         from_end = mask.flip(-1).cumsum(-1).flip(-1)  # (B, 1, T, L): True entries at or after each key
-        return self.attn(x, cos, sin, k_cache, v_cache, write, read, mask & (from_end <= self.window))
+        return mask & (from_end <= self.window)
 
 
 class SwappedTokenEmbedding(nn.Module):
@@ -104,7 +110,7 @@ class SkippedLayer(nn.Module):
     """Stands in for a DecoderLayer and does nothing: same forward signature, returns its input
     (and commits to updates of nothing)."""
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, trace=None):
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, trace=None, groups=None):
         if trace is not None:
             trace += (torch.zeros_like(x), torch.zeros_like(x))
         return x
@@ -221,13 +227,15 @@ class Fault:
         noise = torch.randn(x.shape, generator=self._generator).to(x.device)
         return (x + self.noise_rel * rms * noise).to(out.dtype)
 
-    def perturb_last_hidden(self, runtime, last_only: bool = False) -> torch.Tensor | None:
+    def perturb_last_hidden(self, runtime, last_only: bool = False, rows: list[int] | None = None) -> torch.Tensor | None:
         """On the last stage, after a step: perturb `runtime.last_hidden` (what the stage keeps as its
         claimed output) and return the logits of the perturbed rows (only the last row if
-        `last_only`, as prefill returns), or None when this fault leaves the outputs alone."""
+        `last_only`, as prefill returns; only `rows` if given, as a prefill of several sessions
+        returns), or None when this fault leaves the outputs alone."""
         if self.kind != "noise":
             return None
         runtime.last_hidden = self.perturb(runtime.last_hidden)
         h = runtime.last_hidden[-1:] if last_only else runtime.last_hidden
+        h = h if rows is None else runtime.last_hidden[rows]
         with torch.inference_mode():
             return runtime._head(h)

@@ -11,6 +11,8 @@ import ctypes
 import math
 import mmap
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -139,10 +141,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.o = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask):
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, groups=None):
         """x: (B, T, D). `write(cache, new)` stores this step's keys/values, `read(cache)` returns
         the (B, Hkv, L, Dh) keys/values the step attends to, `mask` is (B, 1, T, L) bool or None
-        for a plain causal prefill of T == L tokens."""
+        for a plain causal prefill of T == L tokens. With `groups` (ragged steps, `Group`) x is
+        (1, N, D), the rows of several sessions, and write/read/mask are each group's."""
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)
@@ -150,13 +153,41 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[..., :(H + Hkv) * Dh].view(B, T, H + Hkv, Dh).transpose(1, 2), cos, sin)
         q, k = qk.split((H, Hkv), dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh)
         v = qkv[..., (H + Hkv) * Dh:].view(B, T, Hkv, Dh).transpose(1, 2)
-        write(k_cache, k)
-        write(v_cache, v)
-        keys, values = read(k_cache), read(v_cache)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
-        )  # (B, H, T, Dh)
+        if groups is None:
+            out = _attend(q, k, v, k_cache, v_cache, write, read, mask)  # (B, H, T, Dh)
+        else:  # each group attends over its own sessions' keys; the projections above and below are shared
+            out = torch.cat([g.attend(q, k, v, k_cache, v_cache) for g in groups], dim=2)  # (1, H, N, Dh)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _attend(q, k, v, k_cache, v_cache, write, read, mask):
+    write(k_cache, k)
+    write(v_cache, v)
+    keys, values = read(k_cache), read(v_cache)
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=True
+    )  # (B, H, T, Dh)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows [lo, hi) of a ragged step's (1, heads, N, Dh) queries/keys/values that attend together:
+    one session's T new rows (`batch` 1), or `batch` sessions' one new row each (a decode). Its
+    `write`, `read` and `mask` are as for a step of just these sessions (B = batch)."""
+
+    lo: int
+    hi: int
+    batch: int
+    write: Callable
+    read: Callable
+    mask: torch.Tensor | None
+
+    def attend(self, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        def own(t):  # (1, h, rows, Dh) -> (B, h, T, Dh): a decode group's rows are its sessions
+            t = t[:, :, self.lo:self.hi]
+            return t.transpose(0, 2) if self.batch > 1 else t
+        out = _attend(own(q), own(k), own(v), k_cache, v_cache, self.write, self.read, self.mask)
+        return out.transpose(0, 2) if self.batch > 1 else out  # (1, H, rows, Dh)
 
 
 class MLP(nn.Module):
@@ -191,10 +222,11 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, trace: list | None = None):
+    def forward(self, x, cos, sin, k_cache, v_cache, write, read, mask, trace: list | None = None, groups=None):
         """`trace`: if given, the attention's and then the MLP's update (what each adds to the
-        residual stream) are appended to it, for the stage's commitment (node/runtime.py)."""
-        a = self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, write, read, mask)
+        residual stream) are appended to it, for the stage's commitment (node/runtime.py).
+        `groups`: a ragged step's attention groups (`Attention.forward`)."""
+        a = self.attn(self.input_norm(x), cos, sin, k_cache, v_cache, write, read, mask, groups)
         x = x + a
         m = self.mlp(self.post_attn_norm(x))
         if trace is not None:

@@ -29,7 +29,7 @@ from node.cpu_threads import threads_for_step
 from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
-from node.layers import DecoderLayer, KVCache, RMSNorm, input_major_, load_layer, rope_tables
+from node.layers import DecoderLayer, Group, KVCache, RMSNorm, input_major_, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
 DEFAULT_MAX_SESSIONS = 32
@@ -224,19 +224,7 @@ class ShardRuntime:
             if start == 0:
                 self.close(session_id)
             raise
-        slot = session.slot
-
-        def write(cache, new):  # new: (1, Hkv, T, Dh)
-            cache[slot, :, start:start + T] = new[0]
-
-        def read(cache):
-            return cache[slot:slot + 1, :, :start + T]
-
-        # A fresh session attends causally over its own T tokens; a continued one also sees
-        # the `start` cached tokens, all of which precede every new query.
-        mask = None
-        if start > 0:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(diagonal=start)[None, None]
+        write, read, mask = self._prefill_attention(session.slot, start, T)
         positions = slice(start, start + T)
         h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read, mask)
         if self._taken is not None:
@@ -249,6 +237,90 @@ class ShardRuntime:
             return h
         self.last_hidden = h
         return self._head(h if all_positions else h[-1:])
+
+    def _prefill_attention(self, slot: int, start: int, T: int):
+        """write, read and mask for T new rows of the session in `slot` that holds `start` tokens."""
+        def write(cache, new):  # new: (1, Hkv, T, Dh)
+            cache[slot, :, start:start + T] = new[0]
+
+        def read(cache):
+            return cache[slot:slot + 1, :, :start + T]
+
+        # A fresh session attends causally over its own T tokens; a continued one also sees
+        # the `start` cached tokens, all of which precede every new query.
+        mask = None
+        if start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(diagonal=start)[None, None]
+        return write, read, mask
+
+    @on_own_device
+    @torch.inference_mode()
+    def prefill_many(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Feed several sessions' new tokens as one ragged batch (opening new sessions): session i's
+        ids (T_i,) on stage 0, hidden (T_i, D) after; a session that is decoding may feed its one token.
+        The rows of all sessions go through each weight matrix once, as one (N = sum T_i) matrix;
+        each session attends only to its own keys: one attention call per prompt, one for all the
+        one-token sessions together (as a decode step batches them). Returns hidden (N, D), or on the
+        last stage logits (n, V) at each session's last row; `last_hidden` holds all N rows. Each
+        session's state and trace rows are as if it had been fed alone."""
+        if not steps:
+            raise SessionError("empty prefill batch")
+        ids = [sid for sid, _ in steps]
+        if len(set(ids)) != len(ids):
+            raise SessionError("a session appears twice in one prefill batch")
+        xs = [self._check_input(x) for _, x in steps]
+        opened = []  # sessions this call opened: closed again if it refuses the batch
+        try:
+            sessions = []
+            for sid, x in zip(ids, xs):
+                session = self.sessions.get(sid)
+                if session is None:
+                    session = self.open(sid)
+                    opened.append(sid)
+                self._check_room(sid, session, x.shape[0])
+                sessions.append(session)
+        except SessionError:
+            for sid in opened:
+                self.close(sid)
+            raise
+        lengths = [x.shape[0] for x in xs]
+        starts = [s.n_tokens for s in sessions]
+        # one-token rows of sessions with a context attend as a decode does; the others one by one
+        single = [i for i, (T, p) in enumerate(zip(lengths, starts)) if T == 1 and p > 0]
+        order = single + [i for i in range(len(steps)) if i not in set(single)]
+        bounds, groups, lo = {}, [], 0
+        if single:
+            write, read, mask = self._decode_attention([sessions[i].slot for i in single], [starts[i] for i in single])
+            groups.append(Group(0, len(single), len(single), write, read, mask))
+            bounds.update({i: (k, k + 1) for k, i in enumerate(single)})
+            lo = len(single)
+        for i in order[len(single):]:
+            T = lengths[i]
+            groups.append(Group(lo, lo + T, 1, *self._prefill_attention(sessions[i].slot, starts[i], T)))
+            bounds[i] = (lo, lo + T)
+            lo += T
+        x = torch.cat([xs[i] for i in order])  # (N,) ids or (N, D)
+        pos = torch.cat([torch.arange(starts[i], starts[i] + lengths[i], device=self.device) for i in order])
+        with threads_for_step(x.shape[0], self.device):
+            h = self._forward(x[None], self.cos[pos][None, None], self.sin[pos][None, None], None, None, None,
+                              groups)[0]  # (N, D), rows in `order`
+        taken = None
+        if self._taken is not None:
+            taken = torch.stack(self._taken)[:, 0]  # (2L + 1, N, D)
+            self._taken = None
+        now = time.monotonic()
+        for i, s in enumerate(sessions):
+            if taken is not None:
+                s.trace.append(taken[:, bounds[i][0]:bounds[i][1]])
+            s.n_tokens += lengths[i]
+            s.last_used_s = now
+        back = torch.cat([torch.arange(*bounds[i], device=self.device) for i in range(len(steps))])
+        h = h[back] if order != list(range(len(steps))) else h  # rows in the order of `steps`
+        if not self.shard.is_last:
+            return h
+        self.last_hidden = h
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        return self._head(h[ends])
 
     @on_own_device
     @torch.inference_mode()
@@ -297,6 +369,17 @@ class ShardRuntime:
         return out
 
     def _decode_layers(self, x: torch.Tensor, slot_list: list[int], pos_list: list[int]) -> torch.Tensor:
+        pos = torch.tensor(pos_list, device=self.device)
+        write, read, mask = self._decode_attention(slot_list, pos_list)
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, Dh)
+        h = self._forward(x[:, None], cos, sin, write, read, mask)[:, 0]  # (B, D)
+        if not self.shard.is_last:
+            return h
+        self.last_hidden = h
+        return self._head(h)
+
+    def _decode_attention(self, slot_list: list[int], pos_list: list[int]):
+        """write, read and mask for one new row of each session in `slot_list`, at `pos_list`."""
         B = len(slot_list)
         slots = torch.tensor(slot_list, device=self.device)
         pos = torch.tensor(pos_list, device=self.device)
@@ -318,25 +401,20 @@ class ShardRuntime:
             return cache[lo:lo + B, :, :visible] if contiguous else cache[slots, :, :visible]
 
         mask = (torch.arange(visible, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B,1,1,L)
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, Dh)
-        h = self._forward(x[:, None], cos, sin, write, read, mask)[:, 0]  # (B, D)
-        if not self.shard.is_last:
-            return h
-        self.last_hidden = h
-        return self._head(h)
+        return write, read, mask
 
-    def _forward(self, x, cos, sin, write, read, mask) -> torch.Tensor:
+    def _forward(self, x, cos, sin, write, read, mask, groups=None) -> torch.Tensor:
         h = self.model.embed(x) if self.shard.is_first else x.to(self.dtype)  # (B, T, D)
         if self.capture_trace:
-            return self._forward_captured(h, cos, sin, write, read, mask)
+            return self._forward_captured(h, cos, sin, write, read, mask, groups)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask)
+            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask, None, groups)
         return h
 
-    def _forward_captured(self, h, cos, sin, write, read, mask) -> torch.Tensor:
+    def _forward_captured(self, h, cos, sin, write, read, mask, groups=None) -> torch.Tensor:
         taken = [h]  # each update is a new tensor: keeping references copies nothing
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask, taken)
+            h = layer(h, cos, sin, self.cache.k[i], self.cache.v[i], write, read, mask, taken, groups)
         self._taken = taken
         return h
 

@@ -5,6 +5,7 @@ audits and signs the request's receipt."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from ledger.receipts import StageReceipt
@@ -36,47 +37,52 @@ class StageWorker:
         if self.fault is not None and self.fault.refuses_steps:
             raise StepError("this stage refuses every step (fault injection 'refuse')")
         kind, sessions, positions, params, x = step.kind, step.sessions, step.positions, step.sampling, step.x
+        lengths = step.rows
+        ends = list(itertools.accumulate(lengths))  # each session's rows are [end - length, end)
         started_s = time.perf_counter()
         try:
-            if kind != "decode":  # a prompt, or a chunk of one
-                [sid], [start] = sessions, positions
-                held = self.runtime.sessions.get(sid)
-                if held is not None and start == 0:
-                    self.runtime.close(sid)  # a replay from the start replaces the old session
-                elif (held.n_tokens if held else 0) != start:
-                    raise StepError(f"session {sid!r} holds {held.n_tokens if held else 0} tokens, step says {start}")
-                out = self.runtime.prefill(sid, x)
-                n_new = x.shape[0]
+            if kind != "decode":  # prompts, or a chunk of one (a session already decoding may ride along)
+                for sid, start in zip(sessions, positions):  # every session checked before any changes
+                    held = self.runtime.sessions.get(sid)
+                    if start > 0 and (held.n_tokens if held else 0) != start:
+                        raise StepError(f"session {sid!r} holds {held.n_tokens if held else 0} tokens, step says {start}")
+                for sid, start in zip(sessions, positions):
+                    if start == 0:
+                        self.runtime.close(sid)  # a replay from the start replaces the old session
+                if len(sessions) == 1:
+                    out = self.runtime.prefill(sessions[0], x)
+                else:
+                    out = self.runtime.prefill_many([(sid, x[e - k:e]) for sid, k, e in zip(sessions, lengths, ends)])
                 # records of sessions the runtime evicted go; a prefill from position 0 starts anew
+                fresh = {sid for sid, start in zip(sessions, positions) if start == 0}
                 self.records = {k: r for k, r in self.records.items()
-                                if k in self.runtime.sessions and (k != sid or start > 0)}
+                                if k in self.runtime.sessions and k not in fresh}
             else:
                 for sid, pos in zip(sessions, positions):
                     held = self.runtime.sessions.get(sid)
                     if held is None or held.n_tokens != pos:
                         raise StepError(f"session {sid!r} is not at position {pos}")
                 out = self.runtime.decode([(sid, x[i:i + 1]) for i, sid in enumerate(sessions)])
-                n_new = 1
         except SessionError as exc:
             raise StepError(str(exc)) from exc
         last = self.runtime.shard.is_last
         if last:
             if self.fault is not None:
-                perturbed = self.fault.perturb_last_hidden(self.runtime, last_only=kind != "decode")
+                rows = None if kind == "decode" else [e - 1 for e in ends]
+                perturbed = self.fault.perturb_last_hidden(self.runtime, rows=rows)
                 out = out if perturbed is None else perturbed
             hidden = self.runtime.last_hidden
         elif self.fault is not None:
             out = self.fault.perturb(out)
-        chosen = [p + n_new for p in positions]
+        chosen = [p + k for p, k in zip(positions, lengths)]
         # a chunk samples nothing: its last row is not the prompt's end, so no token is chosen there
         sampled = last and kind != "chunk"
         tokens = sample(out, list(params), chosen) if sampled else []
-        # a prefill's or chunk's record holds all its rows; a decode's, one row per session
-        rows = [(x, hidden if last else out)] if kind != "decode" else [
-            (x[i:i + 1], (hidden if last else out)[i:i + 1]) for i in range(len(sessions))]
-        for i, (sid, (taken, sent)) in enumerate(zip(sessions, rows)):
+        # each session's record holds its own rows: all it fed in this step, and what came of them
+        sent = hidden if last else out
+        for i, (sid, k, e) in enumerate(zip(sessions, lengths, ends)):
             record = self.records.setdefault(sid, SessionRecord())
-            record.add(taken, sent, (chosen[i], tokens[i]) if sampled else None)
+            record.add(x[e - k:e], sent[e - k:e], (chosen[i], tokens[i]) if sampled else None)
         forward = step.forward(out, (time.perf_counter() - started_s) * 1000)
         if not last:
             return forward

@@ -293,7 +293,7 @@ def decode(frame: Frame, *expected: type[Message]) -> Message:
 
 
 class OneTensor(Message):
-    """A message with one tensor, its last field `x`."""
+    """A message with one tensor, its field `x`."""
 
     TENSORS = (1, 1)
 
@@ -530,6 +530,14 @@ class ProbeResult(OneTensor):
     TYPE = "pool.probe_result"
     seed: int
     x: torch.Tensor = field(repr=False, compare=False, default=None)
+    lengths: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Rows of `x` each session feeds, in the order of `sessions`."""
+        if self.lengths:
+            return self.lengths
+        return (1,) * len(self.sessions) if self.kind == "decode" else (self.x.shape[0],)
 
     def validate(self) -> None:
         _count(self.seed, "seed")
@@ -599,14 +607,17 @@ class LinkMeasured(Message):
 
 
 class Step(OneTensor):
-    """One step of a pipeline: `x` is token ids (T,) into stage 0 and hidden states (rows, D) after.
-    `kind`: "prefill" (one session's tokens, the last stage samples after them), "chunk" (one
-    session's tokens with more to come: nothing sampled) or "decode" (one token per session).
-    `positions`: tokens each session holds before this step; `stage_ms`: the compute time of each
-    stage the step went through so far (each stage appends its own; for metrics only)."""
+    """One step of a pipeline: `x` is token ids (rows,) into stage 0 and hidden states (rows, D) after,
+    each session's rows in turn. `kind`: "prefill" (the new tokens of one or more sessions, the last
+    stage samples one token after each session's rows; a session that is already decoding may ride
+    along with its one token), "chunk" (one session's tokens with more to come: nothing sampled)
+    or "decode" (one token per session). `positions`: tokens each session holds before this step;
+    `lengths`: rows each session feeds (empty: one each for a decode, all of them for one session);
+    `stage_ms`: the compute time of each stage the step went through so far (each stage appends
+    its own; for metrics only)."""
 
     TYPE = "stage.step"
-    VERSION = 3
+    VERSION = 4  # 4: `lengths`, several sessions' prompts in one prefill step
     pipeline: str
     step: int
     kind: str
@@ -615,6 +626,14 @@ class Step(OneTensor):
     sampling: tuple[SamplingParams, ...]
     stage_ms: tuple[float, ...]
     x: torch.Tensor = field(repr=False, compare=False, default=None)
+    lengths: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Rows of `x` each session feeds, in the order of `sessions`."""
+        if self.lengths:
+            return self.lengths
+        return (1,) * len(self.sessions) if self.kind == "decode" else (self.x.shape[0],)
 
     def validate(self) -> None:
         _require(self.kind in STEP_KINDS, f"unknown step kind {self.kind!r}")
@@ -626,13 +645,21 @@ class Step(OneTensor):
         _require(len(set(self.sessions)) == n, "a session appears twice in one step")
         _require(all(0 <= p < MAX_CONTEXT_TOKENS for p in self.positions),
                  f"positions are integers in [0, {MAX_CONTEXT_TOKENS})")
-        _require(self.kind == "decode" or n == 1, "a prefill or chunk step carries one session")
+        _require(self.kind != "chunk" or n == 1, "a chunk step carries one session")
+        _require(bool(self.lengths) or self.kind == "decode" or n == 1,
+                 "a prefill step of several sessions says how many rows each feeds (lengths)")
         _require(len(self.stage_ms) < MAX_STAGES_TIMED, f"a step passes at most {MAX_STAGES_TIMED} stages")
         _require(all(math.isfinite(ms) for ms in self.stage_ms), "stage_ms are finite numbers")
         _require(isinstance(self.x, torch.Tensor) and self.x.dim() >= 1 and self.x.shape[0] > 0,
                  "a step carries one non-empty tensor")
         _require(self.kind != "decode" or self.x.shape[0] == n,
                  f"decode step of {n} sessions carries {self.x.shape[0]} rows")
+        if self.lengths:
+            _require(len(self.lengths) == n and all(_is_int(k) and k > 0 for k in self.lengths),
+                     "lengths: one positive row count per session")
+            _require(sum(self.lengths) == self.x.shape[0],
+                     f"lengths add up to {sum(self.lengths)} rows, the step carries {self.x.shape[0]}")
+            _require(self.kind != "decode" or all(k == 1 for k in self.lengths), "a decode step feeds one row a session")
 
     def forward(self, x: torch.Tensor, compute_ms: float) -> "Step":
         """This step as the next stage receives it: our output, our compute time appended."""

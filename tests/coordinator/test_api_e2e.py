@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import openai
 import pytest
 
@@ -55,8 +56,19 @@ def test_openai_client_gets_transformers_greedy_text_streamed_and_not(pool, refe
     assert a == b
 
 
+def prefill_steps(pool: LocalPool) -> int:
+    """Prefill steps the pool's pipelines have run (`/metrics`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(pool.api + "/metrics", timeout=30).text
+    return sum(int(s.value) for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "meshpool_pipeline_step_seconds_count" and s.labels.get("kind") == "prefill")
+
+
 def test_32_concurrent_streaming_clients_all_get_the_right_text(pool, reference):
+    """... and their prompts are prefilled several to a step (each session's text still its own)."""
     want = {p: reference(p, 16) for p in PROMPTS}
+    steps_before = prefill_steps(pool)
     results: dict[int, str] = {}
     errors: list[BaseException] = []
 
@@ -77,6 +89,7 @@ def test_32_concurrent_streaming_clients_all_get_the_right_text(pool, reference)
     assert len(results) == 32
     for i, text in results.items():
         assert text == want[PROMPTS[i % 3]], i
+    assert prefill_steps(pool) - steps_before < 32
 
 
 def test_credits_are_held_then_charged_for_tokens_produced(pool):
