@@ -530,14 +530,6 @@ class ProbeResult(OneTensor):
     TYPE = "pool.probe_result"
     seed: int
     x: torch.Tensor = field(repr=False, compare=False, default=None)
-    lengths: tuple[int, ...] = ()
-
-    @property
-    def rows(self) -> tuple[int, ...]:
-        """Rows of `x` each session feeds, in the order of `sessions`."""
-        if self.lengths:
-            return self.lengths
-        return (1,) * len(self.sessions) if self.kind == "decode" else (self.x.shape[0],)
 
     def validate(self) -> None:
         _count(self.seed, "seed")

@@ -6,7 +6,6 @@ run on a thread of their own as the stages' processes would, answering each step
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 
 import pytest
 
