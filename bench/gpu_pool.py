@@ -54,18 +54,20 @@ PROMPTS = ["Once upon a time, in a small village,", "The three primary colors ar
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def write_model(path: Path, tokenizer_dir: Path, n_layers: int, device: str) -> None:
-    """A random Llama-3-8B-shaped checkpoint in bfloat16, one safetensors file per layer."""
+def write_model(path: Path, tokenizer_dir: Path, n_layers: int, device: str, shape: dict = SHAPE) -> None:
+    """A random Llama checkpoint of `shape` (default the Llama-3-8B one) in bfloat16, one safetensors
+    file per layer, with the tokenizer of `tokenizer_dir` (its vocabulary)."""
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     path.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16", **SHAPE, "num_hidden_layers": n_layers}
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", **shape, "num_hidden_layers": n_layers}
     (path / "config.json").write_text(json.dumps(config))
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, path / name)
     g = torch.Generator(device).manual_seed(0)
-    D, I, H, Hkv = SHAPE["hidden_size"], SHAPE["intermediate_size"], 32, 8
+    D, I = shape["hidden_size"], shape["intermediate_size"]
+    H, Hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
     Dh = D // H
 
     def rand(*shape, std=0.02):
@@ -113,6 +115,22 @@ def audit_outcomes(pool: LocalPool) -> dict:
             "penalties": penalties}
 
 
+def devices_of(args) -> list[str]:
+    return args.devices.split(",") if args.devices else [args.device]
+
+
+def serve_stages(pool: LocalPool, n_stages: int, args, extra_args: list[str] = ()) -> dict:
+    """Starts `n_stages` serving providers, one per device of `--devices` in turn, and waits for their
+    pipeline: /pool then. bfloat16 weights of the 8B shape are 16 GB (the planner counts each provider
+    at its dtype): a cap of 10 GB splits them in two."""
+    cap = [] if n_stages == 1 else ["--max-memory-mb", "10000"]
+    devices = devices_of(args)
+    for i in range(n_stages):
+        pool.add_provider(f"gpu{i}", extra_args=["--device", devices[i % len(devices)], *cap, *extra_args])
+    return pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
+                         what=f"a {n_stages}-stage pipeline", timeout_s=300)
+
+
 def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
     # the coordinator referees on its CPU (the other hardware), with a few of the host's cores;
     # witnesses (newcomers on the same GPU) stay newcomers: they only verify
@@ -121,19 +139,11 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
                      coordinator_args=["--audit-probability-ppm", "999999", "--promotion-audits", "100000", *dtype])
     try:
         pool.start_coordinator()
-        # bfloat16 weights of the 8B shape are 16 GB (the planner counts each provider at its dtype): a cap of
-        # 10 GB splits them in two
-        cap = [] if n_stages == 1 else ["--max-memory-mb", "10000"]
         started_s = time.perf_counter()
         for i in range(args.witnesses):
             pool.add_provider(f"witness{i}", vouch=False, extra_args=["--device", args.device])
         fault = ["--fault-injection", args.fault] if args.fault else []
-        devices = args.devices.split(",") if args.devices else [args.device]
-        for i in range(n_stages):
-            pool.add_provider(f"gpu{i}", extra_args=["--device", devices[i % len(devices)], "--retention-mb", "8192",
-                                                     *cap, *fault])
-        state = pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
-                              what=f"a {n_stages}-stage pipeline", timeout_s=300)
+        state = serve_stages(pool, n_stages, args, ["--retention-mb", "8192", *fault])
         ready_s = time.perf_counter() - started_s
         key = pool.add_consumer("bench", 10**12)
         model = model_id_of(model_dir)
@@ -160,7 +170,7 @@ def run_shape(root: Path, model_dir: Path, n_stages: int, args) -> dict:
         # the mean audit's recompute for every stage of every request (some may still be running)
         all_audits_s = recompute_s / max(1, len(recompute_ms)) * n_stages * args.requests
         default_p = MoneyParams().audit_probability_ppm / 1e6
-        return {"stages": n_stages, "devices": devices[:n_stages], "pipeline": state["pipelines"][0]["stages"],
+        return {"stages": n_stages, "devices": devices_of(args)[:n_stages], "pipeline": state["pipelines"][0]["stages"],
                 "ready_s": round(ready_s, 1),
                 "witnesses": args.witnesses, "fault": args.fault, "serving_dtype": args.serving_dtype,
                 "requests": args.requests, "clients": args.clients, "errors": [c for c in counts if c < 0],
@@ -202,13 +212,8 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
                                        "--serving-dtype", "bfloat16"])
     try:
         pool.start_coordinator()
-        cap = [] if n_stages == 1 else ["--max-memory-mb", "10000"]  # 16 GB of bf16 weights: two stages
-        devices = args.devices.split(",") if args.devices else [args.device]
         started_s = time.perf_counter()
-        for i in range(n_stages):
-            pool.add_provider(f"gpu{i}", extra_args=["--device", devices[i % len(devices)], *cap])
-        state = pool.wait_for(lambda s: len(s["pipelines"]) == 1 and len(s["pipelines"][0]["stages"]) == n_stages,
-                              what=f"a {n_stages}-stage pipeline", timeout_s=300)
+        state = serve_stages(pool, n_stages, args)
         ready_s = time.perf_counter() - started_s
         key = pool.add_consumer("bench", 10**15)
         model = model_id_of(model_dir)
@@ -220,7 +225,7 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
             if n in in_process:
                 rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
         final = pool.get("/pool")
-        return {"stages": n_stages, "devices": devices[:n_stages], "ready_s": round(ready_s, 1),
+        return {"stages": n_stages, "devices": devices_of(args)[:n_stages], "ready_s": round(ready_s, 1),
                 "pipeline": final["pipelines"][0]["stages"] if final["pipelines"] else state["pipelines"][0]["stages"],
                 "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows}
     finally:
@@ -229,9 +234,9 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
 
 def load_main(args, model_dir: Path, root: Path) -> None:
     levels = [int(x) for x in args.load.split(",")]
-    devices = args.devices.split(",") if args.devices else [args.device]
-    in_process = in_process_rates(model_dir, devices[0], levels, args.tokens)
-    print(f"in process (one runtime, all layers, {devices[0]}): " +
+    device = devices_of(args)[0]
+    in_process = in_process_rates(model_dir, device, levels, args.tokens)
+    print(f"in process (one runtime, all layers, {device}): " +
           ", ".join(f"batch {b} {r} tok/s" for b, r in in_process.items()), flush=True)
     out = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
            "tokens": args.tokens, "rounds": args.rounds, "in_process_tokens_per_s": in_process, "rows": []}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -25,43 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
 from bench.api_load import run_level  # noqa: E402
+from bench.gpu_pool import write_model  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
 from node.models import default_model_dir, model_id_of  # noqa: E402
 
+# 2 layers of hidden 64: the compute of a step is negligible beside what the pool does around it
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-            head_dim=16, tie_word_embeddings=True, torch_dtype="float32")
-
-
-def write_tiny_model(path: Path) -> None:
-    source = default_model_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    config = {**json.loads((source / "config.json").read_text()), **TINY}
-    (path / "config.json").write_text(json.dumps(config))
-    for f in source.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json",
-                                                        "chat_template.jinja", "vocab.json", "merges.txt"):
-            shutil.copy(f, path / f.name)
-    g = torch.Generator().manual_seed(0)
-    D, I, Dh = TINY["hidden_size"], TINY["intermediate_size"], TINY["head_dim"]
-    H, Hkv = TINY["num_attention_heads"], TINY["num_key_value_heads"]
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
-
-    tensors = {"model.embed_tokens.weight": torch.randn(config["vocab_size"], D, generator=g),
-               "model.norm.weight": torch.ones(D)}
-    for i in range(TINY["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors.update({p + "input_layernorm.weight": torch.ones(D), p + "post_attention_layernorm.weight": torch.ones(D),
-                        p + "self_attn.q_proj.weight": rand(H * Dh, D), p + "self_attn.k_proj.weight": rand(Hkv * Dh, D),
-                        p + "self_attn.v_proj.weight": rand(Hkv * Dh, D), p + "self_attn.o_proj.weight": rand(D, H * Dh),
-                        p + "mlp.gate_proj.weight": rand(I, D), p + "mlp.up_proj.weight": rand(I, D),
-                        p + "mlp.down_proj.weight": rand(D, I)})
-    save_file(tensors, str(path / "model.safetensors"))
+            rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048)
 
 
 def run_pool(model_dir: Path, levels: list[int], tokens: int, rounds: int, code_dir: Path | None) -> list[dict]:
@@ -92,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     if not (args.model_dir / "config.json").exists():
-        write_tiny_model(args.model_dir)
+        write_model(args.model_dir, default_model_dir(), TINY["num_hidden_layers"], "cpu", TINY)
     codes = {"this": None, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     runs: dict[str, list[list[dict]]] = {name: [] for name in codes}
     for _ in range(args.repeats):
