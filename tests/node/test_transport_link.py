@@ -71,6 +71,16 @@ def _wait_link(stream, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def _on_link(make, got, receiver_cfg: dict | None = None):
+    """A receiver handing frames to `got` and a stream to it on the link, its first frame ({"n": 1}) in."""
+    receiver, sender = _pair(make, got, receiver_cfg)
+    stream = sender.open_stream(receiver.peer_id, PIPE, link=True)
+    _wait_link(stream)
+    stream.send(Frame("test.n", 1, {"n": 1}))
+    got.wait_for(1)
+    return receiver, stream
+
+
 def test_frames_keep_their_order_across_the_switch_and_the_end(nodes):
     got = Collector()
     receiver, sender = _pair(nodes, got)
@@ -101,11 +111,7 @@ def test_a_large_frame_goes_in_records_and_arrives_whole(nodes):
 
 def test_tampered_or_garbage_bytes_on_the_link_drop_the_stream_with_a_clear_reason(nodes, caplog):
     got = Collector()
-    receiver, sender = _pair(nodes, got)
-    stream = sender.open_stream(receiver.peer_id, PIPE, link=True)
-    _wait_link(stream)
-    stream.send(Frame("test.n", 1, {"n": 1}))
-    got.wait_for(1)
+    receiver, stream = _on_link(nodes, got)
     with caplog.at_level(logging.WARNING, logger="meshpool.transport"):
         # a record that does not authenticate: what an injected or altered TCP segment looks like
         stream._fs.link_out.sock.sendall(struct.pack(">I", 40) + bytes(40))
@@ -118,10 +124,7 @@ def test_tampered_or_garbage_bytes_on_the_link_drop_the_stream_with_a_clear_reas
 
 def test_an_oversized_frame_is_refused_before_it_is_read(nodes):
     got = Collector()
-    receiver, sender = _pair(nodes, got, receiver_cfg={"limits": FrameLimits(max_frame_bytes=200 * 1024)})
-    stream = sender.open_stream(receiver.peer_id, PIPE, link=True)
-    _wait_link(stream)
-    stream.send(Frame("test.n", 1, {"n": 1}))
+    _, stream = _on_link(nodes, got, receiver_cfg={"limits": FrameLimits(max_frame_bytes=200 * 1024)})
     stream.send(Frame("test.big", 1, {}, [torch.zeros(100_000)]))
     assert got.done.wait(10)
     assert [f.fields["n"] for f in got.frames] == [1]
@@ -130,11 +133,7 @@ def test_an_oversized_frame_is_refused_before_it_is_read(nodes):
 
 def test_the_reader_wakes_when_its_own_node_drops_the_stream(nodes):
     got = Collector()
-    receiver, sender = _pair(nodes, got)
-    stream = sender.open_stream(receiver.peer_id, PIPE, link=True)
-    _wait_link(stream)
-    stream.send(Frame("test.n", 1, {"n": 1}))
-    got.wait_for(1)
+    receiver, _ = _on_link(nodes, got)
     receiver.close()  # the reader is blocked on the link socket: the node's end must reach it
     assert got.done.wait(10)
     assert "StreamClosed" in got.ended
