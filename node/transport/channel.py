@@ -192,18 +192,22 @@ class FrameStream:
             return None
         raise FrameError(f"unknown control message {frame.type}")
 
+    def _check_offer(self, f: dict, cipher: str, what: str, plaintext: str) -> None:
+        """A bulk or link offer's cipher, token, key and port, as the channel (bulk.py) needs them."""
+        if cipher not in bulkmod.CIPHERS:
+            raise FrameError(f"{what} with unknown cipher {cipher!r}")
+        if cipher == "none" and not self.cfg.bulk_accept_plaintext:
+            raise FrameError(f"peer offered {plaintext}; refused by config")
+        if len(f["token"]) != bulkmod.TOKEN_BYTES or len(f["key"]) != bulkmod.KEY_BYTES:
+            raise FrameError(f"{what} token/key of wrong length")
+        if not 0 < f["port"] < 65536:
+            raise FrameError(f"{what} port {f['port']} out of range")
+
     async def _accept_bulk_offer(self, f: dict) -> None:
         if self._bulk_in is not None:
             raise FrameError("second bulk offer on one stream")
         cipher = f.get("cipher", "aes-256-gcm")
-        if cipher not in bulkmod.CIPHERS:
-            raise FrameError(f"bulk offer with unknown cipher {cipher!r}")
-        if cipher == "none" and not self.cfg.bulk_accept_plaintext:
-            raise FrameError("peer offered a plaintext bulk channel; refused by config")
-        if len(f["token"]) != bulkmod.TOKEN_BYTES or len(f["key"]) != bulkmod.KEY_BYTES:
-            raise FrameError("bulk offer token/key of wrong length")
-        if not 0 < f["port"] < 65536:
-            raise FrameError(f"bulk offer port {f['port']} out of range")
+        self._check_offer(f, cipher, "bulk offer", "a plaintext bulk channel")
         remote = None if self.relayed else self.ns.get_remote_address()
         sock = await self._bulk_dial(remote, f["port"], f["token"]) if remote else None
         if sock is None:
@@ -330,14 +334,7 @@ class FrameStream:
         if self._link_in_secret is not None:
             raise FrameError("second link offer on one stream")
         cipher = f["cipher"]
-        if cipher not in bulkmod.CIPHERS:
-            raise FrameError(f"link offer with unknown cipher {cipher!r}")
-        if cipher == "none" and not self.cfg.bulk_accept_plaintext:
-            raise FrameError("peer offered a plaintext link; refused by config")
-        if len(f["token"]) != bulkmod.TOKEN_BYTES or len(f["key"]) != bulkmod.KEY_BYTES:
-            raise FrameError("link offer token/key of wrong length")
-        if not 0 < f["port"] < 65536:
-            raise FrameError(f"link offer port {f['port']} out of range")
+        self._check_offer(f, cipher, "link offer", "a plaintext link")
         self._link_in_secret = (f["key"], cipher)
         if not self.accept_link:  # an asyncio or request handler reads through the inbox only
             await self.send(Frame("transport.link_reverse", 1, {"port": 0, "token": b""}), control=True)
