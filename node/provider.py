@@ -32,6 +32,7 @@ from node.profile import hardware_class, serving_dtype
 from node.reachability import announce_addr
 from node.retention import RetentionStore
 from node.runtime import ShardRuntime
+from node.sealer import Sealer
 from node.shard import Shard, tensor_names
 from node.stage import StageWorker, StepError
 from node.status import ProviderStats
@@ -124,6 +125,7 @@ class Provider:
                                    lambda: self.coordinator_peer, lies=bool(fault and fault.lies_as_verifier),
                                    on_audit=self.stats.add_audit)
         self.assignment: Assignment | None = None
+        self.sealer = Sealer(self._send_receipts)  # closed requests are hashed and receipted off the serving thread
         self.unassigned = threading.Event()  # set while no shard is assigned
         self.unassigned.set()
         self.assign_lock = threading.Lock()
@@ -162,6 +164,7 @@ class Provider:
             log.warning("leave was not acknowledged: %s", exc)
         with self.assign_lock:
             self._drop_assignment()
+        self.sealer.shutdown()  # the last requests' receipts go out before we do
         self.node.close()
 
     def _control(self, message: Message, timeout_s: float = CONTROL_TIMEOUT_S) -> Message:
@@ -367,11 +370,10 @@ class Provider:
                 continue
             if isinstance(message, Close):
                 with assignment.lock:
-                    receipts = assignment.worker.close(message)
+                    unsealed = assignment.worker.release(message)
                 if not assignment.worker.runtime.shard.is_last:
                     self._forward(assignment, message)
-                if receipts:
-                    self._send_receipts(receipts)
+                self.sealer.submit(assignment.worker, unsealed)
             elif message.step <= last_step:
                 log.warning("step %d of pipeline %s from %s dropped: a duplicate (step %d was taken)",
                             message.step, message.pipeline, stream.peer_id, last_step)

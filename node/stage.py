@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
+
+import torch
 
 from ledger.receipts import StageReceipt
 from node.faults import Fault
@@ -15,6 +18,24 @@ from node.runtime import SessionError, ShardRuntime
 from node.transport.identity import Identity
 from verification.sampling import sample
 from wire.messages import Close, Result, Step, dtype_name
+
+
+@dataclass(frozen=True)
+class Unsealed:
+    """A closed session's record and layer trace (on the runtime's device), not yet hashed."""
+
+    request_id: str
+    record: SessionRecord
+    trace: torch.Tensor | None
+    ready: "torch.cuda.Event | None"  # recorded after the trace was built, on the serving stream
+
+
+def _ready_event(trace: torch.Tensor | None):
+    if trace is None or trace.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(trace.device))
+    return event
 
 
 class StepError(ValueError):
@@ -79,18 +100,25 @@ class StageWorker:
         sampled = last and kind != "chunk"
         tokens = sample(out, list(params), chosen) if sampled else []
         # each session's record holds its own rows: all it fed in this step, and what came of them
-        sent = hidden if last else out
+        # (one copy off the device for the whole step, not one a session; it is also what goes on)
+        fed, sent = x.detach().to("cpu"), (hidden if last else out).detach().to("cpu")
         for i, (sid, k, e) in enumerate(zip(sessions, lengths, ends)):
             record = self.records.setdefault(sid, SessionRecord())
-            record.add(x[e - k:e], sent[e - k:e], (chosen[i], tokens[i]) if sampled else None)
-        forward = step.forward(out, (time.perf_counter() - started_s) * 1000)
+            record.add(fed[e - k:e], sent[e - k:e], (chosen[i], tokens[i]) if sampled else None)
+        forward = step.forward(out if last else sent, (time.perf_counter() - started_s) * 1000)
         if not last:
             return forward
         return Result(step.pipeline, step.step, sessions, tuple(tokens), forward.stage_ms)
 
     def close(self, close: Close) -> list[StageReceipt]:
         """Free the sessions; for each named with a request id, seal its record and sign a receipt."""
-        receipts = []
+        return [self.seal(unsealed) for unsealed in self.release(close)]
+
+    def release(self, close: Close) -> list[Unsealed]:
+        """Free the sessions now; what each named with a request id left to seal (`seal`, which may
+        run on another thread: hashing a GPU stage's trace takes tens of ms a request, and the
+        stage's next steps need not wait for it)."""
+        out = []
         for sid, request_id in zip(close.sessions, close.requests):
             record = self.records.pop(sid, None)
             keep = record is not None and request_id and self.identity is not None and self.retained is not None
@@ -99,10 +127,20 @@ class StageWorker:
                 trace = self.runtime.trace(sid)
             self.runtime.close(sid)
             if keep:
-                retained = record.seal(trace)
-                self.retained.put(request_id, retained)
-                receipts.append(self._sign(request_id, record.n_tokens, retained))
-        return receipts
+                out.append(Unsealed(request_id, record, trace, _ready_event(trace)))
+        return out
+
+    def seal(self, unsealed: Unsealed) -> StageReceipt:
+        """Hash and retain a released record; its signed receipt. Thread-safe."""
+        trace = unsealed.trace
+        if trace is not None and trace.device.type == "cuda":  # copied on a side stream: steps go on meanwhile
+            stream = torch.cuda.Stream(device=trace.device)
+            stream.wait_event(unsealed.ready)
+            with torch.cuda.stream(stream):
+                trace = trace.to("cpu")
+        retained = unsealed.record.seal(trace)
+        self.retained.put(unsealed.request_id, retained)
+        return self._sign(unsealed.request_id, unsealed.record.n_tokens, retained)
 
     def _sign(self, request_id: str, n_tokens: int, retained: Retained) -> StageReceipt:
         shard = self.runtime.shard

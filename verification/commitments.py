@@ -17,5 +17,5 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
     for t in tensors:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{_DTYPE_NAMES[t.dtype]}{list(t.shape)}\x00".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a large trace
     return h.hexdigest()
