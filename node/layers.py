@@ -190,6 +190,25 @@ class Group:
         return out.transpose(0, 2) if self.batch > 1 else out  # (1, H, rows, Dh)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """Rows [lo, hi) of a ragged step that are several new sessions' whole prompts, back to back:
+    each row attends causally within its own prompt only (`mask`, (1, 1, n, n) block-diagonal), so
+    all of them take one attention call and need no cache read. `write(cache, new)` stores the
+    rows' keys/values in their sessions' slots."""
+
+    lo: int
+    hi: int
+    write: Callable
+    mask: torch.Tensor
+
+    def attend(self, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        q, k, v = (t[:, :, self.lo:self.hi] for t in (q, k, v))
+        self.write(k_cache, k)
+        self.write(v_cache, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)  # (1, H, n, Dh)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

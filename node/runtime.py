@@ -29,7 +29,7 @@ from node.cpu_threads import threads_for_step
 from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, triton_usable
-from node.layers import DecoderLayer, Group, KVCache, RMSNorm, input_major_, load_layer, rope_tables
+from node.layers import DecoderLayer, Group, KVCache, Packed, RMSNorm, input_major_, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
 DEFAULT_MAX_SESSIONS = 32
@@ -173,6 +173,9 @@ class ShardRuntime:
             self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
                                          None if shard.is_first else self.config.hidden_size, dtype, self.device)
         self.sessions: dict[str, Session] = {}
+        # new prompts of one prefill step attend in one call (`Packed`): on a GPU per-prompt calls cost
+        # more in launches than in work; on the CPU the bit-exact per-prompt recipe audits replay stays
+        self.pack_prompts = self.device.type == "cuda"
         # On the last stage: the hidden states (before the final norm) behind the logits of the
         # latest step, which the stage retains for audits. A view, valid until the next step.
         self.last_hidden: torch.Tensor | None = None
@@ -253,14 +256,29 @@ class ShardRuntime:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(diagonal=start)[None, None]
         return write, read, mask
 
+    def _packed_attention(self, lo: int, slot_list: list[int], lengths: list[int]) -> Packed:
+        """New prompts of sessions in `slot_list` (`lengths` rows each), rows from `lo` of a ragged step."""
+        slots = torch.tensor([s for s, n in zip(slot_list, lengths) for _ in range(n)], device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        prompt = torch.repeat_interleave(torch.arange(len(lengths), device=self.device),
+                                         torch.tensor(lengths, device=self.device))
+        # a row sees the rows of its own prompt up to itself
+        mask = (prompt[:, None] == prompt[None, :]) & (pos[:, None] >= pos[None, :])
+
+        def write(cache, new):  # new: (1, Hkv, n, Dh)
+            cache[slots, :, pos] = new[0].transpose(0, 1)
+
+        return Packed(lo, lo + len(pos), write, mask[None, None])
+
     @on_own_device
     @torch.inference_mode()
     def prefill_many(self, steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """Feed several sessions' new tokens as one ragged batch (opening new sessions): session i's
         ids (T_i,) on stage 0, hidden (T_i, D) after; a session that is decoding may feed its one token.
         The rows of all sessions go through each weight matrix once, as one (N = sum T_i) matrix;
-        each session attends only to its own keys: one attention call per prompt, one for all the
-        one-token sessions together (as a decode step batches them). Returns hidden (N, D), or on the
+        each session attends only to its own keys: one attention call for all the one-token
+        sessions together (as a decode step batches them), on CUDA one for all new prompts, and one per
+        other prompt. Returns hidden (N, D), or on the
         last stage logits (n, V) at each session's last row; `last_hidden` holds all N rows. Each
         session's state and trace rows are as if it had been fed alone."""
         if not steps:
@@ -285,16 +303,25 @@ class ShardRuntime:
             raise
         lengths = [x.shape[0] for x in xs]
         starts = [s.n_tokens for s in sessions]
-        # one-token rows of sessions with a context attend as a decode does; the others one by one
+        # one-token rows of sessions with a context attend as a decode does; on CUDA new prompts attend
+        # together, one call for all (per-prompt calls cost a GPU more in launches than in work); the
+        # others one by one
         single = [i for i, (T, p) in enumerate(zip(lengths, starts)) if T == 1 and p > 0]
-        order = single + [i for i in range(len(steps)) if i not in set(single)]
+        fresh = [i for i, p in enumerate(starts) if p == 0] if self.pack_prompts else []
+        fresh = fresh if len(fresh) > 1 else []
+        order = single + fresh + [i for i in range(len(steps)) if i not in set(single) | set(fresh)]
         bounds, groups, lo = {}, [], 0
         if single:
             write, read, mask = self._decode_attention([sessions[i].slot for i in single], [starts[i] for i in single])
             groups.append(Group(0, len(single), len(single), write, read, mask))
             bounds.update({i: (k, k + 1) for k, i in enumerate(single)})
             lo = len(single)
-        for i in order[len(single):]:
+        if fresh:
+            groups.append(self._packed_attention(lo, [sessions[i].slot for i in fresh], [lengths[i] for i in fresh]))
+            for i in fresh:
+                bounds[i] = (lo, lo + lengths[i])
+                lo += lengths[i]
+        for i in order[len(single) + len(fresh):]:
             T = lengths[i]
             groups.append(Group(lo, lo + T, 1, *self._prefill_attention(sessions[i].slot, starts[i], T)))
             bounds[i] = (lo, lo + T)

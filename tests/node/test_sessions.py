@@ -165,10 +165,13 @@ def test_a_prompt_in_chunks_samples_only_at_its_end_like_one_prefill(model_dir):
     assert torch.equal(kept[0].stage_input, kept[1].stage_input)
 
 
-def test_several_sessions_prefilled_as_one_batch_match_each_fed_alone(model_dir):
+@pytest.mark.parametrize("packed", [False, True], ids=["prompt-by-prompt", "packed"])
+def test_several_sessions_prefilled_as_one_batch_match_each_fed_alone(model_dir, packed):
     """prefill_many: new prompts and one-token rows of decoding sessions in one ragged batch give each
-    session the logits, cache and trace rows it gets alone; a batch the slots cannot hold opens nothing."""
+    session the logits, cache and trace rows it gets alone; a batch the slots cannot hold opens nothing.
+    Packed (the GPU's way): the new prompts attend in one call, each within its own rows."""
     alone, together = (runtime(model_dir, 0, 2, capture_trace=True, max_sessions=6) for _ in range(2))
+    together.pack_prompts = packed
     generator = torch.Generator().manual_seed(0)
     prompts = {f"p{i}": torch.randint(0, 200, (3 + 2 * i,), generator=generator) for i in range(3)}
     for rt in (alone, together):
