@@ -31,7 +31,7 @@ from coordinator.measurements import Measurements, Observation  # noqa: E402
 from coordinator.planner import ModelShape, ProviderSpec, stage_memory_bytes, stage_time_s  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
 from node.models import default_model_dir  # noqa: E402
-from node.probe import ProbeWork  # noqa: E402
+from node.probe import WARM_UP_STEPS, ProbeWork  # noqa: E402
 from node.profile import matmul_tflops, read_bandwidth_gb_per_s, serving_dtype  # noqa: E402
 from node.runtime import ShardRuntime  # noqa: E402
 from node.shard import Shard, tensor_names  # noqa: E402
@@ -118,7 +118,8 @@ def probed_spec(me: ProviderSpec, shape: ModelShape, config: ModelConfig, model_
         sync(device)
         best = min(best, (time.perf_counter() - t0) / PROBE_STEPS)
     store = Measurements(shape, batch)
-    store.record_probe(me, Observation(end - start, False, False, batch, PROBE_TOKENS + (PROBE_STEPS + 1) // 2, best))
+    store.record_probe(me, Observation(end - start, False, False, batch,
+                                       PROBE_TOKENS + WARM_UP_STEPS + (PROBE_STEPS + 1) // 2, best))
     return store.spec_for(me)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from coordinator.measurements import Measurements, Observation
 from coordinator.planner import ProviderSpec
-from node.probe import ProbeWork
+from node.probe import WARM_UP_STEPS, ProbeWork
 from node.transport import TransportError
 from wire.messages import Ack, Message, Ping, Probe, ProbeResult, ProbeRun
 
@@ -94,7 +94,7 @@ class Admission:
         seconds = max(wall_s - rtt_ms / 1e3, 1e-6) / PROBE_STEPS
         self.measurements.record_rtt(peer, rtt_ms)
         # the decode steps attend to the prefilled tokens plus the steps so far: their mean context
-        context = PROBE_TOKENS + (PROBE_STEPS + 1) // 2
+        context = PROBE_TOKENS + WARM_UP_STEPS + (PROBE_STEPS + 1) // 2
         contradicted = self.measurements.record_probe(
             claimed, Observation(self.end - self.start, False, False, self.batch, context, seconds))
         log.info("provider %s probed: %.2f ms a step of %d layers at batch %d (rtt %.2f ms)%s", peer,

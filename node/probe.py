@@ -1,8 +1,9 @@
 """The admission probe's work, the same on a provider and on the coordinator that checks it.
 
 A `Probe` names a few middle layers, a batch and a seed: both sides load those layers, prefill
-`batch` sessions with hidden states drawn from the seed, then (on `ProbeRun`, with a second seed
-only sent when the timed part starts) run `steps` batched decode steps. The provider returns the
+`batch` sessions with hidden states drawn from the seed and decode a warm-up step or two (untimed),
+then (on `ProbeRun`, with a second seed only sent when the timed part starts) run `steps` batched
+decode steps. The provider returns the
 last step's output; the coordinator, which times the run with its own clock, recomputes it
 (coordinator/admission.py). Inputs are drawn on the CPU in float32 so both sides draw the same.
 """
@@ -16,6 +17,8 @@ import torch
 from node.runtime import ShardRuntime
 from node.shard import Shard
 from wire.messages import Probe, ProbeRun
+
+WARM_UP_STEPS = 2  # decode steps of the whole batch after the prefill, before the timed run
 
 
 def probe_inputs(seed: int, rows: int, hidden: int) -> torch.Tensor:
@@ -39,13 +42,18 @@ class ProbeWork:
         x = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)  # (B * T, D)
         for i, sid in enumerate(self.sessions):
             self.runtime.prefill(sid, x[i * probe.tokens:(i + 1) * probe.tokens])
+        # untimed decode steps first: a GPU's first decode pays for picking kernels and workspaces
+        # (an honest H200 measured ~300x slower than its claim without them, a false "misconduct")
+        self._decode(probe_inputs(probe.seed + 1, WARM_UP_STEPS * probe.batch, hidden), WARM_UP_STEPS)
 
     def run(self, run: ProbeRun) -> torch.Tensor:
         """`run.steps` decode steps of the whole batch; the last step's output (B, D) in float32."""
         hidden = self.runtime.config.hidden_size
-        xs = probe_inputs(run.seed, run.steps * len(self.sessions), hidden)  # (steps * B, D)
+        return self._decode(probe_inputs(run.seed, run.steps * len(self.sessions), hidden), run.steps)
+
+    def _decode(self, xs: torch.Tensor, steps: int) -> torch.Tensor:
         out = None
-        for step in range(run.steps):
+        for step in range(steps):
             rows = xs[step * len(self.sessions):(step + 1) * len(self.sessions)]
             out = self.runtime.decode([(sid, rows[i:i + 1]) for i, sid in enumerate(self.sessions)])
         return out.float().cpu().clone()
