@@ -14,7 +14,9 @@ With `--load` it measures speed instead, as a user meets the pool: at each level
 stream greedy completions through the official `openai` client (`--rounds` each) with audits at
 1 ppm and no witnesses; tokens/s and time to first token p50/p99, beside the in-process runtime
 (node/runtime.py ShardRuntime on the same checkpoint and device, all layers, CUDA graphs) decoding
-the same number of tokens at batch 1, 8 and 32 in the same run, and the ratios between them.
+the same number of tokens at batch 1, 8 and 32 in the same run, and the ratios between them. With
+`--baseline DIR` (a checkout of other code, e.g. `git archive main`) each shape's pool runs that code
+first, then this code, in the same run: "this / baseline" ratios.
 
 The checkpoint is written on the machine (no hub): Llama-3-8B shapes (hidden 4096, 32 layers,
 32/8 heads, intermediate 14336) with the tokenizer of `--tokenizer-dir` (its vocabulary), weights
@@ -205,10 +207,12 @@ def in_process_rates(model_dir: Path, device: str, batches: list[int], n_new: in
     return rates
 
 
-def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in_process: dict, args) -> dict:
-    """`levels` of concurrent streaming clients on a pool of `n_stages` providers, audits at 1 ppm."""
+def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in_process: dict, args,
+               code_dir: Path | None = None) -> dict:
+    """`levels` of concurrent streaming clients on a pool of `n_stages` providers, audits at 1 ppm;
+    `code_dir`: the pool runs that checkout's code (a baseline) instead of this one's."""
     pool = LocalPool(root, model_dir, context_tokens=args.context_tokens, max_sessions=max(levels), compute_threads=8,
-                     coordinator_args=["--audit-probability-ppm", "1", "--rate-limit-rps", "100000",
+                     code_dir=code_dir, coordinator_args=["--audit-probability-ppm", "1", "--rate-limit-rps", "100000",
                                        "--serving-dtype", "bfloat16"])
     try:
         pool.start_coordinator()
@@ -225,7 +229,8 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
             if n in in_process:
                 rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
         final = pool.get("/pool")
-        return {"stages": n_stages, "devices": devices_of(args)[:n_stages], "ready_s": round(ready_s, 1),
+        return {"stages": n_stages, "code": str(code_dir or "this"), "devices": devices_of(args)[:n_stages],
+                "ready_s": round(ready_s, 1),
                 "pipeline": final["pipelines"][0]["stages"] if final["pipelines"] else state["pipelines"][0]["stages"],
                 "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows}
     finally:
@@ -240,15 +245,22 @@ def load_main(args, model_dir: Path, root: Path) -> None:
           ", ".join(f"batch {b} {r} tok/s" for b, r in in_process.items()), flush=True)
     out = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
            "tokens": args.tokens, "rounds": args.rounds, "in_process_tokens_per_s": in_process, "rows": []}
+    codes = [None] if args.baseline is None else [args.baseline.resolve(), None]
     for n in [int(x) for x in args.stages.split(",")]:
-        row = load_shape(root / f"load{n}", model_dir, n, levels, in_process, args)
-        out["rows"].append(row)
-        print(f"{n} stage(s) on {','.join(row['devices'])} {[(s['start'], s['end']) for s in row['pipeline']]}:")
-        for r in row["levels"]:
-            print(f"  {r['clients']:>3} clients {r['tokens_per_s']:>8.1f} tok/s ({r.get('vs_in_process', '-')} of "
-                  f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}",
-                  flush=True)
-        args.out.write_text(json.dumps(out, indent=1))
+        for code in codes:
+            row = load_shape(root / f"load{n}{'b' if code else ''}", model_dir, n, levels, in_process, args, code)
+            out["rows"].append(row)
+            print(f"{n} stage(s) on {','.join(row['devices'])} {[(s['start'], s['end']) for s in row['pipeline']]}"
+                  f"{' (baseline)' if code else ''}:")
+            for r in row["levels"]:
+                print(f"  {r['clients']:>3} clients {r['tokens_per_s']:>8.1f} tok/s ({r.get('vs_in_process', '-')} of "
+                      f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}",
+                      flush=True)
+            args.out.write_text(json.dumps(out, indent=1))
+        if code is None and len(codes) == 2:  # this code against the baseline, same run
+            base, this = out["rows"][-2]["levels"], out["rows"][-1]["levels"]
+            print("  this / baseline: " + ", ".join(
+                f"{b['clients']} clients {t['tokens_per_s'] / b['tokens_per_s']:.2f}x" for b, t in zip(base, this)))
 
 
 def main() -> None:
@@ -270,6 +282,7 @@ def main() -> None:
     p.add_argument("--fault", default="", help="the serving providers' --fault-injection (e.g. int8)")
     p.add_argument("--load", default="", help="client levels for a speed run, e.g. 1,8,32 (no audits)")
     p.add_argument("--rounds", type=int, default=2, help="--load: requests per client per level")
+    p.add_argument("--baseline", type=Path, help="--load: a checkout whose pool is measured too, before this one's")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))

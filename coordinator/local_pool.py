@@ -67,7 +67,8 @@ class LocalPool:
             # Many processes share this machine's cores: one compute thread each by default, or
             # OpenMP's spinning threads starve the others (and their libp2p event loops) of CPU.
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.compute_threads),
-                 **({"PYTHONPATH": str(self.code_dir)} if self.code_dir else {}), **self.process_env(name)},
+                 **({"PYTHONPATH": os.pathsep.join([str(self.code_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
+                    if self.code_dir else {}), **self.process_env(name)},
             cwd=self.code_dir, start_new_session=True,
         )
         proc = Process(name, popen, log_path)
