@@ -42,6 +42,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from bench.api_load import run_level  # noqa: E402
 from bench.shard_decode import time_ours  # noqa: E402
+from bench.single_client import breakdown, metric_sums  # noqa: E402
 from contracts.params import MoneyParams  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
@@ -225,7 +226,11 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
         rows = []
         for n in levels:
             run_level(pool, model, key, n, 4, 1)  # captures this batch's graphs on every stage
+            before = metric_sums(pool.api)
             rows.append(run_level(pool, model, key, n, args.tokens, args.rounds))
+            # where a step's time went (the coordinator's histograms over this level): the whole step as
+            # the coordinator saw it, each stage's own compute (prefill steps too), the mean hop
+            rows[-1]["breakdown"] = breakdown(before, metric_sums(pool.api), n_stages)
             if n in in_process:
                 rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
         final = pool.get("/pool")
@@ -254,8 +259,8 @@ def load_main(args, model_dir: Path, root: Path) -> None:
                   f"{' (baseline)' if code else ''}:")
             for r in row["levels"]:
                 print(f"  {r['clients']:>3} clients {r['tokens_per_s']:>8.1f} tok/s ({r.get('vs_in_process', '-')} of "
-                      f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}",
-                      flush=True)
+                      f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}  "
+                      f"{r['breakdown']}", flush=True)
             args.out.write_text(json.dumps(out, indent=1))
         if code is None and len(codes) == 2:  # this code against the baseline, same run
             base, this = out["rows"][-2]["levels"], out["rows"][-1]["levels"]
