@@ -34,7 +34,7 @@ class _DoneEvent(threading.Event):
 class _LoopWaker:
     """Wakes waiting streams of one event loop from other threads: the futures to wake are gathered
     and one `call_soon_threadsafe` (one write to the loop's self-pipe) wakes all that gathered before
-    the loop ran it, so a step that ends many requests' tokens at once costs one system call, not one each."""
+    the loop ran it, so a step that gives many requests a token costs one system call, not one each."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -100,8 +100,8 @@ class TokenStream:
         self._wake()
 
     async def batches(self, timeout_s: float) -> AsyncIterator[list[int]]:
-        """Every token that arrived since the last batch, in order; TimeoutError if none came and the
-        request had not ended `timeout_s` after the start."""
+        """Every token that arrived since the last batch, in order, until the request is done;
+        TimeoutError once `timeout_s` have passed with the request not done and nothing left to take."""
         deadline = self.loop.call_later(timeout_s, self._expire)
         try:
             while True:
