@@ -16,6 +16,7 @@ the generation; ledger calls run on a thread pool, never on the event loop. Ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -228,17 +229,21 @@ class Generation:
         self.timer.end(200)  # metrics
 
     async def _deltas(self) -> AsyncIterator[str]:
-        pending = ""  # text of tokens that arrived together: one delta, so one journal write (chunks())
         try:
-            async for token in self.stream.tokens(REQUEST_TIMEOUT_S):
-                self.timer.token()  # metrics: one generated token, time to first token, gap between tokens
-                pending += self.detok.add(token)
-                if pending and (self.detok.stopped or self.stream.queue.empty()):
-                    yield pending
-                    pending = ""
-                if self.detok.stopped:
-                    self.cancel("stop sequence")
-                    return
+            async with contextlib.aclosing(self.stream.batches(REQUEST_TIMEOUT_S)) as batches:
+                async for batch in batches:
+                    # the tokens that arrived together make one delta, so one chunk and one journal write (chunks())
+                    delta = ""
+                    for token in batch:
+                        self.timer.token()  # metrics: one generated token, time to first token, gap between tokens
+                        delta += self.detok.add(token)
+                        if self.detok.stopped:
+                            break
+                    if delta:
+                        yield delta
+                    if self.detok.stopped:
+                        self.cancel("stop sequence")
+                        return
         except TimeoutError as exc:
             self.cancel("timed out")
             raise APIError(503, f"generation timed out after {REQUEST_TIMEOUT_S:g} s", "service_unavailable",
@@ -246,7 +251,7 @@ class Generation:
         if self.request.error and not self.cancelled:
             raise APIError(503, f"generation failed: {self.request.error}", "service_unavailable",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        rest = pending + self.detok.flush()
+        rest = self.detok.flush()
         if rest:
             yield rest
 
