@@ -51,6 +51,7 @@ class GenerationRequest:
     # after each step (coordinator/metrics.py); both run on the driver's thread
     on_token: Callable[[int], None] | None = None
     on_step: Callable[[str, str, int, float, tuple], None] | None = None
+    on_done: Callable[[], None] | None = None  # once `done` is set, on the thread that set it
     tokens: list[int] = field(default_factory=list)
     stages: tuple[Stage, ...] = ()  # the stages of the attempt that ran last (a failover replays it)
     replays: int = 0
@@ -101,6 +102,7 @@ class GenerationRequest:
 
     def finish(self) -> None:
         self.done.set()
+        self._told_done()
 
     def fail(self, reason: str) -> None:
         with self.lock:
@@ -108,6 +110,11 @@ class GenerationRequest:
                 return
             self.error = reason
             self.done.set()
+        self._told_done()
+
+    def _told_done(self) -> None:
+        if self.on_done:
+            self.on_done()
 
 
 class PipelineLink(Protocol):

@@ -13,22 +13,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from coordinator.driver import GenerationRequest
-
-
-class _DoneEvent(threading.Event):
-    """`GenerationRequest.done` that also wakes the request's stream: the stream ends as soon as the
-    request does, whoever ends it (the driver, a cancel, the pool giving up), with no polling."""
-
-    def __init__(self, on_set: Callable[[], None]):
-        super().__init__()
-        self._on_set = on_set
-
-    def set(self) -> None:
-        super().set()
-        self._on_set()
 
 
 class _LoopWaker:
@@ -80,7 +67,9 @@ class TokenStream:
         self._waiter: asyncio.Future | None = None  # set while the consumer waits
         self._timed_out = False
         request.on_token = self._on_token
-        request.done = _DoneEvent(self._wake)  # before the request is submitted: no thread holds the old one
+        # the stream ends as soon as the request does, whoever ends it (the driver, a cancel, the pool
+        # giving up), with no polling
+        request.on_done = self._wake
 
     def _on_token(self, token: int) -> None:  # driver thread
         with self._lock:
