@@ -7,7 +7,11 @@ device or on the batch, so a verifier can recompute the exact choice from the lo
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from wire.messages import SamplingParams
@@ -21,18 +25,28 @@ def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-    """One token per row of logits (B, V); `positions` are the positions of the tokens chosen."""
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for row, p, pos, g in zip(logits, params, positions, greedy):
-        if p.temperature == 0.0:
-            tokens.append(g)
-            continue
-        scores = row.double() / p.temperature
-        if p.top_p < 1.0:
-            scores = _top_p_filter(scores, p.top_p)
-        tokens.append(int((scores + gumbel_noise(p.seed, pos, scores.numel())).argmax()))
+    """One token per row of logits (B, V); `positions` are the positions of the tokens chosen.
+
+    Rows with a temperature are scored on the CPU in float64, wherever the logits are (the noise is
+    drawn there, and a verifier must reach the same choice on any device); their noise is drawn on
+    other threads (the draws release the GIL) while a GPU still computes the logits."""
+    hot = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    vocab = logits.shape[-1]
+    noise = {i: _noise_threads().submit(gumbel_noise, params[i].seed, positions[i], vocab) for i in hot}
+    tokens = logits.argmax(dim=-1).tolist()
+    if hot:
+        rows = logits[hot].to("cpu", torch.float64)
+        for row, i in zip(rows, hot):
+            scores = row / params[i].temperature
+            if params[i].top_p < 1.0:
+                scores = _top_p_filter(scores, params[i].top_p)
+            tokens[i] = int((scores + noise[i].result()).argmax())
     return tokens
+
+
+@functools.cache
+def _noise_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="gumbel")
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -274,3 +274,17 @@ def test_graphs_capture_layer_traces_that_pass_a_layer_audit(llama_dir):
             verdict, verdicts = audit_trace(ref, same, stage_input, stage.trace(f"s{i}"),
                                             same_recipe_thresholds("cuda", torch.bfloat16))
             assert verdict.ok, [v.reason for v in verdicts if not v.ok]
+
+
+@cuda
+def test_sampling_on_the_gpu_chooses_what_the_cpu_does():
+    """Logits on a GPU, rows with a temperature (and top-p) among greedy ones: the same tokens as the
+    same logits on the CPU, where a verifier recomputes them."""
+    from verification.sampling import sample
+    from wire.messages import SamplingParams
+
+    logits = (3 * torch.randn(6, 5000, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+    params = [SamplingParams(), SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=1.3, seed=2),
+              SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=3), SamplingParams(temperature=0.2, seed=4)]
+    positions = [5, 6, 7, 8, 9, 10]
+    assert sample(logits.cuda(), params, positions) == sample(logits, params, positions)
