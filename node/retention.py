@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from verification.commitments import tensor_digest
+from verification.commitments import tensor_digest, trace_digest
 
 DEFAULT_WINDOW_S = 600.0
 DEFAULT_BUDGET_BYTES = 512 * 2**20
@@ -53,7 +53,7 @@ class SessionRecord:
             return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output))
         trace = trace.detach().to("cpu")
         return Retained(stage_input, output, tensor_digest([stage_input]), tensor_digest(output), trace,
-                        tensor_digest([trace]))
+                        trace_digest(trace))
 
 
 @dataclass(frozen=True)

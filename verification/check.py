@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from verification.commitments import tensor_digest
+from verification.commitments import tensor_digest, trace_matches
 from verification.compare import compare_tokens
 from verification.trace import n_trace_rows, residuals
 from verification.layer_compare import COULD_NOT_CHECK, FAIL as LAYER_FAIL, LayerVerdict
@@ -99,7 +99,7 @@ def check_stage(reexecute: ReExecute, task: AuditTask, tensors: list[torch.Tenso
         return Outcome(FAIL, "retained input does not match the receipt's input hash")
     if tensor_digest(output) != task.output_hash:
         return Outcome(FAIL, "retained output does not match the receipt's output hash")
-    if tensor_digest([trace]) != task.layers_hash:
+    if not trace_matches(trace, task.layers_hash):
         return Outcome(FAIL, "retained layer trace does not match the receipt's layers hash")
     claimed = output[0]
     for name, t in (("output", claimed), ("layer trace", trace)):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -19,3 +22,27 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
         h.update(f"{_DTYPE_NAMES[t.dtype]}{list(t.shape)}\x00".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a large trace
     return h.hexdigest()
+
+
+def trace_digest(trace: torch.Tensor) -> str:
+    """The layer trace's commitment (a receipt's `layers_hash`): SHA-256 over its dtype and shape and the
+    `tensor_digest` of each of its rows (the input, then each layer's updates). A GPU stage's trace is
+    tens of MB a request (the 8B shape: 65 rows of 4,096 bfloat16 values a token) and a request's
+    settlement waits for its receipts: the rows are hashed on several threads (hashing releases the GIL)."""
+    trace = trace.detach().to("cpu").contiguous()
+    h = hashlib.sha256(b"meshpool-trace/2\x00")
+    h.update(f"{_DTYPE_NAMES[trace.dtype]}{list(trace.shape)}\x00".encode())
+    for digest in _hash_threads().map(lambda row: tensor_digest([row]), trace):
+        h.update(bytes.fromhex(digest))
+    return h.hexdigest()
+
+
+def trace_matches(trace: torch.Tensor, layers_hash: str) -> bool:
+    """Whether `layers_hash` commits to `trace`: as `trace_digest`, or as one `tensor_digest` of the
+    whole trace (receipts signed before the rows were hashed apart). Both bind the same bytes."""
+    return trace_digest(trace) == layers_hash or tensor_digest([trace]) == layers_hash
+
+
+@functools.cache
+def _hash_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="digest")

@@ -16,7 +16,7 @@ from node.config import ModelConfig
 from node.models import model_id_of
 from node.faults import Fault
 from node.retention import RetentionStore, SessionRecord
-from verification.commitments import tensor_digest
+from verification.commitments import tensor_digest, trace_digest, trace_matches
 from node.runtime import ShardRuntime
 from wire.messages import SamplingParams
 from node.shard import Shard
@@ -163,3 +163,17 @@ def test_tensor_digest_covers_dtype_shape_and_bytes():
     assert tensor_digest([x]) != tensor_digest([x.reshape(2, 3)])
     assert tensor_digest([x]) != tensor_digest([x.to(torch.bfloat16)])
     assert tensor_digest([x, x]) != tensor_digest([torch.cat([x, x])])
+
+
+def test_trace_digest_binds_every_row_and_earlier_receipts_still_check():
+    """The layers hash is taken row by row (rows hashed in parallel); a receipt that hashed the trace as
+    one tensor (before) is still accepted for the same trace, and neither for a changed one."""
+    trace = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    digest = trace_digest(trace)
+    assert digest == trace_digest(trace.clone()) and digest != tensor_digest([trace])
+    assert trace_digest(trace.reshape(5, 8, 3)) != digest and trace_digest(trace.float()) != digest
+    changed = trace.clone()
+    changed[4, 2, 7] += 1
+    assert trace_digest(changed) != digest
+    for layers_hash in (digest, tensor_digest([trace])):
+        assert trace_matches(trace, layers_hash) and not trace_matches(changed, layers_hash)
