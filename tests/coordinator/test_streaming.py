@@ -1,8 +1,8 @@
 """The token path from the driver's callback to text deltas (coordinator/streaming.py).
 
 The detokenizer decodes only a window of recent ids; its output must be exactly what decoding every
-id after every token gave, for any ids: the algorithm before is kept here (`OldDetokenizer`) and
-both run over random sequences of the default model's tokenizer (multi-byte characters cut
+id after every token gave, for any ids: the algorithm before (bench/token_path.py `OldDetokenizer`)
+and it run over random sequences of the default model's tokenizer (multi-byte characters cut
 anywhere, byte tokens alone, special tokens, stop sequences taken from the text), and of two small
 tokenizers built here whose decoders do what the default one never does: one joins byte tokens into
 characters (byte fallback, so a later byte turns earlier text into U+FFFD) and strips the leading
@@ -16,70 +16,17 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import Sequence
 
 import pytest
 
 from coordinator.driver import GenerationRequest
+from bench.token_path import OldDetokenizer
 from coordinator.streaming import Detokenizer, TokenStream
 
 TEXTS = ["café ☕ 東京 😀 naïve – “quotes” 𝔘𝔫𝔦", "The Eiffel Tower\n\nUser: hi", " Paris is the capital. 🥐🥐",
          "a.b.c ... !! isn't"]
 CUT_CHARACTERS = "é☕東😀𝔘"  # 2, 3, 3, 4 and 4 bytes
 STOP_PICKS = ["\ufffd", "é", "東京", "😀", "\n\nUser:", " the", "aa", "a", ".", ""]
-
-
-class OldDetokenizer:
-    """coordinator/streaming.py's Detokenizer before the window: decodes every id after every token."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.emitted = ""
-        self.stopped = False
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def add(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.ids.append(token)
-        text = self._text()
-        if text.endswith("\ufffd"):
-            return ""
-        return self._advance(text, final=False)
-
-    def flush(self) -> str:
-        if self.stopped:
-            return ""
-        return self._advance(self._text(), final=True)
-
-    def _advance(self, text: str, final: bool) -> str:
-        if not text.startswith(self.emitted):
-            return ""
-        start = max(0, len(self.emitted) - max((len(s) for s in self.stop), default=0))
-        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            end = cut
-        elif final:
-            end = len(text)
-        else:
-            end = len(text) - self._held_back(text)
-        end = max(end, len(self.emitted))
-        delta = text[len(self.emitted):end]
-        self.emitted += delta
-        return delta
-
-    def _held_back(self, text: str) -> int:
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
 
 
 def _byte_level_ids(tokenizer) -> list[int]:
