@@ -9,7 +9,9 @@ provider per cap instead (230,230,230 makes three). With one client in the level
 generate at batch 1 in this process is timed too, and the single client's rate set against it. Each client is the
 official `openai` client streaming a greedy completion of `--tokens` tokens, `--rounds` requests
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
-first token (request sent -> first text chunk). The ratio is against 1 client in the same run.
+first token (request sent -> first text chunk), a stream's decode rate (its tokens after the first
+over first -> last text chunk, median) and its tail (last text chunk -> the stream's end: the
+finish, the settlement the usage chunk waits for, [DONE]; median). The ratio is against 1 client in the same run.
 With --baseline, a pool running another checkout's code (e.g. main) is measured in the same run:
 every pool is started first and each level runs on each pool in turn, the order flipping from level
 to level, so that load from other processes on the machine falls on both alike. `--stages 3` uses
@@ -56,29 +58,36 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
     ttft_s: list[float] = []
     counts: list[int] = []
     errors: list[str] = []
+    decode_rates: list[float] = []  # a stream's tokens after its first over first text -> last text
+    tails_s: list[float] = []  # last text -> the stream's end (the finish, settlement, usage, [DONE])
     lock = threading.Lock()
 
     def client(i: int):
         oc = openai.OpenAI(base_url=pool.api + "/v1", api_key=key, max_retries=0, timeout=600)
         for r in range(rounds):
             start = time.perf_counter()
-            first = None
+            first = last = None
             try:
                 stream = oc.completions.create(model=model, prompt=PROMPTS[(i + r) % len(PROMPTS)], max_tokens=tokens,
                                                temperature=0, stream=True, stream_options={"include_usage": True})
                 n = 0
                 for chunk in stream:
-                    if chunk.choices and chunk.choices[0].text and first is None:
-                        first = time.perf_counter() - start
+                    if chunk.choices and chunk.choices[0].text:
+                        last = time.perf_counter()
+                        first = first or last
                     if chunk.usage:
                         n = chunk.usage.completion_tokens
             except openai.APIError as exc:
                 with lock:
                     errors.append(str(exc))
                 continue
+            end = time.perf_counter()
             with lock:
-                ttft_s.append(first if first is not None else time.perf_counter() - start)
+                ttft_s.append((first or end) - start)
                 counts.append(n)
+                if first is not None and last > first and n > 1:
+                    decode_rates.append((n - 1) / (last - first))
+                    tails_s.append(end - last)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -90,7 +99,9 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
     return {"clients": clients, "requests": len(counts), "errors": len(errors), "tokens": sum(counts),
             "wall_s": round(wall_s, 2), "tokens_per_s": round(sum(counts) / wall_s, 1),
             "ttft_p50_ms": round(1000 * statistics.median(ttft_s), 1) if ttft_s else None,
-            "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None}
+            "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None,
+            "stream_decode_tokens_per_s_p50": round(statistics.median(decode_rates), 1) if decode_rates else None,
+            "tail_ms_p50": round(1000 * statistics.median(tails_s), 1) if tails_s else None}
 
 
 def start_pool(levels: list[int], code_dir: Path | None, caps_mb: tuple[int, ...], path: str | None = None) -> dict:
