@@ -276,11 +276,11 @@ class ShardRuntime:
         """Feed several sessions' new tokens as one ragged batch (opening new sessions): session i's
         ids (T_i,) on stage 0, hidden (T_i, D) after; a session that is decoding may feed its one token.
         The rows of all sessions go through each weight matrix once, as one (N = sum T_i) matrix;
-        each session attends only to its own keys: one attention call for all the one-token
-        sessions together (as a decode step batches them), on CUDA one for all new prompts, and one per
-        other prompt. Returns hidden (N, D), or on the
-        last stage logits (n, V) at each session's last row; `last_hidden` holds all N rows. Each
-        session's state and trace rows are as if it had been fed alone."""
+        each session attends only to its own keys: one attention call for all the one-token sessions
+        together (as a decode step batches them), on CUDA one for all new prompts, and one per other
+        prompt. Returns hidden (N, D), or on the last stage logits (n, V) at each session's last row;
+        `last_hidden` holds all N rows. Each session's state and trace rows are as if it had been fed
+        alone."""
         if not steps:
             raise SessionError("empty prefill batch")
         ids = [sid for sid, _ in steps]

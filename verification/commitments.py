@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from verification.threads import worker_threads
 from wire.frames import DTYPES
 
 _DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
@@ -32,7 +30,7 @@ def trace_digest(trace: torch.Tensor) -> str:
     trace = trace.detach().to("cpu").contiguous()
     h = hashlib.sha256(b"meshpool-trace/2\x00")
     h.update(f"{_DTYPE_NAMES[trace.dtype]}{list(trace.shape)}\x00".encode())
-    for digest in _hash_threads().map(lambda row: tensor_digest([row]), trace):
+    for digest in worker_threads().map(lambda row: tensor_digest([row]), trace):
         h.update(bytes.fromhex(digest))
     return h.hexdigest()
 
@@ -41,8 +39,3 @@ def trace_matches(trace: torch.Tensor, layers_hash: str) -> bool:
     """Whether `layers_hash` commits to `trace`: as `trace_digest`, or as one `tensor_digest` of the
     whole trace (receipts signed before the rows were hashed apart). Both bind the same bytes."""
     return trace_digest(trace) == layers_hash or tensor_digest([trace]) == layers_hash
-
-
-@functools.cache
-def _hash_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="digest")

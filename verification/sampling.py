@@ -7,13 +7,11 @@ device or on the batch, so a verifier can recompute the exact choice from the lo
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from verification.threads import worker_threads
 from wire.messages import SamplingParams
 
 
@@ -32,7 +30,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     other threads (the draws release the GIL) while a GPU still computes the logits."""
     hot = [i for i, p in enumerate(params) if p.temperature != 0.0]
     vocab = logits.shape[-1]
-    noise = {i: _noise_threads().submit(gumbel_noise, params[i].seed, positions[i], vocab) for i in hot}
+    noise = {i: worker_threads().submit(gumbel_noise, params[i].seed, positions[i], vocab) for i in hot}
     tokens = logits.argmax(dim=-1).tolist()
     if hot:
         rows = logits[hot].to("cpu", torch.float64)
@@ -42,11 +40,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
                 scores = _top_p_filter(scores, params[i].top_p)
             tokens[i] = int((scores + noise[i].result()).argmax())
     return tokens
-
-
-@functools.cache
-def _noise_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="gumbel")
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
