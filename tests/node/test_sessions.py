@@ -192,3 +192,31 @@ def test_several_sessions_prefilled_as_one_batch_match_each_fed_alone(model_dir,
     with pytest.raises(SessionError, match="slots are busy"):
         together.prefill_many([("n0", torch.tensor([1, 2])), ("n1", torch.tensor([3]))])
     assert set(together.sessions) == set(alone.sessions)  # "n0" took the last slot, then gave it back
+
+
+def test_sessions_released_now_are_sealed_off_the_serving_thread_as_close_seals_them(model_dir):
+    """A provider frees an ended request's sessions where steps are served (StageWorker.release) and the
+    Sealer hashes, retains and signs them on its own threads: the same receipt a synchronous close
+    signs, sent once sealed; a slot is free again before the sealing; shutting down seals what is left."""
+    from node.retention import RetentionStore
+    from node.sealer import Sealer
+    from node.stage import StageWorker
+    from node.transport.identity import Identity
+    from wire.messages import Close, Step
+
+    n_layers = ModelConfig.load(model_dir).n_layers
+    identity = Identity.generate()
+    workers = [StageWorker(runtime(model_dir, 0, n_layers, max_sessions=1, capture_trace=True), "p", identity,
+                           RetentionStore()) for _ in range(2)]
+    for w in workers:
+        w.step(Step("p", 0, "prefill", ("s",), (0,), (SamplingParams(),), (), torch.tensor([5, 17, 3, 99])))
+    sent: list = []
+    sealer = Sealer(sent.extend, workers=1)
+    unsealed = workers[0].release(Close("p", ("s",), ("req",)))
+    assert [u.request_id for u in unsealed] == ["req"] and unsealed[0].trace is not None
+    workers[0].runtime.prefill("next", torch.tensor([1]))  # the only slot is free before any sealing
+    sealer.submit(workers[0], unsealed)
+    sealer.shutdown()
+    closed = workers[1].close(Close("p", ("s",), ("req",)))
+    assert [r.to_dict() for r in sent] == [r.to_dict() for r in closed]  # same hashes, same signer
+    assert workers[0].retained.get("req").layers_hash == workers[1].retained.get("req").layers_hash
