@@ -262,7 +262,7 @@ def load_main(args, model_dir: Path, root: Path) -> None:
                       f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}  "
                       f"{r['breakdown']}", flush=True)
             args.out.write_text(json.dumps(out, indent=1))
-        if code is None and len(codes) == 2:  # this code against the baseline, same run
+        if args.baseline is not None:  # this code against the baseline, same run
             base, this = out["rows"][-2]["levels"], out["rows"][-1]["levels"]
             print("  this / baseline: " + ", ".join(
                 f"{b['clients']} clients {t['tokens_per_s'] / b['tokens_per_s']:.2f}x" for b, t in zip(base, this)))

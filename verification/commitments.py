@@ -17,7 +17,7 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256(b"meshpool-tensors/1\x00")
     for t in tensors:
         t = t.detach().to("cpu").contiguous()
-        h.update(f"{_DTYPE_NAMES[t.dtype]}{list(t.shape)}\x00".encode())
+        h.update(_header(t))
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a large trace
     return h.hexdigest()
 
@@ -29,7 +29,7 @@ def trace_digest(trace: torch.Tensor) -> str:
     settlement waits for its receipts: the rows are hashed on several threads (hashing releases the GIL)."""
     trace = trace.detach().to("cpu").contiguous()
     h = hashlib.sha256(b"meshpool-trace/2\x00")
-    h.update(f"{_DTYPE_NAMES[trace.dtype]}{list(trace.shape)}\x00".encode())
+    h.update(_header(trace))
     for digest in worker_threads().map(lambda row: tensor_digest([row]), trace):
         h.update(bytes.fromhex(digest))
     return h.hexdigest()
@@ -39,3 +39,8 @@ def trace_matches(trace: torch.Tensor, layers_hash: str) -> bool:
     """Whether `layers_hash` commits to `trace`: as `trace_digest`, or as one `tensor_digest` of the
     whole trace (receipts signed before the rows were hashed apart). Both bind the same bytes."""
     return trace_digest(trace) == layers_hash or tensor_digest([trace]) == layers_hash
+
+
+def _header(t: torch.Tensor) -> bytes:
+    """What a digest takes of a tensor before its bytes: its dtype's wire name and its shape."""
+    return f"{_DTYPE_NAMES[t.dtype]}{list(t.shape)}\x00".encode()
