@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import re
 import shutil
@@ -209,12 +210,14 @@ def in_process_rates(model_dir: Path, device: str, batches: list[int], n_new: in
 
 
 def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in_process: dict, args,
-               code_dir: Path | None = None) -> dict:
+               code_dir: Path | None = None, microbatches: int | None = None) -> dict:
     """`levels` of concurrent streaming clients on a pool of `n_stages` providers, audits at 1 ppm;
-    `code_dir`: the pool runs that checkout's code (a baseline) instead of this one's."""
+    `code_dir`: the pool runs that checkout's code (a baseline) instead of this one's; `microbatches`:
+    the coordinator's --microbatches (default: its own)."""
+    chosen = ["--microbatches", str(microbatches)] if microbatches else []
     pool = LocalPool(root, model_dir, context_tokens=args.context_tokens, max_sessions=max(levels), compute_threads=8,
                      code_dir=code_dir, coordinator_args=["--audit-probability-ppm", "1", "--rate-limit-rps", "100000",
-                                       "--serving-dtype", "bfloat16"])
+                                       "--serving-dtype", "bfloat16", *chosen])
     try:
         pool.start_coordinator()
         started_s = time.perf_counter()
@@ -234,7 +237,8 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
             if n in in_process:
                 rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
         final = pool.get("/pool")
-        return {"stages": n_stages, "code": str(code_dir or "this"), "devices": devices_of(args)[:n_stages],
+        return {"stages": n_stages, "code": str(code_dir or "this"), "microbatches": microbatches,
+                "devices": devices_of(args)[:n_stages],
                 "ready_s": round(ready_s, 1),
                 "pipeline": final["pipelines"][0]["stages"] if final["pipelines"] else state["pipelines"][0]["stages"],
                 "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows}
@@ -251,18 +255,20 @@ def load_main(args, model_dir: Path, root: Path) -> None:
     out = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
            "tokens": args.tokens, "rounds": args.rounds, "in_process_tokens_per_s": in_process, "rows": []}
     codes = [None] if args.baseline is None else [args.baseline.resolve(), None]
+    sweep = [int(x) for x in args.microbatches.split(",")] if args.microbatches else [None]
     for n in [int(x) for x in args.stages.split(",")]:
-        for code in codes:
-            row = load_shape(root / f"load{n}{'b' if code else ''}", model_dir, n, levels, in_process, args, code)
+        for code, m in itertools.product(codes, sweep):
+            row = load_shape(root / f"load{n}{'b' if code else ''}m{m}", model_dir, n, levels, in_process, args, code, m)
             out["rows"].append(row)
             print(f"{n} stage(s) on {','.join(row['devices'])} {[(s['start'], s['end']) for s in row['pipeline']]}"
-                  f"{' (baseline)' if code else ''}:")
+                  f"{' (baseline)' if code else ''}{f' --microbatches {m}' if m else ''}:")
             for r in row["levels"]:
                 print(f"  {r['clients']:>3} clients {r['tokens_per_s']:>8.1f} tok/s ({r.get('vs_in_process', '-')} of "
                       f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}  "
+                      f"stream {r.get('stream_decode_tokens_per_s_p50')} tok/s tail {r.get('tail_ms_p50')} ms  "
                       f"{r['breakdown']}", flush=True)
             args.out.write_text(json.dumps(out, indent=1))
-        if args.baseline is not None:  # this code against the baseline, same run
+        if args.baseline is not None and len(sweep) == 1:  # this code against the baseline, same run
             base, this = out["rows"][-2]["levels"], out["rows"][-1]["levels"]
             print("  this / baseline: " + ", ".join(
                 f"{b['clients']} clients {t['tokens_per_s'] / b['tokens_per_s']:.2f}x" for b, t in zip(base, this)))
@@ -288,6 +294,7 @@ def main() -> None:
     p.add_argument("--load", default="", help="client levels for a speed run, e.g. 1,8,32 (no audits)")
     p.add_argument("--rounds", type=int, default=2, help="--load: requests per client per level")
     p.add_argument("--baseline", type=Path, help="--load: a checkout whose pool is measured too, before this one's")
+    p.add_argument("--microbatches", default="", help="--load: the coordinator's --microbatches, each in turn (e.g. 1,2)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))

@@ -52,3 +52,14 @@ def test_capacity_is_at_least_one_session_of_one_token():
     with pytest.raises(ValueError):
         Capacity(0, 512)
     assert Capacity(1, 64).sessions == 1
+
+
+@pytest.mark.parametrize("asked,n_stages,want", [(2, 1, 1), (2, 2, 2), (2, 3, 2), (4, 3, 3), (1, 4, 1)])
+def test_a_pipeline_keeps_at_most_one_micro_batch_per_stage_with_the_same_sessions(asked, n_stages, want):
+    from coordinator.pool import in_flight
+
+    workload, m = in_flight(Workload(batch=5, context_tokens=512, microbatches_in_flight=asked), asked, n_stages)
+    assert m == want == workload.microbatches_in_flight
+    # every session asked for still has a place: fewer micro-batches carry more each
+    assert workload.batch * m >= 5 * asked and workload.batch * (m - 1) < 5 * asked
+    assert workload.context_tokens == 512
