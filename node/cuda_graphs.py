@@ -64,7 +64,7 @@ class DecodeStep:
                  trace: torch.Tensor | None = None):
         """`trace` (2 n_layers + 1, rows, D): if given, each step writes into it the step's input and
         then every layer's attention and MLP updates, for the stage's commitment to its layer trace
-        (verification/trace.py; inside a graph too)."""
+        (verification/trace.py; inside a graph too); a list instead: each step appends them."""
         config = model.config
         self.model, self.ops, self.trace = model, ops, trace
         self.n_layers = len(model.layers)
@@ -72,12 +72,13 @@ class DecodeStep:
         self.k, self.v = cache.k, cache.v  # (layers, S, Hkv, T, Dh)
         self.n_heads, self.n_kv_heads, self.eps = config.n_heads, config.n_kv_heads, config.rms_norm_eps
 
-    def __call__(self, x, slots, positions, lengths, plan) -> torch.Tensor:
-        return self.segment(0, self.n_layers, x, slots, positions, lengths, plan)
+    def __call__(self, x, slots, positions, lengths, plan, head_rows=None) -> torch.Tensor:
+        return self.segment(0, self.n_layers, x, slots, positions, lengths, plan, head_rows)
 
-    def segment(self, start: int, end: int, state, slots, positions, lengths, plan):
+    def segment(self, start: int, end: int, state, slots, positions, lengths, plan, head_rows=None):
         """Layers [start, end): from the step's input (start == 0) or the (h, delta) of the
-        layers before, to the step's output (end == n_layers) or (h, delta) for the next."""
+        layers before, to the step's output (end == n_layers) or (h, delta) for the next.
+        `head_rows`: on the last stage, the rows whose logits are wanted (default all)."""
         ops, m = self.ops, self.model
         if start == 0:
             h, delta = (m.embed(state) if m.embed is not None else state), None  # (B, D)
@@ -103,10 +104,14 @@ class DecodeStep:
         if m.norm is None:
             return h + delta
         h, xn = ops.rms_norm(h, m.norm.weight, self.eps, delta)
+        if head_rows is not None:
+            xn = xn[head_rows]
         return F.linear(xn, m.head_weight()), h  # logits (B, V) and the hidden states behind them
 
     def _keep(self, row: int, h: torch.Tensor) -> None:
-        if self.trace is not None:
+        if isinstance(self.trace, list):  # a step outside the graphs keeps references: no copy
+            self.trace.append(h)
+        elif self.trace is not None:
             self.trace[row, :h.shape[0]].copy_(h)
 
 

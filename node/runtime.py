@@ -3,7 +3,8 @@
 Stage 0 takes token ids and embeds them; later stages take hidden states (T, D). The last stage
 applies the final norm and LM head and returns logits; every other stage returns hidden states.
 Decode steps of different sessions run as one batch. On a CUDA device decode runs fused kernels
-replayed from CUDA graphs (node/cuda_graphs.py); prefill, and every step on the CPU, run the
+replayed from CUDA graphs (node/cuda_graphs.py), and prefill the same kernels as rows of a decode
+step (prompts longer than FUSED_ROW_KEYS allows run the layers); every step on the CPU runs the
 layers of node/layers.py.
 
 With `capture_trace` a runtime also keeps, per session, its layer trace in its serving dtype
@@ -16,6 +17,7 @@ each replay, so capturing keeps the CUDA graphs.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +30,16 @@ from node.config import ModelConfig, ModelError
 from node.cpu_threads import threads_for_step
 from node.cuda_graphs import DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
-from node.fused import Ops, triton_usable
+from node.fused import Ops, attention_plan, triton_usable
 from node.layers import DecoderLayer, Group, KVCache, Packed, RMSNorm, input_major_, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
 
 DEFAULT_MAX_SESSIONS = 32
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+# New rows x the keys they attend to, at most, for a prefill step through the fused ops on a GPU:
+# there each row reads its keys as a decode row does, so long prompts keep SDPA's prefill kernel
+FUSED_ROW_KEYS = 256 * 1024
 
 
 class SessionError(RuntimeError):
@@ -172,6 +177,9 @@ class ShardRuntime:
             step = DecodeStep(self.model, self.cache, self.cos, self.sin, Ops(use_triton=True), kept)
             self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
                                          None if shard.is_first else self.config.hidden_size, dtype, self.device)
+        # On a GPU prompt rows run the decode step's fused ops too (`_forward_rows`): through the layers'
+        # eager ops an 8B prefill step costs an H200 ~25 ms of launches, however few its rows. None: the layers.
+        self.fused_rows: Ops | None = self.graphs.step.ops if self.graphs is not None else None
         self.sessions: dict[str, Session] = {}
         # new prompts of one prefill step attend in one call (`Packed`): on a GPU per-prompt calls cost
         # more in launches than in work; on the CPU the bit-exact per-prompt recipe audits replay stays
@@ -227,19 +235,45 @@ class ShardRuntime:
             if start == 0:
                 self.close(session_id)
             raise
-        write, read, mask = self._prefill_attention(session.slot, start, T)
-        positions = slice(start, start + T)
-        h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read, mask)
-        if self._taken is not None:
-            session.trace.append(torch.stack(self._taken)[:, 0])  # (2L + 1, T, D)
+        if self._fits_fused([T], [start]):
+            out, taken = self._forward_rows([session], [x], [T], None if all_positions else [T - 1])
+        else:
+            write, read, mask = self._prefill_attention(session.slot, start, T)
+            positions = slice(start, start + T)
+            h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read,
+                              mask)[0]  # (T, D)
+            taken = torch.stack(self._taken)[:, 0] if self._taken is not None else None  # (2L + 1, T, D)
             self._taken = None
+            out = h
+            if self.shard.is_last:
+                self.last_hidden = h
+                out = self._head(h if all_positions else h[-1:])
+        if taken is not None:
+            session.trace.append(taken)
         session.n_tokens += T
         session.last_used_s = time.monotonic()
-        h = h[0]  # (T, D)
-        if not self.shard.is_last:
-            return h
-        self.last_hidden = h
-        return self._head(h if all_positions else h[-1:])
+        return out
+
+    def _fits_fused(self, lengths: list[int], starts: list[int]) -> bool:
+        return self.fused_rows is not None and sum(T * (p + T) for T, p in zip(lengths, starts)) <= FUSED_ROW_KEYS
+
+    def _forward_rows(self, sessions: list[Session], xs: list[torch.Tensor], lengths: list[int],
+                      head_rows: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New rows of `sessions` (lengths[i] each, after what each has cached) as the rows of one
+        fused decode step: every row writes its key and value, then attends to its slot's keys up to
+        its own position, so each prompt is causal and follows its session's cache. Returns hidden
+        (N, D), or on the last stage the logits of `head_rows` (all rows if None; `last_hidden` then
+        holds all N rows), and the rows' trace (2L + 1, N, D) if captured."""
+        slots = [s.slot for s, T in zip(sessions, lengths) for _ in range(T)]
+        positions = [p for s, T in zip(sessions, lengths) for p in range(s.n_tokens, s.n_tokens + T)]
+        index = torch.tensor([slots, positions, [p + 1 for p in positions]]).to(self.device)
+        taken = [] if self.capture_trace else None
+        step = DecodeStep(self.model, self.cache, self.cos, self.sin, self.fused_rows, taken)
+        rows = None if head_rows is None else torch.tensor(head_rows, device=self.device)
+        out = step(torch.cat(xs), *index, attention_plan(max(positions) + 1, self.max_seq_len), rows)
+        if isinstance(out, tuple):  # the last stage: logits, and the hidden states behind every row
+            out, self.last_hidden = out
+        return out, torch.stack(taken) if taken is not None else None
 
     def _prefill_attention(self, slot: int, start: int, T: int):
         """write, read and mask for T new rows of the session in `slot` that holds `start` tokens."""
@@ -276,11 +310,12 @@ class ShardRuntime:
         """Feed several sessions' new tokens as one ragged batch (opening new sessions): session i's
         ids (T_i,) on stage 0, hidden (T_i, D) after; a session that is decoding may feed its one token.
         The rows of all sessions go through each weight matrix once, as one (N = sum T_i) matrix;
-        each session attends only to its own keys: one attention call for all the one-token sessions
-        together (as a decode step batches them), on CUDA one for all new prompts, and one per other
-        prompt. Returns hidden (N, D), or on the last stage logits (n, V) at each session's last row;
-        `last_hidden` holds all N rows. Each session's state and trace rows are as if it had been fed
-        alone."""
+        each session attends only to its own keys. On a GPU all rows are rows of one fused decode step
+        (`_forward_rows`) unless their attention is long; otherwise one attention call for all the
+        one-token sessions together (as a decode step batches them), on CUDA one for all new prompts,
+        and one per other prompt. Returns hidden (N, D), or on the last stage logits (n, V) at each
+        session's last row; `last_hidden` holds all N rows. Each session's state and trace rows are as
+        if it had been fed alone."""
         if not steps:
             raise SessionError("empty prefill batch")
         ids = [sid for sid, _ in steps]
@@ -303,13 +338,31 @@ class ShardRuntime:
             raise
         lengths = [x.shape[0] for x in xs]
         starts = [s.n_tokens for s in sessions]
+        if self._fits_fused(lengths, starts):
+            ends = list(itertools.accumulate(lengths))
+            out, taken = self._forward_rows(sessions, xs, lengths, [e - 1 for e in ends])
+            bounds = {i: (e - T, e) for i, (T, e) in enumerate(zip(lengths, ends))}
+        else:
+            out, taken, bounds = self._forward_groups(sessions, xs, lengths, starts)
+        now = time.monotonic()
+        for i, s in enumerate(sessions):
+            if taken is not None:
+                s.trace.append(taken[:, bounds[i][0]:bounds[i][1]])
+            s.n_tokens += lengths[i]
+            s.last_used_s = now
+        return out
+
+    def _forward_groups(self, sessions: list[Session], xs: list[torch.Tensor], lengths: list[int],
+                        starts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, tuple[int, int]]]:
+        """prefill_many through the layers: the stage's output (rows in the order of `sessions`), the
+        trace of every row (or None) and each session's rows in it."""
         # one-token rows of sessions with a context attend as a decode does; on CUDA new prompts attend
         # together, one call for all (per-prompt calls cost a GPU more in launches than in work); the
         # others one by one
         single = [i for i, (T, p) in enumerate(zip(lengths, starts)) if T == 1 and p > 0]
         fresh = [i for i, p in enumerate(starts) if p == 0] if self.pack_prompts else []
         fresh = fresh if len(fresh) > 1 else []
-        order = single + fresh + [i for i in range(len(steps)) if i not in set(single) | set(fresh)]
+        order = single + fresh + [i for i in range(len(sessions)) if i not in set(single) | set(fresh)]
         bounds, groups, lo = {}, [], 0
         if single:
             write, read, mask = self._decode_attention([sessions[i].slot for i in single], [starts[i] for i in single])
@@ -333,21 +386,15 @@ class ShardRuntime:
                               groups)[0]  # (N, D), rows in `order`
         taken = None
         if self._taken is not None:
-            taken = torch.stack(self._taken)[:, 0]  # (2L + 1, N, D)
+            taken = torch.stack(self._taken)[:, 0]  # (2L + 1, N, D), rows in `order`
             self._taken = None
-        now = time.monotonic()
-        for i, s in enumerate(sessions):
-            if taken is not None:
-                s.trace.append(taken[:, bounds[i][0]:bounds[i][1]])
-            s.n_tokens += lengths[i]
-            s.last_used_s = now
-        back = torch.cat([torch.arange(*bounds[i], device=self.device) for i in range(len(steps))])
-        h = h[back] if order != list(range(len(steps))) else h  # rows in the order of `steps`
+        back = torch.cat([torch.arange(*bounds[i], device=self.device) for i in range(len(sessions))])
+        h = h[back] if order != list(range(len(sessions))) else h  # rows in the order of `sessions`
         if not self.shard.is_last:
-            return h
+            return h, taken, bounds
         self.last_hidden = h
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        return self._head(h[ends])
+        return self._head(h[ends]), taken, bounds
 
     @on_own_device
     @torch.inference_mode()

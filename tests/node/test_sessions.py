@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from node.config import ModelConfig
+from node.fused import Ops
 from node.runtime import SessionError, ShardRuntime
 from wire.messages import SamplingParams
 from verification.sampling import gumbel_noise, sample
@@ -165,30 +166,40 @@ def test_a_prompt_in_chunks_samples_only_at_its_end_like_one_prefill(model_dir):
     assert torch.equal(kept[0].stage_input, kept[1].stage_input)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["prompt-by-prompt", "packed"])
-def test_several_sessions_prefilled_as_one_batch_match_each_fed_alone(model_dir, packed):
-    """prefill_many: new prompts and one-token rows of decoding sessions in one ragged batch give each
-    session the logits, cache and trace rows it gets alone; a batch the slots cannot hold opens nothing.
-    Packed (the GPU's way): the new prompts attend in one call, each within its own rows."""
-    alone, together = (runtime(model_dir, 0, 2, capture_trace=True, max_sessions=6) for _ in range(2))
-    together.pack_prompts = packed
+@pytest.mark.parametrize("way", ["prompt-by-prompt", "packed", "fused"])
+def test_several_sessions_prefilled_as_one_batch_match_each_fed_alone(model_dir, way):
+    """prefill_many: new prompts, the next chunk of a prompt and one-token rows of decoding sessions in
+    one ragged batch give each session the logits, cache and trace rows it gets alone; a batch the
+    slots cannot hold opens nothing. Packed (the GPU's way for long prompts): the new prompts attend in
+    one call, each within its own rows. Fused (the GPU's way): every row is a row of the fused decode
+    step (here its PyTorch twins), attending to its slot's keys up to its own position."""
+    alone, together = (runtime(model_dir, 0, 2, capture_trace=True, max_sessions=7) for _ in range(2))
+    together.pack_prompts = way == "packed"
+    if way == "fused":
+        together.fused_rows = Ops(use_triton=False)
     generator = torch.Generator().manual_seed(0)
     prompts = {f"p{i}": torch.randint(0, 200, (3 + 2 * i,), generator=generator) for i in range(3)}
     for rt in (alone, together):
         rt.prefill("d0", torch.tensor([5, 6, 7]))
         rt.prefill("d1", torch.tensor([8, 9]))
+        rt.prefill("c", torch.tensor([10, 11, 12]))
     logits = {sid: alone.prefill(sid, x) for sid, x in prompts.items()}
+    logits["c"] = alone.prefill("c", torch.tensor([13, 14]))
     logits.update(zip(("d0", "d1"), alone.decode([("d0", torch.tensor([3])), ("d1", torch.tensor([4]))])[:, None]))
-    steps = [("p0", prompts["p0"]), ("d1", torch.tensor([4])), ("p1", prompts["p1"]), ("d0", torch.tensor([3])),
-             ("p2", prompts["p2"])]
+    steps = [("p0", prompts["p0"]), ("d1", torch.tensor([4])), ("p1", prompts["p1"]), ("c", torch.tensor([13, 14])),
+             ("d0", torch.tensor([3])), ("p2", prompts["p2"])]
     got = together.prefill_many(steps)
     torch.testing.assert_close(got, torch.cat([logits[sid] for sid, _ in steps]), atol=1e-4, rtol=1e-4)
     assert together.last_hidden.shape[0] == sum(x.shape[0] for _, x in steps)
     for sid, _ in steps:
         assert together.sessions[sid].n_tokens == alone.sessions[sid].n_tokens
         torch.testing.assert_close(together.trace(sid), alone.trace(sid), atol=1e-4, rtol=1e-4)
-    later = [(sid, torch.tensor([1])) for sid in ("d0", "p2", "p0")]
+    later = [(sid, torch.tensor([1])) for sid in ("d0", "p2", "p0", "c")]
     torch.testing.assert_close(together.decode(later), alone.decode(later), atol=1e-4, rtol=1e-4)
+    # one session alone takes the same way (ShardRuntime.prefill), all positions' logits too
+    torch.testing.assert_close(together.prefill("p1", torch.tensor([2, 3]), all_positions=True),
+                               alone.prefill("p1", torch.tensor([2, 3]), all_positions=True), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together.trace("p1"), alone.trace("p1"), atol=1e-4, rtol=1e-4)
     with pytest.raises(SessionError, match="slots are busy"):
         together.prefill_many([("n0", torch.tensor([1, 2])), ("n1", torch.tensor([3]))])
     assert set(together.sessions) == set(alone.sessions)  # "n0" took the last slot, then gave it back
