@@ -297,7 +297,8 @@ class Pool:
                                                 self.objective)
                 m = self.workload.microbatches_in_flight or 1
                 for p in chosen:
-                    cost = evaluate_pipeline(p, specs, self.model_shape, *in_flight(bent, m, len(p.stages)), links)
+                    work, in_flight_m = in_flight(bent, m, len(p.stages))
+                    cost = evaluate_pipeline(p, specs, self.model_shape, work, links, in_flight_m)
                     # what was asked of a pipeline like it, within what one step may carry
                     most = min(self.workload.batch * m, MAX_BATCH_SESSIONS)
                     capacity = Capacity(sessions_held(p, specs, self.model_shape, bent.context_tokens, most),
