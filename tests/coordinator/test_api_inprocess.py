@@ -83,9 +83,7 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer):
-    data_dir = tmp_path_factory.mktemp("coordinator")
+def start_server(data_dir, tokenizer) -> dict:
     accounts = Accounts(data_dir, N_LAYERS)
     pool = ScriptedPool(tokenizer, accounts)
     app = create_app(pool, tokenizer, MODEL, 512, (2,), accounts, rate_limit_rps=1000)
@@ -97,10 +95,17 @@ def server(tmp_path_factory, tokenizer):
     while not server.started:
         time.sleep(0.05)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield {"base": base, "accounts": accounts, "pool": pool, "app": app, "data_dir": data_dir}
-    server.should_exit = True
-    thread.join(10)
-    accounts.close()
+    return {"base": base, "accounts": accounts, "pool": pool, "app": app, "data_dir": data_dir, "server": server,
+            "thread": thread}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tokenizer):
+    running = start_server(tmp_path_factory.mktemp("coordinator"), tokenizer)
+    yield running
+    running["server"].should_exit = True
+    running["thread"].join(10)
+    running["accounts"].close()
 
 
 def client(server, key: str) -> openai.OpenAI:
@@ -248,6 +253,32 @@ def test_a_request_refused_for_a_refund_still_on_its_way_waits_for_it(server, to
     assert got[0].status_code == 200, got[0].text
     a = conserved(server, key, hold + spent)
     assert a["held_units"] == 0 and a["spent_units"] == 2 * spent and a["balance_units"] == hold - spent
+
+
+def test_shutdown_lets_the_settlements_behind_ended_streams_land(tmp_path, tokenizer):
+    """The app's shutdown waits for what settles behind a stream (the providers can still send
+    receipts then), so the ledger closes with the hold paid, not left for the next start."""
+    running = start_server(tmp_path, tokenizer)
+    accounts, pool = running["accounts"], running["pool"]
+    try:
+        key = accounts.add_consumer("last", 10**7)
+        pool.receipt_gate = gate = threading.Event()
+        lines = sse_lines(running, key, {"prompt": "Paris", "max_tokens": 6})
+        assert lines[-1] == "data: [DONE]" and held_units(running, key) > 0
+        running["server"].should_exit = True
+        running["thread"].join(0.5)
+        assert running["thread"].is_alive()  # the app's shutdown waits for the settlement
+        gate.set()
+        running["thread"].join(30)
+        assert not running["thread"].is_alive()
+        aid = accounts.lookup(key).account_id
+        money = accounts.reader.spending(aid)
+        assert money["held_units"] == 0 and money["paid_units"] == cost_units(len(tokenizer("Paris")["input_ids"]) + 5)
+    finally:
+        gate.set()
+        running["server"].should_exit = True
+        running["thread"].join(10)
+        accounts.close()
 
 
 def test_errors_have_the_openai_shape_and_move_no_credit(server):
