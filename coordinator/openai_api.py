@@ -37,11 +37,11 @@ from coordinator.edge import DEFAULT_MAX_CHARS_PER_TOKEN, APIError, LoginThrottl
 from coordinator.driver import GenerationRequest
 from coordinator.metrics import Metrics
 from coordinator.pool import Pool, PoolBusy
-from coordinator.settle_behind import SETTLE_WAIT_S, PendingSettlements
 from coordinator.schemas import (MAX_NEW_TOKENS, Account, AssistantMessage, ChatChoice, ChatChunkChoice,
                                  ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta, Completion,
                                  CompletionChoice, CompletionChunk, CompletionRequest, ErrorBody, ErrorDetail,
                                  ModelCard, ModelList, SamplingFields, StreamDone, StreamError, StreamRequest, Usage)
+from coordinator.settle_behind import SETTLE_WAIT_S, PendingSettlements
 from coordinator.streaming import Detokenizer, TokenStream
 from wire.messages import SamplingParams
 
@@ -104,7 +104,7 @@ class Service:
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def settled(self, consumer: Consumer) -> None:
+    async def wait_settled(self, consumer: Consumer) -> None:
         """Read-your-writes: before a consumer's own account is read, its requests whose streams have
         ended have settled (bounded by SETTLE_WAIT_S; past that it is read as it stands)."""
         if not await self.pending.wait(consumer.account_id, SETTLE_WAIT_S):
@@ -253,7 +253,7 @@ class Generation:
         except InsufficientFunds:
             if not svc.pending.of(self.consumer.account_id):
                 raise
-        await svc.settled(self.consumer)
+        await svc.wait_settled(self.consumer)
         return await svc.call(*args)
 
     async def deltas(self) -> AsyncIterator[str]:
@@ -431,7 +431,7 @@ def make_router(svc: Service) -> APIRouter:
 
     @v1.get("/account", response_model=Account, summary="balance, held and spent credits, recent usage")
     async def account(who: Consumer = Depends(consumer)) -> dict:
-        await svc.settled(who)  # the consumer's streams that ended are settled before it reads
+        await svc.wait_settled(who)  # the consumer's streams that ended are settled before it reads
         return await svc.call(svc.accounts.account, who)
 
     async def run(body: SamplingFields, who: Consumer, kind: str, http: Request):
