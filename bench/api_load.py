@@ -11,7 +11,7 @@ official `openai` client streaming a greedy completion of `--tokens` tokens, `--
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk), a stream's decode rate (its tokens after the first
 over first -> last text chunk, median) and its tail (last text chunk -> the stream's end: the
-finish, the settlement the usage chunk waits for, [DONE]; median). The ratio is against 1 client in the same run.
+finish, the usage chunk, [DONE]; settlement runs behind them; median). The ratio is against 1 client in the same run.
 With --baseline, a pool running another checkout's code (e.g. main) is measured in the same run:
 every pool is started first and each level runs on each pool in turn, the order flipping from level
 to level, so that load from other processes on the machine falls on both alike. `--stages 3` uses
@@ -59,7 +59,7 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
     counts: list[int] = []
     errors: list[str] = []
     decode_rates: list[float] = []  # a stream's tokens after its first over first text -> last text
-    tails_s: list[float] = []  # last text -> the stream's end (the finish, settlement, usage, [DONE])
+    tails_s: list[float] = []  # last text -> the stream's end (the finish, usage, [DONE])
     lock = threading.Lock()
 
     def client(i: int):

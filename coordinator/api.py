@@ -9,6 +9,7 @@ anything reads them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from fastapi import APIRouter, FastAPI, Request
@@ -60,7 +61,14 @@ def create_app(pool: Pool, tokenizer, model_id: str, max_context_tokens: int, st
     from coordinator.metrics import Metrics
     from coordinator.openai_api import Service, make_router
 
-    app = FastAPI(title="meshpool coordinator", description=DESCRIPTION)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # after the connections closed and before the ledger does (server.serve closes it after the
+        # app), while the providers can still send receipts: settlements still running land first
+        await app.state.service.close()
+
+    app = FastAPI(title="meshpool coordinator", description=DESCRIPTION, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.max_body_bytes = max_body_bytes
     metrics = Metrics(model_id)

@@ -20,6 +20,7 @@ def make_router(svc, reader: LedgerReader) -> APIRouter:
     @router.get("/me", summary="your own ledger account and requests (Authorization: Bearer <key>)")
     async def me(http: Request, recent: int = Query(20, ge=0, le=MAX_PAGE)) -> dict:
         who = await svc.authenticate(http.headers.get("authorization"), http.client.host if http.client else None)
+        await svc.wait_settled(who)  # its streams that ended are settled before its balance and entries are read
         ledger = await svc.call(reader.account, who.account_id, recent)
         usage = await svc.call(svc.accounts.account, who)
         return {**ledger, "name": who.name, "held_units": usage["held_units"], "spent_units": usage["spent_units"],

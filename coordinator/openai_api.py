@@ -8,7 +8,10 @@ price (402 if the balance cannot cover it), submit to the pool (503 if no pipeli
 stream tokens through the detokenizer (a stream writes down how many tokens it has sent, and by
 which stages, before each chunk leaves: `record_delivery`), then resolve the hold
 (`Accounts.finish`: the ledger settles on the stages' receipts); the usage it reports is what was
-billed. A client that goes away cancels
+billed. A body leaves after its hold settled; an SSE stream sends its end ([DONE]) once its last
+token is out and settles behind it (`coordinator/settle_behind.py`): its usage is read from the
+finished request, as settlement reads it, and the consumer's own account routes wait for those
+settlements before they read. A client that goes away cancels
 the generation; ledger calls run on a thread pool, never on the event loop. Every body sent
 (responses, chunks, errors) is built from a model of `schemas`.
 """
@@ -38,6 +41,7 @@ from coordinator.schemas import (MAX_NEW_TOKENS, Account, AssistantMessage, Chat
                                  ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta, Completion,
                                  CompletionChoice, CompletionChunk, CompletionRequest, ErrorBody, ErrorDetail,
                                  ModelCard, ModelList, SamplingFields, StreamDone, StreamError, StreamRequest, Usage)
+from coordinator.settle_behind import SETTLE_WAIT_S, PendingSettlements
 from coordinator.streaming import Detokenizer, TokenStream
 from wire.messages import SamplingParams
 
@@ -87,6 +91,8 @@ class Service:
     limiter: RateLimiter
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(LEDGER_THREADS, "api-ledger"))
     settler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(SETTLE_THREADS, "api-settle"))
+    # settlements on `settler` by consumer: what its account reads wait for, and shutdown drains
+    pending: PendingSettlements = field(default_factory=PendingSettlements)
     metrics: Metrics | None = None
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
     max_chars_per_token: int = DEFAULT_MAX_CHARS_PER_TOKEN  # see edge.max_chars_per_token
@@ -97,6 +103,23 @@ class Service:
 
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def wait_settled(self, consumer: Consumer) -> None:
+        """Read-your-writes: before a consumer's own account is read, its requests whose streams have
+        ended have settled (bounded by SETTLE_WAIT_S; past that it is read as it stands)."""
+        if not await self.pending.wait(consumer.account_id, SETTLE_WAIT_S):
+            log.warning("consumer %s: a settlement still runs after %g s; its account is read as it stands",
+                        consumer.account_id, SETTLE_WAIT_S)
+
+    async def close(self) -> None:
+        """At the app's shutdown (the connections are closed, the providers still up to send receipts):
+        settlements still running land first, or are left to the next start's recovery."""
+        left = await self.pending.drain(SETTLE_WAIT_S)
+        if left:
+            log.warning("%d settlements still running at shutdown; the next start settles their holds for "
+                        "what they delivered", left)
+        self.settler.shutdown(wait=False)
+        self.executor.shutdown(wait=False)
 
     async def authenticate(self, authorization: str | None, address: str | None = None) -> Consumer:
         """The consumer of a key; 401 for a bad one, 429 for an address that sent too many bad ones
@@ -200,8 +223,7 @@ class Generation:
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed)
         try:
-            self.charge = await svc.call(svc.accounts.admit, self.consumer, self.id, svc.model_id,
-                                         len(self.prompt_ids), self.max_tokens)
+            self.charge = await self._admit()
         except InsufficientFunds as exc:
             price = svc.accounts.price_units(len(self.prompt_ids), self.max_tokens)
             raise APIError(402, f"not enough credits: this request may cost {price} units ({exc})",
@@ -217,6 +239,22 @@ class Generation:
             await self.settle()
             raise APIError(503, str(exc), "service_unavailable", code="no_pipeline",
                            headers={"Retry-After": str(exc.retry_after_s)}) from exc
+
+    async def _admit(self) -> Charge:
+        """Hold the request's price. It does not wait for the consumer's earlier streams still settling
+        behind their [DONE]: each of those keeps its own hold, from which its settlement pays the
+        stages and refunds the rest, and no settlement takes anything from the balance, so a new hold
+        taken beside them can never overdraw the account. All they can do is keep a refund from the
+        balance a moment longer: only if that refusal is a 402 are they waited for, once."""
+        svc = self.svc
+        args = (svc.accounts.admit, self.consumer, self.id, svc.model_id, len(self.prompt_ids), self.max_tokens)
+        try:
+            return await svc.call(*args)
+        except InsufficientFunds:
+            if not svc.pending.of(self.consumer.account_id):
+                raise
+        await svc.wait_settled(self.consumer)
+        return await svc.call(*args)
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas; raises APIError(503) if the pool gave up on the request."""
@@ -266,6 +304,16 @@ class Generation:
         n, produced = self.billed.prompt_tokens, self.billed.completion_tokens
         return Usage(prompt_tokens=n, completion_tokens=produced, total_tokens=n + produced)
 
+    def ended_usage(self) -> Usage:
+        """What settlement will bill, before it has: `Accounts.finish` counts the prompt as admitted and
+        every token of the request, read once the request is done, after which its tokens never
+        change (driver.GenerationRequest). A stream's generation has ended when it is asked: the pool
+        finished or failed it, or a stop sequence cancelled it (which sets `done` at once)."""
+        if not self.request.done.is_set():
+            raise RuntimeError(f"request {self.id}: usage asked for before the generation ended")
+        n, produced = self.charge.prompt_tokens, len(self.request.tokens)
+        return Usage(prompt_tokens=n, completion_tokens=produced, total_tokens=n + produced)
+
     async def record_delivery(self) -> None:
         """Durable before sent: the count of tokens the client is about to have, and the stages that
         computed them, go to the database before the chunk does, so that a coordinator killed now
@@ -305,9 +353,24 @@ class Generation:
         """From a cancelled task, where nothing can be awaited: cancel the generation, settle on a thread."""
         self.cancel("the client went away")
         self.timer.end(499)  # metrics: no-op when the request already ended
+        self._settle_on_thread()
+
+    def settle_behind(self) -> bool:
+        """The generation has ended: settle on a thread while the stream's end goes out. False (nothing
+        started) when too many settlements already run behind their streams: settle() then."""
+        if self.charge is None or self.settled:
+            return True
+        if self.svc.pending.full():
+            return False
+        self._settle_on_thread()
+        return True
+
+    def _settle_on_thread(self) -> None:
+        """Settle on the settle threads, kept by the consumer until it lands (Service.pending)."""
         args = self._settle_args()
         if args:
-            future = self.svc.settler.submit(self.svc.accounts.finish, *args)
+            future = self.svc.pending.submit(self.svc.settler, self.consumer.account_id, self.svc.accounts.finish,
+                                             *args)
             future.add_done_callback(lambda f: f.exception() and log.error("settling %s failed", self.id,
                                                                              exc_info=f.exception()))
 
@@ -323,9 +386,9 @@ class Generation:
         choice = CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)
         return CompletionChunk(**head, choices=[choice])
 
-    def usage_chunk(self) -> CompletionChunk | ChatCompletionChunk:
+    def usage_chunk(self, usage: Usage) -> CompletionChunk | ChatCompletionChunk:
         kind = ChatCompletionChunk if self.kind == "chat" else CompletionChunk
-        return kind(id=self.id, created=self.created, model=self.svc.model_id, choices=[], usage=self.usage())
+        return kind(id=self.id, created=self.created, model=self.svc.model_id, choices=[], usage=usage)
 
     def body_of(self, text: str) -> Completion | ChatCompletion:
         head = {"id": self.id, "created": self.created, "model": self.svc.model_id, "usage": self.usage()}
@@ -337,14 +400,22 @@ class Generation:
     def done(self) -> StreamDone:
         return StreamDone(id=self.id, finish_reason=self.finish_reason, usage=self.usage())
 
-    async def chunks(self) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
-        """The stream as OpenAI chunks: role (chat), deltas, the finish, usage if asked."""
+    async def text_chunks(self) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
+        """The stream's text as OpenAI chunks: role (chat), then the deltas, each recorded before it leaves."""
         if self.kind == "chat":
             yield self.chunk(None, role=True)
         async for delta in self.deltas():
             await self.record_delivery()
             yield self.chunk(delta)
-        yield self.chunk(None, finish_reason=self.finish_reason)
+
+    def finish_chunk(self) -> CompletionChunk | ChatCompletionChunk:
+        return self.chunk(None, finish_reason=self.finish_reason)
+
+    async def chunks(self) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
+        """The stream as OpenAI chunks: role (chat), deltas, the finish."""
+        async for chunk in self.text_chunks():
+            yield chunk
+        yield self.finish_chunk()
 
 
 def make_router(svc: Service) -> APIRouter:
@@ -360,6 +431,7 @@ def make_router(svc: Service) -> APIRouter:
 
     @v1.get("/account", response_model=Account, summary="balance, held and spent credits, recent usage")
     async def account(who: Consumer = Depends(consumer)) -> dict:
+        await svc.wait_settled(who)  # the consumer's streams that ended are settled before it reads
         return await svc.call(svc.accounts.account, who)
 
     async def run(body: SamplingFields, who: Consumer, kind: str, http: Request):
@@ -378,11 +450,15 @@ def make_router(svc: Service) -> APIRouter:
 
     async def sse(gen: Generation, http: Request) -> AsyncIterator[str]:
         try:
-            async for chunk in gen.chunks():
+            async for chunk in gen.text_chunks():
                 yield sse_event(chunk)
-            await gen.settle()
+            # The generation has ended: its end goes out now and the hold settles behind it (waiting
+            # for the stages' receipts first); the usage is what that settlement bills.
+            if not gen.settle_behind():
+                await gen.settle()
+            yield sse_event(gen.finish_chunk())
             if gen.body.stream_options and gen.body.stream_options.include_usage:
-                yield sse_event(gen.usage_chunk())
+                yield sse_event(gen.usage_chunk(gen.ended_usage()))
         except APIError as exc:
             yield sse_event(error_model(exc))
         finally:

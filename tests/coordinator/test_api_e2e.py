@@ -43,8 +43,15 @@ def test_openai_client_gets_transformers_greedy_text_streamed_and_not(pool, refe
     want = reference(PROMPTS[0], 20)
     r = oc.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0)
     assert r.choices[0].text == want and r.usage.completion_tokens == 20
-    stream = oc.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in stream) == want
+    chunks = list(oc.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    # [DONE] came before the stages' receipts were settled on; the account, read right after, waits
+    # for that settlement (read-your-writes) and bills what the usage chunk said
+    a = oc.get("/account", cast_to=object)
+    assert a["held_units"] == 0 and a["recent_usage"][0]["request_id"] == chunks[-1].id
+    assert a["recent_usage"][0]["completion_tokens"] == chunks[-1].usage.completion_tokens == 20
+    assert a["recent_usage"][0]["cost_units"] > 0
     want = reference(CHAT, 20)
     r = oc.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, temperature=0)
     assert r.choices[0].message.content == want

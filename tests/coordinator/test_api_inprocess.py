@@ -2,7 +2,8 @@
 
 The scripted pool answers every request with the tokens of a fixed text, one every few
 milliseconds, from its own thread (as a driver does), and stops when a request is cancelled; it
-then signs the request's receipt as a one-stage pipeline would, so the request settles on it.
+then signs the request's receipt as a one-stage pipeline would, so the request settles on it
+(once `receipt_gate` is set, when a test holds receipts back).
 Errors, money, streaming shapes, disconnects and the WebSocket are checked here; the real pool
 is in test_api_e2e.py.
 """
@@ -43,6 +44,7 @@ class ScriptedPool:
     def __init__(self, tokenizer, accounts: Accounts, delay_s: float = 0.01):
         self.ids = tokenizer(TEXT)["input_ids"]
         self.delay_s, self.busy = delay_s, False
+        self.receipt_gate: threading.Event | None = None  # receipts wait for it (a stage slow to sign)
         self.requests = []
         self.identity, self.accounts = Identity.generate(), accounts
         accounts.open_provider(self.identity.peer_id_str, self.identity.public_key_bytes)
@@ -61,6 +63,8 @@ class ScriptedPool:
             time.sleep(self.delay_s)
             request.add_token(token)
         request.finish()
+        if self.receipt_gate is not None:
+            self.receipt_gate.wait(30)
         n = request.tokens_processed
         receipt = StageReceipt(request.request_id, MODEL, 0, N_LAYERS, n, tensor_digest(
             [torch.tensor((request.prompt_ids + request.tokens)[:n], dtype=torch.int64)]), "0" * 64,
@@ -79,9 +83,7 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer):
-    data_dir = tmp_path_factory.mktemp("coordinator")
+def start_server(data_dir, tokenizer) -> dict:
     accounts = Accounts(data_dir, N_LAYERS)
     pool = ScriptedPool(tokenizer, accounts)
     app = create_app(pool, tokenizer, MODEL, 512, (2,), accounts, rate_limit_rps=1000)
@@ -93,10 +95,17 @@ def server(tmp_path_factory, tokenizer):
     while not server.started:
         time.sleep(0.05)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield {"base": base, "accounts": accounts, "pool": pool, "app": app, "data_dir": data_dir}
-    server.should_exit = True
-    thread.join(10)
-    accounts.close()
+    return {"base": base, "accounts": accounts, "pool": pool, "app": app, "data_dir": data_dir, "server": server,
+            "thread": thread}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tokenizer):
+    running = start_server(tmp_path_factory.mktemp("coordinator"), tokenizer)
+    yield running
+    running["server"].should_exit = True
+    running["thread"].join(10)
+    running["accounts"].close()
 
 
 def client(server, key: str) -> openai.OpenAI:
@@ -168,6 +177,109 @@ def test_stop_sequences_end_generation_and_charge_only_what_was_produced(server,
     produced = len(server["pool"].requests[-1].tokens)
     assert r.usage.completion_tokens <= produced < 20
     assert a["spent_units"] == cost_units(r.usage.prompt_tokens + produced - 1)
+
+
+def sse_lines(server, key: str, body: dict) -> list[str]:
+    with httpx.stream("POST", server["base"] + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": MODEL, "stream": True, "stream_options": {"include_usage": True}, **body}) as r:
+        assert r.status_code == 200
+        return [line for line in r.iter_lines() if line.startswith("data:")]
+
+
+def held_units(server, key: str) -> int:
+    """The consumer's held credits as the ledger has them now (not through /v1/account, which waits)."""
+    return server["accounts"].reader.spending(server["accounts"].lookup(key).account_id)["held_units"]
+
+
+@pytest.mark.parametrize("stop", [None, ["Eiffel"]], ids=["length", "stop sequence"])
+def test_a_stream_ends_before_its_settlement_and_reports_what_it_bills(server, tokenizer, stop):
+    """[DONE] arrives while the stage's receipt is still held back, so the hold is still open; the
+    consumer's /v1/account waits for that settlement (read-your-writes) and shows what the usage
+    chunk said: the tokens the pool produced (past the stop sequence's cut), each one paid once."""
+    key = server["accounts"].add_consumer(f"behind-{bool(stop)}", 10**7)
+    pool = server["pool"]
+    pool.receipt_gate = gate = threading.Event()
+    try:
+        lines = sse_lines(server, key, {"prompt": "Paris", "max_tokens": 16, **({"stop": stop} if stop else {})})
+        assert lines[-1] == "data: [DONE]"
+        request = pool.requests[-1]
+        assert request.done.is_set()
+        assert held_units(server, key) > 0  # the end came first: the receipt, and so the settlement, still wait
+        got: dict = {}
+        reader = threading.Thread(target=lambda: got.update(account(server, key)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()  # the read waits for the consumer's settlement, which waits for the receipt
+    finally:
+        gate.set()
+        pool.receipt_gate = None
+    reader.join(30)
+    usage = json.loads(lines[-2][len("data: "):])["usage"]
+    finish = json.loads(lines[-3][len("data: "):])["choices"][0]["finish_reason"]
+    assert finish == ("stop" if stop else "length")
+    assert got["held_units"] == 0 and got["balance_units"] + got["spent_units"] == 10**7
+    billed = got["recent_usage"][0]
+    assert usage["completion_tokens"] == billed["completion_tokens"] == len(request.tokens)
+    assert usage["prompt_tokens"] == billed["prompt_tokens"] == len(tokenizer("Paris")["input_ids"])
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # "Eiffel" ends with TEXT's 14th token: the pool was cancelled there, or a few tokens later
+    assert (14 <= usage["completion_tokens"] < 20) if stop else usage["completion_tokens"] == 16
+    paid = cost_units(usage["prompt_tokens"] + usage["completion_tokens"] - 1)  # the last token is never fed back
+    assert got["spent_units"] == billed["cost_units"] == paid
+    assert not server["app"].state.service.pending.of(server["accounts"].lookup(key).account_id)
+
+
+def test_a_request_refused_for_a_refund_still_on_its_way_waits_for_it(server, tokenizer):
+    """A consumer whose balance covers its next request only once its last stream's hold is refunded
+    is not refused while that settlement still runs behind the stream's [DONE]."""
+    n_prompt, max_tokens = len(tokenizer("Paris")["input_ids"]), 8
+    hold = quote(n_prompt, max_tokens, N_LAYERS, DEFAULT_PARAMS).total_units
+    spent = cost_units(n_prompt + max_tokens - 1)
+    key = server["accounts"].add_consumer("edge", hold + spent)  # one hold, or one settled request and a hold
+    pool = server["pool"]
+    pool.receipt_gate = gate = threading.Event()
+    try:
+        assert sse_lines(server, key, {"prompt": "Paris", "max_tokens": max_tokens})[-1] == "data: [DONE]"
+        assert held_units(server, key) == hold
+        got: list = []
+        second = threading.Thread(target=lambda: got.append(httpx.post(
+            server["base"] + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+            json={"model": MODEL, "prompt": "Paris", "max_tokens": max_tokens})))
+        second.start()
+        second.join(0.5)
+    finally:
+        gate.set()
+        pool.receipt_gate = None
+    second.join(60)
+    assert got[0].status_code == 200, got[0].text
+    a = conserved(server, key, hold + spent)
+    assert a["held_units"] == 0 and a["spent_units"] == 2 * spent and a["balance_units"] == hold - spent
+
+
+def test_shutdown_lets_the_settlements_behind_ended_streams_land(tmp_path, tokenizer):
+    """The app's shutdown waits for what settles behind a stream (the providers can still send
+    receipts then), so the ledger closes with the hold paid, not left for the next start."""
+    running = start_server(tmp_path, tokenizer)
+    accounts, pool = running["accounts"], running["pool"]
+    try:
+        key = accounts.add_consumer("last", 10**7)
+        pool.receipt_gate = gate = threading.Event()
+        lines = sse_lines(running, key, {"prompt": "Paris", "max_tokens": 6})
+        assert lines[-1] == "data: [DONE]" and held_units(running, key) > 0
+        running["server"].should_exit = True
+        running["thread"].join(0.5)
+        assert running["thread"].is_alive()  # the app's shutdown waits for the settlement
+        gate.set()
+        running["thread"].join(30)
+        assert not running["thread"].is_alive()
+        aid = accounts.lookup(key).account_id
+        money = accounts.reader.spending(aid)
+        assert money["held_units"] == 0 and money["paid_units"] == cost_units(len(tokenizer("Paris")["input_ids"]) + 5)
+    finally:
+        gate.set()
+        running["server"].should_exit = True
+        running["thread"].join(10)
+        accounts.close()
 
 
 def test_errors_have_the_openai_shape_and_move_no_credit(server):
