@@ -249,7 +249,7 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
 def load_main(args, model_dir: Path, root: Path) -> None:
     levels = [int(x) for x in args.load.split(",")]
     device = devices_of(args)[0]
-    in_process = in_process_rates(model_dir, device, levels, args.tokens)
+    in_process = {} if args.skip_in_process else in_process_rates(model_dir, device, levels, args.tokens)
     print(f"in process (one runtime, all layers, {device}): " +
           ", ".join(f"batch {b} {r} tok/s" for b, r in in_process.items()), flush=True)
     out = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
@@ -294,6 +294,7 @@ def main() -> None:
     p.add_argument("--load", default="", help="client levels for a speed run, e.g. 1,8,32 (no audits)")
     p.add_argument("--rounds", type=int, default=2, help="--load: requests per client per level")
     p.add_argument("--baseline", type=Path, help="--load: a checkout whose pool is measured too, before this one's")
+    p.add_argument("--skip-in-process", action="store_true", help="--load: no in-process baseline (a quick rerun)")
     p.add_argument("--microbatches", default="", help="--load: the coordinator's --microbatches, each in turn (e.g. 1,2)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()

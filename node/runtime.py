@@ -266,7 +266,11 @@ class ShardRuntime:
         holds all N rows), and the rows' trace (2L + 1, N, D) if captured."""
         slots = [s.slot for s, T in zip(sessions, lengths) for _ in range(T)]
         positions = [p for s, T in zip(sessions, lengths) for p in range(s.n_tokens, s.n_tokens + T)]
-        index = torch.tensor([slots, positions, [p + 1 for p in positions]]).to(self.device)
+        # rows padded to 16 bytes: Triton compiles a kernel again for an argument off that alignment
+        # (an H200 paid ~150 ms for it on the first prompt of odd length)
+        n = len(positions)
+        pad = [0] * (-n % 2)
+        index = torch.tensor([slots + pad, positions + pad, [p + 1 for p in positions] + pad]).to(self.device)[:, :n]
         taken = [] if self.capture_trace else None
         step = DecodeStep(self.model, self.cache, self.cos, self.sin, self.fused_rows, taken)
         rows = None if head_rows is None else torch.tensor(head_rows, device=self.device)
