@@ -397,8 +397,8 @@ class Generation:
                                                               finish_reason=self.finish_reason)])
         return Completion(**head, choices=[CompletionChoice(index=0, text=text, finish_reason=self.finish_reason)])
 
-    def done(self) -> StreamDone:
-        return StreamDone(id=self.id, finish_reason=self.finish_reason, usage=self.usage())
+    def done(self, usage: Usage) -> StreamDone:
+        return StreamDone(id=self.id, finish_reason=self.finish_reason, usage=usage)
 
     async def text_chunks(self) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
         """The stream's text as OpenAI chunks: role (chat), then the deltas, each recorded before it leaves."""
@@ -517,8 +517,9 @@ def make_router(svc: Service) -> APIRouter:
             await gen.start()
             async for chunk in gen.chunks():
                 await ws.send_text(chunk.model_dump_json())
-            await gen.settle()
-            await ws.send_text(gen.done().model_dump_json())
+            if not gen.settle_behind():  # as a stream's [DONE]: `done` leaves, the hold settles behind it
+                await gen.settle()
+            await ws.send_text(gen.done(gen.ended_usage()).model_dump_json())
             await ws.close()
         except APIError as exc:
             err = StreamError(error=error_model(exc).error, status=exc.status)
