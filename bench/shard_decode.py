@@ -347,6 +347,7 @@ def check_paths(pipeline: LocalPipeline, prompts: torch.Tensor, n_new: int, refe
     def run(mode: str, n: int, keep_logits: bool = False):
         for stage, dec in zip(stages, decoders):
             stage.graphs = None if mode == "layers" else dec  # the runtime's layer path: same weights, cache
+            stage.fused_rows = None if mode == "layers" else dec.step.ops  # prompts too
             dec.use_graphs = mode == "graphs"
         return time_ours(pipeline, prompts, n, keep_logits)[1]
 

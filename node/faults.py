@@ -116,6 +116,13 @@ class SkippedLayer(nn.Module):
         return x
 
 
+def _through_modules(runtime) -> None:
+    """Steps through the (altered) modules: the CUDA graphs captured the real layers, and the fused
+    ops that decode and prefill with read the real layers' weights."""
+    runtime.graphs = None
+    runtime.fused_rows = None
+
+
 @dataclass
 class Fault:
     kind: str
@@ -181,19 +188,19 @@ class Fault:
             keep = n // 2 if self.kind == "skip" else 0
             for i in range(keep, n):
                 layers[i] = SkippedLayer()
-            runtime.graphs = None  # CUDA graphs captured the real layers: decode through the modules
+            _through_modules(runtime)
         elif self.kind == "skip-layer":
             layers[n // 2] = SkippedLayer()
-            runtime.graphs = None
+            _through_modules(runtime)
         elif self.kind == "window":
             for layer in layers:
                 layer.attn = WindowedAttention(layer.attn, WINDOW_TOKENS)
-            runtime.graphs = None
+            _through_modules(runtime)
         elif self.kind == "token":
             if runtime.model.embed is None:
                 raise ValueError("the 'token' fault needs stage 0 (it changes an input token)")
             runtime.model.embed = SwappedTokenEmbedding(runtime.model.embed)
-            runtime.graphs = None
+            _through_modules(runtime)
         elif self.kind in QUANTIZED_KINDS or self.kind == "tamper":
             generator = torch.Generator().manual_seed(self.seed)
             with torch.no_grad():

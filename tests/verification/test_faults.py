@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from node.faults import FAULT_KINDS, Fault, SkippedLayer
+from node.fused import Ops
 from node.layer_reference import LayerAuditor
 from verification.check import FAIL
 from node.runtime import ShardRuntime
@@ -77,7 +78,9 @@ def test_skip_and_lazy_keep_the_cache_bookkeeping(model):
     shard = Shard(model_id, 0, 5, config.n_layers)
     ids = torch.tensor(PROMPTS[0][:6])
     skip = ShardRuntime.from_tensors(config, shard, tensors, max_sessions=2, max_seq_len=32)
+    skip.fused_rows = Ops(use_triton=False)  # as on a GPU: prompts through the fused ops of the real layers
     Fault.parse("skip").install(skip)
+    assert skip.fused_rows is None and skip.graphs is None  # the cheat's modules serve every step
     assert [isinstance(m, SkippedLayer) for m in skip.model.layers] == [False, False, True, True, True]
     skip.prefill("a", ids)
     skip.decode([("a", torch.tensor([7]))])
