@@ -231,3 +231,25 @@ def test_sessions_released_now_are_sealed_off_the_serving_thread_as_close_seals_
     closed = workers[1].close(Close("p", ("s",), ("req",)))
     assert [r.to_dict() for r in sent] == [r.to_dict() for r in closed]  # same hashes, same signer
     assert workers[0].retained.get("req").layers_hash == workers[1].retained.get("req").layers_hash
+
+
+def test_long_attention_leaves_the_fused_rows_for_the_layers(model_dir, monkeypatch):
+    """Through the fused ops every row reads its keys as a decode row does; a step whose rows x keys
+    pass FUSED_ROW_KEYS runs the layers' prefill instead, with the same results."""
+    import node.runtime
+
+    fused, plain = (runtime(model_dir, 0, 2, capture_trace=True, max_sessions=2) for _ in range(2))
+    fused.fused_rows = Ops(use_triton=False)
+    ways = []
+    forward_rows, forward = fused._forward_rows, fused._forward
+    monkeypatch.setattr(fused, "_forward_rows", lambda *a: (ways.append("fused"), forward_rows(*a))[1])
+    monkeypatch.setattr(fused, "_forward", lambda *a, **k: (ways.append("layers"), forward(*a, **k))[1])
+    monkeypatch.setattr(node.runtime, "FUSED_ROW_KEYS", 4 * 6)  # 4 new rows after 2 cached: 4 x 6 fits
+    ids = torch.arange(1, 9)
+    for rt in (fused, plain):
+        rt.prefill("s", ids[:2])
+    torch.testing.assert_close(fused.prefill("s", ids[2:6]), plain.prefill("s", ids[2:6]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.prefill_many([("s", ids[6:8]), ("t", ids[:5])]),
+                               plain.prefill_many([("s", ids[6:8]), ("t", ids[:5])]), atol=1e-4, rtol=1e-4)
+    assert ways == ["fused", "fused", "layers"]  # 2 x 2, 4 x 6, then 2 x 8 + 5 x 5 > 24
+    torch.testing.assert_close(fused.trace("s"), plain.trace("s"), atol=1e-4, rtol=1e-4)
