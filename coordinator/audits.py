@@ -24,6 +24,7 @@ from typing import Callable
 
 from contracts.audits import should_audit
 from coordinator import incidents
+from coordinator.background import BackgroundLoop
 from contracts.pricing import gas_units
 from contracts.stakes import slash_units_for
 from coordinator.registry import Registry
@@ -102,7 +103,7 @@ class Escalation:
             return True
 
 
-class Auditor:
+class Auditor(BackgroundLoop):
     def __init__(self, node: P2PNode, identity: Identity, registry: Registry, ledger: LedgerService,
                  reader: LedgerReader, model_dir: Path, n_layers: int, on_standing_changed: Callable[[], None],
                  referee_check_ppm: int = 200_000, secret: bytes | None = None):
@@ -119,15 +120,7 @@ class Auditor:
         self._draws: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._draws_lock = threading.Lock()
         self._withheld: dict[str, int] = {}  # peer -> audits in a row it withheld its tensors; auditor thread only
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="auditor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=VERIFY_TIMEOUT_S)
+        super().__init__("auditor", VERIFY_TIMEOUT_S)
 
     def retains(self, receipt: StageReceipt) -> bool:
         """When a stage's receipt arrives: draw whether that (request, stage) will be audited, so that
@@ -161,7 +154,7 @@ class Auditor:
     # -- one audit ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stop.is_set():
             try:
                 job = self.jobs.get(timeout=0.5)
             except queue.Empty:

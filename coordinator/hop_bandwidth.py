@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from coordinator.background import BackgroundLoop
 from coordinator.measurements import Measurements
 from coordinator.registry import Registry
 from node.transport import TransportError
@@ -33,7 +34,7 @@ TEST_TIMEOUT_S = 30.0  # the provider's own bound is 20 s (node/link_test.py), p
 FAILED_RETRY_S = 30.0  # a pair whose test failed (a provider that cannot dial the other, say) waits this long
 
 
-class HopProber:
+class HopProber(BackgroundLoop):
     """`ask(peer, message, timeout_s)` sends one message on the assign protocol and returns the decoded
     answer (raising on transport errors); `quiet` is held while admission probes are timed."""
 
@@ -43,15 +44,7 @@ class HopProber:
         self.ask, self.registry, self.measurements, self.quiet = ask, registry, measurements, quiet
         self.clock, self.interval_s = clock, interval_s
         self._failed: dict[tuple[str, str], float] = {}  # pair -> when its test last failed
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hop-prober", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=TEST_TIMEOUT_S)
+        super().__init__("hop-prober", TEST_TIMEOUT_S)
 
     def due(self) -> list[tuple[str, str]]:
         """Pairs to test now, never tested first, then the longest untested; at most PAIRS_PER_ROUND."""

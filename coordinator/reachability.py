@@ -6,9 +6,9 @@ relayed (coordinator/planner/reach.py)."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from coordinator.background import BackgroundLoop
 from coordinator.planner import Links
 from coordinator.planner.placement import DATACENTRE_LINK
 from coordinator.planner.reach import measured_links
@@ -24,18 +24,10 @@ PROBES_PER_ROUND = 3  # the least of three: one round trip that met a busy threa
 LIVE_STATES = ("newcomer", "idle", "serving", "leaving")
 
 
-class LinkMonitor:
+class LinkMonitor(BackgroundLoop):
     def __init__(self, node: P2PNode, registry: Registry, interval_s: float = PROBE_INTERVAL_S):
         self.node, self.registry, self.interval_s = node, registry, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="link-monitor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=PROBE_TIMEOUT_S * PROBES_PER_ROUND + 1)
+        super().__init__("link-monitor", PROBE_TIMEOUT_S * PROBES_PER_ROUND + 1)
 
     def rtt_ms(self, peer: str) -> float | None:
         """The least of a few round trips of a Ping on an open stream. Only the Ping and its Ack are
