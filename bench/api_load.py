@@ -11,7 +11,9 @@ official `openai` client streaming a greedy completion of `--tokens` tokens, `--
 in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50 and p99 time to
 first token (request sent -> first text chunk), a stream's decode rate (its tokens after the first
 over first -> last text chunk, median) and its tail (last text chunk -> the stream's end: the
-finish, the usage chunk, [DONE]; settlement runs behind them; median). The ratio is against 1 client in the same run.
+finish, the usage chunk, [DONE]; settlement runs behind them; median), and the steady tokens/s while
+every client streams (`steady_rate`: without the level's ramp-up and stragglers). The ratio is
+against 1 client in the same run.
 With --baseline, a pool running another checkout's code (e.g. main) is measured in the same run:
 every pool is started first and each level runs on each pool in turn, the order flipping from level
 to level, so that load from other processes on the machine falls on both alike. `--stages 3` uses
@@ -60,6 +62,8 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
     errors: list[str] = []
     decode_rates: list[float] = []  # a stream's tokens after its first over first text -> last text
     tails_s: list[float] = []  # last text -> the stream's end (the finish, usage, [DONE])
+    spans: list[tuple[float, float, int]] = []  # each request's first text, last text, tokens
+    busy: dict[int, tuple[float, float]] = {}  # client -> its first request's first text, its last request's end
     lock = threading.Lock()
 
     def client(i: int):
@@ -88,6 +92,8 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
                 if first is not None and last > first and n > 1:
                     decode_rates.append((n - 1) / (last - first))
                     tails_s.append(end - last)
+                    spans.append((first, last, n))
+                busy[i] = (busy.get(i, (first or end, 0.0))[0], end)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -101,7 +107,25 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p50_ms": round(1000 * statistics.median(ttft_s), 1) if ttft_s else None,
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None,
             "stream_decode_tokens_per_s_p50": round(statistics.median(decode_rates), 1) if decode_rates else None,
-            "tail_ms_p50": round(1000 * statistics.median(tails_s), 1) if tails_s else None}
+            "tail_ms_p50": round(1000 * statistics.median(tails_s), 1) if tails_s else None,
+            "steady_tokens_per_s": steady_rate(spans, busy.values())}
+
+
+def steady_rate(spans: list[tuple[float, float, int]], busy) -> float | None:
+    """Tokens/s while every client was streaming: from the last client's first token to the first
+    client's last end, each request's tokens counted as spread evenly between its first and last
+    text. A short level's ramp-up and stragglers weigh on its whole-level figure; not on this."""
+    busy = list(busy)
+    if not busy or not spans:
+        return None
+    lo, hi = max(b[0] for b in busy), min(b[1] for b in busy)
+    if hi <= lo:
+        return None
+    tokens = 0.0
+    for first, last, n in spans:
+        overlap = max(0.0, min(last, hi) - max(first, lo))
+        tokens += (n - 1) * overlap / (last - first) + (lo <= first <= hi)
+    return round(tokens / (hi - lo), 1)
 
 
 def start_pool(levels: list[int], code_dir: Path | None, caps_mb: tuple[int, ...], path: str | None = None) -> dict:

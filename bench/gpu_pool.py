@@ -265,6 +265,7 @@ def load_main(args, model_dir: Path, root: Path) -> None:
             for r in row["levels"]:
                 print(f"  {r['clients']:>3} clients {r['tokens_per_s']:>8.1f} tok/s ({r.get('vs_in_process', '-')} of "
                       f"in-process)  ttft p50 {r['ttft_p50_ms']} ms p99 {r['ttft_p99_ms']} ms  errors {r['errors']}  "
+                      f"steady {r.get('steady_tokens_per_s')} tok/s  "
                       f"stream {r.get('stream_decode_tokens_per_s_p50')} tok/s tail {r.get('tail_ms_p50')} ms  "
                       f"{r['breakdown']}", flush=True)
             args.out.write_text(json.dumps(out, indent=1))
