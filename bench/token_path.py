@@ -166,17 +166,23 @@ def _drive(requests: list[GenerationRequest], ids: list[int], step_s: float) -> 
         request.finish()
 
 
+def count_wakes(loop: asyncio.AbstractEventLoop) -> list[int]:
+    """Counts `loop`'s wakes from other threads (call_soon_threadsafe) in the returned one-item list."""
+    wakes = [0]
+    call = loop.call_soon_threadsafe
+
+    def counted(*args, **kw):
+        wakes[0] += 1
+        return call(*args, **kw)
+
+    loop.call_soon_threadsafe = counted
+    return wakes
+
+
 def bridge(tokenizer, ids: list[int], n_streams: int, step_s: float, old: bool) -> dict:
     async def run() -> tuple[int, int, float, float]:
         loop = asyncio.get_running_loop()
-        wakes = [0]
-        call_soon_threadsafe = loop.call_soon_threadsafe
-
-        def counted(*args, **kw):
-            wakes[0] += 1
-            return call_soon_threadsafe(*args, **kw)
-
-        loop.call_soon_threadsafe = counted
+        wakes = count_wakes(loop)
         requests = [GenerationRequest([1], len(ids)) for _ in range(n_streams)]
         streams = [(OldTokenStream if old else TokenStream)(r, loop) for r in requests]
         consume = _consume_old if old else _consume_new

@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from coordinator.driver import GenerationRequest
-from bench.token_path import OldDetokenizer
+from bench.token_path import OldDetokenizer, count_wakes
 from coordinator.streaming import Detokenizer, TokenStream
 
 TEXTS = ["café ☕ 東京 😀 naïve – “quotes” 𝔘𝔫𝔦", "The Eiffel Tower\n\nUser: hi", " Paris is the capital. 🥐🥐",
@@ -174,18 +174,6 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole():
 
 
 # -- TokenStream -------------------------------------------------------------------------------
-
-
-def count_wakes(loop: asyncio.AbstractEventLoop) -> list[int]:
-    wakes = [0]
-    call = loop.call_soon_threadsafe
-
-    def counted(*args, **kw):
-        wakes[0] += 1
-        return call(*args, **kw)
-
-    loop.call_soon_threadsafe = counted
-    return wakes
 
 
 async def collect(stream: TokenStream, timeout_s: float = 60) -> list[list[int]]:
