@@ -258,7 +258,8 @@ def load_main(args, model_dir: Path, root: Path) -> None:
     sweep = [int(x) for x in args.microbatches.split(",")] if args.microbatches else [None]
     for n in [int(x) for x in args.stages.split(",")]:
         for code, m in itertools.product(codes, sweep):
-            row = load_shape(root / f"load{n}{'b' if code else ''}m{m}", model_dir, n, levels, in_process, args, code, m)
+            row = load_shape(root / f"load{n}{'b' if code else ''}m{m}", model_dir, n, levels, in_process, args,
+                             code, m)
             out["rows"].append(row)
             print(f"{n} stage(s) on {','.join(row['devices'])} {[(s['start'], s['end']) for s in row['pipeline']]}"
                   f"{' (baseline)' if code else ''}{f' --microbatches {m}' if m else ''}:")
@@ -296,7 +297,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="--load: requests per client per level")
     p.add_argument("--baseline", type=Path, help="--load: a checkout whose pool is measured too, before this one's")
     p.add_argument("--skip-in-process", action="store_true", help="--load: no in-process baseline (a quick rerun)")
-    p.add_argument("--microbatches", default="", help="--load: the coordinator's --microbatches, each in turn (e.g. 1,2)")
+    p.add_argument("--microbatches", default="",
+                   help="--load: the coordinator's --microbatches, each in turn (e.g. 1,2)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))

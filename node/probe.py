@@ -4,7 +4,8 @@ A `Probe` names a few middle layers, a batch and a seed: both sides load those l
 `batch` sessions with hidden states drawn from the seed and decode a warm-up step or two (untimed),
 then (on `ProbeRun`, with a second seed only sent when the timed part starts) run `steps` batched
 decode steps. The provider returns the last step's output; the coordinator, which times the run with
-its own clock, recomputes it (coordinator/admission.py). Inputs are drawn on the CPU in float32 so both sides draw the same.
+its own clock, recomputes it (coordinator/admission.py). Inputs are drawn on the CPU in float32 so
+both sides draw the same.
 """
 
 from __future__ import annotations
