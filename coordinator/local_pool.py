@@ -179,7 +179,25 @@ class LocalPool:
             if predicate(state):
                 return state
             time.sleep(0.2)
-        raise TimeoutError(f"{what} not reached in {timeout_s} s; last /pool: {json.dumps(state)[:2000]}")
+        raise TimeoutError(f"{what} not reached in {timeout_s} s; {self.describe(state)}")
+
+    def describe(self, state: dict) -> str:
+        """What a failed wait needs to be read: the plan, each provider's state, and the warnings and
+        errors each process logged last (the first 2,000 characters of /pool hid all three)."""
+        pipelines = [[(s["peer"][-6:], s["start"], s["end"]) for s in p["stages"]] for p in state.get("pipelines", [])]
+        providers = [(p["peer"][-6:], p["state"]) for p in state.get("providers", [])]
+        benched = [(b["peer"][-6:], b["reason"][:120]) for b in state.get("benched", []) if b["benched"]]
+        lines = [f"pipelines {pipelines}", f"providers {providers}", f"benched {benched}",
+                 f"plan_error {state.get('plan_error')!r}"]
+        for proc in [self.coordinator, *self.providers.values()]:
+            if proc is None:
+                continue
+            trouble = [line for line in proc.log().splitlines()
+                       if any(word in line for word in ("WARNING", "ERROR", "Traceback", "Error"))]
+            exit_code = proc.popen.poll()
+            lines.append(f"-- {proc.name}" + (f" (exited {exit_code})" if exit_code is not None else "")
+                         + "".join(f"\n   {line[:300]}" for line in trouble[-8:]))
+        return "\n".join(lines)
 
     def wait_for_pipelines(self, n: int = 1, timeout_s: float = 120.0) -> dict:
         return self.wait_for(lambda s: len(s["pipelines"]) >= n, timeout_s, f"{n} pipelines")

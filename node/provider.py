@@ -217,9 +217,11 @@ class Provider:
                     if isinstance(info, AccountInfo):
                         self.stats.update(state=info.state, credits_earned_units=info.balance_units,
                                           reputation=info.reputation)
-            except (TransportError, ConnectionError, MessageError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever a beat raised, the loop must live on to redial
+                if not isinstance(exc, (TransportError, ConnectionError, MessageError)):
+                    log.exception("heartbeat failed unexpectedly; treated as lost contact")
                 if lost_since_s is None:
-                    log.warning("lost contact with the coordinator: %s", exc)
+                    log.warning("lost contact with the coordinator: %s: %s", type(exc).__name__, exc)
                     lost_since_s, backoff_s = time.monotonic(), REDIAL_FIRST_S
                 else:
                     log.info("coordinator still unreachable after %.0f s: %s", time.monotonic() - lost_since_s, exc)

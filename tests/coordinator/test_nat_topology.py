@@ -147,7 +147,7 @@ def test_a_dead_home_fails_over_and_the_hop_left_is_hole_punched(pool, reference
         hop = {link["peer"]: link["kind"] for link in providers[first]["links"]}.get(second)
         return hop == "hole-punched" and providers[second]["reachability"] == "hole-punched"
 
-    state = pool.wait_for(punched, 60, "the stage hop hole-punched in /pool")
+    state = pool.wait_for(punched, 120, "the stage hop hole-punched in /pool")  # DCUtR retries every 2 s
     providers, coordinator = {p["peer"]: p for p in state["providers"]}, pool.p2p_addr.rsplit("/p2p/", 1)[1]
     # the hops to the coordinator are the ones the providers dialed: direct
     for peer in (first, second):
