@@ -45,7 +45,7 @@ def wait_settled(pool: LocalPool, n_stages: int | None = None) -> dict:
         time.sleep(1.0)
         return stages_of(pool.get("/pool")) == stages_of(state)
 
-    return pool.wait_for(settled, what="a settled plan")
+    return pool.wait_for(settled, timeout_s=180.0, what="a settled plan")  # a newcomer is probed first
 
 
 def test_memory_caps_force_three_stages_that_generate_like_transformers(pool, reference):
