@@ -35,11 +35,10 @@ class PendingSettlements:
         self.max_behind = max_behind
         self._lock = threading.Lock()  # futures finish on settle threads
         self._by_account: dict[str, set[Future]] = {}
-        self._count = 0
 
     def __len__(self) -> int:
         with self._lock:
-            return self._count
+            return sum(map(len, self._by_account.values()))
 
     def full(self) -> bool:
         return len(self) >= self.max_behind
@@ -49,20 +48,16 @@ class PendingSettlements:
         future = executor.submit(fn, *args)
         with self._lock:
             self._by_account.setdefault(account_id, set()).add(future)
-            self._count += 1
         # added after the entry: a future already done calls it at once and removes the entry
         future.add_done_callback(lambda f: self._done(account_id, f))
         return future
 
     def _done(self, account_id: str, future: Future) -> None:
         with self._lock:
-            futures = self._by_account.get(account_id)
-            if futures is None or future not in futures:
-                return
+            futures = self._by_account.get(account_id, set())
             futures.discard(future)
-            self._count -= 1
             if not futures:
-                del self._by_account[account_id]
+                self._by_account.pop(account_id, None)
 
     def of(self, account_id: str) -> list[Future]:
         with self._lock:
