@@ -2,10 +2,11 @@
 
 The coordinator pings the newcomer (the link's round trip), has it prepare a probe (load a few
 middle layers, prefill a batch of sessions: untimed, loading takes what it takes), then times,
-with its own clock, a run of batched decode steps whose inputs come from a seed sent only then.
+with its own clock, runs of batched decode steps whose inputs come from a seed sent only then.
 It recomputes the same steps itself (node/probe.py) and refuses an answer that is not the work
-(the provider cannot be fast by answering anything). The time of the run, less the round trip, is
-the probe's measurement; the planner plans from it instead of the profile's claims
+(the provider cannot be fast by answering anything). The time of the fastest run, less the round
+trip, is the probe's measurement (one run: two pools of the same providers on this CPU were planned
+1.5x apart from it); the planner plans from it instead of the profile's claims
 (coordinator/measurements.py). Only a slower answer is possible for a provider: the coordinator's
 clock is the judge.
 """
@@ -24,7 +25,7 @@ import torch
 
 from coordinator.measurements import Measurements, Observation
 from coordinator.planner import ProviderSpec
-from node.probe import WARM_UP_STEPS, ProbeWork
+from node.probe import RUNS, WARM_UP_STEPS, ProbeWork
 from node.transport import TransportError
 from wire.messages import Ack, Message, Ping, Probe, ProbeResult, ProbeRun
 
@@ -80,21 +81,28 @@ class Admission:
             answer = self._ask(peer, probe, self.prepare_timeout_s)
             if not isinstance(answer, Ack) or not answer.ok:
                 raise AdmissionFailed(f"refused its probe: {getattr(answer, 'reason', answer.TYPE)}")
-            run = ProbeRun(secrets.randbelow(2**62), PROBE_STEPS)
-            started_s = time.perf_counter()
-            answer = self._ask(peer, run, self.run_timeout_s)
-            wall_s = time.perf_counter() - started_s
-            # the coordinator's own answer, computed after the timing so that it does not slow it
-            expected = ProbeWork(self.model_dir, replace(probe, dtype="float32")).run(run)
-        if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
-            raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
-        error = _relative_error(answer.x, expected)
-        if error > PROBE_TOLERANCE:
-            raise AdmissionFailed(f"probe answer is not the work: relative error {error:.3g} > {PROBE_TOLERANCE}")
-        seconds = max(wall_s - rtt_ms / 1e3, 1e-6) / PROBE_STEPS
+            timed = []  # (run, answer, seconds)
+            for _ in range(RUNS):
+                run = ProbeRun(secrets.randbelow(2**62), PROBE_STEPS)
+                started_s = time.perf_counter()
+                answer = self._ask(peer, run, self.run_timeout_s)
+                wall_s = time.perf_counter() - started_s
+                if timed and not isinstance(answer, ProbeResult):
+                    break  # a provider of an older version answers one run a probe
+                timed.append((run, answer, wall_s))
+            # the coordinator's own answers, computed after the timing so that they do not slow it
+            expected = ProbeWork(self.model_dir, replace(probe, dtype="float32"))
+            for run, answer, _ in timed:
+                if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
+                    raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
+                error = _relative_error(answer.x, expected.run(run))
+                if error > PROBE_TOLERANCE:
+                    raise AdmissionFailed(f"probe answer is not the work: relative error {error:.3g} > "
+                                          f"{PROBE_TOLERANCE}")
+        seconds = max(min(wall_s for _, _, wall_s in timed) - rtt_ms / 1e3, 1e-6) / PROBE_STEPS
         self.measurements.record_rtt(peer, rtt_ms)
         # the decode steps attend to the prefilled tokens plus the steps so far: their mean context
-        context = PROBE_TOKENS + WARM_UP_STEPS + (PROBE_STEPS + 1) // 2
+        context = PROBE_TOKENS + WARM_UP_STEPS + (len(timed) * PROBE_STEPS + 1) // 2
         contradicted = self.measurements.record_probe(
             claimed, Observation(self.end - self.start, False, False, self.batch, context, seconds))
         log.info("provider %s probed: %.2f ms a step of %d layers at batch %d (rtt %.2f ms)%s", peer,

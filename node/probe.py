@@ -4,7 +4,8 @@ A `Probe` names a few middle layers, a batch and a seed: both sides load those l
 `batch` sessions with hidden states drawn from the seed and decode a warm-up step or two (untimed),
 then (on `ProbeRun`, with a second seed only sent when the timed part starts) run `steps` batched
 decode steps. The provider returns the last step's output; the coordinator, which times the run with
-its own clock, recomputes it (coordinator/admission.py). Inputs are drawn on the CPU in float32 so
+its own clock, recomputes it (coordinator/admission.py). A prepared probe answers up to `RUNS` runs,
+each continuing the sessions where the last left them. Inputs are drawn on the CPU in float32 so
 both sides draw the same.
 """
 
@@ -16,9 +17,12 @@ import torch
 
 from node.runtime import ShardRuntime
 from node.shard import Shard
-from wire.messages import Probe, ProbeRun
+from wire.messages import MAX_PROBE_STEPS, Probe, ProbeRun
 
 WARM_UP_STEPS = 2  # decode steps of the whole batch after the prefill, before the timed run
+# Timed runs one prepared probe answers: the coordinator keeps the fastest, as anything else on the
+# machine (another process loading its weights, say) can only slow a run down
+RUNS = 3
 
 
 def probe_inputs(seed: int, rows: int, hidden: int) -> torch.Tensor:
@@ -35,7 +39,9 @@ class ProbeWork:
         self.probe = probe
         shard = Shard(probe.model, probe.start, probe.end, probe.n_layers)
         self.runtime = runtime or ShardRuntime(model_dir, shard, device=device, dtype=getattr(torch, probe.dtype),
-                                               max_sessions=probe.batch, max_seq_len=probe.tokens + 2 * 64)
+                                               max_sessions=probe.batch,
+                                               max_seq_len=probe.tokens + WARM_UP_STEPS + RUNS * MAX_PROBE_STEPS)
+        self.runs_left = RUNS
         hidden = self.runtime.config.hidden_size
         self.sessions = [f"probe{i}" for i in range(probe.batch)]
         x = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)  # (B * T, D)
@@ -48,6 +54,9 @@ class ProbeWork:
 
     def run(self, run: ProbeRun) -> torch.Tensor:
         """`run.steps` decode steps of the whole batch; the last step's output (B, D) in float32."""
+        if not self.runs_left:
+            raise ValueError(f"a probe answers {RUNS} runs")
+        self.runs_left -= 1
         hidden = self.runtime.config.hidden_size
         return self._decode(probe_inputs(run.seed, run.steps * len(self.sessions), hidden), run.steps)
 

@@ -311,10 +311,13 @@ class Provider:
                 except (ModelError, ValueError, RuntimeError) as exc:
                     return refuse(f"probe: {exc}")
                 return Ack()
-            work, self.probe_work = self.probe_work, None  # one run per prepared probe
-            if work is None:
+            work = self.probe_work
+            if work is None or not work.runs_left:
                 return refuse("no probe prepared")
-            return ProbeResult(message.seed, work.run(message))
+            result = ProbeResult(message.seed, work.run(message))
+            if not work.runs_left:
+                self.probe_work = None
+            return result
 
     def _next_protocol(self, spec: Assign) -> str:
         return PROTO_RESULT if spec.next_peer == self.coordinator_peer else PROTO_STAGE

@@ -4,11 +4,12 @@ is measured, one that answers without the work is refused, one with a forged pro
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
-from coordinator.admission import PROBE_LAYERS, Admission, AdmissionFailed
+from coordinator.admission import PROBE_LAYERS, PROBE_STEPS, Admission, AdmissionFailed
 from coordinator.measurements import Measurements
 from coordinator.planner import ModelShape, ProviderSpec
 from node.faults import Fault
@@ -20,10 +21,14 @@ BATCH = 2
 
 
 class InProcessProvider:
-    """Answers the assign protocol's probe messages as node/provider.py does, optionally lying."""
+    """Answers the assign protocol's probe messages as node/provider.py does, optionally lying (on the
+    runs numbered in `lie_on`), stalling (`stall_s` before the runs in `stall_on`) or answering one run
+    a probe (`one_run`: as providers did before a probe had several)."""
 
-    def __init__(self, model_dir, lie: bool = False):
-        self.model_dir, self.lie, self.work = model_dir, lie, None
+    def __init__(self, model_dir, lie: bool = False, lie_on: tuple[int, ...] = (0, 1, 2), stall_s: float = 0.0,
+                 stall_on: tuple[int, ...] = (), one_run: bool = False):
+        self.model_dir, self.lie, self.lie_on, self.work = model_dir, lie, lie_on, None
+        self.stall_s, self.stall_on, self.one_run, self.runs = stall_s, stall_on, one_run, 0
 
     def request(self, peer: str, message, timeout_s: float):
         message = decode(message.to_frame())  # through the wire, as a real request goes
@@ -33,10 +38,15 @@ class InProcessProvider:
             self.work = ProbeWork(self.model_dir, message)
             return Ack()
         if isinstance(message, ProbeRun):
-            if self.work is None:
+            if self.work is None or not self.work.runs_left:
                 return refuse("no probe prepared")
+            run, self.runs = self.runs, self.runs + 1
+            if run in self.stall_on:
+                time.sleep(self.stall_s)
             out = self.work.run(message)
-            if self.lie:  # fast and made up
+            if self.one_run:
+                self.work = None
+            if self.lie and run in self.lie_on:  # fast and made up
                 out = torch.randn_like(out)
             return decode(ProbeResult(message.seed, out).to_frame())
         return refuse("unexpected")
@@ -84,6 +94,20 @@ def test_an_answer_without_the_work_is_refused(default_model_dir, shape):
     with pytest.raises(AdmissionFailed, match="not the work"):
         gate.admit(cpu_claim("liar"), "float32")
     assert not store.probed("liar")
+
+
+def test_the_fastest_run_is_the_measurement_and_every_run_is_checked(default_model_dir, shape):
+    quiet, _ = admission(default_model_dir, shape, InProcessProvider(default_model_dir))
+    stalled, _ = admission(default_model_dir, shape, InProcessProvider(default_model_dir, stall_s=1.0, stall_on=(0,)))
+    # a run slowed by something else on the machine (1 s: ~60 ms a step) does not count
+    assert stalled.admit(cpu_claim("stalled", 0.01), "float32").seconds_per_step < 1.0 / PROBE_STEPS
+    assert quiet.admit(cpu_claim("quiet", 0.01), "float32").seconds_per_step < 1.0 / PROBE_STEPS
+    late_liar, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir, lie=True, lie_on=(2,)))
+    with pytest.raises(AdmissionFailed, match="not the work"):
+        late_liar.admit(cpu_claim("late-liar"), "float32")
+    assert not store.probed("late-liar")
+    older, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir, one_run=True))
+    assert older.admit(cpu_claim("older", 0.01), "float32").seconds_per_step > 0 and store.probed("older")
 
 
 def test_a_forged_profile_is_caught_by_the_probe(default_model_dir, shape):
