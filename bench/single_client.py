@@ -67,11 +67,22 @@ def breakdown(before: dict, after: dict, n_stages: int) -> dict:
         s = after.get(f"{name}_sum{labels}", 0) - before.get(f"{name}_sum{labels}", 0)
         return 1000 * s / n if n else None
 
-    step = next((mean_ms("meshpool_pipeline_step_seconds", k[len("meshpool_pipeline_step_seconds_count"):])
-                 for k in after if k.startswith("meshpool_pipeline_step_seconds_count") and 'kind="decode"' in k), None)
+    def step_ms(kind: str) -> float | None:
+        return next((mean_ms("meshpool_pipeline_step_seconds", k[len("meshpool_pipeline_step_seconds_count"):])
+                     for k in after if k.startswith("meshpool_pipeline_step_seconds_count") and f'kind="{kind}"' in k),
+                    None)
+
+    def steps(kind: str) -> int:
+        return int(sum(v - before.get(k, 0) for k, v in after.items()
+                       if k.startswith("meshpool_pipeline_step_seconds_count") and f'kind="{kind}"' in k))
+
+    step, prefill = step_ms("decode"), step_ms("prefill")
     stages = [mean_ms("meshpool_stage_step_seconds", f'{{stage="{i}"}}') for i in range(n_stages)]
+    # stage compute is over every step; a prefill step (prompts, decodes riding along) apart from the decodes
     return {"step_ms": step and round(step, 2), "stage_compute_ms": [s and round(s, 2) for s in stages],
-            "hop_ms": (h := mean_ms("meshpool_hop_seconds", "")) and round(h, 3)}
+            "hop_ms": (h := mean_ms("meshpool_hop_seconds", "")) and round(h, 3),
+            "prefill_step_ms": prefill and round(prefill, 2), "decode_steps": steps("decode"),
+            "prefill_steps": steps("prefill")}
 
 
 class PoolUnderTest:
