@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="Hugging Face-format model directory (default: the shipped model)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions each stage holds at once")
     p.add_argument("--microbatches", type=int, default=2,
-                   help="steps each pipeline keeps in flight (at most one per stage), so every stage works "
-                        "while the others do")
+                   help="steps each pipeline keeps in flight (at most one per stage; stages on one GPU count "
+                        "once), so every stage works while the others do")
     p.add_argument("--context-tokens", type=int, default=1024, help="KV cache per session, in tokens")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     p.add_argument("--step-timeout-s", type=float, default=30.0,

@@ -55,7 +55,7 @@ class Coordinator:
                  step_timeout_s: float = 30.0, p2p_host: str = "127.0.0.1"):
         """`accounts`: consumers and the ledger; with it, stages are paid on their receipts and audited.
         `serving_dtype`: the precision every stage is assigned ("": each provider's own choice).
-        `microbatches`: steps each pipeline keeps in flight (at most max_sessions, and one per stage); its
+        `microbatches`: steps each pipeline keeps in flight (at most max_sessions, and one per device); its
         sessions are split among them (each stage holds max_sessions rounded up to a multiple of it)."""
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")

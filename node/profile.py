@@ -25,6 +25,7 @@ class DeviceProfile:
     mem_bandwidth_gb_per_s: float  # weight bytes read per second by a decode-shaped matrix-vector product
     matmul_tflops: float
     dtype: str
+    uuid: str = ""  # a GPU's own id: providers on one GPU take turns on it (coordinator/pool.py `in_flight`)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def _device(device: torch.device, host: HostProfile, quick: bool, progress) -> D
         kind=device.type, index=device.index or 0, name=name,
         memory_total_bytes=int(total), memory_free_bytes=int(free),
         mem_bandwidth_gb_per_s=round(bandwidth, 2), matmul_tflops=round(tflops, 4), dtype=str(dtype).removeprefix("torch."),
+        uuid=str(getattr(torch.cuda.get_device_properties(device), "uuid", "")) if device.type == "cuda" else "",
     )
 
 

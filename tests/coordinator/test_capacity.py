@@ -63,3 +63,21 @@ def test_a_pipeline_keeps_at_most_one_micro_batch_per_stage_with_the_same_sessio
     # every session asked for still has a place: fewer micro-batches carry more each
     assert workload.batch * m >= 5 * asked and workload.batch * (m - 1) < 5 * asked
     assert workload.context_tokens == 512
+
+
+def test_stages_on_one_gpu_count_as_one_device():
+    from coordinator.planner import Pipeline, Stage
+    from coordinator.pool import devices_of, in_flight
+
+    def gpu(uuid):
+        return {"devices": [{"kind": "cuda", "uuid": uuid}]}
+
+    pipeline = Pipeline((Stage("a", 0, 2), Stage("b", 2, 4), Stage("c", 4, 6)))
+    assert devices_of(pipeline, {"a": gpu("GPU-1"), "b": gpu("GPU-1"), "c": gpu("GPU-2")}) == 2
+    assert devices_of(pipeline, {"a": gpu("GPU-1"), "b": gpu("GPU-1"), "c": gpu("GPU-1")}) == 1
+    # CPUs, profiles without the id (older providers) or with a malformed one: each stage its own device
+    assert devices_of(pipeline, {"a": gpu(""), "b": {"devices": [{}]}, "c": gpu(["GPU-1"])}) == 3
+    assert devices_of(pipeline, {}) == 3
+    _, m = in_flight(Workload(batch=4, context_tokens=64, microbatches_in_flight=2), 2,
+                     devices_of(pipeline, {p: gpu("GPU-1") for p in "abc"}))
+    assert m == 1
