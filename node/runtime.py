@@ -325,7 +325,7 @@ class ShardRuntime:
         ids = [sid for sid, _ in steps]
         if len(set(ids)) != len(ids):
             raise SessionError("a session appears twice in one prefill batch")
-        xs = [self._check_input(x) for _, x in steps]
+        xs = [self._check_input(x, to_device=False) for _, x in steps]
         opened = []  # sessions this call opened: closed again if it refuses the batch
         try:
             sessions = []
@@ -342,6 +342,9 @@ class ShardRuntime:
             raise
         lengths = [x.shape[0] for x in xs]
         starts = [s.n_tokens for s in sessions]
+        # one copy to the device for the whole step: one a session cost a GPU a synchronous copy each
+        # (an H200 spent 2.6 of 5.9 ms of host time of a prompt and 30 riding decodes on 31 of them)
+        xs = list(self._check_input(torch.cat(xs), check_range=False).split(lengths))
         if self._fits_fused(lengths, starts):
             ends = list(itertools.accumulate(lengths))
             out, taken = self._forward_rows(sessions, xs, lengths, [e - 1 for e in ends])
