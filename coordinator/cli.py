@@ -73,9 +73,11 @@ def _serve(args) -> int:
     from coordinator.server import serve
     from ledger.errors import LedgerError
     from node.config import ModelError
+    from node.cpu_threads import serve_switch_interval
     from node.transport.instance import AlreadyServing, InstanceLock
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve_switch_interval()
     if args.microbatches < 1 or args.max_sessions < 1:
         print("coordinator: --microbatches and --max-sessions must be at least 1", file=sys.stderr)
         return 2

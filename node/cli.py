@@ -95,6 +95,7 @@ def _join(args) -> int:
 
     import torch
 
+    from node.cpu_threads import serve_switch_interval
     from node.faults import Fault
     from node.models import default_model_dir
     from node.profile import available_devices, measure
@@ -106,6 +107,7 @@ def _join(args) -> int:
     from node.transport.instance import AlreadyServing, InstanceLock
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve_switch_interval()
     try:
         fault = Fault.parse(args.fault_injection)
     except ValueError as exc:
