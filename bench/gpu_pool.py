@@ -237,13 +237,20 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
             if n in in_process:
                 rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
         final = pool.get("/pool")
+        served = final["pipelines"][0] if final["pipelines"] else state["pipelines"][0]
         return {"stages": n_stages, "code": str(code_dir or "this"), "microbatches": microbatches,
                 "devices": devices_of(args)[:n_stages],
                 "ready_s": round(ready_s, 1),
-                "pipeline": final["pipelines"][0]["stages"] if final["pipelines"] else state["pipelines"][0]["stages"],
+                "pipeline": served["stages"], "microbatches_in_flight": served.get("microbatches"),
+                "replanned": served.get("id") != state["pipelines"][0].get("id"),
                 "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows}
     finally:
         pool.stop()
+        if args.logs is not None:  # the processes' logs, to see what a stall or a failover was
+            kept = args.logs / root.name
+            kept.mkdir(parents=True, exist_ok=True)
+            for log in root.glob("*.log"):
+                shutil.copy(log, kept / log.name)
 
 
 def load_main(args, model_dir: Path, root: Path) -> None:
@@ -299,6 +306,7 @@ def main() -> None:
     p.add_argument("--skip-in-process", action="store_true", help="--load: no in-process baseline (a quick rerun)")
     p.add_argument("--microbatches", default="",
                    help="--load: the coordinator's --microbatches, each in turn (e.g. 1,2)")
+    p.add_argument("--logs", type=Path, help="--load: copy each pool's process logs here (one folder a pool)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-pool-"))
