@@ -67,14 +67,16 @@ def breakdown(before: dict, after: dict, n_stages: int) -> dict:
         s = after.get(f"{name}_sum{labels}", 0) - before.get(f"{name}_sum{labels}", 0)
         return 1000 * s / n if n else None
 
+    counts = "meshpool_pipeline_step_seconds_count"
+
+    def count_keys(kind: str) -> list[str]:  # one a pipeline
+        return [k for k in after if k.startswith(counts) and f'kind="{kind}"' in k]
+
     def step_ms(kind: str) -> float | None:
-        return next((mean_ms("meshpool_pipeline_step_seconds", k[len("meshpool_pipeline_step_seconds_count"):])
-                     for k in after if k.startswith("meshpool_pipeline_step_seconds_count") and f'kind="{kind}"' in k),
-                    None)
+        return next((mean_ms("meshpool_pipeline_step_seconds", k[len(counts):]) for k in count_keys(kind)), None)
 
     def steps(kind: str) -> int:
-        return int(sum(v - before.get(k, 0) for k, v in after.items()
-                       if k.startswith("meshpool_pipeline_step_seconds_count") and f'kind="{kind}"' in k))
+        return int(sum(after[k] - before.get(k, 0) for k in count_keys(kind)))
 
     step, prefill = step_ms("decode"), step_ms("prefill")
     stages = [mean_ms("meshpool_stage_step_seconds", f'{{stage="{i}"}}') for i in range(n_stages)]

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.shard_decode import time_ours  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
+from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import default_model_dir, model_id_of  # noqa: E402
 from node.retention import RetentionStore  # noqa: E402
 from node.runtime import ShardRuntime  # noqa: E402
@@ -47,32 +49,20 @@ def runtimes(model_dir: Path, ranges, device: str, dtype, max_sessions: int, tra
                          max_sessions=max_sessions, max_seq_len=512, capture_trace=trace) for a, b in ranges]
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+def prompts_of(batch: int, vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
 
 
 def time_runtime(runtime: ShardRuntime, batch: int, n_tokens: int, vocab: int) -> float:
     """Seconds for `n_tokens` decode steps of `batch` sessions, the argmax fed back each step."""
-    sids = [f"r{i}" for i in range(batch)]
-    prompts = torch.randint(3, vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-    last = [int(runtime.prefill(sid, p).argmax(-1)) for sid, p in zip(sids, prompts)]
-    sync(str(runtime.device))
-    started = time.perf_counter()
-    for _ in range(n_tokens):
-        logits = runtime.decode([(sid, torch.tensor([t])) for sid, t in zip(sids, last)])
-        last = logits.argmax(-1).tolist()
-    seconds = time.perf_counter() - started
-    for sid in sids:
-        runtime.close(sid)
-    return seconds
+    return time_ours(LocalPipeline([runtime]), prompts_of(batch, vocab), n_tokens + 1)[0]
 
 
 def time_workers(workers: list[StageWorker], batch: int, n_tokens: int, vocab: int, wire: bool) -> float:
     """The same through StageWorker.step, each step built as coordinator/driver.py builds it."""
     sids = tuple(f"w{i}" for i in range(batch))
     params = (SamplingParams(),) * batch
-    prompts = torch.randint(3, vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    prompts = prompts_of(batch, vocab)
     numbers = iter(range(10**9))
 
     def run(step: Step) -> Result:
@@ -84,8 +74,7 @@ def time_workers(workers: list[StageWorker], batch: int, n_tokens: int, vocab: i
     result = run(Step("p", next(numbers), "prefill", sids, (0,) * batch, params, (), prompts.reshape(-1),
                       (PROMPT_TOKENS,) * batch))
     positions = [PROMPT_TOKENS] * batch
-    last = list(result.tokens)
-    sync(str(workers[0].runtime.device))
+    last = list(result.tokens)  # on the host: the device is done with the prefill
     started = time.perf_counter()
     for _ in range(n_tokens):
         step = Step("p", next(numbers), "decode", sids, tuple(positions), params, (),
