@@ -1,7 +1,10 @@
 """A shard's decode step over fused ops, replayed from CUDA graphs.
 
-One graph per (batch bucket, attention plan): a batch of B sessions runs as the smallest bucket
-that holds it, padded with rows that point at a dummy cache slot no session owns. Before a replay
+One graph per (row bucket, attention plan, head rows): a batch of B rows runs as the smallest bucket
+that holds it, padded with rows that point at a dummy cache slot no session owns. A decode step has
+one row a session; a prompt step's rows are its prompts' tokens, each a row that writes its key and
+value and attends to its slot's keys up to its own position, and the decodes riding along; on the
+last stage it wants the logits of each session's last row only (head rows). Before a replay
 the slots, positions and lengths of the batch (and the token ids on stage 0) go to the device in
 one copy from pinned memory, and hidden states are concatenated straight into the graph's input
 buffer; nothing inside the step waits for the host. Attention reads only the keys below each
@@ -27,6 +30,22 @@ def batch_buckets(max_sessions: int) -> tuple[int, ...]:
         buckets.append(b)
         b *= 2
     return (*buckets, max_sessions)
+
+
+# Rows of a prompt step replayed from graphs, at most (beyond a stage's sessions): its eager ops
+# cost a GPU stage ~1 ms of host launches a layer, tens of ms a step, while the decodes riding along
+# wait; larger steps (long prompts, in chunks of 256 tokens) run eagerly, their work dwarfs the launches
+PROMPT_GRAPH_ROWS = 128
+
+
+def row_buckets(max_sessions: int, max_rows: int) -> tuple[int, ...]:
+    """`batch_buckets(max_sessions)`, then powers of two up to `max_rows` (and `max_rows` itself)."""
+    buckets = list(batch_buckets(max_sessions))
+    b = buckets[-1]
+    while b < max_rows:
+        b = min(2 * b, max_rows)
+        buckets.append(b)
+    return tuple(buckets)
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -116,7 +135,8 @@ class DecodeStep:
 
 
 class GraphedDecoder:
-    """Static input buffers and the captured graphs of one shard's decode step.
+    """Static input buffers and the captured graphs of one shard's decode step, and of prompt steps
+    of up to `max_rows` rows (`rows`).
 
     A step is captured as a few graphs of a few layers each, replayed in order: launching one
     graph of a whole shard costs the host about a microsecond per kernel before the device
@@ -127,65 +147,86 @@ class GraphedDecoder:
     LAYERS_PER_GRAPH = 4
 
     def __init__(self, step: DecodeStep, max_sessions: int, dummy_slot: int, max_tokens: int,
-                 hidden_size: int | None, dtype: torch.dtype, device: torch.device, use_graphs: bool = True):
+                 hidden_size: int | None, dtype: torch.dtype, device: torch.device, use_graphs: bool = True,
+                 max_rows: int = 0):
         # made in the device's scope (ShardRuntime builds it there): the event and graph pool belong to it
         self.step, self.dummy_slot, self.max_tokens, self.device = step, dummy_slot, max_tokens, torch.device(device)
-        self.buckets = batch_buckets(max_sessions)
+        self.buckets = row_buckets(max_sessions, max_rows)
+        self.max_heads = max_sessions  # a step's sessions, each at most one head row
         self.use_graphs = use_graphs
         n = self.buckets[-1]
-        # rows: slots, positions, lengths, token ids
-        self._host = torch.zeros(4, n, dtype=torch.int64).pin_memory()
-        self._index = torch.zeros(4, n, dtype=torch.int64, device=device)
+        # rows: slots, positions, lengths, token ids, head rows
+        self._host = torch.zeros(5, n, dtype=torch.int64).pin_memory()
+        self._index = torch.zeros(5, n, dtype=torch.int64, device=device)
         self._hidden = None if hidden_size is None else torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self._host_free = torch.cuda.Event()
         self._host_free.record()
         self._pool = torch.cuda.graph_pool_handle()
         self.segments = segment_bounds(step.n_layers, self.LAYERS_PER_GRAPH)
-        self.graphs: dict[tuple[int, tuple[int, int]], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, tuple[int, int], bool], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
         self.last_hidden: torch.Tensor | None = None
 
-    @on_own_device  # Triton launches, and graphs capture and replay, on the current device
     def decode(self, slots: list[int], positions: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
         """One token for each row: `xs` are (1,) ids on stage 0 (on the host), else (1, D) hidden."""
+        return self.rows(slots, positions, xs)
+
+    def fits(self, n_rows: int, head_rows: list[int] | None) -> bool:
+        """Whether `rows` takes a step of `n_rows` rows and these head rows."""
+        return n_rows <= self.buckets[-1] and (len(head_rows) <= self.max_heads if head_rows is not None
+                                               else n_rows <= self.max_heads or self.step.model.norm is None)
+
+    @on_own_device  # Triton launches, and graphs capture and replay, on the current device
+    def rows(self, slots: list[int], positions: list[int], xs: list[torch.Tensor],
+             head_rows: list[int] | None = None) -> torch.Tensor:
+        """Row i writes position positions[i] of cache slot slots[i] and attends to the slot's keys up
+        to it. `xs` hold the rows in order: ids on stage 0 (on the host), else hidden (n, D).
+        On the last stage, the logits of `head_rows` (default: every row) and `last_hidden` all rows'."""
         B = len(slots)
         bucket = bucket_for(B, self.buckets)
         plan = attention_plan(max(positions) + 1, self.max_tokens)
-        key = (bucket, plan)
+        heads = head_rows is not None and self.step.model.norm is not None
+        key = (bucket, plan, heads)
         if self.use_graphs and key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, plan)
+            self.graphs[key] = self._capture(*key)
         self._host_free.synchronize()  # the previous step's copy has left the pinned buffer
         self._host[:3, :bucket] = torch.tensor(pad_step(slots, positions, bucket, self.dummy_slot))
         if self._hidden is None:
             torch.cat([x.to("cpu", torch.int64) for x in xs], out=self._host[3, :B])
+        if heads:  # as many as the bucket's sessions can be: within the columns copied
+            n_heads = min(bucket, self.max_heads)
+            self._host[4, :n_heads] = torch.tensor(head_rows + [0] * (n_heads - len(head_rows)))
         self._index[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
         self._host_free.record()
-        if self._hidden is not None:
-            device, dtype = self._hidden.device, self._hidden.dtype
-            torch.cat([x.to(device, dtype) for x in xs], out=self._hidden[:B])
+        if self._hidden is not None:  # one copy to the device (not one a row: each a synchronous copy)
+            self._hidden[:B].copy_(xs[0] if len(xs) == 1 else torch.cat(xs))
         if self.use_graphs:
             graphs, out = self.graphs[key]
             for graph in graphs:
                 graph.replay()
         else:
-            out = self.step(*self._inputs(bucket), plan)
+            out = self.step(*self._inputs(bucket), plan, self._heads(bucket, heads))
         if isinstance(out, tuple):  # the last stage: logits, and the hidden states it keeps for audits
             out, hidden = out
             self.last_hidden = hidden[:B]
-        return out[:B]
+        return out[:len(head_rows) if heads else B]
 
     def _inputs(self, bucket: int):
         x = self._index[3, :bucket] if self._hidden is None else self._hidden[:bucket]
         return x, self._index[0, :bucket], self._index[1, :bucket], self._index[2, :bucket]
 
-    def _capture(self, bucket: int, plan: tuple[int, int]):
+    def _heads(self, bucket: int, heads: bool) -> torch.Tensor | None:
+        return self._index[4, :min(bucket, self.max_heads)] if heads else None
+
+    def _capture(self, bucket: int, plan: tuple[int, int], heads: bool):
         # Warm up (Triton compiles, cuBLAS picks kernels) and capture with every row on the dummy
         # slot, so that neither writes into a session's cache.
         self._index[:3, :bucket] = torch.tensor(pad_step([], [], bucket, self.dummy_slot), device=self._index.device)
         self._index[3, :bucket] = 0
+        self._index[4, :bucket] = 0  # head rows a larger step left would index past this bucket
         x, *index = self._inputs(bucket)
 
         def run(state, start, end):
-            return self.step.segment(start, end, state, *index, plan)
+            return self.step.segment(start, end, state, *index, plan, self._heads(bucket, heads))
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

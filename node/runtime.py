@@ -28,7 +28,7 @@ from torch import nn
 
 from node.config import ModelConfig, ModelError
 from node.cpu_threads import threads_for_step
-from node.cuda_graphs import DecodeStep, GraphedDecoder
+from node.cuda_graphs import PROMPT_GRAPH_ROWS, DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
 from node.fused import Ops, attention_plan, triton_usable
 from node.layers import DecoderLayer, Group, KVCache, Packed, RMSNorm, input_major_, load_layer, rope_tables
@@ -170,13 +170,15 @@ class ShardRuntime:
         )
         self.graphs = None
         if use_graphs:
+            max_rows = max(max_sessions, PROMPT_GRAPH_ROWS)
             kept = None
             if capture_trace:
-                kept = torch.zeros(2 * shard.n_shard_layers + 1, max_sessions, self.config.hidden_size, dtype=dtype,
+                kept = torch.zeros(2 * shard.n_shard_layers + 1, max_rows, self.config.hidden_size, dtype=dtype,
                                    device=self.device)
             step = DecodeStep(self.model, self.cache, self.cos, self.sin, Ops(use_triton=True), kept)
             self.graphs = GraphedDecoder(step, max_sessions, max_sessions, self.max_seq_len,
-                                         None if shard.is_first else self.config.hidden_size, dtype, self.device)
+                                         None if shard.is_first else self.config.hidden_size, dtype, self.device,
+                                         max_rows=max_rows)
         # On a GPU prompt rows run the decode step's fused ops too (`_forward_rows`): through the layers'
         # eager ops an 8B prefill step costs an H200 ~25 ms of launches, however few its rows. None: the layers.
         self.fused_rows: Ops | None = self.graphs.step.ops if self.graphs is not None else None
@@ -226,7 +228,7 @@ class ShardRuntime:
         """Feed T new tokens of one session (opening it if new): ids (T,) on stage 0, hidden (T, D)
         after. Returns hidden (T, D), or on the last stage logits (T, V) if `all_positions`
         else (1, V) for the last position only."""
-        x = self._check_input(x)
+        x = self._check_input(x, to_device=False)
         session = self.sessions.get(session_id) or self.open(session_id)
         T, start = x.shape[0], session.n_tokens
         try:
@@ -236,8 +238,9 @@ class ShardRuntime:
                 self.close(session_id)
             raise
         if self._fits_fused([T], [start]):
-            out, taken = self._forward_rows([session], [x], [T], None if all_positions else [T - 1])
+            out, taken = self._forward_rows([session], x, [T], None if all_positions else [T - 1])
         else:
+            x = self._to_device(x)
             write, read, mask = self._prefill_attention(session.slot, start, T)
             positions = slice(start, start + T)
             h = self._forward(x[None], self.cos[positions][None, None], self.sin[positions][None, None], write, read,
@@ -257,24 +260,31 @@ class ShardRuntime:
     def _fits_fused(self, lengths: list[int], starts: list[int]) -> bool:
         return self.fused_rows is not None and sum(T * (p + T) for T, p in zip(lengths, starts)) <= FUSED_ROW_KEYS
 
-    def _forward_rows(self, sessions: list[Session], xs: list[torch.Tensor], lengths: list[int],
+    def _forward_rows(self, sessions: list[Session], x: torch.Tensor, lengths: list[int],
                       head_rows: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New rows of `sessions` (lengths[i] each, after what each has cached) as the rows of one
-        fused decode step: every row writes its key and value, then attends to its slot's keys up to
-        its own position, so each prompt is causal and follows its session's cache. Returns hidden
-        (N, D), or on the last stage the logits of `head_rows` (all rows if None; `last_hidden` then
-        holds all N rows), and the rows' trace (2L + 1, N, D) if captured."""
+        """New rows `x` of `sessions` (lengths[i] each, after what each has cached; on the host) as the
+        rows of one fused decode step: every row writes its key and value, then attends to its slot's
+        keys up to its own position, so each prompt is causal and follows its session's cache; replayed
+        from the CUDA graphs when its rows fit them. Returns hidden (N, D), or on the last stage the
+        logits of `head_rows` (all rows if None; `last_hidden` then holds all N rows), and the rows'
+        trace (2L + 1, N, D) if captured."""
         slots = [s.slot for s, T in zip(sessions, lengths) for _ in range(T)]
         positions = [p for s, T in zip(sessions, lengths) for p in range(s.n_tokens, s.n_tokens + T)]
+        n = len(positions)
+        if self.graphs is not None and self.graphs.fits(n, head_rows):
+            out = self.graphs.rows(slots, positions, [x], head_rows)
+            if self.shard.is_last:
+                self.last_hidden = self.graphs.last_hidden
+            # the step's static buffer: copied out before the next replay
+            return out, self.graphs.step.trace[:, :n].clone() if self.capture_trace else None
         # rows padded to 16 bytes: Triton compiles a kernel again for an argument off that alignment
         # (an H200 paid ~150 ms for it on the first prompt of odd length)
-        n = len(positions)
         pad = [0] * (-n % 2)
         index = torch.tensor([slots + pad, positions + pad, [p + 1 for p in positions] + pad]).to(self.device)[:, :n]
         taken = [] if self.capture_trace else None
         step = DecodeStep(self.model, self.cache, self.cos, self.sin, self.fused_rows, taken)
         rows = None if head_rows is None else torch.tensor(head_rows, device=self.device)
-        out = step(torch.cat(xs), *index, attention_plan(max(positions) + 1, self.max_seq_len), rows)
+        out = step(self._to_device(x), *index, attention_plan(max(positions) + 1, self.max_seq_len), rows)
         if isinstance(out, tuple):  # the last stage: logits, and the hidden states behind every row
             out, self.last_hidden = out
         return out, torch.stack(taken) if taken is not None else None
@@ -344,13 +354,14 @@ class ShardRuntime:
         starts = [s.n_tokens for s in sessions]
         # one copy to the device for the whole step: one a session cost a GPU a synchronous copy each
         # (an H200 spent 2.6 of 5.9 ms of host time of a prompt and 30 riding decodes on 31 of them)
-        xs = list(self._check_input(torch.cat(xs), check_range=False).split(lengths))
+        x = torch.cat(xs)
         if self._fits_fused(lengths, starts):
             ends = list(itertools.accumulate(lengths))
-            out, taken = self._forward_rows(sessions, xs, lengths, [e - 1 for e in ends])
+            out, taken = self._forward_rows(sessions, x, lengths, [e - 1 for e in ends])
             bounds = {i: (e - T, e) for i, (T, e) in enumerate(zip(lengths, ends))}
         else:
-            out, taken, bounds = self._forward_groups(sessions, xs, lengths, starts)
+            out, taken, bounds = self._forward_groups(sessions, list(self._to_device(x).split(lengths)), lengths,
+                                                      starts)
         now = time.monotonic()
         for i, s in enumerate(sessions):
             if taken is not None:
@@ -532,6 +543,10 @@ class ShardRuntime:
                 f"stage takes hidden states (T, {self.config.hidden_size}) of floats, got {x.dtype} {tuple(x.shape)}"
             )
         return x.to(self.device, self.dtype) if to_device else x
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Checked input (`_check_input`) on the device, in the dtype the shard takes."""
+        return x.to(self.device, torch.int64 if self.shard.is_first else self.dtype)
 
     def _check_room(self, session_id: str, session: Session, n_new: int) -> None:
         if session.n_tokens + n_new > self.max_seq_len:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from node.config import ModelConfig
-from node.cuda_graphs import DecodeStep, batch_buckets, bucket_for, pad_step, segment_bounds
+from node.cuda_graphs import DecodeStep, batch_buckets, bucket_for, pad_step, row_buckets, segment_bounds
 from node import fused
 from node.fused import ATTENTION_CHUNK, MAX_SPLITS, Ops, attention_plan
 from node.runtime import SessionError, ShardRuntime
@@ -38,6 +38,13 @@ def test_batch_buckets_cover_every_batch_size():
         assert n <= b and (b == 1 or n > b // 2 or b == 20)
     with pytest.raises(ValueError):
         bucket_for(21, buckets)
+
+
+def test_row_buckets_extend_the_batch_buckets_to_prompt_steps():
+    assert row_buckets(32, 128) == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert row_buckets(6, 128) == (1, 2, 4, 6, 12, 24, 48, 96, 128)
+    assert row_buckets(32, 32) == batch_buckets(32) == row_buckets(32, 0)
+    assert row_buckets(40, 100) == (1, 2, 4, 8, 16, 32, 40, 80, 100)
 
 
 def test_padding_rows_point_at_the_dummy_slot():
@@ -207,7 +214,9 @@ def test_graphs_match_eager_fused_and_layer_paths(llama_dir, dtype):
         results.append((tokens, torch.stack(logits)))
     (g_tok, g_log), (e_tok, e_log), (l_tok, l_log) = results
     assert g_tok == e_tok and torch.equal(g_log, e_log)  # the graphs replay exactly the eager kernels
-    assert {k[1][0] for k in graphed[0].graphs.graphs} == {2}  # the long session took a 2-split plan
+    keys = graphed[1].graphs.graphs
+    assert max(k[1][0] for k in keys) == 2  # the long session's decodes took a 2-split plan
+    assert {k[0] for k in keys if k[2]} == {1, 4}  # the short prompts' steps replayed graphs with head rows
     if dtype == torch.float32:
         assert g_tok == l_tok
         assert (g_log - l_log).norm() / l_log.norm() < 1e-3
