@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory for the tensors kept for audits (every layer's updates of recent requests)")
     p.add_argument("--fault-injection", metavar="KIND",
                    help="misbehave on purpose, to test the auditors: noise[:rel], skip, wrong-model, lazy, "
-                        "bad-verifier, refuse, inflate-profile, int8, fp8, int4, tamper, skip-layer, window, token, "
+                        "bad-verifier, refuse, crash, inflate-profile, int8, fp8, int4, tamper, skip-layer, window, token, "
                         "other-model")
     p.add_argument("--listen-host", default="127.0.0.1",
                    help="address libp2p listens on (this machine's LAN address when the pool spans machines)")

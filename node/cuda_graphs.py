@@ -241,7 +241,9 @@ class GraphedDecoder:
             # each graph's outputs stay referenced, so later captures in the pool keep off them
             graphs.append(torch.cuda.CUDAGraph())
             # on this device's stream: torch.cuda.graph's default capture stream is made once per
-            # process, on whichever device captured first, and a graph captured there is empty
-            with torch.cuda.graph(graphs[-1], pool=self._pool, stream=stream):
+            # process, on whichever device captured first, and a graph captured there is empty.
+            # Thread-local: in the default (global) mode another thread's CUDA call during a capture
+            # (a provider's sealers copy traces off the device) fails, and invalidates the capture
+            with torch.cuda.graph(graphs[-1], pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                 state = run(state, start, end)
         return graphs, state

@@ -16,6 +16,8 @@ Kinds:
 - bad-verifier     serves honestly, but lies as a verifier (`lies_as_verifier`).
 - refuse           loads its shard, then refuses every step (`refuses_steps`): a broken stage, for
                    testing how the pool takes it out of the plan.
+- crash            loads its shard, then fails every step with an error that is no refusal (as a
+                   device fault or a bug would, `crashes_steps`): the stage still says so at once.
 - inflate-profile[:factor]  serves honestly, but signs a profile claiming `factor` x (default 1000)
                    its measured memory bandwidth and matmul rate (the planner must not believe it).
 Cheaper or sloppier copies of the work, on every layer of the range unless said otherwise:
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier", "refuse", "inflate-profile",
+FAULT_KINDS = ("noise", "skip", "wrong-model", "lazy", "bad-verifier", "refuse", "crash", "inflate-profile",
                "int8", "fp8", "int4", "tamper", "skip-layer", "window", "token", "other-model")
 QUANTIZED_KINDS = ("int8", "fp8", "int4")
 DEFAULT_NOISE_REL = 1e-2
@@ -165,6 +167,10 @@ class Fault:
     @property
     def refuses_steps(self) -> bool:
         return self.kind == "refuse"
+
+    @property
+    def crashes_steps(self) -> bool:
+        return self.kind == "crash"
 
     def verifier_report(self, honest_ok: bool) -> bool:
         """What this provider reports as a verifier, given the honest outcome of its comparison."""

@@ -394,6 +394,11 @@ class Provider:
             self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, {assignment.spec.end}) "
                                  f"refused step: {exc}", self.node.peer_id)
             return
+        except Exception as exc:  # a device error or a bug: said at once, not left to the coordinator's step timeout
+            log.exception("step %d of pipeline %s failed", step.step, step.pipeline)
+            self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, {assignment.spec.end}) "
+                                 f"failed step {step.step}: {exc!r}", self.node.peer_id)
+            return
         self.stats.add_step(step.x.shape[0])
         self._forward(assignment, out)
 

@@ -57,6 +57,8 @@ class StageWorker:
             raise StepError(f"step for pipeline {step.pipeline!r}, this stage serves {self.pipeline_id!r}")
         if self.fault is not None and self.fault.refuses_steps:
             raise StepError("this stage refuses every step (fault injection 'refuse')")
+        if self.fault is not None and self.fault.crashes_steps:
+            raise RuntimeError("this stage fails every step (fault injection 'crash')")
         kind, sessions, positions, params, x = step.kind, step.sessions, step.positions, step.sampling, step.x
         lengths = step.rows
         ends = list(itertools.accumulate(lengths))  # each session's rows are [end - length, end)
