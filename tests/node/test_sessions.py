@@ -240,6 +240,44 @@ def test_sessions_released_now_are_sealed_off_the_serving_thread_as_close_seals_
     assert workers[0].retained.get("req").layers_hash == workers[1].retained.get("req").layers_hash
 
 
+def test_receipts_sealed_while_one_send_is_under_way_go_together_in_the_next(model_dir):
+    """The Sealer sends receipts as soon as they are sealed, but those sealed while a send is under way
+    wait for it and then go in one message (one control stream to the coordinator, not one each)."""
+    import threading
+    import time
+
+    from node.retention import RetentionStore
+    from node.sealer import Sealer
+    from node.stage import StageWorker
+    from node.transport.identity import Identity
+    from wire.messages import Close, Step
+
+    worker = StageWorker(runtime(model_dir, 0, 2, max_sessions=6, capture_trace=True), "p", Identity.generate(),
+                         RetentionStore())
+    for i in range(6):
+        worker.step(Step("p", i, "prefill", (f"s{i}",), (0,), (SamplingParams(),), (), torch.tensor([5, 17, i])))
+    first_send, release = threading.Event(), threading.Event()
+    sends: list[list[str]] = []
+
+    def send(receipts) -> None:
+        sends.append([r.request_id for r in receipts])
+        first_send.set()
+        release.wait(10)
+
+    sealer = Sealer(send, workers=3)
+    sealer.submit(worker, worker.release(Close("p", ("s0",), ("r0",))))
+    assert first_send.wait(10)
+    for i in range(1, 6):  # sealed while r0's send waits
+        sealer.submit(worker, worker.release(Close("p", (f"s{i}",), (f"r{i}",))))
+    deadline_s = time.monotonic() + 30
+    while sealer.unsent < 5 and time.monotonic() < deadline_s:  # sealed, and handed to the send under way
+        time.sleep(0.01)
+    assert sealer.unsent == 5 and sends == [["r0"]]
+    release.set()
+    sealer.shutdown()
+    assert sends[0] == ["r0"] and sorted(sends[1]) == [f"r{i}" for i in range(1, 6)] and len(sends) == 2
+
+
 def test_long_attention_leaves_the_fused_rows_for_the_layers(model_dir, monkeypatch):
     """Through the fused ops every row reads its keys as a decode row does; a step whose rows x keys
     pass FUSED_ROW_KEYS runs the layers' prefill instead, with the same results."""
