@@ -262,12 +262,12 @@ class ShardRuntime:
 
     def _forward_rows(self, sessions: list[Session], x: torch.Tensor, lengths: list[int],
                       head_rows: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New rows `x` of `sessions` (lengths[i] each, after what each has cached; on the host) as the
-        rows of one fused decode step: every row writes its key and value, then attends to its slot's
-        keys up to its own position, so each prompt is causal and follows its session's cache; replayed
-        from the CUDA graphs when its rows fit them. Returns hidden (N, D), or on the last stage the
-        logits of `head_rows` (all rows if None; `last_hidden` then holds all N rows), and the rows'
-        trace (2L + 1, N, D) if captured."""
+        """New rows `x` of `sessions` (lengths[i] each, after what each has cached; on the host or the
+        device) as the rows of one fused decode step: every row writes its key and value, then attends
+        to its slot's keys up to its own position, so each prompt is causal and follows its session's
+        cache; replayed from the CUDA graphs when its rows fit them. Returns hidden (N, D), or on the
+        last stage the logits of `head_rows` (all rows if None; `last_hidden` then holds all N rows),
+        and the rows' trace (2L + 1, N, D) if captured."""
         slots = [s.slot for s, T in zip(sessions, lengths) for _ in range(T)]
         positions = [p for s, T in zip(sessions, lengths) for p in range(s.n_tokens, s.n_tokens + T)]
         n = len(positions)
