@@ -153,6 +153,7 @@ class GraphedDecoder:
         self.step, self.dummy_slot, self.max_tokens, self.device = step, dummy_slot, max_tokens, torch.device(device)
         self.buckets = row_buckets(max_sessions, max_rows)
         self.max_heads = max_sessions  # a step's sessions, each at most one head row
+        self.has_head = step.model.norm is not None  # the last stage: its step ends in logits
         self.use_graphs = use_graphs
         n = self.buckets[-1]
         # rows: slots, positions, lengths, token ids, head rows
@@ -173,7 +174,7 @@ class GraphedDecoder:
     def fits(self, n_rows: int, head_rows: list[int] | None) -> bool:
         """Whether `rows` takes a step of `n_rows` rows and these head rows."""
         return n_rows <= self.buckets[-1] and (len(head_rows) <= self.max_heads if head_rows is not None
-                                               else n_rows <= self.max_heads or self.step.model.norm is None)
+                                               else n_rows <= self.max_heads or not self.has_head)
 
     @on_own_device  # Triton launches, and graphs capture and replay, on the current device
     def rows(self, slots: list[int], positions: list[int], xs: list[torch.Tensor],
@@ -184,7 +185,7 @@ class GraphedDecoder:
         B = len(slots)
         bucket = bucket_for(B, self.buckets)
         plan = attention_plan(max(positions) + 1, self.max_tokens)
-        heads = head_rows is not None and self.step.model.norm is not None
+        heads = head_rows is not None and self.has_head
         key = (bucket, plan, heads)
         if self.use_graphs and key not in self.graphs:
             self.graphs[key] = self._capture(*key)

@@ -537,15 +537,15 @@ class ShardRuntime:
                 raise SessionError(f"stage 0 takes a non-empty 1-d tensor of token ids, got {x.dtype} {tuple(x.shape)}")
             if check_range and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
                 raise SessionError(f"token id out of range [0, {self.config.vocab_size})")
-            return x.to(self.device, torch.int64) if to_device else x
+            return self._to_device(x) if to_device else x
         if x.dim() != 2 or x.shape[1] != self.config.hidden_size or x.shape[0] == 0 or not x.is_floating_point():
             raise SessionError(
                 f"stage takes hidden states (T, {self.config.hidden_size}) of floats, got {x.dtype} {tuple(x.shape)}"
             )
-        return x.to(self.device, self.dtype) if to_device else x
+        return self._to_device(x) if to_device else x
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Checked input (`_check_input`) on the device, in the dtype the shard takes."""
+        """Input on the device, in the dtype the shard takes (ids: int64)."""
         return x.to(self.device, torch.int64 if self.shard.is_first else self.dtype)
 
     def _check_room(self, session_id: str, session: Session, n_new: int) -> None:
