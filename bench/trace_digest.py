@@ -1,11 +1,11 @@
 """The cost of committing to a GPU stage's layer trace: one SHA-256 over the whole trace (the receipts'
-layers hash before) against `trace_digest` (rows hashed on several threads), same run, same trace.
+layers hash before) against `trace_digest` (each row's digest, then a digest of those), same run, same trace.
 
     python bench/trace_digest.py [--tokens 136] [--layers 32] [--hidden 4096] [--repeats 5]
 
 The default trace is a request of 72 prompt + 64 new tokens through a whole Llama-3-8B-shaped stage:
-(2 x 32 + 1, 136, 4096) bfloat16, 72 MB. A request's settlement waits for its receipts, so this is
-time every request's end waits. Writes bench/trace_digest.json.
+(2 x 32 + 1, 136, 4096) bfloat16, 72 MB. A request's settlement waits for its receipts; the hashing
+runs on a provider's sealer threads, beside its serving (node/sealer.py). Writes bench/trace_digest.json.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Worker threads for the CPU work around a step that can run beside it: hashing a layer trace's rows
-(verification/commitments.py) and drawing sampling noise (verification/sampling.py). Both release
-the GIL in C, so the threads run in parallel with the caller; no task waits on another task."""
+"""Worker threads for the CPU work around a step that can run beside it: drawing sampling noise
+(verification/sampling.py), which releases the GIL in C, so the threads run in parallel with the
+caller; no task waits on another task."""
 
 from __future__ import annotations
 

@@ -240,6 +240,28 @@ def test_sessions_released_now_are_sealed_off_the_serving_thread_as_close_seals_
     assert workers[0].retained.get("req").layers_hash == workers[1].retained.get("req").layers_hash
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_trace_is_sealed_through_pinned_memory_into_a_pageable_copy(model_dir):
+    """On a GPU a closed session's trace goes to the host through pinned memory (node/stage.py
+    `_off_device`, so the serving steps are not held up): what is retained is the device's trace bit
+    for bit, its layers hash commits to it, and it holds no pinned memory."""
+    from node.retention import RetentionStore
+    from node.stage import StageWorker
+    from node.transport.identity import Identity
+    from verification.commitments import trace_digest
+    from wire.messages import Close, Step
+
+    n_layers = ModelConfig.load(model_dir).n_layers
+    worker = StageWorker(runtime(model_dir, 0, n_layers, max_sessions=1, capture_trace=True, device="cuda"), "p",
+                         Identity.generate(), RetentionStore())
+    worker.step(Step("p", 0, "prefill", ("s",), (0,), (SamplingParams(),), (), torch.tensor([5, 17, 3, 99])))
+    on_device = worker.runtime.trace("s").clone()
+    worker.close(Close("p", ("s",), ("req",)))
+    kept = worker.retained.get("req")
+    assert kept.trace.device.type == "cpu" and not kept.trace.is_pinned()
+    assert torch.equal(kept.trace, on_device.cpu()) and kept.layers_hash == trace_digest(on_device)
+
+
 def test_receipts_sealed_while_one_send_is_under_way_go_together_in_the_next(model_dir):
     """The Sealer sends receipts as soon as they are sealed, but those sealed while a send is under way
     wait for it and then go in one message (one control stream to the coordinator, not one each)."""

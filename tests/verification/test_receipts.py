@@ -4,6 +4,7 @@ concludes from the retained tensors."""
 
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 import pytest
@@ -166,10 +167,13 @@ def test_tensor_digest_covers_dtype_shape_and_bytes():
 
 
 def test_trace_digest_binds_every_row_and_earlier_receipts_still_check():
-    """The layers hash is taken row by row (rows hashed in parallel); a receipt that hashed the trace as
-    one tensor (before) is still accepted for the same trace, and neither for a changed one."""
+    """The layers hash is taken row by row: SHA-256 over a tag, the trace's dtype and shape, then each
+    row's tensor digest; a receipt that hashed the trace as one tensor (before) is still accepted for
+    the same trace, and neither for a changed one."""
     trace = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     digest = trace_digest(trace)
+    rows = b"".join(bytes.fromhex(tensor_digest([row])) for row in trace)
+    assert digest == hashlib.sha256(b"meshpool-trace/2\x00bfloat16[5, 3, 8]\x00" + rows).hexdigest()
     assert digest == trace_digest(trace.clone()) and digest != tensor_digest([trace])
     assert trace_digest(trace.reshape(5, 8, 3)) != digest and trace_digest(trace.float()) != digest
     changed = trace.clone()
