@@ -235,6 +235,12 @@ class Accounts:
         self.inflight.delivered(charge.request_id, f"hold:{charge.request_id}", charge.model, charge.prompt_tokens,
                                 delivered_tokens, request.stages)
 
+    async def delivered_async(self, charge: Charge, request, delivered_tokens: int) -> None:
+        """`delivered` for a stream on the API's event loop: its write joins the other streams' in one
+        transaction, and no thread waits for it."""
+        await self.inflight.delivered_async(charge.request_id, f"hold:{charge.request_id}", charge.model,
+                                            charge.prompt_tokens, delivered_tokens, request.stages)
+
     def _keep_receipt(self, receipt: StageReceipt) -> None:
         """A checked receipt of a request in flight goes to the database before the provider is
         acknowledged, so a restart can pay on it (others are not written: nobody settles them)."""

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -79,35 +80,57 @@ def _plan_json(stages) -> str:
     return json.dumps([[s.peer_id, s.start, s.end, getattr(s, "dtype", "") or ""] for s in stages])
 
 
+def _delivery(request_id: str, hold_id: str, model: str, prompt_tokens: int, delivered_tokens: int,
+              stages) -> dict:
+    return dict(request_id=request_id, hold_id=hold_id, model=model, prompt_tokens=prompt_tokens,
+                delivered_tokens=delivered_tokens, plan_json=_plan_json(stages), updated_ms=_now_ms())
+
+
+_UPSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+
+def _upsert_deliveries(dialect: str):
+    """INSERT ... ON CONFLICT DO UPDATE (SQLite and PostgreSQL alike), updating only to a larger count."""
+    if dialect not in _UPSERTS:
+        raise ValueError(f"no upsert for the {dialect} dialect")
+    stmt = _UPSERTS[dialect](requests)
+    return stmt.on_conflict_do_update(
+        index_elements=[requests.c.request_id],
+        set_={c: stmt.excluded[c] for c in ("delivered_tokens", "plan_json", "updated_ms")},
+        where=requests.c.delivered_tokens < stmt.excluded.delivered_tokens)
+
+
 class InflightStore:
     """Writes through `writer`, reads through `reader`: the ledger's engines."""
 
     def __init__(self, writer: Engine, reader: Engine):
         self.writer, self.reader = writer, reader
         self._deliveries = GroupCommit(self._write_deliveries)  # the streams' records share transactions
+        self._upsert = None  # the writer's dialect's statement, built at the first write
 
     def delivered(self, request_id: str, hold_id: str, model: str, prompt_tokens: int, delivered_tokens: int,
                   stages) -> None:
         """Record, durably, that the client has been sent `delivered_tokens` generated tokens, computed by
         `stages` (Stage values of the attempt). The count only grows: an older write never lowers it.
         Returns once committed, in one transaction with other streams' records of the moment."""
-        self._deliveries.write((request_id, hold_id, model, prompt_tokens, delivered_tokens, _plan_json(stages),
-                                _now_ms()))
+        self._deliveries.write(_delivery(request_id, hold_id, model, prompt_tokens, delivered_tokens, stages))
 
-    def _write_deliveries(self, records: list[tuple]) -> None:
+    async def delivered_async(self, request_id: str, hold_id: str, model: str, prompt_tokens: int,
+                              delivered_tokens: int, stages) -> None:
+        """`delivered` for a stream on an event loop: it waits for the commit without taking a thread."""
+        await self._deliveries.write_async(_delivery(request_id, hold_id, model, prompt_tokens, delivered_tokens,
+                                                     stages))
+
+    def _write_deliveries(self, records: list[dict]) -> None:
+        """One statement for the batch: insert each request's row, or raise its count if this one is larger."""
+        largest: dict[str, dict] = {}
+        for r in records:  # one row a request (a statement may not touch a row twice)
+            if r["request_id"] not in largest or r["delivered_tokens"] > largest[r["request_id"]]["delivered_tokens"]:
+                largest[r["request_id"]] = r
+        if self._upsert is None:
+            self._upsert = _upsert_deliveries(self.writer.dialect.name)
         with self.writer.begin() as conn:
-            for request_id, hold_id, model, prompt_tokens, delivered_tokens, plan, now in records:
-                changed = conn.execute(update(requests).where(requests.c.request_id == request_id,
-                                                              requests.c.delivered_tokens < delivered_tokens)
-                                       .values(delivered_tokens=delivered_tokens, plan_json=plan, updated_ms=now)
-                                       ).rowcount
-                if changed:
-                    continue
-                exists = conn.execute(select(requests.c.request_id).where(requests.c.request_id == request_id)).first()
-                if exists is None:
-                    conn.execute(insert(requests).values(request_id=request_id, hold_id=hold_id, model=model,
-                                                         prompt_tokens=prompt_tokens, delivered_tokens=delivered_tokens,
-                                                         plan_json=plan, updated_ms=now))
+            conn.execute(self._upsert, list(largest.values()))
 
     def add_receipt(self, receipt: StageReceipt) -> None:
         """Keep a checked receipt until its request settles; a resend replaces the one before."""

@@ -323,7 +323,7 @@ class Generation:
         if n <= self.recorded_tokens:
             return
         try:
-            await self.svc.call(self.svc.accounts.delivered, self.charge, self.request, n)
+            await self.svc.accounts.delivered_async(self.charge, self.request, n)
         except Exception as exc:
             log.error("request %s: recording %d delivered tokens failed: %r", self.id, n, exc)
             self.cancel("the delivery could not be recorded")

@@ -1,14 +1,19 @@
-"""Group commit of the streams' delivery records (coordinator/group_commit.py): many threads' writes
-share transactions, nobody returns before its own write committed, an error reaches exactly the
-callers whose writes it lost, and the delivered counts in a real database end as the largest each
-stream wrote."""
+"""Group commit of the streams' delivery records (coordinator/group_commit.py): many threads' and
+coroutines' writes share transactions, nobody returns before its own write committed, an error
+reaches exactly the callers whose writes it lost, and the delivered counts in a real database (SQLite
+and PostgreSQL) end as the largest each stream wrote."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+import pytest
 from sqlalchemy import create_engine
+
+from ledger.db import resolve_url
+from tests.postgres import empty_schema_url
 
 from coordinator import inflight
 from coordinator.group_commit import GroupCommit
@@ -71,8 +76,62 @@ def test_a_failed_transaction_fails_every_write_it_held_and_no_other():
     group.write(99)  # the next transaction goes on
 
 
-def test_delivered_counts_in_a_database_are_the_largest_each_stream_wrote(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+def test_coroutines_writes_share_transactions_without_blocking_their_loop():
+    """write_async: 32 streams of one event loop commit in a few transactions, each back only once its
+    own write is in; the loop runs other work meanwhile; a failed transaction fails exactly its callers,
+    and the next goes on; a thread's write can join the same transactions."""
+    committed: list[int] = []
+    batches: list[list[int]] = []
+
+    def write_many(items):
+        time.sleep(0.02)  # a commit's fsync: others arrive meanwhile
+        batches.append(list(items))
+        if 40 in items:
+            raise OSError("disk full")
+        committed.extend(items)
+
+    group = GroupCommit(write_many)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():  # the loop stays free while writes commit
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        async def write(i):
+            await group.write_async(i)
+            assert i in committed
+
+        tick = asyncio.create_task(ticker())
+        thread = asyncio.to_thread(group.write, 99)
+        assert await asyncio.gather(*(write(i) for i in range(32)), thread) == [None] * 33
+        lost = await asyncio.gather(*(group.write_async(i) for i in range(40, 44)), return_exceptions=True)
+        assert all(isinstance(e, OSError) for e in lost)
+        await group.write_async(50)  # the next transaction goes on
+        tick.cancel()
+        return ticks
+
+    assert asyncio.run(main()) > 10
+    assert sorted(committed) == [*range(32), 50, 99]
+    assert len(batches) <= 8 and max(len(b) for b in batches) > 8
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    if request.param == "sqlite":
+        engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+        yield engine
+    else:
+        with empty_schema_url(f"{request.node.name} on PostgreSQL") as url:
+            engine = create_engine(resolve_url(url))
+            yield engine
+    engine.dispose()
+
+
+def test_delivered_counts_in_a_database_are_the_largest_each_stream_wrote(engine):
     inflight.metadata.create_all(engine)
     store = inflight.InflightStore(engine, engine)
     plan = (Stage("12D3KooWpeer", 0, 30),)
@@ -89,3 +148,22 @@ def test_delivered_counts_in_a_database_are_the_largest_each_stream_wrote(tmp_pa
     assert all(r.hold_id == f"hold:{rid}" and r.plan[0].peer_id == "12D3KooWpeer" for rid, r in rows.items())
 
 
+
+
+def test_streams_on_a_loop_and_threads_record_the_largest_count_in_one_batch(engine):
+    """Records of one request in the same transaction (a stream's two chunks, another writer's older
+    count) leave its largest count; a new request's row is inserted with everything it carries."""
+    inflight.metadata.create_all(engine)
+    store = inflight.InflightStore(engine, engine)
+    plan = (Stage("12D3KooWpeer", 0, 30, "bfloat16"),)
+
+    async def main():
+        writes = [store.delivered_async(f"r{i % 4}", f"hold:r{i % 4}", "m", 5, n, plan)
+                  for i, n in enumerate([3, 9, 1, 4, 7, 2, 8, 6, 5, 1, 2, 3])]
+        await asyncio.gather(*writes, asyncio.to_thread(store.delivered, "r0", "hold:r0", "m", 5, 2, plan))
+
+    asyncio.run(main())
+    rows = store.all()
+    assert {rid: r.delivered_tokens for rid, r in rows.items()} == {"r0": 7, "r1": 9, "r2": 8, "r3": 6}
+    assert [(s.peer_id, s.start, s.end, s.dtype) for s in rows["r1"].plan] == [("12D3KooWpeer", 0, 30, "bfloat16")]
+    assert rows["r1"].prompt_tokens == 5 and rows["r1"].hold_id == "hold:r1" and rows["r1"].model == "m"
