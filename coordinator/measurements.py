@@ -15,6 +15,7 @@ Thread-safe: drivers record steps, the planner thread records probes and reads s
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,15 @@ from coordinator.planner import Link, Links, ModelShape, ProviderSpec
 from coordinator.planner.cost import stage_step_bytes_and_flops, stage_time_s
 from coordinator.planner.hardware import COORDINATOR
 
-EWMA_WEIGHT = 0.3  # weight of the newest measurement: a few steps move the figure, one outlier does not
+EWMA_WEIGHT = 0.3  # weight of the newest probe, round trip, hop latency or link test
+# A provider's step figure at a batch size is the median of its last STEP_WINDOW decode steps there,
+# taken once MIN_STEP_SAMPLES were seen (the probe stands until then). A step that captures a new CUDA
+# graph, or meets a pause, takes tens of times its usual time, and as the newest third of an average
+# (before) one such step could make a provider look several times slower: the likely cause of re-plans
+# seen mid-load on an H200, two stages of one GPU swapped for nothing (a pause and a replay for every
+# stream, time to first token p99 1.5 s at 8 clients). A median ignores up to 4 such steps in 9.
+STEP_WINDOW = 9
+MIN_STEP_SAMPLES = 5
 # A claim is contradicted when the probe takes this many times longer than the claimed figures
 # predict. Measured honest ratios on this 2-core CPU, shared with other work: 4.5x (batch 1) and 9.3x
 # (batch 8) for two layers of the 135M default model timed in one process, 9.8-18.5x through the
@@ -80,11 +89,30 @@ def speed_from(model: ModelShape, obs: Observation) -> Speed:
 
 
 @dataclass
+class StepFigures:
+    """A provider's decode steps at one batch size: the last STEP_WINDOW, and how many in all."""
+
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STEP_WINDOW))
+    samples: int = 0
+
+    def add(self, speed: Speed) -> None:
+        self.recent.append(speed)
+        self.samples += 1
+
+    @property
+    def speed(self) -> Speed | None:
+        """The median of the recent steps, None until there were MIN_STEP_SAMPLES."""
+        if len(self.recent) < MIN_STEP_SAMPLES:
+            return None
+        return sorted(self.recent, key=lambda s: s.mem_bandwidth_gb_per_s)[len(self.recent) // 2]
+
+
+@dataclass
 class PeerFigures:
     probe: Speed | None = None  # timed by the coordinator: the trusted figure
     # from the stages' own step reports, capped by the probe; per batch size, because the
     # effective figures of one batch size do not predict another's (per-op overhead)
-    steps: dict[int, Speed] = field(default_factory=dict)
+    steps: dict[int, StepFigures] = field(default_factory=dict)
     rtt_ms: float | None = None  # coordinator <-> provider round trip, EWMA
     claim_ratio: float | None = None  # probe time / time the claim predicts
     contradicted: bool = False
@@ -165,8 +193,7 @@ class Measurements:
                 speed = speed_from(self.model, obs)
                 if figures.probe is not None:  # without one (no probe possible), the reports stand alone
                     speed = _capped(speed, figures.probe)
-                held = figures.steps.get(batch)
-                figures.steps[batch] = speed if held is None else held.blend(speed)
+                figures.steps.setdefault(batch, StepFigures()).add(speed)
             if k > 1:  # the links between providers: what the step took beyond its stages' compute
                 hop_ms = max(hop_ms, MIN_LATENCY_MS)
                 self.hop_latency_ms = (hop_ms if self.hop_latency_ms is None
@@ -259,7 +286,7 @@ class Measurements:
             figures = self.peers.get(claimed.peer_id)
             if figures is None:
                 return claimed
-            speed = figures.steps.get(self.plan_batch) or figures.probe
+            speed = self._stepped(figures) or figures.probe
             spec = claimed
             if speed is not None:
                 spec = replace(spec, mem_bandwidth_gb_per_s=speed.mem_bandwidth_gb_per_s,
@@ -267,6 +294,10 @@ class Measurements:
             if figures.memory_cap_bytes is not None:
                 spec = replace(spec, memory_bytes=min(spec.memory_bytes, figures.memory_cap_bytes))
             return spec
+
+    def _stepped(self, figures: PeerFigures) -> Speed | None:
+        held = figures.steps.get(self.plan_batch)
+        return None if held is None else held.speed
 
     def links(self) -> Links:
         """Measured links: coordinator <-> provider from round trips, provider <-> provider latency from
@@ -285,7 +316,7 @@ class Measurements:
             figures = self.peers.get(peer)
             if figures is None:
                 return None
-            stepped = figures.steps.get(self.plan_batch)
+            stepped = self._stepped(figures)
             speed = stepped or figures.probe
             return {
                 "source": "steps" if stepped else "probe" if figures.probe else "claim",

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.measurements import (CONTRADICTION_RATIO, STEP_TRUST_FACTOR, Measurements, Observation, speed_from)
+from coordinator.measurements import (CONTRADICTION_RATIO, MIN_STEP_SAMPLES, STEP_TRUST_FACTOR, STEP_WINDOW,
+                                      Measurements, Observation, speed_from)
 from coordinator.planner import (COORDINATOR, LLAMA3_8B, LLAMA3_70B, Link, Links, Objective, Pipeline, ProviderSpec, Stage,
                                  Workload, choose_with_hysteresis, evaluate_pipeline, plan, stage_time_s)
 
@@ -96,10 +97,11 @@ def test_step_reports_are_checked_against_the_coordinators_clock_and_capped_by_t
     # one report per stage, or nothing
     assert not store.record_step(peers, layers, BATCH, 100, wall_s=1.0, stage_ms=(8.0,))
     # a stage that reports itself absurdly fast is believed at most STEP_TRUST_FACTOR x its probe
-    assert store.record_step(peers, layers, BATCH, 100, wall_s=1.0, stage_ms=(0.001, 400.0))
+    for _ in range(MIN_STEP_SAMPLES):
+        assert store.record_step(peers, layers, BATCH, 100, wall_s=1.0, stage_ms=(0.001, 400.0))
     assert store.spec_for(a).mem_bandwidth_gb_per_s == pytest.approx(probe_bw * STEP_TRUST_FACTOR)
     assert store.spec_for(b).mem_bandwidth_gb_per_s < probe_bw  # 400 ms for 16 layers: slow, believed
-    assert store.public("b")["source"] == "steps" and store.public("b")["steps_measured"] == 1
+    assert store.public("b")["source"] == "steps" and store.public("b")["steps_measured"] == MIN_STEP_SAMPLES
     # the rest of the step is the links: (1000 - 400.001) ms over three hops
     assert store.summary()["hop_latency_ms"] == pytest.approx(599.999 / 3, rel=1e-3)
     # steps at another batch size do not stand in for the planned batch
@@ -108,19 +110,34 @@ def test_step_reports_are_checked_against_the_coordinators_clock_and_capped_by_t
     assert store.spec_for(b) == before
 
 
-def test_steps_move_the_figure_gradually():
+def test_the_step_figure_is_the_median_of_recent_steps_so_lone_slow_steps_move_nothing():
+    """Steps replace the probe once MIN_STEP_SAMPLES were seen; then the figure is the median of the last
+    STEP_WINDOW: steps that took 50x (a CUDA graph captured, a pause) change nothing, however recent,
+    while a provider that really became twice as slow is planned so once most of the window says so."""
     store = Measurements(MODEL, BATCH)
     a = honest("a")
     store.record_probe(a, probe_obs(stage_time_s(a, MODEL, 2, False, False, BATCH, 12)))
     probed_s = stage_time_s(store.spec_for(a), MODEL, 32, True, True, BATCH, 12)
-    figures = [probed_s]
-    for _ in range(8):  # the provider has become twice as slow as its probe
-        assert store.record_step(("a",), (32,), BATCH, 12, wall_s=10.0, stage_ms=(2e3 * probed_s,))
-        figures.append(stage_time_s(store.spec_for(a), MODEL, 32, True, True, BATCH, 12))
-    assert figures[1] == pytest.approx(2 * probed_s)  # the first step figure replaces the probe's
-    store.record_step(("a",), (32,), BATCH, 12, wall_s=10.0, stage_ms=(1e3 * probed_s,))  # back to its probe speed
-    after = stage_time_s(store.spec_for(a), MODEL, 32, True, True, BATCH, 12)
-    assert probed_s < after < 2 * probed_s  # one step moves it part of the way
+
+    def planned_s() -> float:
+        return stage_time_s(store.spec_for(a), MODEL, 32, True, True, BATCH, 12)
+
+    def step(seconds: float) -> None:
+        assert store.record_step(("a",), (32,), BATCH, 12, wall_s=10.0, stage_ms=(1e3 * seconds,))
+
+    for _ in range(MIN_STEP_SAMPLES - 1):  # the first steps at the planned batch: a capture among them
+        step(50 * probed_s)
+    assert planned_s() == pytest.approx(probed_s) and store.public("a")["source"] == "probe"
+    for _ in range(STEP_WINDOW):
+        step(1.1 * probed_s)
+    assert planned_s() == pytest.approx(1.1 * probed_s) and store.public("a")["source"] == "steps"
+    for _ in range(STEP_WINDOW // 2):  # the newest steps, and slow ones
+        step(50 * probed_s)
+    assert planned_s() == pytest.approx(1.1 * probed_s)
+    for _ in range(STEP_WINDOW // 2 + 1):  # the provider has become twice as slow: most of the window shows it
+        step(2 * probed_s)
+    assert planned_s() == pytest.approx(2 * probed_s)
+    assert store.public("a")["steps_measured"] == MIN_STEP_SAMPLES - 1 + STEP_WINDOW + 2 * (STEP_WINDOW // 2) + 1
 
 
 def test_links_and_memory_caps_come_from_what_was_seen():
@@ -205,6 +222,7 @@ def test_without_a_probe_the_checked_step_reports_replace_the_claim():
     store = Measurements(MODEL, BATCH)
     claim = honest("a", bandwidth=1e6)
     assert store.spec_for(claim) == claim
-    assert store.record_step(("a",), (32,), BATCH, 100, wall_s=1.0, stage_ms=(500.0,))
+    for _ in range(MIN_STEP_SAMPLES):
+        assert store.record_step(("a",), (32,), BATCH, 100, wall_s=1.0, stage_ms=(500.0,))
     assert store.spec_for(claim).mem_bandwidth_gb_per_s < 1e3
     assert stage_time_s(store.spec_for(claim), MODEL, 32, True, True, BATCH, 100) == pytest.approx(0.5)
