@@ -23,7 +23,7 @@ from coordinator.backoff import Backoff
 from coordinator.driver import GenerationRequest, PipelineDriver, PipelineLink
 from coordinator.measurements import Measurements
 from coordinator.planner import (Capacity, InsufficientMemoryError, Links, ModelShape, Objective, Pipeline,
-                                 PipelineCost, PlanError, ProviderSpec, Workload, choose_with_hysteresis,
+                                 PipelineCost, PlanError, ProviderSpec, Workload, choose_with_hysteresis, plan_score,
                                  evaluate_pipeline, plan_within_memory, provider_spec_from_profile, sessions_held,
                                  stage_memory_bytes)
 from coordinator.registry import Registry, ProviderRecord
@@ -310,6 +310,8 @@ class Pool:
                                                   objective=self.objective)
                 chosen = choose_with_hysteresis(current, result.pipelines, specs, self.model_shape, bent, links,
                                                 self.objective)
+                if any(p not in chosen for p in current):
+                    self._log_move(current, chosen, specs, bent, links)
                 m = self.workload.microbatches_in_flight or 1
                 profiles = {c.peer: c.profile for c in candidates}
                 for p in chosen:
@@ -426,6 +428,21 @@ class Pool:
                     continue
             admitted.append(record)
         return admitted
+
+    def _log_move(self, current, chosen, specs, workload, links) -> None:
+        """Why serving pipelines are moved: what the planner predicted of each plan, from which figures."""
+        objective = Objective(self.objective)
+        unit = "tok/s" if objective is Objective.THROUGHPUT else "s of latency, negated"
+
+        def scored(pipelines) -> str:
+            value = plan_score(pipelines, specs, self.model_shape, workload, links, objective)
+            return "not possible" if value is None else f"{value:.4g} {unit}"
+
+        figures = ", ".join(f"{peer[-8:]} {m['mem_bandwidth_gb_per_s']} GB/s ({m['source']})" for peer in
+                            sorted({p for pipeline in (*current, *chosen) for p in pipeline.peer_ids})
+                            if (m := self.measurements.public(peer)) is not None)
+        log.info("re-plan moves serving pipelines: the new plan scores %s against %s for the current ones "
+                 "(measured: %s)", scored(chosen), scored(current), figures or "none")
 
     def _step_timer(self, pipeline: Pipeline) -> Callable[[Step, float, tuple], None]:
         """What a driver calls after each step: decode steps are timed per stage (measurements.py)."""
