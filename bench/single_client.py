@@ -72,8 +72,10 @@ def breakdown(before: dict, after: dict, n_stages: int) -> dict:
     def count_keys(kind: str) -> list[str]:  # one a pipeline
         return [k for k in after if k.startswith(counts) and f'kind="{kind}"' in k]
 
-    def step_ms(kind: str) -> float | None:
-        return next((mean_ms("meshpool_pipeline_step_seconds", k[len(counts):]) for k in count_keys(kind)), None)
+    def step_ms(kind: str) -> float | None:  # over every pipeline of the window (a re-plan starts another)
+        sums = [k.replace("_count", "_sum", 1) for k in count_keys(kind)]
+        n = steps(kind)
+        return 1000 * sum(after[k] - before.get(k, 0) for k in sums) / n if n else None
 
     def steps(kind: str) -> int:
         return int(sum(after[k] - before.get(k, 0) for k in count_keys(kind)))
@@ -84,7 +86,8 @@ def breakdown(before: dict, after: dict, n_stages: int) -> dict:
     return {"step_ms": step and round(step, 2), "stage_compute_ms": [s and round(s, 2) for s in stages],
             "hop_ms": (h := mean_ms("meshpool_hop_seconds", "")) and round(h, 3),
             "prefill_step_ms": prefill and round(prefill, 2), "decode_steps": steps("decode"),
-            "prefill_steps": steps("prefill")}
+            "prefill_steps": steps("prefill"),
+            "pipelines": sum(after[k] > before.get(k, 0) for k in count_keys("decode"))}
 
 
 class PoolUnderTest:
