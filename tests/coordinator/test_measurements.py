@@ -226,3 +226,27 @@ def test_without_a_probe_the_checked_step_reports_replace_the_claim():
         assert store.record_step(("a",), (32,), BATCH, 100, wall_s=1.0, stage_ms=(500.0,))
     assert store.spec_for(claim).mem_bandwidth_gb_per_s < 1e3
     assert stage_time_s(store.spec_for(claim), MODEL, 32, True, True, BATCH, 100) == pytest.approx(0.5)
+
+
+def test_a_stage_that_met_one_slow_step_is_not_moved_by_the_next_plan():
+    """Two providers of one GPU serve [0, 16) and [16, 32); steps show both alike, then one step of the
+    first takes 50x (it captured a CUDA graph). The plan the measured figures give keeps the pipeline;
+    with that step as the newest third of an average (before) the fresh plan looked far better."""
+    providers = {p: honest(p, 80) for p in ("a", "b")}
+    store = Measurements(MODEL, BATCH)
+    for spec in providers.values():
+        store.record_probe(spec, probe_obs(stage_time_s(spec, MODEL, 2, False, False, BATCH, 12)))
+    current = [Pipeline((Stage("a", 0, 16), Stage("b", 16, 32)))]
+    compute_ms = [1e3 * stage_time_s(providers[s.peer_id], MODEL, s.n_layers, s.start == 0, s.end == 32, BATCH, 100)
+                  for s in current[0].stages]
+    for slow in [1] * STEP_WINDOW + [50]:
+        stage_ms = (compute_ms[0] * slow, compute_ms[1])
+        assert store.record_step(("a", "b"), (16, 16), BATCH, 100, wall_s=sum(stage_ms) / 1e3 + 0.01, stage_ms=stage_ms)
+    measured = {peer: store.spec_for(spec) for peer, spec in providers.items()}
+    fresh = plan(list(measured.values()), MODEL, WORKLOAD, LINKS).pipelines
+    assert choose_with_hysteresis(current, fresh, measured, MODEL, WORKLOAD, LINKS) == tuple(current)
+    averaged = replace(measured["a"], mem_bandwidth_gb_per_s=measured["a"].mem_bandwidth_gb_per_s / (0.7 + 0.3 * 50),
+                       matmul_tflops=measured["a"].matmul_tflops / (0.7 + 0.3 * 50))
+    skewed = {**measured, "a": averaged}
+    fresh = plan(list(skewed.values()), MODEL, WORKLOAD, LINKS).pipelines
+    assert choose_with_hysteresis(current, fresh, skewed, MODEL, WORKLOAD, LINKS) != tuple(current)
