@@ -58,14 +58,13 @@ class Speed:
 
     mem_bandwidth_gb_per_s: float
     matmul_tflops: float
-    samples: int = 1
 
     def blend(self, new: "Speed") -> "Speed":
         """EWMA in time per unit (so averages of times, not of rates)."""
         def mix(old_rate: float, new_rate: float) -> float:
             return 1.0 / ((1 - EWMA_WEIGHT) / old_rate + EWMA_WEIGHT / new_rate)
         return Speed(mix(self.mem_bandwidth_gb_per_s, new.mem_bandwidth_gb_per_s),
-                     mix(self.matmul_tflops, new.matmul_tflops), self.samples + 1)
+                     mix(self.matmul_tflops, new.matmul_tflops))
 
 
 @dataclass(frozen=True)
@@ -343,7 +342,7 @@ class Measurements:
 def _capped(speed: Speed, probe: Speed) -> Speed:
     """A step figure no more than STEP_TRUST_FACTOR x the probe the coordinator timed itself."""
     return Speed(min(speed.mem_bandwidth_gb_per_s, probe.mem_bandwidth_gb_per_s * STEP_TRUST_FACTOR),
-                 min(speed.matmul_tflops, probe.matmul_tflops * STEP_TRUST_FACTOR), speed.samples)
+                 min(speed.matmul_tflops, probe.matmul_tflops * STEP_TRUST_FACTOR))
 
 
 def _hop_public(hop: HopFigures) -> dict:

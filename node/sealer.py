@@ -7,9 +7,10 @@ and done where steps are served it stalled every running stream for that long (4
 thread at 32 clients on an H200). Here it runs on a few worker threads (the copy and the hashing
 release the GIL; each trace goes through pinned memory and is hashed in its worker's thread, or it
 still slowed the serving steps 4x: node/stage.py `_off_device`), and the receipts go to the
-coordinator from there: those sealed while a send is under way go together in the next one. Each send is a request on its own libp2p stream, and taking
-new streams was about a third of a busy coordinator's trio thread (py-spy, two stages on an H200 at
-32 clients, each request's receipts sent apart from each stage).
+coordinator from there: those sealed while a send is under way go together in the next one. Each
+send is a request on its own libp2p stream, and taking new streams was about a third of a busy
+coordinator's trio thread (py-spy, two stages on an H200 at 32 clients, each request's receipts sent
+apart from each stage).
 """
 
 from __future__ import annotations
