@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from node.device_scope import on_own_device
-from node.fused import Ops, attention_plan
+from node.fused import Ops, attention_plan, attention_plans
 
 
 def batch_buckets(max_sessions: int) -> tuple[int, ...]:
@@ -62,6 +62,20 @@ def pad_step(slots: list[int], positions: list[int], bucket: int, dummy_slot: in
     if pad < 0:
         raise ValueError(f"{len(slots)} rows do not fit a bucket of {bucket}")
     return [slots + [dummy_slot] * pad, positions + [0] * pad, [p + 1 for p in positions] + [1] * pad]
+
+
+def graph_keys(buckets: tuple[int, ...], max_heads: int, has_head: bool,
+               max_tokens: int) -> list[tuple[int, tuple[int, int], bool]]:
+    """Every (bucket, attention plan, head rows) a step can replay: decode steps (up to `max_heads`
+    rows, the stage's sessions; no head rows) and prompt steps (any bucket; head rows on the last
+    stage), at every context length up to `max_tokens`."""
+    keys = {}
+    for plan in attention_plans(max_tokens):
+        for bucket in buckets:
+            if bucket <= max_heads:
+                keys[(bucket, plan, False)] = None
+            keys[(bucket, plan, has_head)] = None
+    return list(keys)
 
 
 def segment_bounds(n_layers: int, per_graph: int) -> list[tuple[int, int]]:
@@ -210,6 +224,18 @@ class GraphedDecoder:
             out, hidden = out
             self.last_hidden = hidden[:B]
         return out[:len(head_rows) if heads else B]
+
+    @on_own_device
+    def capture_all(self) -> int:
+        """Capture now every graph a step may replay (`graph_keys`); returns how many were missing.
+        Captured on first use instead, each took an H200 stage of the 8B shape 30-140 ms inside a
+        step, and a pool meets new keys for minutes (batch sizes and prompt rows vary, contexts cross
+        plan boundaries): every running stream stalled for each."""
+        keys = graph_keys(self.buckets, self.max_heads, self.has_head, self.max_tokens) if self.use_graphs else []
+        missing = [key for key in keys if key not in self.graphs]
+        for key in missing:
+            self.graphs[key] = self._capture(*key)
+        return len(missing)
 
     def _inputs(self, bucket: int):
         x = self._index[3, :bucket] if self._hidden is None else self._hidden[:bucket]

@@ -281,6 +281,16 @@ def attention_plan(max_length: int, max_tokens: int) -> tuple[int, int]:
     return MAX_SPLITS, splits * ATTENTION_CHUNK // MAX_SPLITS
 
 
+def attention_plans(max_tokens: int) -> list[tuple[int, int]]:
+    """Every plan `attention_plan` gives for contexts of 1 to `max_tokens` tokens: it changes only
+    where the splits double."""
+    lengths, splits = [1], 1
+    while splits * ATTENTION_CHUNK < max_tokens:
+        lengths.append(splits * ATTENTION_CHUNK + 1)
+        splits *= 2
+    return list(dict.fromkeys(attention_plan(n, max_tokens) for n in lengths))
+
+
 class Ops:
     """The four fused ops, Triton kernels or their PyTorch twins."""
 

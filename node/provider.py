@@ -285,6 +285,10 @@ class Provider:
                     )
                 if self.fault is not None:
                     self.fault.install(runtime)
+                started_s = time.perf_counter()
+                if n_graphs := runtime.capture_graphs():  # no step of the serving waits for one
+                    log.info("captured %d CUDA graphs of layers [%d, %d) in %.1f s", n_graphs, shard.start,
+                             shard.end, time.perf_counter() - started_s)
         except (ModelError, ValueError) as exc:
             return refuse(str(exc))
         except (MemoryError, torch.OutOfMemoryError) as exc:  # the coordinator plans us below this from now on

@@ -510,6 +510,12 @@ class ShardRuntime:
         self._taken = taken
         return h
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> int:
+        """On a GPU, capture every CUDA graph a step of this shard can replay, before it serves
+        (`GraphedDecoder.capture_all`); how many were captured now."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
     def trace(self, session_id: str) -> torch.Tensor:
         """The layer trace of every position fed to an open session so far: (2 n_shard_layers + 1,
         T, D) in the serving dtype, on the runtime's device."""

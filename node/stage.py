@@ -6,6 +6,7 @@ audits and signs the request's receipt."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 
@@ -38,20 +39,36 @@ def _ready_event(trace: torch.Tensor | None):
     return event
 
 
+# Bytes of a trace each sealing thread stages in its pinned buffer at a time
+STAGING_BYTES = 8 << 20
+_staging = threading.local()
+
+
 def _off_device(trace: torch.Tensor, ready: "torch.cuda.Event") -> torch.Tensor:
-    """A CUDA trace copied to the host on a side stream, so the serving stream's steps go on meanwhile.
-    The copy lands in pinned memory: copied straight to pageable memory (the driver stages such a copy
-    through its own buffer, synchronously), tens of MB a request slowed the serving thread's steps
-    4x (H200, 8B, batch-32 decode steps while a request of 72 tokens was sealed every 2 steps,
-    bench/seal_contention.py: 22.3 ms a step against 5.5); through pinned memory the copy costs them
-    ~0.2 ms. The result is a pageable clone: retained traces do not hold pinned memory."""
+    """A CUDA trace copied to pageable host memory on a side stream, so the serving stream's steps
+    go on meanwhile. It goes through pinned memory: copied straight to pageable memory (the driver
+    stages such a copy through its own buffer, synchronously), tens of MB a request slowed the
+    serving thread's steps 4x (H200, 8B, batch-32 decode steps while a request of 72 tokens was
+    sealed every 2 steps, bench/seal_contention.py: 22.3 ms a step against 5.5). The pinned memory
+    is one buffer of each sealing thread's, taken once, the trace passing through it in pieces:
+    allocating pinned memory while serving (cudaHostAlloc, tens of MB a trace) takes the driver's
+    locks, the likeliest cause of an H200 stage's decode step that spent 35 ms in its launches with
+    its thread idle while traces were sealed."""
+    staging = getattr(_staging, "buffer", None)
+    if staging is None or staging.numel() < STAGING_BYTES:
+        staging = _staging.buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+    out = torch.empty(trace.shape, dtype=trace.dtype)
+    host = out.view(-1).view(torch.uint8)
     stream = torch.cuda.Stream(device=trace.device)
     stream.wait_event(ready)
-    pinned = torch.empty(trace.shape, dtype=trace.dtype, pin_memory=True)
     with torch.cuda.stream(stream):
-        pinned.copy_(trace, non_blocking=True)
-    stream.synchronize()
-    return pinned.clone()
+        device = trace.reshape(-1).view(torch.uint8)  # a copy on this stream if the trace is a strided view
+        for start in range(0, device.numel(), STAGING_BYTES):
+            n = min(STAGING_BYTES, device.numel() - start)
+            staging[:n].copy_(device[start:start + n], non_blocking=True)
+            stream.synchronize()
+            host[start:start + n].copy_(staging[:n])
+    return out
 
 
 class StepError(ValueError):

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from node.config import ModelConfig
-from node.cuda_graphs import DecodeStep, batch_buckets, bucket_for, pad_step, row_buckets, segment_bounds
+from node.cuda_graphs import (DecodeStep, batch_buckets, bucket_for, graph_keys, pad_step, row_buckets,
+                              segment_bounds)
 from node import fused
-from node.fused import ATTENTION_CHUNK, MAX_SPLITS, Ops, attention_plan
+from node.fused import ATTENTION_CHUNK, MAX_SPLITS, Ops, attention_plan, attention_plans
 from node.runtime import SessionError, ShardRuntime
 from node.shard import Shard
 from tests.node.random_models import make_random_model
@@ -70,6 +71,28 @@ def test_attention_plan_splits_long_contexts_in_powers_of_two():
     for length in (1000, 5000, 40_000, 131_072):
         splits, chunk = attention_plan(length, 131_072)
         assert splits * chunk >= length and splits <= MAX_SPLITS and splits & (splits - 1) == 0
+
+
+def test_attention_plans_are_every_plan_of_every_context_length():
+    for max_tokens in (1, ATTENTION_CHUNK, ATTENTION_CHUNK + 1, 2048, 5000, 40_000):
+        every = list(dict.fromkeys(attention_plan(n, max_tokens) for n in range(1, max_tokens + 1)))
+        assert attention_plans(max_tokens) == every
+
+
+@pytest.mark.parametrize("max_sessions,has_head,max_tokens", [(6, True, 1024), (32, False, 2048), (1, True, 300)])
+def test_graph_keys_are_the_keys_steps_replay(max_sessions, has_head, max_tokens):
+    """What a stage captures before serving (GraphedDecoder.capture_all): every key a decode or
+    prompt step of up to 128 rows can replay (as `rows` computes it), and no other."""
+    buckets = row_buckets(max_sessions, 128)
+    replayed = set()
+    for length in range(1, max_tokens + 1):  # the step's longest context
+        plan = attention_plan(length, max_tokens)
+        for n in range(1, 129):
+            if n <= max_sessions:
+                replayed.add((bucket_for(n, buckets), plan, False))  # a decode step
+            replayed.add((bucket_for(n, buckets), plan, has_head))  # a prompt step
+    keys = graph_keys(buckets, max_sessions, has_head, max_tokens)
+    assert len(keys) == len(set(keys)) and set(keys) == replayed
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +245,35 @@ def test_graphs_match_eager_fused_and_layer_paths(llama_dir, dtype):
         assert (g_log - l_log).norm() / l_log.norm() < 1e-3
     else:  # bfloat16 rounds differently in fused and unfused kernels; compare before tokens can part
         assert (g_log[0] - l_log[0]).norm() / l_log[0].norm() < 3e-2
+
+
+@cuda
+def test_graphs_captured_before_serving_leave_no_step_a_capture(llama_dir):
+    """A provider captures its graphs when it loads its layers (ShardRuntime.capture_graphs): steps
+    of any batch and context then replay them, with the outputs of graphs captured on first use."""
+    make = lambda: [_runtime(llama_dir, a, b, device="cuda", dtype=torch.bfloat16, max_sessions=6,  # noqa: E731
+                             max_seq_len=1024) for a, b in [(0, 2), (2, 4)]]
+    ready, lazy = make(), make()
+    captured = [rt.capture_graphs() for rt in ready]
+    assert all(captured) and captured == [len(rt.graphs.graphs) for rt in ready]
+    assert [rt.capture_graphs() for rt in ready] == [0, 0]
+    outputs = []
+    for chain in (ready, lazy):
+        logits = []
+        for i, prompt in enumerate([[7, 8, 9], list(range(1, 300)), [42], [5, 6]]):
+            x = torch.tensor(prompt)
+            for stage in chain:
+                x = stage.prefill(f"s{i}", x)
+            logits.append(x.float())
+        for n in (4, 3, 1, 2):  # decodes of several batch sizes
+            xs = [torch.tensor([1])] * n
+            for stage in chain:
+                out = stage.decode([(f"s{i}", x) for i, x in enumerate(xs)])
+                xs = list(out[:, None].unbind(0))
+            logits.append(out.float())
+        outputs.append(logits)
+    assert [len(rt.graphs.graphs) for rt in ready] == captured  # no step captured one
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
 
 
 @cuda

@@ -241,16 +241,20 @@ def test_sessions_released_now_are_sealed_off_the_serving_thread_as_close_seals_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_trace_is_sealed_through_pinned_memory_into_a_pageable_copy(model_dir):
-    """On a GPU a closed session's trace goes to the host through pinned memory (node/stage.py
-    `_off_device`, so the serving steps are not held up): what is retained is the device's trace bit
-    for bit, its layers hash commits to it, and it holds no pinned memory."""
+@pytest.mark.parametrize("staging_bytes", [8 << 20, 1000], ids=["whole", "in-pieces"])
+def test_a_cuda_trace_is_sealed_through_pinned_memory_into_a_pageable_copy(model_dir, monkeypatch, staging_bytes):
+    """On a GPU a closed session's trace goes to the host through a pinned buffer (node/stage.py
+    `_off_device`, so the serving steps are not held up), in pieces when it is larger: what is
+    retained is the device's trace bit for bit, its layers hash commits to it, and it holds no
+    pinned memory."""
+    import node.stage
     from node.retention import RetentionStore
     from node.stage import StageWorker
     from node.transport.identity import Identity
     from verification.commitments import trace_digest
     from wire.messages import Close, Step
 
+    monkeypatch.setattr(node.stage, "STAGING_BYTES", staging_bytes)
     n_layers = ModelConfig.load(model_dir).n_layers
     worker = StageWorker(runtime(model_dir, 0, n_layers, max_sessions=1, capture_trace=True, device="cuda"), "p",
                          Identity.generate(), RetentionStore())
