@@ -391,20 +391,21 @@ class Provider:
                 self._step(assignment, message)
 
     def _step(self, assignment: Assignment, step: Step) -> None:
-        try:
-            with assignment.lock:
-                out = assignment.worker.step(step)
-        except StepError as exc:
-            self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, {assignment.spec.end}) "
-                                 f"refused step: {exc}", self.node.peer_id)
-            return
-        except Exception as exc:  # a device error or a bug: said at once, not left to the coordinator's step timeout
-            log.exception("step %d of pipeline %s failed", step.step, step.pipeline)
-            self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, {assignment.spec.end}) "
-                                 f"failed step {step.step}: {exc!r}", self.node.peer_id)
-            return
+        with assignment.lock:
+            try:
+                out, keep_record = assignment.worker.run(step)
+                self._forward(assignment, out)  # sent on before the step's bookkeeping
+                keep_record()
+            except StepError as exc:
+                self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, "
+                                     f"{assignment.spec.end}) refused step: {exc}", self.node.peer_id)
+                return
+            except Exception as exc:  # a device error or a bug: said at once, not left to the coordinator's timeout
+                log.exception("step %d of pipeline %s failed", step.step, step.pipeline)
+                self._report_failure(step.pipeline, step.step, f"stage [{assignment.spec.start}, "
+                                     f"{assignment.spec.end}) failed step {step.step}: {exc!r}", self.node.peer_id)
+                return
         self.stats.add_step(step.x.shape[0])
-        self._forward(assignment, out)
 
     def _forward(self, assignment: Assignment, message: Message) -> None:
         nxt = assignment.spec.next_peer

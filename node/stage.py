@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,15 @@ class StageWorker:
         self.records: dict[str, SessionRecord] = {}
 
     def step(self, step: Step) -> Step | Result:
+        message, keep_record = self.run(step)
+        keep_record()
+        return message
+
+    def run(self, step: Step) -> tuple[Step | Result, Callable[[], None]]:
+        """The message a step sends on, and what keeps the step in its sessions' records: call it
+        before this worker's next step or release (the outputs it copies are valid until then). A
+        provider sends first, so the next stage need not wait for the bookkeeping (~0.2 ms a step of
+        8 sessions on an H200 stage; more the more sessions)."""
         if step.pipeline != self.pipeline_id:
             raise StepError(f"step for pipeline {step.pipeline!r}, this stage serves {self.pipeline_id!r}")
         if self.fault is not None and self.fault.refuses_steps:
@@ -134,16 +144,20 @@ class StageWorker:
         # a chunk samples nothing: its last row is not the prompt's end, so no token is chosen there
         sampled = last and kind != "chunk"
         tokens = sample(out, list(params), chosen) if sampled else []
-        # each session's record holds its own rows: all it fed in this step, and what came of them
-        # (one copy off the device for the whole step, not one a session; it is also what goes on)
-        fed, sent = x.detach().to("cpu"), (hidden if last else out).detach().to("cpu")
-        for i, (sid, k, e) in enumerate(zip(sessions, lengths, ends)):
-            record = self.records.setdefault(sid, SessionRecord())
-            record.add(fed[e - k:e], sent[e - k:e], (chosen[i], tokens[i]) if sampled else None)
+        # what goes on leaves the device in one copy for the whole step (not one a session)
+        sent = None if last else out.detach().to("cpu")
+
+        def keep_record() -> None:
+            # each session's record holds its own rows: all it fed in this step, and what came of them
+            fed, outputs = x.detach().to("cpu"), sent if sent is not None else hidden.detach().to("cpu")
+            for i, (sid, k, e) in enumerate(zip(sessions, lengths, ends)):
+                record = self.records.setdefault(sid, SessionRecord())
+                record.add(fed[e - k:e], outputs[e - k:e], (chosen[i], tokens[i]) if sampled else None)
+
         forward = step.forward(out if last else sent, (time.perf_counter() - started_s) * 1000)
         if not last:
-            return forward
-        return Result(step.pipeline, step.step, sessions, tuple(tokens), forward.stage_ms)
+            return forward, keep_record
+        return Result(step.pipeline, step.step, sessions, tuple(tokens), forward.stage_ms), keep_record
 
     def close(self, close: Close) -> list[StageReceipt]:
         """Free the sessions; for each named with a request id, seal its record and sign a receipt."""
