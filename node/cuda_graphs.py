@@ -170,10 +170,16 @@ class GraphedDecoder:
         self.has_head = step.model.norm is not None  # the last stage: its step ends in logits
         self.use_graphs = use_graphs
         n = self.buckets[-1]
-        # rows: slots, positions, lengths, token ids, head rows
+        # rows: slots, positions, lengths, token ids, head rows; written through a numpy view and
+        # copied whole. A tensor built for them and copied into a column slice cost a step ~0.25 ms of
+        # host time before its first graph launch (H200, torch.profiler): the slice is strided, so
+        # the copy went through pageable memory and one more kernel
         self._host = torch.zeros(5, n, dtype=torch.int64).pin_memory()
+        self._host_rows = self._host.numpy()
         self._index = torch.zeros(5, n, dtype=torch.int64, device=device)
         self._hidden = None if hidden_size is None else torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        # hidden states from the host go through pinned memory: a copy from pageable memory is synchronous
+        self._hidden_host = None if hidden_size is None else torch.zeros(n, hidden_size, dtype=dtype).pin_memory()
         self._host_free = torch.cuda.Event()
         self._host_free.record()
         self._pool = torch.cuda.graph_pool_handle()
@@ -203,17 +209,20 @@ class GraphedDecoder:
         key = (bucket, plan, heads)
         if self.use_graphs and key not in self.graphs:
             self.graphs[key] = self._capture(*key)
-        self._host_free.synchronize()  # the previous step's copy has left the pinned buffer
-        self._host[:3, :bucket] = torch.tensor(pad_step(slots, positions, bucket, self.dummy_slot))
+        self._host_free.synchronize()  # the previous step's copies have left the pinned buffers
+        self._host_rows[:3, :bucket] = pad_step(slots, positions, bucket, self.dummy_slot)
         if self._hidden is None:
             torch.cat([x.to("cpu", torch.int64) for x in xs], out=self._host[3, :B])
-        if heads:  # as many as the bucket's sessions can be: within the columns copied
+        if heads:
             n_heads = min(bucket, self.max_heads)
-            self._host[4, :n_heads] = torch.tensor(head_rows + [0] * (n_heads - len(head_rows)))
-        self._index[:, :bucket].copy_(self._host[:, :bucket], non_blocking=True)
-        self._host_free.record()
+            self._host_rows[4, :n_heads] = head_rows + [0] * (n_heads - len(head_rows))
+        self._index.copy_(self._host, non_blocking=True)
         if self._hidden is not None:  # one copy to the device (not one a row: each a synchronous copy)
-            self._hidden[:B].copy_(xs[0] if len(xs) == 1 else torch.cat(xs))
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            if x.device.type == "cpu":
+                x = self._hidden_host[:B].copy_(x)
+            self._hidden[:B].copy_(x, non_blocking=True)
+        self._host_free.record()
         if self.use_graphs:
             graphs, out = self.graphs[key]
             for graph in graphs:
