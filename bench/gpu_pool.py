@@ -46,6 +46,7 @@ from bench.shard_decode import time_ours  # noqa: E402
 from bench.single_client import breakdown, metric_sums  # noqa: E402
 from contracts.params import MoneyParams  # noqa: E402
 from coordinator.local_pool import LocalPool  # noqa: E402
+from coordinator.planner import ModelShape, ProviderSpec, stage_time_s  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import model_id_of  # noqa: E402
 from node.runtime import ShardRuntime  # noqa: E402
@@ -238,12 +239,14 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
                 rows[-1]["vs_in_process"] = round(rows[-1]["tokens_per_s"] / in_process[n], 3)
         final = pool.get("/pool")
         served = final["pipelines"][0] if final["pipelines"] else state["pipelines"][0]
+        check = prediction_check(model_dir, state, final, rows, args.tokens) if code_dir is None else None
         return {"stages": n_stages, "code": str(code_dir or "this"), "microbatches": microbatches,
                 "devices": devices_of(args)[:n_stages],
                 "ready_s": round(ready_s, 1),
                 "pipeline": served["stages"], "microbatches_in_flight": served.get("microbatches"),
                 "replanned": served.get("id") != state["pipelines"][0].get("id"),
-                "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows}
+                "providers_measured": [p.get("measured") for p in final.get("providers", [])], "levels": rows,
+                "probed": [p.get("measured") for p in state.get("providers", [])], "predicted_vs_measured": check}
     finally:
         pool.stop()
         if args.logs is not None:  # the processes' logs, to see what a stall or a failover was
@@ -251,6 +254,52 @@ def load_shape(root: Path, model_dir: Path, n_stages: int, levels: list[int], in
             kept.mkdir(parents=True, exist_ok=True)
             for log in root.glob("*.log"):
                 shutil.copy(log, kept / log.name)
+
+
+def predicted_stage_ms(model_dir: Path, state: dict, batch: int, context_tokens: int) -> list[float]:
+    """Each stage's step time at `batch` and `context_tokens` as the cost model predicts it from the
+    figures /pool (`state`) shows for its provider: the probe's before any step, the steps' later."""
+    shape = ModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()), name="bench",
+                                      bytes_per_param=2.0, activation_bytes=2)  # served in bfloat16
+    measured = {p["peer"]: p["measured"] for p in state["providers"] if p.get("measured")}
+    stages = state["pipelines"][0]["stages"]
+    out = []
+    for i, stage in enumerate(stages):
+        m = measured[stage["peer"]]
+        spec = ProviderSpec(stage["peer"], 1, m["mem_bandwidth_gb_per_s"], m["matmul_tflops"],
+                            step_overhead_ms=m.get("step_overhead_ms") or 0.0)
+        seconds = stage_time_s(spec, shape, stage["end"] - stage["start"], i == 0, i == len(stages) - 1, batch,
+                               context_tokens)
+        out.append(round(seconds * 1e3, 3))
+    return out
+
+
+def prediction_check(model_dir: Path, ready: dict, final: dict, rows: list[dict], tokens: int) -> dict:
+    """Predicted against measured: every level's stage compute as the probes' figures predicted it
+    before the pool served (at the level's batch and mean context: a short prompt plus half the
+    tokens), and the planner's own prediction on /pool at the end (at its workload's batch and
+    context, with the coordinator's hops as steps measured them) against the largest level's step."""
+    out = {"levels": []}
+    same_split = [s["start"] for s in ready["pipelines"][0]["stages"]] == [
+        s["start"] for s in final["pipelines"][0]["stages"]] if final["pipelines"] else False
+    for r in rows:
+        measured = r["breakdown"].get("stage_compute_ms")
+        if not measured or not same_split:
+            continue
+        predicted = predicted_stage_ms(model_dir, ready, r["clients"], 12 + tokens // 2)
+        out["levels"].append({"clients": r["clients"], "probe_predicted_stage_ms": predicted,
+                              "measured_stage_ms": measured,
+                              "ratio": [round(a / b, 3) for a, b in zip(predicted, measured)]})
+    if final["pipelines"] and rows and rows[-1]["breakdown"].get("step_ms"):
+        planned = final["pipelines"][0]
+        measured = rows[-1]["breakdown"]
+        out["planner"] = {"clients": rows[-1]["clients"], "predicted_step_ms": planned.get("predicted_step_ms"),
+                          "measured_step_ms": measured["step_ms"],
+                          "predicted_stage_ms": [s.get("predicted_ms") for s in planned["stages"]],
+                          "measured_stage_ms": measured.get("stage_compute_ms")}
+        if planned.get("predicted_step_ms"):
+            out["planner"]["ratio"] = round(planned["predicted_step_ms"] / measured["step_ms"], 3)
+    return out
 
 
 def load_main(args, model_dir: Path, root: Path) -> None:
@@ -276,6 +325,8 @@ def load_main(args, model_dir: Path, root: Path) -> None:
                       f"steady {r.get('steady_tokens_per_s')} tok/s  "
                       f"stream {r.get('stream_decode_tokens_per_s_p50')} tok/s tail {r.get('tail_ms_p50')} ms  "
                       f"{r['breakdown']}", flush=True)
+            if row["predicted_vs_measured"]:
+                print(f"  predicted / measured: {json.dumps(row['predicted_vs_measured'])}", flush=True)
             args.out.write_text(json.dumps(out, indent=1))
         if args.baseline is not None and len(sweep) == 1:  # this code against the baseline, same run
             base, this = out["rows"][-2]["levels"], out["rows"][-1]["levels"]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from coordinator.admission import PROBE_LAYERS, PROBE_STEPS, PROBE_TOKENS  # noqa: E402
+from coordinator.admission import OVERHEAD_PROBE_LAYERS, PROBE_LAYERS, PROBE_STEPS, PROBE_TOKENS  # noqa: E402
 from coordinator.measurements import Measurements, Observation  # noqa: E402
 from coordinator.planner import ModelShape, ProviderSpec, stage_memory_bytes, stage_time_s  # noqa: E402
 from node.config import ModelConfig  # noqa: E402
@@ -98,10 +98,24 @@ def time_decode(runtime: ShardRuntime, shard: Shard, batch: int, hidden: int, st
 
 def probed_spec(me: ProviderSpec, shape: ModelShape, config: ModelConfig, model_dir, batch: int, dtype,
                 device) -> ProviderSpec:
-    """`me` as the planner now sees it: its speed from the admission probe at `batch` (best of 3 runs,
-    timed here in-process: the round trip a real probe takes off is not there)."""
+    """`me` as the planner now sees it: its speed and fixed time a step from the admission's two probes
+    at `batch` (best of 3 runs each, timed here in-process: the round trip a real probe takes off is
+    not there)."""
     start = max(1, shape.n_layers // 2 - PROBE_LAYERS // 2)
     end = min(shape.n_layers - 1, start + PROBE_LAYERS)
+    steps = max(PROBE_STEPS)
+    context = PROBE_TOKENS + WARM_UP_STEPS + (steps + 1) // 2
+    timed = [Observation(n - start, False, False, batch, context,
+                         probe_seconds(shape, config, model_dir, start, n, batch, steps, dtype, device))
+             for n in (end, start + OVERHEAD_PROBE_LAYERS)]
+    store = Measurements(shape, batch)
+    store.record_probe(me, *timed)
+    return store.spec_for(me)
+
+
+def probe_seconds(shape: ModelShape, config: ModelConfig, model_dir, start: int, end: int, batch: int, steps: int,
+                  dtype, device) -> float:
+    """A step of the probe of layers [start, end) at `batch`: the best of 3 runs of `steps` steps."""
     probe = Probe("default", start, end, shape.n_layers, batch, PROBE_TOKENS, 1, dtype_name(dtype))
     best = float("inf")
     for run in range(3):
@@ -109,18 +123,14 @@ def probed_spec(me: ProviderSpec, shape: ModelShape, config: ModelConfig, model_
         if model_dir is None:
             shard = Shard("default", start, end, shape.n_layers)
             runtime = ShardRuntime.from_tensors(config, shard, random_tensors(config, shard, dtype, device), device=device,
-                                                dtype=dtype, max_sessions=batch, max_seq_len=PROBE_TOKENS + 128,
-                                                cuda_graphs=False)
+                                                dtype=dtype, max_sessions=batch, max_seq_len=PROBE_TOKENS + 128)
         work = ProbeWork(model_dir, probe, device, runtime=runtime)
         sync(device)
         t0 = time.perf_counter()
-        work.run(ProbeRun(2 + run, PROBE_STEPS))
+        work.run(ProbeRun(2 + run, steps))
         sync(device)
-        best = min(best, (time.perf_counter() - t0) / PROBE_STEPS)
-    store = Measurements(shape, batch)
-    store.record_probe(me, Observation(end - start, False, False, batch,
-                                       PROBE_TOKENS + WARM_UP_STEPS + (PROBE_STEPS + 1) // 2, best))
-    return store.spec_for(me)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
 
 
 def main() -> None:
@@ -151,7 +161,8 @@ def main() -> None:
           f"{shape.name} {shape.n_layers} layers, {shape.layer_weight_bytes / 1e6:.1f} MB per layer")
     probed = {batch: probed_spec(me, shape, config, model_dir, batch, dtype, device) for batch in BATCHES}
     for batch, spec in probed.items():
-        print(f"probe at batch {batch}: {spec.mem_bandwidth_gb_per_s:.2f} GB/s, {spec.matmul_tflops:.4f} TFLOPS effective")
+        print(f"probe at batch {batch}: {spec.mem_bandwidth_gb_per_s:.2f} GB/s, {spec.matmul_tflops:.4f} TFLOPS "
+              f"effective, fixed {spec.step_overhead_ms:.3f} ms a step")
     print(f"{'shard':<9}{'role':<7}{'batch':>6}{'pred ms':>9}{'meas ms':>9}{'p/m':>6}{'probe ms':>9}{'p/m':>6}"
           f"{'pred MB':>9}{'alloc MB':>9}{'p/m':>7}")
     rows = []
@@ -207,7 +218,8 @@ def main() -> None:
     out = {"device": str(device), "device_name": device_name, "shape": args.shape, "dtype": str(dtype), "torch_threads": torch.get_num_threads(),
            "load_average_1min": os.getloadavg()[0], "measured_read_bandwidth_gb_per_s": bandwidth,
            "measured_matmul_tflops": tflops,
-           "probed": {b: {"mem_bandwidth_gb_per_s": p.mem_bandwidth_gb_per_s, "matmul_tflops": p.matmul_tflops}
+           "probed": {b: {"mem_bandwidth_gb_per_s": p.mem_bandwidth_gb_per_s, "matmul_tflops": p.matmul_tflops,
+                          "step_overhead_ms": p.step_overhead_ms}
                       for b, p in probed.items()},
            "model": shape.name, "prompt_tokens": PROMPT_TOKENS,
            "steps": args.steps, "rows": rows, "summary": summary}

@@ -4,11 +4,16 @@ The coordinator pings the newcomer (the link's round trip), has it prepare a pro
 middle layers, prefill a batch of sessions: untimed, loading takes what it takes), then times,
 with its own clock, runs of batched decode steps whose inputs come from a seed sent only then.
 It recomputes the same steps itself (node/probe.py) and refuses an answer that is not the work
-(the provider cannot be fast by answering anything). The time of the fastest run, less the round
-trip, is the probe's measurement (one run: two pools of the same providers on this CPU were planned
-1.5x apart from it); the planner plans from it instead of the profile's claims
-(coordinator/measurements.py). Only a slower answer is possible for a provider: the coordinator's
-clock is the judge.
+(the provider cannot be fast by answering anything). Runs are long and short: the fastest long run
+less the fastest short one, over the steps between them, is the probe's measurement, free of what a
+run costs whatever its steps (the request's round trip, the answer's transfer: ~20 ms a run beyond a
+ping on one H200 host, as long as 20 steps of 4 layers). The fastest: one run made two pools of the
+same providers on this CPU plan 1.5x apart. The planner plans from it instead of the profile's claims
+(coordinator/measurements.py). A second, smaller probe of one layer gives the provider's fixed time a
+step apart from its layers (host work, launches, the output's copy: 0.25-0.73 ms of a 4-layer step of
+0.93-1.24 ms at batch 32 on an H200); read as layers alone, a 2-layer probe had the 8B shape's
+32-layer stage predicted at 2.6x its time. Only a slower answer is possible for a provider: the
+coordinator's clock is the judge.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from wire.messages import Ack, Message, Ping, Probe, ProbeResult, ProbeRun
 
 log = logging.getLogger("meshpool.coordinator")
 
-PROBE_LAYERS = 2  # middle layers timed: enough to hold real work, little to load
+PROBE_LAYERS = 4  # middle layers timed: enough to hold real work, little to load
+OVERHEAD_PROBE_LAYERS = 1  # the smaller probe's: with the larger, the line time = fixed + layers x a layer
 PROBE_TOKENS = 8  # prefilled per session: the decode steps attend to a short context
-PROBE_STEPS = 16  # decode steps timed in one run: many, so the round trip taken off is a small part
+# decode steps of the long and the short run (alternating, long first: a provider of an older version
+# answers one run, less a ping then): the long's steps well beyond the short's hold the run's own costs
+PROBE_STEPS = (36, 4)
 PINGS = 3  # round trips measured; the fastest is taken off the run's time
 # Largest relative L2 error of an honest answer: float32 on the same CPU is bit-equal, bfloat16 on two
 # layers drifts ~1e-2 (README's per-layer figures); a made-up answer is ~1.4 off (two random vectors).
@@ -72,43 +80,59 @@ class Admission:
         return self.start < self.end
 
     def admit(self, claimed: ProviderSpec, dtype: str) -> ProbeOutcome:
-        """Probe `claimed.peer_id`; record what was measured. Raises AdmissionFailed."""
+        """Probe `claimed.peer_id` in `dtype`; record what was measured. Raises AdmissionFailed."""
         peer = claimed.peer_id
+        claimed = replace(claimed, dtype_bytes=getattr(torch, dtype).itemsize)  # its times are read at these
         with self.lock:
             rtt_ms = self._ping(peer)
-            probe = Probe(self.model_id, self.start, self.end, self.n_layers, self.batch, PROBE_TOKENS,
-                          secrets.randbelow(2**62), dtype)
-            answer = self._ask(peer, probe, self.prepare_timeout_s)
-            if not isinstance(answer, Ack) or not answer.ok:
-                raise AdmissionFailed(f"refused its probe: {getattr(answer, 'reason', answer.TYPE)}")
-            timed = []  # (run, answer, seconds)
-            for _ in range(RUNS):
-                run = ProbeRun(secrets.randbelow(2**62), PROBE_STEPS)
-                started_s = time.perf_counter()
-                answer = self._ask(peer, run, self.run_timeout_s)
-                wall_s = time.perf_counter() - started_s
-                if timed and not isinstance(answer, ProbeResult):
-                    break  # a provider of an older version answers one run a probe
-                timed.append((run, answer, wall_s))
-            # the coordinator's own answers, computed after the timing so that they do not slow it
-            expected = ProbeWork(self.model_dir, replace(probe, dtype="float32"))
-            for run, answer, _ in timed:
-                if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
-                    raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
-                error = _relative_error(answer.x, expected.run(run))
-                if error > PROBE_TOLERANCE:
-                    raise AdmissionFailed(f"probe answer is not the work: relative error {error:.3g} > "
-                                          f"{PROBE_TOLERANCE}")
-        seconds = max(min(wall_s for _, _, wall_s in timed) - rtt_ms / 1e3, 1e-6) / PROBE_STEPS
+            obs = self._probe(peer, self.end, dtype, rtt_ms)
+            smaller_end = self.start + OVERHEAD_PROBE_LAYERS
+            smaller = self._probe(peer, smaller_end, dtype, rtt_ms) if smaller_end < self.end else None
         self.measurements.record_rtt(peer, rtt_ms)
-        # the decode steps attend to the prefilled tokens plus the steps so far: their mean context
-        context = PROBE_TOKENS + WARM_UP_STEPS + (len(timed) * PROBE_STEPS + 1) // 2
-        contradicted = self.measurements.record_probe(
-            claimed, Observation(self.end - self.start, False, False, self.batch, context, seconds))
-        log.info("provider %s probed: %.2f ms a step of %d layers at batch %d (rtt %.2f ms)%s", peer,
-                 seconds * 1e3, self.end - self.start, self.batch, rtt_ms,
+        contradicted = self.measurements.record_probe(claimed, obs, smaller)
+        overhead_ms = self.measurements.public(peer)["step_overhead_ms"]
+        log.info("provider %s probed: %.2f ms a step of %d layers at batch %d%s, fixed time a step %.2f ms "
+                 "(rtt %.2f ms)%s", peer, obs.seconds * 1e3, obs.n_layers, self.batch,
+                 f" ({smaller.seconds * 1e3:.2f} ms of {smaller.n_layers})" if smaller else "", overhead_ms, rtt_ms,
                  "; its profile is contradicted by the measurement" if contradicted else "")
-        return ProbeOutcome(seconds, rtt_ms, contradicted, self.measurements.claim_ratio(peer) or 0.0)
+        return ProbeOutcome(obs.seconds, rtt_ms, contradicted, self.measurements.claim_ratio(peer) or 0.0)
+
+    def _probe(self, peer: str, end: int, dtype: str, rtt_ms: float) -> Observation:
+        """One probe of layers [start, end): prepared, timed, every run's answer checked."""
+        probe = Probe(self.model_id, self.start, end, self.n_layers, self.batch, PROBE_TOKENS,
+                      secrets.randbelow(2**62), dtype)
+        answer = self._ask(peer, probe, self.prepare_timeout_s)
+        if not isinstance(answer, Ack) or not answer.ok:
+            raise AdmissionFailed(f"refused its probe: {getattr(answer, 'reason', answer.TYPE)}")
+        timed = []  # (run, answer, seconds)
+        for i in range(RUNS):
+            run = ProbeRun(secrets.randbelow(2**62), PROBE_STEPS[i % 2])
+            started_s = time.perf_counter()
+            answer = self._ask(peer, run, self.run_timeout_s)
+            wall_s = time.perf_counter() - started_s
+            if timed and not isinstance(answer, ProbeResult):
+                break  # a provider of an older version answers one run a probe
+            timed.append((run, answer, wall_s))
+        # the coordinator's own answers, computed after the timing so that they do not slow it
+        expected = ProbeWork(self.model_dir, replace(probe, dtype="float32"))
+        for run, answer, _ in timed:
+            if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
+                raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
+            error = _relative_error(answer.x, expected.run(run))
+            if error > PROBE_TOLERANCE:
+                raise AdmissionFailed(f"probe answer is not the work: relative error {error:.3g} > "
+                                      f"{PROBE_TOLERANCE}")
+        fastest = {}  # steps of a run: its fastest wall time
+        for run, _, wall_s in timed:
+            fastest[run.steps] = min(wall_s, fastest.get(run.steps, wall_s))
+        (long, long_s), (short, short_s) = max(fastest.items()), min(fastest.items())
+        if long > short and long_s > short_s:
+            seconds = (long_s - short_s) / (long - short)
+        else:  # one run (an older provider), or noise: the long run less a ping
+            seconds = max(long_s - rtt_ms / 1e3, 1e-6) / long
+        # the decode steps attend to the prefilled tokens plus the steps so far: their mean context
+        context = PROBE_TOKENS + WARM_UP_STEPS + (sum(run.steps for run, _, _ in timed) + 1) // 2
+        return Observation(end - self.start, False, False, self.batch, context, seconds)
 
     def _ping(self, peer: str) -> float:
         best = float("inf")

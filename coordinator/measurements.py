@@ -6,8 +6,10 @@ step of the pipelines it serves (each stage reports its compute ms in the step's
 coordinator checks those reports against its own wall time of the step). A measurement is turned
 into the planner's units by inverting the cost model (coordinator/planner/cost.py) at the point it
 was taken: the effective bandwidth and matmul rate with which the roofline predicts exactly the
-time measured for that stage's layers, role and batch. The planner then sees measured figures in
-place of claimed ones, so a provider that claims more than it has gains nothing.
+time measured for that stage's layers, role and batch, beyond the provider's fixed time a step. That
+fixed time comes from the probe, run at two layer counts: a step of n layers takes overhead + n x a
+layer's time. The planner then sees measured figures in place of claimed ones, so a provider that
+claims more than it has gains nothing.
 
 Thread-safe: drivers record steps, the planner thread records probes and reads specs, the API reads
 `public`.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from contracts import DEFAULT_PARAMS
 from coordinator.planner import Link, Links, ModelShape, ProviderSpec
-from coordinator.planner.cost import stage_step_bytes_and_flops, stage_time_s
+from coordinator.planner.cost import model_in_dtype, served_model, stage_step_bytes_and_flops, stage_time_s
 from coordinator.planner.hardware import COORDINATOR
 
 EWMA_WEIGHT = 0.3  # weight of the newest probe, round trip, hop latency or link test
@@ -47,6 +49,11 @@ CONTRADICTION_RATIO = DEFAULT_PARAMS.misconduct_claim_ratio
 # Steps' compute times are the stages' own reports: they may show a provider at most this much
 # faster than the probe the coordinator timed itself, so under-reporting gains little.
 STEP_TRUST_FACTOR = 2.0
+# The most of the larger probe's step its fitted fixed part may be. A provider that paced its smaller
+# probe slower to fake a large fixed time and cheap layers is thus shown at most 1 / (1 - share) = 4x
+# faster a layer than the plain time of its larger probe. An honest H200 (8B shape, bfloat16, 4 layers
+# at batch 32): 0.25-0.73 ms of 0.93-1.24 (at most 2/3).
+MAX_OVERHEAD_SHARE = 0.75
 MAX_EVENTS = 64  # misconduct events kept for /pool and the dashboard
 DEFAULT_LINK = Link(latency_ms=0.01, bandwidth_gbps=100.0)  # until a hop is measured: a datacentre link
 MIN_LATENCY_MS = 0.001
@@ -58,13 +65,15 @@ class Speed:
 
     mem_bandwidth_gb_per_s: float
     matmul_tflops: float
+    step_overhead_ms: float = 0.0  # the fixed time a step, besides the roofline's
 
     def blend(self, new: "Speed") -> "Speed":
         """EWMA in time per unit (so averages of times, not of rates)."""
         def mix(old_rate: float, new_rate: float) -> float:
             return 1.0 / ((1 - EWMA_WEIGHT) / old_rate + EWMA_WEIGHT / new_rate)
         return Speed(mix(self.mem_bandwidth_gb_per_s, new.mem_bandwidth_gb_per_s),
-                     mix(self.matmul_tflops, new.matmul_tflops))
+                     mix(self.matmul_tflops, new.matmul_tflops),
+                     (1 - EWMA_WEIGHT) * self.step_overhead_ms + EWMA_WEIGHT * new.step_overhead_ms)
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,24 @@ class Observation:
     seconds: float
 
 
-def speed_from(model: ModelShape, obs: Observation) -> Speed:
-    """The cost model inverted at one observation: both roofline terms equal the time measured."""
+def speed_from(model: ModelShape, obs: Observation, step_overhead_ms: float = 0.0) -> Speed:
+    """The cost model inverted at one observation: with `step_overhead_ms` fixed, both roofline terms
+    equal the rest of the time measured."""
     bytes_read, flops = stage_step_bytes_and_flops(model, obs.n_layers, obs.first, obs.last, obs.batch,
                                                    obs.context_tokens)
-    seconds = max(obs.seconds, 1e-9)
-    return Speed(bytes_read / seconds / 1e9, flops / seconds / 1e12)
+    seconds = max(obs.seconds - step_overhead_ms / 1e3, 1e-9)
+    return Speed(bytes_read / seconds / 1e9, flops / seconds / 1e12, step_overhead_ms)
+
+
+def probe_speed(model: ModelShape, obs: Observation, smaller: Observation | None = None) -> Speed:
+    """The figures of a probe `obs`; with a probe of fewer layers at the same batch, the fixed time a
+    step too: the line through both (time = overhead + layers x a layer's time), its overhead kept in
+    [0, MAX_OVERHEAD_SHARE x obs's time]. The figures predict obs's time exactly."""
+    overhead_s = 0.0
+    if smaller is not None and 0 < smaller.n_layers < obs.n_layers:
+        layer_s = (obs.seconds - smaller.seconds) / (obs.n_layers - smaller.n_layers)
+        overhead_s = min(max(smaller.seconds - smaller.n_layers * layer_s, 0.0), MAX_OVERHEAD_SHARE * obs.seconds)
+    return speed_from(model, obs, overhead_s * 1e3)
 
 
 @dataclass
@@ -113,9 +134,14 @@ class PeerFigures:
     # effective figures of one batch size do not predict another's (per-op overhead)
     steps: dict[int, StepFigures] = field(default_factory=dict)
     rtt_ms: float | None = None  # coordinator <-> provider round trip, EWMA
+    hop_ms: float | None = None  # one hop of its pipelines' steps (the data path), EWMA
     claim_ratio: float | None = None  # probe time / time the claim predicts
     contradicted: bool = False
     memory_cap_bytes: int | None = None  # below the stage whose assignment it failed
+    # bytes of a weight in the precision it was probed (and serves) in: its times are read at those
+    # bytes. Read at the pool's float32 bytes, a bfloat16 H200 was shown at 2x its bandwidth (~6 TB/s),
+    # and its batch-1 steps predicted at 0.55-0.8x their time from a probe at batch 32.
+    dtype_bytes: int | None = None
 
 
 def hop_bandwidth_gbps(payload_bytes: int, rtt_ms: float, transfer_ms: float) -> float:
@@ -154,14 +180,16 @@ class Measurements:
 
     # -- recording ------------------------------------------------------------------------
 
-    def record_probe(self, claimed: ProviderSpec, obs: Observation) -> bool:
-        """The admission probe of `claimed.peer_id`; True when it contradicts the claim (misconduct)."""
-        speed = speed_from(self.model, obs)
+    def record_probe(self, claimed: ProviderSpec, obs: Observation, smaller: Observation | None = None) -> bool:
+        """The admission probe of `claimed.peer_id` (with `smaller`, a probe of fewer layers: see
+        `probe_speed`); True when `obs` contradicts the claim (misconduct)."""
+        speed = probe_speed(served_model(claimed, self.model), obs, smaller)
         predicted_s = stage_time_s(claimed, self.model, obs.n_layers, obs.first, obs.last, obs.batch,
                                    obs.context_tokens)
         ratio = obs.seconds / max(predicted_s, 1e-12)
         with self.lock:
             figures = self.peers.setdefault(claimed.peer_id, PeerFigures())
+            figures.dtype_bytes = claimed.dtype_bytes
             figures.probe = speed if figures.probe is None else figures.probe.blend(speed)
             figures.steps = {}  # a new probe starts the step figures again
             figures.claim_ratio = ratio
@@ -184,17 +212,20 @@ class Measurements:
             return False
         if sum(stage_ms) / 1e3 > wall_s * 1.01:
             return False
-        hop_ms = (wall_s * 1e3 - sum(stage_ms)) / (k + 1)
+        hop_ms = max((wall_s * 1e3 - sum(stage_ms)) / (k + 1), MIN_LATENCY_MS)
         with self.lock:
             for i, (peer, n_layers, ms) in enumerate(zip(peers, layers, stage_ms)):
                 figures = self.peers.setdefault(peer, PeerFigures())
                 obs = Observation(n_layers, i == 0, i == k - 1, batch, context_tokens, ms / 1e3)
-                speed = speed_from(self.model, obs)
-                if figures.probe is not None:  # without one (no probe possible), the reports stand alone
-                    speed = _capped(speed, figures.probe)
+                model = model_in_dtype(self.model, figures.dtype_bytes)
+                if figures.probe is None:  # no probe possible: the reports stand alone
+                    speed = speed_from(model, obs)
+                else:
+                    speed = _capped(speed_from(model, obs, figures.probe.step_overhead_ms), figures.probe)
                 figures.steps.setdefault(batch, StepFigures()).add(speed)
+                figures.hop_ms = hop_ms if figures.hop_ms is None else (
+                    (1 - EWMA_WEIGHT) * figures.hop_ms + EWMA_WEIGHT * hop_ms)
             if k > 1:  # the links between providers: what the step took beyond its stages' compute
-                hop_ms = max(hop_ms, MIN_LATENCY_MS)
                 self.hop_latency_ms = (hop_ms if self.hop_latency_ms is None
                                        else (1 - EWMA_WEIGHT) * self.hop_latency_ms + EWMA_WEIGHT * hop_ms)
         return True
@@ -262,7 +293,7 @@ class Measurements:
             self.hops = {pair: h for pair, h in self.hops.items() if peer not in pair}
             figures = self.peers.get(peer)
             if figures is not None:
-                figures.probe, figures.steps = None, {}
+                figures.probe, figures.steps, figures.hop_ms = None, {}, None
 
     # -- reading --------------------------------------------------------------------------
 
@@ -289,7 +320,7 @@ class Measurements:
             spec = claimed
             if speed is not None:
                 spec = replace(spec, mem_bandwidth_gb_per_s=speed.mem_bandwidth_gb_per_s,
-                               matmul_tflops=speed.matmul_tflops)
+                               matmul_tflops=speed.matmul_tflops, step_overhead_ms=speed.step_overhead_ms)
             if figures.memory_cap_bytes is not None:
                 spec = replace(spec, memory_bytes=min(spec.memory_bytes, figures.memory_cap_bytes))
             return spec
@@ -299,15 +330,31 @@ class Measurements:
         return None if held is None else held.speed
 
     def links(self) -> Links:
-        """Measured links: coordinator <-> provider from round trips, provider <-> provider latency from
-        steps and bandwidth from link tests (a hop not tested yet: DEFAULT_LINK's)."""
+        """Measured links: coordinator <-> provider from round trips (then from steps: `with_step_hops`),
+        provider <-> provider latency from steps and bandwidth from link tests (a hop not tested yet:
+        DEFAULT_LINK's)."""
         with self.lock:
             default = DEFAULT_LINK
             if self.hop_latency_ms is not None:
                 default = replace(DEFAULT_LINK, latency_ms=self.hop_latency_ms)
             pairs = {(COORDINATOR, peer): replace(DEFAULT_LINK, latency_ms=max(f.rtt_ms / 2, MIN_LATENCY_MS))
                      for peer, f in self.peers.items() if f.rtt_ms is not None}
-        return self.with_hop_bandwidths(Links(default, pairs))
+        return self.with_step_hops(self.with_hop_bandwidths(Links(default, pairs)))
+
+    def with_step_hops(self, links: Links) -> Links:
+        """`links` with the coordinator's hops to and from each provider that served steps at the hop
+        time its steps showed. A round trip on the control path (a request on a fresh stream) took
+        4-16 ms on one H200 host where a step's hop took 0.35-1.1 ms: priced at the ping, a step's two
+        coordinator hops were predicted at ~10x what they took."""
+        with self.lock:
+            hops = {peer: f.hop_ms for peer, f in self.peers.items() if f.hop_ms is not None}
+        if not hops:
+            return links
+        pairs = dict(links.pairs)
+        for peer, hop_ms in hops.items():
+            for pair in ((COORDINATOR, peer), (peer, COORDINATOR)):
+                pairs[pair] = replace(links.between(*pair), latency_ms=hop_ms)
+        return Links(links.default, pairs)
 
     def public(self, peer: str) -> dict | None:
         """For /pool and the dashboard: what is measured of `peer` and what the planner uses."""
@@ -321,8 +368,10 @@ class Measurements:
                 "source": "steps" if stepped else "probe" if figures.probe else "claim",
                 "mem_bandwidth_gb_per_s": _round(speed.mem_bandwidth_gb_per_s if speed else None),
                 "matmul_tflops": _round(speed.matmul_tflops if speed else None),
+                "step_overhead_ms": _round(speed.step_overhead_ms if speed else None),
                 "steps_measured": sum(s.samples for s in figures.steps.values()),
                 "rtt_ms": _round(figures.rtt_ms),
+                "hop_ms": _round(figures.hop_ms),
                 "claim_ratio": _round(figures.claim_ratio),
                 "contradicted": figures.contradicted,
                 "memory_cap_bytes": figures.memory_cap_bytes,
@@ -342,7 +391,7 @@ class Measurements:
 def _capped(speed: Speed, probe: Speed) -> Speed:
     """A step figure no more than STEP_TRUST_FACTOR x the probe the coordinator timed itself."""
     return Speed(min(speed.mem_bandwidth_gb_per_s, probe.mem_bandwidth_gb_per_s * STEP_TRUST_FACTOR),
-                 min(speed.matmul_tflops, probe.matmul_tflops * STEP_TRUST_FACTOR))
+                 min(speed.matmul_tflops, probe.matmul_tflops * STEP_TRUST_FACTOR), speed.step_overhead_ms)
 
 
 def _hop_public(hop: HopFigures) -> dict:

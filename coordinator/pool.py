@@ -81,6 +81,7 @@ class ActivePipeline:
         if self.predicted is not None:
             for stage, seconds in zip(stages, self.predicted.stage_times_s):
                 stage["predicted_ms"] = round(seconds * 1e3, 3)
+            out["predicted_step_ms"] = round(self.predicted.latency_s * 1e3, 3)  # every stage and hop
             out["predicted_tokens_per_s"] = round(self.predicted.tokens_per_s, 2)
         return out
 
@@ -404,12 +405,13 @@ class Pool:
 
     def _links(self) -> Links:
         """Measured hop times (coordinator/measurements.py), hops into relayed providers priced as relayed,
-        and every hop whose bandwidth a link test measured at that bandwidth, whatever the estimate."""
+        every hop whose bandwidth a link test measured at that bandwidth, whatever the estimate, and the
+        coordinator's hops to providers that served at what their steps showed."""
         measured = self.measurements.links()
         if self.reach_links is None:
             return measured
-        return self.measurements.with_hop_bandwidths(Links(measured.default,
-                                                           {**measured.pairs, **self.reach_links().pairs}))
+        merged = Links(measured.default, {**measured.pairs, **self.reach_links().pairs})
+        return self.measurements.with_step_hops(self.measurements.with_hop_bandwidths(merged))
 
     def _admitted(self, candidates: list[ProviderRecord]) -> list[ProviderRecord]:
         """The candidates measured by an admission probe, probing those not yet measured; a provider

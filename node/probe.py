@@ -3,8 +3,11 @@
 A `Probe` names a few middle layers, a batch and a seed: both sides load those layers, prefill
 `batch` sessions with hidden states drawn from the seed and decode a warm-up step or two (untimed),
 then (on `ProbeRun`, with a second seed only sent when the timed part starts) run `steps` batched
-decode steps. The provider returns the last step's output; the coordinator, which times the run with
-its own clock, recomputes it (coordinator/admission.py). A prepared probe answers up to `RUNS` runs,
+decode steps. A run draws its inputs once, steps + batch - 1 rows, and step t gives session i row
+t + i: drawing a row a session a step (before) cost ~0.9 ms a step at batch 32 of the 8B shape's width
+on a CPU core, more than four layers' work on an H200, and the probe timed the draw. The provider
+returns the last step's output; the coordinator, which times the run with its own clock, recomputes
+it (coordinator/admission.py). A prepared probe answers up to `RUNS` runs,
 each continuing the sessions where the last left them. Inputs are drawn on the CPU in float32 so
 both sides draw the same.
 """
@@ -20,9 +23,10 @@ from node.shard import Shard
 from wire.messages import MAX_PROBE_STEPS, Probe, ProbeRun
 
 WARM_UP_STEPS = 2  # decode steps of the whole batch after the prefill, before the timed run
-# Timed runs one prepared probe answers: the coordinator keeps the fastest, as anything else on the
-# machine (another process loading its weights, say) can only slow a run down
-RUNS = 3
+# Timed runs one prepared probe answers: long and short ones, two of each; the coordinator keeps the
+# fastest of each length, as anything else on the machine (another process loading its weights, say)
+# can only slow a run down
+RUNS = 4
 
 
 def probe_inputs(seed: int, rows: int, hidden: int) -> torch.Tensor:
@@ -50,7 +54,7 @@ class ProbeWork:
         # untimed decode steps first: a GPU's first decode pays for compiling and capturing the decode
         # path it serves with (fused kernels, CUDA graphs), which the timed run then replays; an honest
         # H200 measured ~300x slower than its claim without them, a false "misconduct"
-        self._decode(probe_inputs(probe.seed + 1, WARM_UP_STEPS * probe.batch, hidden), WARM_UP_STEPS)
+        self._decode(probe_inputs(probe.seed + 1, WARM_UP_STEPS + probe.batch - 1, hidden), WARM_UP_STEPS)
 
     def run(self, run: ProbeRun) -> torch.Tensor:
         """`run.steps` decode steps of the whole batch; the last step's output (B, D) in float32."""
@@ -58,11 +62,13 @@ class ProbeWork:
             raise ValueError(f"a probe answers {RUNS} runs")
         self.runs_left -= 1
         hidden = self.runtime.config.hidden_size
-        return self._decode(probe_inputs(run.seed, run.steps * len(self.sessions), hidden), run.steps)
+        return self._decode(probe_inputs(run.seed, run.steps + len(self.sessions) - 1, hidden), run.steps)
 
     def _decode(self, xs: torch.Tensor, steps: int) -> torch.Tensor:
         out = None
-        for step in range(steps):
-            rows = xs[step * len(self.sessions):(step + 1) * len(self.sessions)]
-            out = self.runtime.decode([(sid, rows[i:i + 1]) for i, sid in enumerate(self.sessions)])
-        return out.float().cpu().clone()
+        for step in range(steps):  # session i's input at this step: row step + i
+            rows = xs[step:step + len(self.sessions)]
+            # each step's output to the host, as a serving stage hands its output on: the timed run
+            # holds a step's whole cost (a GPU's launches would otherwise overlap the next step's)
+            out = self.runtime.decode([(sid, rows[i:i + 1]) for i, sid in enumerate(self.sessions)]).to("cpu")
+        return out.float().clone()

@@ -516,6 +516,7 @@ class ProbeRun(Message):
     computation: a provider cannot answer fast without doing the work."""
 
     TYPE = "pool.probe_run"
+    VERSION = 2  # 2: a run's inputs are one draw of steps + batch - 1 rows, a window a step (node/probe.py)
     seed: int
     steps: int
 

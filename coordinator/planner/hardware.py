@@ -18,6 +18,9 @@ class ProviderSpec:
     # bytes of one weight and one KV-cache element in the precision it serves in (bfloat16 2, float32 4);
     # None: the model shape's own figures
     dtype_bytes: int | None = None
+    # measured time a step takes on this provider whatever its layers (taking the step in, launching it,
+    # handing its output on): a roofline of a few fast layers leaves it out. 0 for a claim.
+    step_overhead_ms: float = 0.0
 
     def __post_init__(self):
         if not self.peer_id or self.peer_id == COORDINATOR:
@@ -30,6 +33,8 @@ class ProviderSpec:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{self.peer_id}: {name} must be a positive number, got {value!r}")
+        if not (math.isfinite(self.step_overhead_ms) and self.step_overhead_ms >= 0):
+            raise ValueError(f"{self.peer_id}: step_overhead_ms must be >= 0, got {self.step_overhead_ms!r}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The best contiguous layer split for one ordered chain of providers.
 
-Stage time is convex in its layer count (a max of two affine functions), so:
+Stage time is convex in its layer count (a constant plus a max of two affine functions), so:
 - latency (sum of stage times) is minimised exactly by giving every stage one layer and then
   the rest where a layer costs least: the n_layers - k smallest marginal times of all stages
   (greedy allocation is exact for separable convex costs);

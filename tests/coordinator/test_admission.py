@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from coordinator.admission import PROBE_LAYERS, PROBE_STEPS, Admission, AdmissionFailed
+from coordinator.admission import OVERHEAD_PROBE_LAYERS, PROBE_LAYERS, PROBE_STEPS, Admission, AdmissionFailed
 from coordinator.measurements import Measurements
 from coordinator.planner import ModelShape, ProviderSpec
 from node.faults import Fault
 from node.models import model_id_of
-from node.probe import ProbeWork
+from node.probe import RUNS, ProbeWork
 from wire.messages import Ack, MessageError, Ping, Probe, ProbeResult, ProbeRun, decode, refuse
 
 BATCH = 2
@@ -29,6 +29,7 @@ class InProcessProvider:
                  stall_on: tuple[int, ...] = (), one_run: bool = False):
         self.model_dir, self.lie, self.lie_on, self.work = model_dir, lie, lie_on, None
         self.stall_s, self.stall_on, self.one_run, self.runs = stall_s, stall_on, one_run, 0
+        self.probed_layers = []  # each probe's layer count, in order
 
     def request(self, peer: str, message, timeout_s: float):
         message = decode(message.to_frame())  # through the wire, as a real request goes
@@ -36,6 +37,7 @@ class InProcessProvider:
             return Ack()
         if isinstance(message, Probe):
             self.work = ProbeWork(self.model_dir, message)
+            self.probed_layers.append(message.end - message.start)
             return Ack()
         if isinstance(message, ProbeRun):
             if self.work is None or not self.work.runs_left:
@@ -78,12 +80,17 @@ def cpu_claim(peer: str, factor: float = 1.0) -> ProviderSpec:
 
 
 def test_an_honest_provider_is_measured_on_middle_layers(default_model_dir, shape):
-    gate, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir))
+    provider = InProcessProvider(default_model_dir)
+    gate, store = admission(default_model_dir, shape, provider)
     assert gate.possible and 0 < gate.start < gate.end < shape.n_layers and gate.end - gate.start == PROBE_LAYERS
     # a modest claim (0.1 GB/s): however loaded this machine is, the probe does not contradict it
     outcome = gate.admit(cpu_claim("honest", 0.01), "float32")
     assert outcome.seconds_per_step > 0 and not outcome.contradicted
     assert store.probed("honest") and store.public("honest")["source"] == "probe"
+    # two probes, the second smaller: with them, the provider's fixed time a step (never negative, and
+    # at most its share of the larger probe's step)
+    assert provider.probed_layers == [PROBE_LAYERS, OVERHEAD_PROBE_LAYERS]
+    assert 0 <= store.public("honest")["step_overhead_ms"] <= outcome.seconds_per_step * 1e3
     assert store.public("honest")["rtt_ms"] is not None
     planned = store.spec_for(cpu_claim("honest", 0.01))
     assert planned.mem_bandwidth_gb_per_s != cpu_claim("honest", 0.01).mem_bandwidth_gb_per_s  # measured, not claimed
@@ -99,9 +106,14 @@ def test_an_answer_without_the_work_is_refused(default_model_dir, shape):
 def test_the_fastest_run_is_the_measurement_and_every_run_is_checked(default_model_dir, shape):
     quiet, _ = admission(default_model_dir, shape, InProcessProvider(default_model_dir))
     stalled, _ = admission(default_model_dir, shape, InProcessProvider(default_model_dir, stall_s=1.0, stall_on=(0,)))
-    # a run slowed by something else on the machine (1 s: ~60 ms a step) does not count
-    assert stalled.admit(cpu_claim("stalled", 0.01), "float32").seconds_per_step < 1.0 / PROBE_STEPS
-    assert quiet.admit(cpu_claim("quiet", 0.01), "float32").seconds_per_step < 1.0 / PROBE_STEPS
+    # a run slowed by something else on the machine (1 s: ~28 ms a step) does not count
+    assert stalled.admit(cpu_claim("stalled", 0.01), "float32").seconds_per_step < 1.0 / max(PROBE_STEPS)
+    assert quiet.admit(cpu_claim("quiet", 0.01), "float32").seconds_per_step < 1.0 / max(PROBE_STEPS)
+    # what every run costs whatever its steps (a slow round trip, a slow answer) is not a step's time: a
+    # ping taken off would have left 0.5 s / 36 steps = 14 ms a step in
+    every_run = InProcessProvider(default_model_dir, stall_s=0.5, stall_on=range(2 * RUNS))  # both probes
+    slow_link, _ = admission(default_model_dir, shape, every_run)
+    assert slow_link.admit(cpu_claim("slow-link", 0.01), "float32").seconds_per_step < 0.5 / max(PROBE_STEPS)
     late_liar, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir, lie=True, lie_on=(2,)))
     with pytest.raises(AdmissionFailed, match="not the work"):
         late_liar.admit(cpu_claim("late-liar"), "float32")

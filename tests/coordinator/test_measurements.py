@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.measurements import (CONTRADICTION_RATIO, MIN_STEP_SAMPLES, STEP_TRUST_FACTOR, STEP_WINDOW,
-                                      Measurements, Observation, speed_from)
+from coordinator.measurements import (CONTRADICTION_RATIO, MAX_OVERHEAD_SHARE, MIN_STEP_SAMPLES, STEP_TRUST_FACTOR,
+                                      STEP_WINDOW, Measurements, Observation, speed_from)
 from coordinator.planner import (COORDINATOR, LLAMA3_8B, LLAMA3_70B, Link, Links, Objective, Pipeline, ProviderSpec, Stage,
                                  Workload, choose_with_hysteresis, evaluate_pipeline, plan, stage_time_s)
 
@@ -33,6 +33,67 @@ def test_the_cost_model_inverted_predicts_the_time_it_was_measured_at():
     # twice the time, half the figures
     slow = speed_from(MODEL, replace(obs, seconds=0.0246))
     assert slow.mem_bandwidth_gb_per_s == pytest.approx(speed.mem_bandwidth_gb_per_s / 2)
+
+
+def test_two_probes_give_the_fixed_time_a_step_and_serving_steps_are_read_net_of_it():
+    """A GPU-like provider: 0.4 ms a step whatever its layers, then a roofline. The probes of 4 and 1
+    layers find both; a 32-layer stage is then predicted at its time (read as layers alone, the 4-layer
+    probe would price it at ~1.9x), and its honest steps are believed (not held to the probe's cap)."""
+    store = Measurements(MODEL, BATCH)
+    truth = replace(honest("gpu", bandwidth=3000.0, tflops=400.0), step_overhead_ms=0.4)
+
+    def probe(n_layers: int) -> Observation:
+        return replace(probe_obs(stage_time_s(truth, MODEL, n_layers, False, False, BATCH, 12)), n_layers=n_layers)
+
+    whole_s = stage_time_s(truth, MODEL, 32, True, True, BATCH, 12)
+    plain = Measurements(MODEL, BATCH)
+    plain.record_probe(truth, probe(4))
+    assert stage_time_s(plain.spec_for(truth), MODEL, 32, True, True, BATCH, 12) > 1.5 * whole_s
+    store.record_probe(truth, probe(4), probe(1))
+    planned = store.spec_for(truth)
+    assert planned.step_overhead_ms == pytest.approx(0.4) and store.public("gpu")["step_overhead_ms"] == 0.4
+    # (within rounding of the roofline: the probe's two terms are equal, the head's are not)
+    assert stage_time_s(planned, MODEL, 32, True, True, BATCH, 12) == pytest.approx(whole_s, rel=1e-3)
+    for _ in range(MIN_STEP_SAMPLES):
+        assert store.record_step(("gpu",), (32,), BATCH, 12, wall_s=whole_s + 0.0004, stage_ms=(whole_s * 1e3,))
+    assert store.public("gpu")["source"] == "steps"
+    assert stage_time_s(store.spec_for(truth), MODEL, 32, True, True, BATCH, 12) == pytest.approx(whole_s, rel=1e-3)
+
+
+def test_a_bfloat16_provider_is_read_at_its_own_bytes():
+    """Probed in bfloat16 at batch 32, its steps at batch 1 are predicted at their time, and its claim
+    holds: read at the pool's float32 bytes, its bandwidth came out doubled (half the time predicted)."""
+    truth = replace(honest("bf16", bandwidth=3000.0, tflops=400.0), dtype_bytes=2)
+    pool_model = replace(MODEL, bytes_per_param=4.0, activation_bytes=4)  # a coordinator's: float32
+    probe = replace(probe_obs(stage_time_s(truth, pool_model, 4, False, False, 32, 12), batch=32), n_layers=4)
+    store = Measurements(pool_model, 32)
+    store.record_probe(truth, probe)
+    planned = replace(store.spec_for(truth), dtype_bytes=2)  # as the pool plans it
+    at_batch_1 = stage_time_s(truth, pool_model, 32, True, True, 1, 12)
+    assert stage_time_s(planned, pool_model, 32, True, True, 1, 12) == pytest.approx(at_batch_1, rel=0.05)
+    assert store.claim_ratio("bf16") == pytest.approx(1.0)
+    for _ in range(MIN_STEP_SAMPLES):  # its steps are read at the same bytes
+        store.record_step(("bf16",), (32,), 1, 12, wall_s=1.0, stage_ms=(at_batch_1 * 1e3,))
+    store.plan_batch = 1
+    planned = replace(store.spec_for(truth), dtype_bytes=2)
+    assert stage_time_s(planned, pool_model, 32, True, True, 1, 12) == pytest.approx(at_batch_1, rel=1e-6)
+
+
+def test_a_provider_that_paces_its_smaller_probe_gains_a_bounded_factor():
+    """The smaller probe made as slow as the larger (a fake fixed time, free layers): the fitted fixed
+    time is held to MAX_OVERHEAD_SHARE of the larger probe, so its layers look at most 1 / (1 - share)
+    faster than the larger probe's plain time says; a probe faster with fewer layers than more (noise)
+    fits no negative fixed time."""
+    larger = replace(probe_obs(0.002), n_layers=4)
+    paced, plain, noisy = Measurements(MODEL, BATCH), Measurements(MODEL, BATCH), Measurements(MODEL, BATCH)
+    a = honest("a")
+    paced.record_probe(a, larger, replace(larger, n_layers=1))
+    plain.record_probe(a, larger)
+    assert paced.spec_for(a).step_overhead_ms == pytest.approx(MAX_OVERHEAD_SHARE * 2.0)
+    gain = paced.spec_for(a).mem_bandwidth_gb_per_s / plain.spec_for(a).mem_bandwidth_gb_per_s
+    assert gain == pytest.approx(1 / (1 - MAX_OVERHEAD_SHARE))
+    noisy.record_probe(a, larger, replace(larger, n_layers=1, seconds=0.0001))
+    assert noisy.spec_for(a) == plain.spec_for(a) and noisy.spec_for(a).step_overhead_ms == 0.0
 
 
 def test_a_forged_profile_is_planned_at_its_measured_speed_and_recorded_as_misconduct():
@@ -146,6 +207,15 @@ def test_links_and_memory_caps_come_from_what_was_seen():
     links = store.links()
     assert links.between(COORDINATOR, "a").latency_ms == pytest.approx(1.5)
     assert links.between("a", "b") == links.default
+    # once "a" served, the coordinator's hops to it are priced at what its steps' hops took (the data
+    # path), not at the control path's round trip; a provider that has not served keeps its ping's
+    store.record_rtt("b", 8.0)
+    assert store.record_step(("a",), (32,), BATCH, 12, wall_s=0.0050, stage_ms=(4.6,))
+    links = store.links()
+    assert links.between(COORDINATOR, "a").latency_ms == pytest.approx(0.2)
+    assert links.between("a", COORDINATOR).latency_ms == pytest.approx(0.2)
+    assert links.between(COORDINATOR, "b").latency_ms == pytest.approx(4.0)
+    assert store.public("a")["hop_ms"] == pytest.approx(0.2)
     store.record_assignment_failure("a", 10 * GIB, "out of memory: CUDA")
     assert store.spec_for(honest("a")).memory_bytes < 10 * GIB
     store.record_assignment_failure("a", 20 * GIB, "out of memory: again")  # the lowest cap stays
