@@ -229,15 +229,10 @@ class Accounts:
                 log.exception("request %s: its in-flight rows were not removed", charge.request_id)
         return Usage(charge.request_id, charge.prompt_tokens, completion_tokens, finish_reason, outcome)
 
-    def delivered(self, charge: Charge, request, delivered_tokens: int) -> None:
-        """Before the client is sent more tokens: `delivered_tokens` in all, computed by the stages of
-        `request`'s current attempt, written to the database (what a restart settles on)."""
-        self.inflight.delivered(charge.request_id, f"hold:{charge.request_id}", charge.model, charge.prompt_tokens,
-                                delivered_tokens, request.stages)
-
     async def delivered_async(self, charge: Charge, request, delivered_tokens: int) -> None:
-        """`delivered` for a stream on the API's event loop: its write joins the other streams' in one
-        transaction, and no thread waits for it."""
+        """Before the client is sent more tokens: `delivered_tokens` in all, computed by the stages of
+        `request`'s current attempt, written to the database (what a restart settles on). Its write
+        joins the other streams' in one transaction, and no thread waits for it."""
         await self.inflight.delivered_async(charge.request_id, f"hold:{charge.request_id}", charge.model,
                                             charge.prompt_tokens, delivered_tokens, request.stages)
 

@@ -108,16 +108,12 @@ class InflightStore:
         self._deliveries = GroupCommit(self._write_deliveries)  # the streams' records share transactions
         self._upsert = None  # the writer's dialect's statement, built at the first write
 
-    def delivered(self, request_id: str, hold_id: str, model: str, prompt_tokens: int, delivered_tokens: int,
-                  stages) -> None:
-        """Record, durably, that the client has been sent `delivered_tokens` generated tokens, computed by
-        `stages` (Stage values of the attempt). The count only grows: an older write never lowers it.
-        Returns once committed, in one transaction with other streams' records of the moment."""
-        self._deliveries.write(_delivery(request_id, hold_id, model, prompt_tokens, delivered_tokens, stages))
-
     async def delivered_async(self, request_id: str, hold_id: str, model: str, prompt_tokens: int,
                               delivered_tokens: int, stages) -> None:
-        """`delivered` for a stream on an event loop: it waits for the commit without taking a thread."""
+        """Record, durably, that the client has been sent `delivered_tokens` generated tokens, computed by
+        `stages` (Stage values of the attempt). The count only grows: an older write never lowers it.
+        Returns once committed, in one transaction with other streams' records of the moment; the
+        caller's event loop serves meanwhile (no thread waits)."""
         await self._deliveries.write_async(_delivery(request_id, hold_id, model, prompt_tokens, delivered_tokens,
                                                      stages))
 

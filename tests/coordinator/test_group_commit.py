@@ -1,5 +1,5 @@
-"""Group commit of the streams' delivery records (coordinator/group_commit.py): many threads' and
-coroutines' writes share transactions, nobody returns before its own write committed, an error
+"""Group commit of the streams' delivery records (coordinator/group_commit.py): many coroutines'
+writes (of one loop or several) share transactions, nobody returns before its own write committed, an error
 reaches exactly the callers whose writes it lost, and the delivered counts in a real database (SQLite
 and PostgreSQL) end as the largest each stream wrote."""
 
@@ -20,74 +20,15 @@ from coordinator.group_commit import GroupCommit
 from wire.messages import Stage
 
 
-def run_threads(n: int, fn) -> list[BaseException | None]:
-    errors: list[BaseException | None] = [None] * n
-    start = threading.Barrier(n)
-
-    def one(i: int):
-        start.wait()
-        try:
-            fn(i)
-        except BaseException as exc:
-            errors[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
-
-
 def test_writes_share_transactions_and_return_only_once_committed():
+    """32 streams of one event loop commit in a few transactions, each back only once its own write is
+    in; the loop runs other work meanwhile."""
     committed: list[int] = []
     batches: list[list[int]] = []
 
     def write_many(items):
         time.sleep(0.02)  # a commit's fsync: others arrive meanwhile
         batches.append(list(items))
-        committed.extend(items)
-
-    group = GroupCommit(write_many)
-
-    def write(i):
-        group.write(i)
-        assert i in committed  # back only after its own write is in
-
-    assert run_threads(32, write) == [None] * 32
-    assert sorted(committed) == list(range(32))
-    assert len(batches) < 32 and max(len(b) for b in batches) > 1
-
-
-def test_a_failed_transaction_fails_every_write_it_held_and_no_other():
-    lost: set[int] = set()
-
-    def write_many(items):
-        time.sleep(0.01)
-        if 3 in items:
-            lost.update(items)
-            raise OSError("disk full")
-
-    group = GroupCommit(write_many)
-    errors = run_threads(16, group.write)
-    failed = {i for i, e in enumerate(errors) if e is not None}
-    assert 3 in failed and failed == lost
-    assert all(isinstance(errors[i], OSError) for i in failed)
-    group.write(99)  # the next transaction goes on
-
-
-def test_coroutines_writes_share_transactions_without_blocking_their_loop():
-    """write_async: 32 streams of one event loop commit in a few transactions, each back only once its
-    own write is in; the loop runs other work meanwhile; a failed transaction fails exactly its callers,
-    and the next goes on; a thread's write can join the same transactions."""
-    committed: list[int] = []
-    batches: list[list[int]] = []
-
-    def write_many(items):
-        time.sleep(0.02)  # a commit's fsync: others arrive meanwhile
-        batches.append(list(items))
-        if any(40 <= i < 44 for i in items):
-            raise OSError("disk full")
         committed.extend(items)
 
     group = GroupCommit(write_many)
@@ -103,20 +44,64 @@ def test_coroutines_writes_share_transactions_without_blocking_their_loop():
 
         async def write(i):
             await group.write_async(i)
-            assert i in committed
+            assert i in committed  # back only after its own write is in
 
         tick = asyncio.create_task(ticker())
-        thread = asyncio.to_thread(group.write, 99)
-        assert await asyncio.gather(*(write(i) for i in range(32)), thread) == [None] * 33
-        lost = await asyncio.gather(*(group.write_async(i) for i in range(40, 44)), return_exceptions=True)
-        assert all(isinstance(e, OSError) for e in lost)
-        await group.write_async(50)  # the next transaction goes on
+        assert await asyncio.gather(*(write(i) for i in range(32))) == [None] * 32
         tick.cancel()
         return ticks
 
     assert asyncio.run(main()) > 10
-    assert sorted(committed) == [*range(32), 50, 99]
+    assert sorted(committed) == list(range(32))
     assert len(batches) <= 8 and max(len(b) for b in batches) > 8
+
+
+def test_a_failed_transaction_fails_every_write_it_held_and_no_other():
+    lost: set[int] = set()
+
+    def write_many(items):
+        time.sleep(0.01)
+        if 3 in items:
+            lost.update(items)
+            raise OSError("disk full")
+
+    group = GroupCommit(write_many)
+
+    async def main():
+        errors = await asyncio.gather(*(group.write_async(i) for i in range(16)), return_exceptions=True)
+        await group.write_async(99)  # the next transaction goes on
+        return errors
+
+    errors = asyncio.run(main())
+    failed = {i for i, e in enumerate(errors) if e is not None}
+    assert 3 in failed and failed == lost
+    assert all(isinstance(errors[i], OSError) for i in failed)
+
+
+def test_two_loops_share_the_transactions():
+    """Streams of two event loops (two threads) write through one group: every write lands, in
+    fewer transactions than writes."""
+    committed: list[int] = []
+    batches: list[list[int]] = []
+
+    def write_many(items):
+        time.sleep(0.02)
+        batches.append(list(items))
+        committed.extend(items)
+
+    group = GroupCommit(write_many)
+
+    def loop(first: int):
+        async def main():
+            await asyncio.gather(*(group.write_async(i) for i in range(first, first + 16)))
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=loop, args=(first,)) for first in (0, 16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(committed) == list(range(32)) and len(batches) < 32
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -137,20 +122,21 @@ def test_delivered_counts_in_a_database_are_the_largest_each_stream_wrote(engine
     plan = (Stage("12D3KooWpeer", 0, 30),)
     counts = {f"r{i}": list(range(1, 9)) for i in range(12)}
 
-    def stream(i):
+    async def stream(i):
         rid = f"r{i % 12}"
         for n in counts[rid][i // 12::2]:  # two writers per request, interleaved, out of order between them
-            store.delivered(rid, f"hold:{rid}", "m", 5, n, plan)
+            await store.delivered_async(rid, f"hold:{rid}", "m", 5, n, plan)
 
-    assert run_threads(24, stream) == [None] * 24
+    async def main():
+        await asyncio.gather(*(stream(i) for i in range(24)))
+
+    asyncio.run(main())
     rows = store.all()
     assert {rid: r.delivered_tokens for rid, r in rows.items()} == {rid: 8 for rid in counts}
     assert all(r.hold_id == f"hold:{rid}" and r.plan[0].peer_id == "12D3KooWpeer" for rid, r in rows.items())
 
 
-
-
-def test_streams_on_a_loop_and_threads_record_the_largest_count_in_one_batch(engine):
+def test_streams_record_the_largest_count_in_one_batch(engine):
     """Records of one request in the same transaction (a stream's two chunks, another writer's older
     count) leave its largest count; a new request's row is inserted with everything it carries."""
     inflight.metadata.create_all(engine)
@@ -159,8 +145,8 @@ def test_streams_on_a_loop_and_threads_record_the_largest_count_in_one_batch(eng
 
     async def main():
         writes = [store.delivered_async(f"r{i % 4}", f"hold:r{i % 4}", "m", 5, n, plan)
-                  for i, n in enumerate([3, 9, 1, 4, 7, 2, 8, 6, 5, 1, 2, 3])]
-        await asyncio.gather(*writes, asyncio.to_thread(store.delivered, "r0", "hold:r0", "m", 5, 2, plan))
+                  for i, n in enumerate([3, 9, 1, 4, 7, 2, 8, 6, 5, 1, 2, 3, 2])]
+        await asyncio.gather(*writes)
 
     asyncio.run(main())
     rows = store.all()

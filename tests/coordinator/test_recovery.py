@@ -5,6 +5,7 @@ recorded pipeline), the others refunded; `ledger verify` passes; a second start 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -24,7 +25,7 @@ PROMPT = 7
 
 
 @dataclass
-class Request:  # what Accounts.delivered reads of a GenerationRequest
+class Request:  # what Accounts.delivered_async reads of a GenerationRequest
     stages: tuple = field(default_factory=tuple)
 
 
@@ -49,11 +50,11 @@ def test_recovery_settles_what_was_delivered_and_refunds_the_rest(tmp_path, db):
     key = accounts.add_consumer("alice", CREDITS)
     alice = accounts.lookup(key)
     charges = {name: accounts.admit(alice, name, MODEL, PROMPT, 64) for name in ("plan", "none", "signed", "more")}
-    accounts.delivered(charges["plan"], Request(plan), 3)
-    accounts.delivered(charges["plan"], Request(plan), 5)  # a later chunk: the count grows
-    accounts.delivered(charges["plan"], Request(plan), 4)  # an older write never lowers it
-    accounts.delivered(charges["signed"], Request(plan), 6)
-    accounts.delivered(charges["more"], Request(plan), 2)
+    asyncio.run(accounts.delivered_async(charges["plan"], Request(plan), 3))
+    asyncio.run(accounts.delivered_async(charges["plan"], Request(plan), 5))  # a later chunk: the count grows
+    asyncio.run(accounts.delivered_async(charges["plan"], Request(plan), 4))  # an older write never lowers it
+    asyncio.run(accounts.delivered_async(charges["signed"], Request(plan), 6))
+    asyncio.run(accounts.delivered_async(charges["more"], Request(plan), 2))
     n_signed, n_more = PROMPT + 6 - 1, PROMPT + 2 - 1
     for name, n in (("signed", n_signed), ("more", n_more + 5)):  # "more": receipts for tokens never sent
         accounts.receipts.add(receipt(stages[0], name, 0, 12, n, "a" * 64, "b" * 64), stages[0].peer_id_str)
@@ -106,7 +107,7 @@ def test_a_refused_plan_refunds_instead_of_stopping_the_start(tmp_path):
     key = accounts.add_consumer("bob", CREDITS)
     bob = accounts.lookup(key)
     charge = accounts.admit(bob, "r1", MODEL, PROMPT, 16)
-    accounts.delivered(charge, Request((Stage(Identity.generate().peer_id_str, 0, N_LAYERS),)), 3)
+    asyncio.run(accounts.delivered_async(charge, Request((Stage(Identity.generate().peer_id_str, 0, N_LAYERS),)), 3))
     accounts.close()
     accounts = Accounts(data_dir, N_LAYERS)
     try:
