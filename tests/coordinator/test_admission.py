@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from coordinator.admission import OVERHEAD_PROBE_LAYERS, PROBE_LAYERS, PROBE_STEPS, Admission, AdmissionFailed
+from coordinator.admission import (MAX_DIFFERENCE_GAIN, OVERHEAD_PROBE_LAYERS, PROBE_LAYERS, PROBE_STEPS, Admission,
+                                    AdmissionFailed)
 from coordinator.measurements import Measurements
 from coordinator.planner import ModelShape, ProviderSpec
 from node.faults import Fault
@@ -22,13 +23,14 @@ BATCH = 2
 
 class InProcessProvider:
     """Answers the assign protocol's probe messages as node/provider.py does, optionally lying (on the
-    runs numbered in `lie_on`), stalling (`stall_s` before the runs in `stall_on`) or answering one run
-    a probe (`one_run`: as providers did before a probe had several)."""
+    runs numbered in `lie_on`), stalling (`stall_s` before the runs in `stall_on`), taking `step_s`
+    more a step (a slower device) or answering one run a probe (`one_run`)."""
 
     def __init__(self, model_dir, lie: bool = False, lie_on: tuple[int, ...] = (0, 1, 2), stall_s: float = 0.0,
-                 stall_on: tuple[int, ...] = (), one_run: bool = False):
+                 stall_on=(), one_run: bool = False, step_s: float = 0.0):
         self.model_dir, self.lie, self.lie_on, self.work = model_dir, lie, lie_on, None
         self.stall_s, self.stall_on, self.one_run, self.runs = stall_s, stall_on, one_run, 0
+        self.step_s = step_s
         self.probed_layers = []  # each probe's layer count, in order
 
     def request(self, peer: str, message, timeout_s: float):
@@ -43,8 +45,7 @@ class InProcessProvider:
             if self.work is None or not self.work.runs_left:
                 return refuse("no probe prepared")
             run, self.runs = self.runs, self.runs + 1
-            if run in self.stall_on:
-                time.sleep(self.stall_s)
+            time.sleep(self.stall_s * (run in self.stall_on) + self.step_s * message.steps)
             out = self.work.run(message)
             if self.one_run:
                 self.work = None
@@ -110,7 +111,7 @@ def test_the_fastest_run_is_the_measurement_and_every_run_is_checked(default_mod
     assert stalled.admit(cpu_claim("stalled", 0.01), "float32").seconds_per_step < 1.0 / max(PROBE_STEPS)
     assert quiet.admit(cpu_claim("quiet", 0.01), "float32").seconds_per_step < 1.0 / max(PROBE_STEPS)
     # what every run costs whatever its steps (a slow round trip, a slow answer) is not a step's time: a
-    # ping taken off would have left 0.5 s / 36 steps = 14 ms a step in
+    # ping taken off would have left 0.5 s / 24 steps = 21 ms a step in
     every_run = InProcessProvider(default_model_dir, stall_s=0.5, stall_on=range(2 * RUNS))  # both probes
     slow_link, _ = admission(default_model_dir, shape, every_run)
     assert slow_link.admit(cpu_claim("slow-link", 0.01), "float32").seconds_per_step < 0.5 / max(PROBE_STEPS)
@@ -120,6 +121,18 @@ def test_the_fastest_run_is_the_measurement_and_every_run_is_checked(default_mod
     assert not store.probed("late-liar")
     older, store = admission(default_model_dir, shape, InProcessProvider(default_model_dir, one_run=True))
     assert older.admit(cpu_claim("older", 0.01), "float32").seconds_per_step > 0 and store.probed("older")
+
+
+def test_stalled_short_runs_gain_at_most_the_bounded_factor(default_model_dir, shape):
+    """A device taking 20 ms a step that stalls its short runs (the big probe's runs 1 and 3) until they
+    take nearly as long as its long ones: the difference alone would show ~1 ms a step; it is held to at
+    least half the long run's plain figure."""
+    step_s, (long, short) = 0.02, PROBE_STEPS
+    stall_s = step_s * (long - short) - 0.02  # the long run is then 20 ms longer than the short
+    paced = InProcessProvider(default_model_dir, step_s=step_s, stall_s=stall_s, stall_on=(1, 3))
+    gate, _ = admission(default_model_dir, shape, paced)
+    measured = gate.admit(cpu_claim("pacer", 0.01), "float32").seconds_per_step
+    assert step_s / MAX_DIFFERENCE_GAIN * 0.9 <= measured <= step_s * 1.5
 
 
 def test_a_forged_profile_is_caught_by_the_probe(default_model_dir, shape):
