@@ -122,7 +122,7 @@ class Admission:
             answer = self._ask(peer, run, self.run_timeout_s)
             wall_s = time.perf_counter() - started_s
             if timed and not isinstance(answer, ProbeResult):
-                break  # a provider of an older version answers one run a probe
+                break  # a provider that answers one run a probe is timed on that run
             timed.append((run, answer, wall_s))
         # the coordinator's own answers, computed after the timing so that they do not slow it
         expected = ProbeWork(self.model_dir, replace(probe, dtype="float32")) if check else None
