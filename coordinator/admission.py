@@ -15,8 +15,9 @@ step apart from its layers (host work, launches, the output's copy: 0.25-0.73 ms
 32-layer stage predicted at 2.6x its time.
 
 The coordinator's clock is the judge, and a provider can only slow a run down. Slower long runs show
-it slower; slower short runs would show it faster, so a step is held to at least 1 / MAX_DIFFERENCE_GAIN
-of the plain figure (the long run less a ping), and a slower one-layer probe to a bounded fixed time
+it slower; slower short runs would show it faster, so a step of the larger probe is held to at least
+1 / MAX_DIFFERENCE_GAIN of its plain figure (the long run less a ping). The one-layer probe only sets
+the fixed time: faster, it makes the provider's layers look dearer; slower, its fixed time is bounded
 (coordinator/measurements.py MAX_OVERHEAD_SHARE).
 """
 
@@ -95,9 +96,9 @@ class Admission:
             rtt_ms = self._ping(peer)
             obs = self._probe(peer, self.end, dtype, rtt_ms)
             smaller_end = self.start + OVERHEAD_PROBE_LAYERS
-            # its answers are not recomputed: a wrong answer could only be faster, and a faster smaller
-            # probe fits a smaller fixed time, so dearer layers (coordinator/measurements.py): no gain
-            smaller = self._probe(peer, smaller_end, dtype, rtt_ms, check=False) if smaller_end < self.end else None
+            # not judged: a faster smaller probe (a wrong answer, stalled short runs) fits a smaller fixed
+            # time, so dearer layers (coordinator/measurements.py), and a slower one is bounded there
+            smaller = self._probe(peer, smaller_end, dtype, rtt_ms, judged=False) if smaller_end < self.end else None
         self.measurements.record_rtt(peer, rtt_ms)
         contradicted = self.measurements.record_probe(claimed, obs, smaller)
         overhead_ms = self.measurements.public(peer)["step_overhead_ms"]
@@ -107,9 +108,10 @@ class Admission:
                  "; its profile is contradicted by the measurement" if contradicted else "")
         return ProbeOutcome(obs.seconds, rtt_ms, contradicted, self.measurements.claim_ratio(peer) or 0.0)
 
-    def _probe(self, peer: str, end: int, dtype: str, rtt_ms: float, check: bool = True) -> Observation:
-        """One probe of layers [start, end): prepared, timed, every run's answer recomputed and compared
-        (with `check`; else only that it answered each run)."""
+    def _probe(self, peer: str, end: int, dtype: str, rtt_ms: float, judged: bool = True) -> Observation:
+        """One probe of layers [start, end): prepared and timed; `judged`: every run's answer recomputed
+        and compared, and the step held to the floor (else only that it answered each run: a floor
+        that binds on an honest host, one with ~20 ms of transfer a run, would skew the fit)."""
         probe = Probe(self.model_id, self.start, end, self.n_layers, self.batch, PROBE_TOKENS,
                       secrets.randbelow(2**62), dtype)
         answer = self._ask(peer, probe, self.prepare_timeout_s)
@@ -125,7 +127,7 @@ class Admission:
                 break  # a provider that answers one run a probe is timed on that run
             timed.append((run, answer, wall_s))
         # the coordinator's own answers, computed after the timing so that they do not slow it
-        expected = ProbeWork(self.model_dir, replace(probe, dtype="float32")) if check else None
+        expected = ProbeWork(self.model_dir, replace(probe, dtype="float32")) if judged else None
         for run, answer, _ in timed:
             if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
                 raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
@@ -141,7 +143,8 @@ class Admission:
         (long, long_s), (short, short_s) = max(fastest.items()), min(fastest.items())
         seconds = max(long_s - rtt_ms / 1e3, 1e-6) / long  # one run (or noise): the long run less a ping
         if long > short and long_s > short_s:
-            seconds = max((long_s - short_s) / (long - short), seconds / MAX_DIFFERENCE_GAIN)
+            difference = (long_s - short_s) / (long - short)
+            seconds = max(difference, seconds / MAX_DIFFERENCE_GAIN) if judged else difference
         # the decode steps attend to the prefilled tokens plus the steps so far: their mean context
         context = PROBE_TOKENS + WARM_UP_STEPS + (sum(run.steps for run, _, _ in timed) + 1) // 2
         return Observation(end - self.start, False, False, self.batch, context, seconds)
