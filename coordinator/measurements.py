@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from contracts import DEFAULT_PARAMS
 from coordinator.planner import Link, Links, ModelShape, ProviderSpec
-from coordinator.planner.cost import model_in_dtype, served_model, stage_step_bytes_and_flops, stage_time_s
+from coordinator.planner.cost import model_in_dtype, stage_step_bytes_and_flops, stage_time_s
 from coordinator.planner.hardware import COORDINATOR
 
 EWMA_WEIGHT = 0.3  # weight of the newest probe, round trip, hop latency or link test
@@ -73,7 +73,7 @@ class Speed:
             return 1.0 / ((1 - EWMA_WEIGHT) / old_rate + EWMA_WEIGHT / new_rate)
         return Speed(mix(self.mem_bandwidth_gb_per_s, new.mem_bandwidth_gb_per_s),
                      mix(self.matmul_tflops, new.matmul_tflops),
-                     (1 - EWMA_WEIGHT) * self.step_overhead_ms + EWMA_WEIGHT * new.step_overhead_ms)
+                     _ewma(self.step_overhead_ms, new.step_overhead_ms))
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class Measurements:
     def record_probe(self, claimed: ProviderSpec, obs: Observation, smaller: Observation | None = None) -> bool:
         """The admission probe of `claimed.peer_id` (with `smaller`, a probe of fewer layers: see
         `probe_speed`); True when `obs` contradicts the claim (misconduct)."""
-        speed = probe_speed(served_model(claimed, self.model), obs, smaller)
+        speed = probe_speed(model_in_dtype(self.model, claimed.dtype_bytes), obs, smaller)
         predicted_s = stage_time_s(claimed, self.model, obs.n_layers, obs.first, obs.last, obs.batch,
                                    obs.context_tokens)
         ratio = obs.seconds / max(predicted_s, 1e-12)
@@ -223,17 +223,15 @@ class Measurements:
                 else:
                     speed = _capped(speed_from(model, obs, figures.probe.step_overhead_ms), figures.probe)
                 figures.steps.setdefault(batch, StepFigures()).add(speed)
-                figures.hop_ms = hop_ms if figures.hop_ms is None else (
-                    (1 - EWMA_WEIGHT) * figures.hop_ms + EWMA_WEIGHT * hop_ms)
+                figures.hop_ms = _ewma(figures.hop_ms, hop_ms)
             if k > 1:  # the links between providers: what the step took beyond its stages' compute
-                self.hop_latency_ms = (hop_ms if self.hop_latency_ms is None
-                                       else (1 - EWMA_WEIGHT) * self.hop_latency_ms + EWMA_WEIGHT * hop_ms)
+                self.hop_latency_ms = _ewma(self.hop_latency_ms, hop_ms)
         return True
 
     def record_rtt(self, peer: str, rtt_ms: float) -> None:
         with self.lock:
             figures = self.peers.setdefault(peer, PeerFigures())
-            figures.rtt_ms = rtt_ms if figures.rtt_ms is None else (1 - EWMA_WEIGHT) * figures.rtt_ms + EWMA_WEIGHT * rtt_ms
+            figures.rtt_ms = _ewma(figures.rtt_ms, rtt_ms)
 
     def record_assignment_failure(self, peer: str, stage_memory_bytes: int, reason: str) -> None:
         """A provider could not load a stage its claimed memory should hold: plan it below that from now on."""
@@ -252,7 +250,7 @@ class Measurements:
             held = self.hops.get((sender, receiver))
             if held is not None:
                 gbps = 1.0 / ((1 - EWMA_WEIGHT) / held.bandwidth_gbps + EWMA_WEIGHT / gbps)
-                rtt_ms = (1 - EWMA_WEIGHT) * held.rtt_ms + EWMA_WEIGHT * rtt_ms
+                rtt_ms = _ewma(held.rtt_ms, rtt_ms)
             self.hops[(sender, receiver)] = HopFigures(gbps, rtt_ms, path, now_s,
                                                       1 if held is None else held.samples + 1)
             return gbps
@@ -386,6 +384,11 @@ class Measurements:
         if kind.startswith("profile"):
             self.contradictions_total += 1
         self.events = (self.events + [{"peer": peer, "kind": kind, "detail": detail}])[-MAX_EVENTS:]
+
+
+def _ewma(old: float | None, new: float) -> float:
+    """The newest figure weighted EWMA_WEIGHT against what was held (none held: the newest)."""
+    return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 def _capped(speed: Speed, probe: Speed) -> Speed:
