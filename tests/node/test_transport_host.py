@@ -10,6 +10,7 @@ import threading
 import time
 
 import msgpack
+import multiaddr
 import pytest
 import torch
 import trio
@@ -456,3 +457,30 @@ def test_bulk_channel_goes_through_the_shaper_when_links_are_shaped(monkeypatch)
             # 1 Gbit/s: the link time it scheduled is the frame's serialisation plus a delay per chunk
             assert accounts.serialisation_s >= 8 * 2**20 * 8 / 1e9 and accounts.delay_s >= 0.005
             assert plain._bulk.shaped.bytes == 0 and plain._bulk.shape is None
+
+
+def test_addresses_of_a_peer_whose_record_expired_are_forgotten_without_an_error():
+    """py-libp2p's clear_addrs raises once a peer's signed record outlived its addresses' TTL (a
+    coordinator connected to more than 120 s before it restarted); forget_addrs clears them all the same,
+    so the redial that follows can go on."""
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+    from libp2p.peer.peerstore import PeerStore, PeerStoreError
+
+    from node.transport.host import forget_addrs
+
+    def aged_store():
+        store = PeerStore()
+        peer = ID.from_pubkey(create_new_key_pair().public_key)
+        store.add_addrs(peer, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001")], 120)
+        store.peer_record_map[peer] = None  # a signed record is held (identify leaves one)
+        store.peer_data_map[peer].last_identified -= 121
+        return store, peer
+
+    store, peer = aged_store()
+    with pytest.raises(PeerStoreError, match="expired"):
+        store.clear_addrs(peer)
+    store, peer = aged_store()
+    forget_addrs(store, peer)
+    assert store.peer_data_map[peer].get_addrs() == []
+    store.add_addrs(peer, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4002")], 120)  # as host.connect does
+    assert [str(a) for a in store.addrs(peer)] == ["/ip4/127.0.0.1/tcp/4002"]
