@@ -35,7 +35,7 @@ import torch
 
 from coordinator.measurements import Measurements, Observation
 from coordinator.planner import ProviderSpec
-from node.probe import RUNS, WARM_UP_STEPS, ProbeWork
+from node.probe import RUNS, WARM_UP_STEPS, expected_answers
 from node.transport import TransportError
 from wire.messages import Ack, Message, Ping, Probe, ProbeResult, ProbeRun
 
@@ -127,13 +127,12 @@ class Admission:
                 break  # a provider that answers one run a probe is timed on that run
             timed.append((run, answer, wall_s))
         # the coordinator's own answers, computed after the timing so that they do not slow it
-        expected = ProbeWork(self.model_dir, replace(probe, dtype="float32")) if judged else None
         for run, answer, _ in timed:
             if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
                 raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
-            if expected is None:
-                continue
-            error = _relative_error(answer.x, expected.run(run))
+        expected = expected_answers(self.model_dir, probe, [run for run, _, _ in timed]) if judged else []
+        for (_, answer, _), expected_x in zip(timed, expected):
+            error = _relative_error(answer.x, expected_x)
             if error > PROBE_TOLERANCE:
                 raise AdmissionFailed(f"probe answer is not the work: relative error {error:.3g} > "
                                       f"{PROBE_TOLERANCE}")

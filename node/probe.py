@@ -7,13 +7,14 @@ decode steps. A run draws its inputs once, steps + batch - 1 rows, and step t gi
 t + i: drawing a row a session a step (before) cost ~0.9 ms a step at batch 32 of the 8B shape's width
 on a CPU core, more than four layers' work on an H200, and the probe timed the draw. The provider
 returns the last step's output; the coordinator, which times the run with its own clock, recomputes
-it (coordinator/admission.py). A prepared probe answers up to `RUNS` runs,
+it (coordinator/admission.py, `expected_answers`). A prepared probe answers up to `RUNS` runs,
 each continuing the sessions where the last left them. Inputs are drawn on the CPU in float32 so
 both sides draw the same.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -72,3 +73,24 @@ class ProbeWork:
             # holds a step's whole cost (a GPU's launches would otherwise overlap the next step's)
             out = self.runtime.decode([(sid, rows[i:i + 1]) for i, sid in enumerate(self.sessions)]).to("cpu")
         return out.float().clone()
+
+
+def expected_answers(model_dir: str | Path, probe: Probe, runs: list[ProbeRun]) -> list[torch.Tensor]:
+    """What `ProbeWork.run` answers to each of `runs` in turn, on the CPU in float32, by one prefill:
+    a session's decode steps are the rows of one causal sequence, so its whole sequence goes through
+    the layers as one matrix (the coordinator's check took as long as the provider's timed runs,
+    step by step; this is ~2x cheaper on a CPU and reads the weights once)."""
+    shard = Shard(probe.model, probe.start, probe.end, probe.n_layers)
+    length = probe.tokens + WARM_UP_STEPS + sum(run.steps for run in runs)  # a session's rows
+    runtime = ShardRuntime(model_dir, shard, max_sessions=probe.batch, max_seq_len=length)
+    hidden = runtime.config.hidden_size
+    prompts = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)
+    draws = [(probe_inputs(probe.seed + 1, WARM_UP_STEPS + probe.batch - 1, hidden), WARM_UP_STEPS)]
+    draws += [(probe_inputs(run.seed, run.steps + probe.batch - 1, hidden), run.steps) for run in runs]
+    sequences = []  # session i: its prompt, then row t + i of each draw's t-th step
+    for i in range(probe.batch):
+        rows = [prompts[i * probe.tokens:(i + 1) * probe.tokens]] + [xs[i:i + steps] for xs, steps in draws]
+        sequences.append((f"probe{i}", torch.cat(rows)))
+    out = runtime.prefill_many(sequences).view(probe.batch, length, hidden)
+    last_rows = list(itertools.accumulate([probe.tokens + WARM_UP_STEPS - 1] + [run.steps for run in runs]))[1:]
+    return [out[:, row].clone() for row in last_rows]

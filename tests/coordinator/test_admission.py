@@ -15,7 +15,7 @@ from coordinator.measurements import Measurements
 from coordinator.planner import ModelShape, ProviderSpec
 from node.faults import Fault
 from node.models import model_id_of
-from node.probe import RUNS, ProbeWork
+from node.probe import RUNS, ProbeWork, expected_answers
 from wire.messages import Ack, MessageError, Ping, Probe, ProbeResult, ProbeRun, decode, refuse
 
 BATCH = 2
@@ -102,6 +102,20 @@ def test_an_answer_without_the_work_is_refused(default_model_dir, shape):
     with pytest.raises(AdmissionFailed, match="not the work"):
         gate.admit(cpu_claim("liar"), "float32")
     assert not store.probed("liar")
+
+
+def test_the_coordinator_checks_every_run_by_one_prefill(default_model_dir, shape):
+    """Its answers by one prefill a session are what a provider's decode steps give, run after run (a
+    later run continues the sessions): float32 on this CPU agrees to rounding, far inside the tolerance."""
+    probe = Probe(model_id_of(default_model_dir), 2, 6, shape.n_layers, 3, 5, 7, "float32")
+    runs = [ProbeRun(11 + i, PROBE_STEPS[i % 2]) for i in range(RUNS)]
+    work = ProbeWork(default_model_dir, probe)
+    for run, expected in zip(runs, expected_answers(default_model_dir, probe, runs)):
+        answer = work.run(run)
+        assert answer.shape == expected.shape == (3, answer.shape[1])
+        assert float((answer - expected).norm() / expected.norm()) < 1e-4
+    # and a different run's answer is far from it: the check tells the runs apart
+    assert float((answer - expected_answers(default_model_dir, probe, runs[:2])[0]).norm() / answer.norm()) > 0.5
 
 
 def test_the_fastest_run_is_the_measurement_and_every_run_is_checked(default_model_dir, shape):
