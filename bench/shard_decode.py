@@ -197,8 +197,8 @@ def graph_step_s(stages, batch: int, n: int = 30) -> float:
     graphs = []
     for stage in stages:
         bucket = bucket_for(batch, stage.graphs.buckets)
-        graphs += [g for (b, plan), (gs, _) in stage.graphs.graphs.items() if b == bucket and plan[0] == 1
-                   for g in gs]
+        graphs += [g for (b, plan, head_rows), (gs, _) in stage.graphs.graphs.items()
+                   if b == bucket and plan[0] == 1 and not head_rows for g in gs]  # a decode step's graphs
     for g in graphs:
         g.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

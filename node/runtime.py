@@ -74,6 +74,7 @@ class ShardModel(nn.Module):
             )
         self.to(dtype)  # still on the meta device: the weights are allocated once, in `dtype`
         self.to_empty(device=device)
+        self.requires_grad_(False)  # served, never trained: products may be written into given tensors
         if torch.device(device).type == "cpu":
             heads = [self.head_weight()] if shard.is_last else []
             input_major_([m.weight for m in self.modules() if isinstance(m, nn.Linear)] + heads)

@@ -146,6 +146,27 @@ def test_fused_step_matches_the_layer_path(llama_dir, start, end):
         torch.testing.assert_close(fast.cache.v[:, i, :, :n], ref.cache.v[:, i, :, :n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_a_trace_written_in_place_is_the_step_kept_by_reference(llama_dir, device):
+    """Into a trace tensor (the graphs' buffer) the layers' products are written in place, not copied
+    after: outputs and every trace row bit for bit those of a step that keeps references (a list)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rt = _runtime(llama_dir, 1, 4, max_sessions=3, device=device, dtype=dtype)
+    ops = Ops(use_triton=device == "cuda" and fused.triton is not None)
+    hidden, n_layers = rt.config.hidden_size, 3
+    slots, positions, lengths = (torch.tensor(r, device=device) for r in pad_step([0, 1], [0, 0], 2, 2))
+    x = torch.randn(2, hidden, device=device).to(dtype)
+    plan = attention_plan(1, rt.max_seq_len)
+    kept = []
+    step = DecodeStep(rt.model, rt.cache, rt.cos, rt.sin, ops, kept)
+    want_h, want_logits = step(x, slots, positions, lengths, plan)[::-1]
+    buffer = torch.full((2 * n_layers + 1, 3, hidden), float("nan"), device=device, dtype=dtype)
+    step = DecodeStep(rt.model, rt.cache, rt.cos, rt.sin, ops, buffer)
+    got_h, got_logits = step(x, slots, positions, lengths, plan)[::-1]
+    assert torch.equal(got_logits, want_logits) and torch.equal(got_h, want_h)
+    assert torch.equal(buffer[:, :2], torch.stack(kept))
+
+
 # -- the Triton kernels against their twins ----------------------------------------------------
 
 def _dtype():
