@@ -126,10 +126,10 @@ class Admission:
             if timed and not isinstance(answer, ProbeResult):
                 break  # a provider that answers one run a probe is timed on that run
             timed.append((run, answer, wall_s))
-        # the coordinator's own answers, computed after the timing so that they do not slow it
         for run, answer, _ in timed:
             if not isinstance(answer, ProbeResult) or answer.seed != run.seed:
                 raise AdmissionFailed(f"answered its probe with {answer.TYPE}")
+        # the coordinator's own answers, computed after the timing so that they do not slow it
         expected = expected_answers(self.model_dir, probe, [run for run, _, _ in timed]) if judged else []
         for (_, answer, _), expected_x in zip(timed, expected):
             error = _relative_error(answer.x, expected_x)

@@ -69,10 +69,8 @@ class Speed:
 
     def blend(self, new: "Speed") -> "Speed":
         """EWMA in time per unit (so averages of times, not of rates)."""
-        def mix(old_rate: float, new_rate: float) -> float:
-            return 1.0 / ((1 - EWMA_WEIGHT) / old_rate + EWMA_WEIGHT / new_rate)
-        return Speed(mix(self.mem_bandwidth_gb_per_s, new.mem_bandwidth_gb_per_s),
-                     mix(self.matmul_tflops, new.matmul_tflops),
+        return Speed(_ewma_rate(self.mem_bandwidth_gb_per_s, new.mem_bandwidth_gb_per_s),
+                     _ewma_rate(self.matmul_tflops, new.matmul_tflops),
                      _ewma(self.step_overhead_ms, new.step_overhead_ms))
 
 
@@ -249,7 +247,7 @@ class Measurements:
         with self.lock:
             held = self.hops.get((sender, receiver))
             if held is not None:
-                gbps = 1.0 / ((1 - EWMA_WEIGHT) / held.bandwidth_gbps + EWMA_WEIGHT / gbps)
+                gbps = _ewma_rate(held.bandwidth_gbps, gbps)
                 rtt_ms = _ewma(held.rtt_ms, rtt_ms)
             self.hops[(sender, receiver)] = HopFigures(gbps, rtt_ms, path, now_s,
                                                       1 if held is None else held.samples + 1)
@@ -389,6 +387,11 @@ class Measurements:
 def _ewma(old: float | None, new: float) -> float:
     """The newest figure weighted EWMA_WEIGHT against what was held (none held: the newest)."""
     return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
+
+
+def _ewma_rate(old: float, new: float) -> float:
+    """A rate's EWMA in time per unit (an average of times, not of rates)."""
+    return 1.0 / ((1 - EWMA_WEIGHT) / old + EWMA_WEIGHT / new)
 
 
 def _capped(speed: Speed, probe: Speed) -> Speed:

@@ -35,6 +35,18 @@ def probe_inputs(seed: int, rows: int, hidden: int) -> torch.Tensor:
     return torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
 
 
+def _prompt_rows(probe: Probe, hidden: int) -> tuple[torch.Tensor, ...]:
+    """Each session's prefilled rows, (tokens, hidden) apiece."""
+    return probe_inputs(probe.seed, probe.batch * probe.tokens, hidden).split(probe.tokens)
+
+
+def _step_rows(probe: Probe, hidden: int, run: ProbeRun | None = None) -> tuple[torch.Tensor, int]:
+    """The inputs of a run's decode steps (None: the warm-up's) and how many steps: steps + batch - 1
+    rows drawn at once, session i's input at step t being row t + i."""
+    seed, steps = (probe.seed + 1, WARM_UP_STEPS) if run is None else (run.seed, run.steps)
+    return probe_inputs(seed, steps + probe.batch - 1, hidden), steps
+
+
 class ProbeWork:
     """Layers loaded and sessions prefilled for one probe; `run` is the part that is timed."""
 
@@ -49,21 +61,19 @@ class ProbeWork:
         self.runs_left = RUNS
         hidden = self.runtime.config.hidden_size
         self.sessions = [f"probe{i}" for i in range(probe.batch)]
-        x = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)  # (B * T, D)
-        for i, sid in enumerate(self.sessions):
-            self.runtime.prefill(sid, x[i * probe.tokens:(i + 1) * probe.tokens])
+        for sid, rows in zip(self.sessions, _prompt_rows(probe, hidden)):
+            self.runtime.prefill(sid, rows)
         # untimed decode steps first: a GPU's first decode pays for compiling and capturing the decode
         # path it serves with (fused kernels, CUDA graphs), which the timed run then replays; an honest
         # H200 measured ~300x slower than its claim without them, a false "misconduct"
-        self._decode(probe_inputs(probe.seed + 1, WARM_UP_STEPS + probe.batch - 1, hidden), WARM_UP_STEPS)
+        self._decode(*_step_rows(probe, hidden))
 
     def run(self, run: ProbeRun) -> torch.Tensor:
         """`run.steps` decode steps of the whole batch; the last step's output (B, D) in float32."""
         if not self.runs_left:
             raise ValueError(f"a probe answers {RUNS} runs")
         self.runs_left -= 1
-        hidden = self.runtime.config.hidden_size
-        return self._decode(probe_inputs(run.seed, run.steps + len(self.sessions) - 1, hidden), run.steps)
+        return self._decode(*_step_rows(self.probe, self.runtime.config.hidden_size, run))
 
     def _decode(self, xs: torch.Tensor, steps: int) -> torch.Tensor:
         out = None
@@ -84,13 +94,10 @@ def expected_answers(model_dir: str | Path, probe: Probe, runs: list[ProbeRun]) 
     length = probe.tokens + WARM_UP_STEPS + sum(run.steps for run in runs)  # a session's rows
     runtime = ShardRuntime(model_dir, shard, max_sessions=probe.batch, max_seq_len=length)
     hidden = runtime.config.hidden_size
-    prompts = probe_inputs(probe.seed, probe.batch * probe.tokens, hidden)
-    draws = [(probe_inputs(probe.seed + 1, WARM_UP_STEPS + probe.batch - 1, hidden), WARM_UP_STEPS)]
-    draws += [(probe_inputs(run.seed, run.steps + probe.batch - 1, hidden), run.steps) for run in runs]
+    draws = [_step_rows(probe, hidden)] + [_step_rows(probe, hidden, run) for run in runs]
     sequences = []  # session i: its prompt, then row t + i of each draw's t-th step
-    for i in range(probe.batch):
-        rows = [prompts[i * probe.tokens:(i + 1) * probe.tokens]] + [xs[i:i + steps] for xs, steps in draws]
-        sequences.append((f"probe{i}", torch.cat(rows)))
+    for i, prompt in enumerate(_prompt_rows(probe, hidden)):
+        sequences.append((f"probe{i}", torch.cat([prompt] + [xs[i:i + steps] for xs, steps in draws])))
     out = runtime.prefill_many(sequences).view(probe.batch, length, hidden)
     last_rows = list(itertools.accumulate([probe.tokens + WARM_UP_STEPS - 1] + [run.steps for run in runs]))[1:]
     return [out[:, row].clone() for row in last_rows]
