@@ -31,6 +31,7 @@ from node.config import ModelConfig  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import default_model_dir  # noqa: E402
 from node.shard import split_layers  # noqa: E402
+from verification.sampling import greedy  # noqa: E402
 
 
 def time_ours(pipeline: LocalPipeline, prompts: torch.Tensor, n_new: int,
@@ -43,7 +44,7 @@ def time_ours(pipeline: LocalPipeline, prompts: torch.Tensor, n_new: int,
         logits = pipeline.decode(sids, [t[-1] for t in tokens])
         if keep_logits:
             kept.append(logits.float().clone())
-        for t, nxt in zip(tokens, logits.argmax(-1).tolist()):
+        for t, nxt in zip(tokens, greedy(logits).tolist()):  # as the pool's sampler picks
             t.append(nxt)
     seconds = time.perf_counter() - start
     for sid in sids:
@@ -197,8 +198,8 @@ def graph_step_s(stages, batch: int, n: int = 30) -> float:
     graphs = []
     for stage in stages:
         bucket = bucket_for(batch, stage.graphs.buckets)
-        graphs += [g for (b, plan, head_rows), (gs, _) in stage.graphs.graphs.items()
-                   if b == bucket and plan[0] == 1 and not head_rows for g in gs]  # a decode step's graphs
+        graphs += [g for (b, plan, _, decodes_only), (gs, _) in stage.graphs.graphs.items()
+                   if b == bucket and plan[0] == 1 and decodes_only for g in gs]  # a decode step's graphs
     for g in graphs:
         g.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -220,11 +221,11 @@ def kernel_breakdown(stage, batch: int) -> dict:
     bucket = bucket_for(batch, dec.buckets)
     inputs, plan = dec._inputs(bucket), attention_plan(1, stage.max_seq_len)
     with torch.inference_mode():
-        dec.step(*inputs, plan)
+        dec.step(*inputs, plan, decodes_only=True)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                dec.step(*inputs, plan)
+                dec.step(*inputs, plan, decodes_only=True)
             torch.cuda.synchronize()
     kinds: dict[str, list[float]] = {}
     for evt in prof.key_averages():

@@ -1,10 +1,11 @@
 """A shard's decode step over fused ops, replayed from CUDA graphs.
 
-One graph per (row bucket, attention plan, head rows): a batch of B rows runs as the smallest bucket
-that holds it, padded with rows that point at a dummy cache slot no session owns. A decode step has
-one row a session; a prompt step's rows are its prompts' tokens, each a row that writes its key and
-value and attends to its slot's keys up to its own position, and the decodes riding along; on the
-last stage it wants the logits of each session's last row only (head rows). Before a replay
+One graph per (row bucket, attention plan, head rows, decodes only): a batch of B rows runs as the
+smallest bucket that holds it, padded with rows that point at a dummy cache slot no session owns. A
+decode step has one row a session (RoPE and the cache write then run inside the attention kernel); a
+prompt step's rows are its prompts' tokens, each a row that writes its key and value and attends to
+its slot's keys up to its own position, and the decodes riding along; on the last stage it wants the
+logits of each session's last row only (head rows). Before a replay
 the slots, positions and lengths of the batch (and the token ids on stage 0) go to the device in
 one copy from pinned memory, and hidden states are concatenated straight into the graph's input
 buffer; nothing inside the step waits for the host. Attention reads only the keys below each
@@ -65,17 +66,21 @@ def pad_step(slots: list[int], positions: list[int], bucket: int, dummy_slot: in
 
 
 def graph_keys(buckets: tuple[int, ...], max_heads: int, has_head: bool,
-               max_tokens: int) -> list[tuple[int, tuple[int, int], bool]]:
-    """Every (bucket, attention plan, head rows) a step can replay: decode steps (up to `max_heads`
-    rows, the stage's sessions; no head rows) and prompt steps (any bucket; head rows on the last
-    stage), at every context length up to `max_tokens`."""
-    keys = {}
+               max_tokens: int) -> list[tuple[int, tuple[int, int], bool, bool]]:
+    """Every (bucket, attention plan, head rows, decodes only) a step can replay: decode steps (up
+    to `max_heads` rows, the stage's sessions; no head rows), prompt steps (any bucket; head rows on
+    the last stage) and, on the last stage, prompt steps that want every row's logits (up to
+    `max_heads` rows: audits, probes), at every context length up to `max_tokens`."""
+    keys = []
     for plan in attention_plans(max_tokens):
         for bucket in buckets:
             if bucket <= max_heads:
-                keys[(bucket, plan, False)] = None
-            keys[(bucket, plan, has_head)] = None
-    return list(keys)
+                keys.append((bucket, plan, False, True))
+            if has_head:
+                keys.append((bucket, plan, True, False))
+            if bucket <= max_heads or not has_head:
+                keys.append((bucket, plan, False, False))
+    return keys
 
 
 def segment_bounds(n_layers: int, per_graph: int) -> list[tuple[int, int]]:
@@ -105,13 +110,16 @@ class DecodeStep:
         self.k, self.v = cache.k, cache.v  # (layers, S, Hkv, T, Dh)
         self.n_heads, self.n_kv_heads, self.eps = config.n_heads, config.n_kv_heads, config.rms_norm_eps
 
-    def __call__(self, x, slots, positions, lengths, plan, head_rows=None) -> torch.Tensor:
-        return self.segment(0, self.n_layers, x, slots, positions, lengths, plan, head_rows)
+    def __call__(self, x, slots, positions, lengths, plan, head_rows=None, decodes_only=False) -> torch.Tensor:
+        return self.segment(0, self.n_layers, x, slots, positions, lengths, plan, head_rows, decodes_only)
 
-    def segment(self, start: int, end: int, state, slots, positions, lengths, plan, head_rows=None):
+    def segment(self, start: int, end: int, state, slots, positions, lengths, plan, head_rows=None,
+                decodes_only=False):
         """Layers [start, end): from the step's input (start == 0) or the (h, delta) of the
         layers before, to the step's output (end == n_layers) or (h, delta) for the next.
-        `head_rows`: on the last stage, the rows whose logits are wanted (default all)."""
+        `head_rows`: on the last stage, the rows whose logits are wanted (default all).
+        `decodes_only`: every row is its session's only row (lengths = positions + 1), so each
+        row's new key is the last it attends to and one kernel rotates, writes and attends."""
         ops, m = self.ops, self.model
         if start == 0:
             h, delta = (m.embed(state) if m.embed is not None else state), None  # (B, D)
@@ -123,9 +131,13 @@ class DecodeStep:
             attn, mlp = layer.attn, layer.mlp
             h, xn = ops.rms_norm(h, layer.input_norm.weight, self.eps, delta)  # h: layer i's input
             qkv = F.linear(xn, attn.qkv.weight, attn.qkv.bias)  # (B, (H + 2 Hkv) Dh)
-            q = ops.rope_write(qkv, self.cos, self.sin, positions, slots, self.k[i], self.v[i],
-                               self.n_heads, self.n_kv_heads)  # (B, H, Dh)
-            a = ops.attention(q, self.k[i], self.v[i], slots, lengths, plan)  # (B, H Dh)
+            if decodes_only:
+                a = ops.rope_attention(qkv, self.cos, self.sin, positions, slots, self.k[i], self.v[i],
+                                       self.n_heads, self.n_kv_heads, plan)  # (B, H Dh)
+            else:  # a row may attend to keys that other rows of this step write: all written first
+                q = ops.rope_write(qkv, self.cos, self.sin, positions, slots, self.k[i], self.v[i],
+                                   self.n_heads, self.n_kv_heads)  # (B, H, Dh)
+                a = ops.attention(q, self.k[i], self.v[i], slots, lengths, plan)  # (B, H Dh)
             delta = self._linear_kept(1 + 2 * i, a, attn.o.weight, attn.o.bias)
             h, xn = ops.rms_norm(h, layer.post_attn_norm.weight, self.eps, delta)
             gate_up = F.linear(xn, mlp.gate_up.weight, mlp.gate_up.bias)  # (B, 2 I)
@@ -192,12 +204,13 @@ class GraphedDecoder:
         self._host_free.record()
         self._pool = torch.cuda.graph_pool_handle()
         self.segments = segment_bounds(step.n_layers, self.LAYERS_PER_GRAPH)
-        self.graphs: dict[tuple[int, tuple[int, int], bool], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, tuple[int, int], bool, bool], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
         self.last_hidden: torch.Tensor | None = None
 
     def decode(self, slots: list[int], positions: list[int], xs: list[torch.Tensor]) -> torch.Tensor:
-        """One token for each row: `xs` are (1,) ids on stage 0 (on the host), else (1, D) hidden."""
-        return self.rows(slots, positions, xs)
+        """One token for each row (a session each): `xs` are (1,) ids on stage 0 (on the host), else
+        (1, D) hidden."""
+        return self.rows(slots, positions, xs, decodes_only=True)
 
     def fits(self, n_rows: int, head_rows: list[int] | None) -> bool:
         """Whether `rows` takes a step of `n_rows` rows and these head rows."""
@@ -206,15 +219,16 @@ class GraphedDecoder:
 
     @on_own_device  # Triton launches, and graphs capture and replay, on the current device
     def rows(self, slots: list[int], positions: list[int], xs: list[torch.Tensor],
-             head_rows: list[int] | None = None) -> torch.Tensor:
+             head_rows: list[int] | None = None, decodes_only: bool = False) -> torch.Tensor:
         """Row i writes position positions[i] of cache slot slots[i] and attends to the slot's keys up
         to it. `xs` hold the rows in order: ids on stage 0 (on the host), else hidden (n, D).
-        On the last stage, the logits of `head_rows` (default: every row) and `last_hidden` all rows'."""
+        On the last stage, the logits of `head_rows` (default: every row) and `last_hidden` all rows'.
+        `decodes_only`: no slot appears twice and there are no head rows (a decode step)."""
         B = len(slots)
         bucket = bucket_for(B, self.buckets)
         plan = attention_plan(max(positions) + 1, self.max_tokens)
         heads = head_rows is not None and self.has_head
-        key = (bucket, plan, heads)
+        key = (bucket, plan, heads, decodes_only)
         if self.use_graphs and key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         self._host_free.synchronize()  # the previous step's copies have left the pinned buffers
@@ -236,7 +250,7 @@ class GraphedDecoder:
             for graph in graphs:
                 graph.replay()
         else:
-            out = self.step(*self._inputs(bucket), plan, self._heads(bucket, heads))
+            out = self.step(*self._inputs(bucket), plan, self._heads(bucket, heads), decodes_only)
         if isinstance(out, tuple):  # the last stage: logits, and the hidden states it keeps for audits
             out, hidden = out
             self.last_hidden = hidden[:B]
@@ -261,7 +275,7 @@ class GraphedDecoder:
     def _heads(self, bucket: int, heads: bool) -> torch.Tensor | None:
         return self._index[4, :min(bucket, self.max_heads)] if heads else None
 
-    def _capture(self, bucket: int, plan: tuple[int, int], heads: bool):
+    def _capture(self, bucket: int, plan: tuple[int, int], heads: bool, decodes_only: bool):
         # Warm up (Triton compiles, cuBLAS picks kernels) and capture with every row on the dummy
         # slot, so that neither writes into a session's cache.
         self._index[:3, :bucket] = torch.tensor(pad_step([], [], bucket, self.dummy_slot), device=self._index.device)
@@ -270,7 +284,7 @@ class GraphedDecoder:
         x, *index = self._inputs(bucket)
 
         def run(state, start, end):
-            return self.step.segment(start, end, state, *index, plan, self._heads(bucket, heads))
+            return self.step.segment(start, end, state, *index, plan, self._heads(bucket, heads), decodes_only)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

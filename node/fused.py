@@ -17,6 +17,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from node.device_scope import device_scope
+
 try:
     import triton
     import triton.language as tl
@@ -72,6 +74,12 @@ def decode_attention_ref(q, k_cache, v_cache, slots, lengths, plan=(1, 0)):
     mask = valid.transpose(-1, -2)  # (B, 1, 1, T)
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)
     return out.reshape(B, H * dh)
+
+
+def rope_attention_ref(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, plan=(1, 0)):
+    """rope_write_ref then decode_attention_ref, for a decode step (lengths = positions + 1)."""
+    q = rope_write_ref(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads)
+    return decode_attention_ref(q, k_cache, v_cache, slots, positions + 1, plan)
 
 
 def silu_mul_ref(gate_up):
@@ -133,34 +141,70 @@ if triton is not None:
             tl.store(V_CACHE + dst + full, v)
 
     @triton.jit
-    def _attention_kernel(Q, K_CACHE, V_CACHE, SLOTS, LENGTHS, OUT, PART_O, PART_LSE,
+    def _rotated(base, cos, sin, d, mask, DH: tl.constexpr, ty):
+        # rows at `base` (any shape ending in DH) times cos plus rotate_half times sin, each product
+        # and the sum rounded as eager bfloat16 does (rotate_half: the halves swapped, the first negated)
+        x = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
+        x_swapped = tl.load(base + (d + DH // 2) % DH, mask=mask, other=0.0).to(tl.float32)
+        sign = tl.where(d < DH // 2, -1.0, 1.0)
+        return ((x * cos).to(ty).to(tl.float32) + (sign * x_swapped * sin).to(ty).to(tl.float32)).to(ty)
+
+    @triton.jit
+    def _attention_kernel(Q, COS, SIN, POS, K_CACHE, V_CACHE, SLOTS, LENGTHS, OUT, PART_O, PART_LSE,
                           stride_s, stride_h, stride_t, sm_scale, CHUNK,
                           G: tl.constexpr, HKV: tl.constexpr, DH: tl.constexpr, BLOCK_G: tl.constexpr,
                           BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-                          IEEE: tl.constexpr):
+                          IEEE: tl.constexpr, ROPE: tl.constexpr):
         # one program per (row, kv head, split): its G query heads over keys [split*CHUNK, ...) that
         # are below the row's length; keys past the length are never read.
+        # ROPE (a decode step: each row its session's only row, its new key the last of its context):
+        # Q is the qkv projection (B, (H + 2 Hkv) Dh); the program rotates its heads' q and its kv
+        # head's new key itself, attends to that key from registers and the split holding it writes
+        # it and the new value into the cache: one kernel a layer fewer than rope_write + attention
         row, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         slot = tl.load(SLOTS + row)
-        length = tl.load(LENGTHS + row).to(tl.int32)
+        if ROPE:
+            pos = tl.load(POS + row)
+            length = (pos + 1).to(tl.int32)
+        else:
+            length = tl.load(LENGTHS + row).to(tl.int32)
         start = split * CHUNK
         end = tl.minimum(start + CHUNK, length)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, DH)
         heads = kvh * G + g
-        q = tl.load(Q + (row * HKV * G + heads[:, None]) * DH + d[None, :], mask=g[:, None] < G, other=0.0)
+        kv_base = slot * stride_s + kvh * stride_h
+        if ROPE:
+            cos = tl.load(COS + pos * DH + d).to(tl.float32)
+            sin = tl.load(SIN + pos * DH + d).to(tl.float32)
+            ty = OUT.dtype.element_ty
+            row_base = Q + row * (HKV * G + 2 * HKV) * DH
+            q = _rotated(row_base + heads[:, None] * DH, cos[None, :], sin[None, :], d[None, :], g[:, None] < G,
+                         DH, ty)
+            k_new = _rotated(row_base + (HKV * G + kvh) * DH, cos, sin, d, d < DH, DH, ty).to(
+                K_CACHE.dtype.element_ty)
+            v_new = tl.load(row_base + (HKV * G + HKV + kvh) * DH + d)
+            at = pos + 0 * d  # (DH,): the split whose keys hold the new one writes it
+            own = (at >= start) & (at < start + CHUNK)
+            tl.store(K_CACHE + kv_base + pos * stride_t + d, k_new, mask=own)
+            tl.store(V_CACHE + kv_base + pos * stride_t + d, v_new, mask=own)
+        else:
+            q = tl.load(Q + (row * HKV * G + heads[:, None]) * DH + d[None, :], mask=g[:, None] < G, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, DH), tl.float32)
-        kv_base = slot * stride_s + kvh * stride_h
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = n < end
             offs = kv_base + n[:, None] * stride_t + d[None, :]
             k = tl.load(K_CACHE + offs, mask=valid[:, None], other=0.0)
             v = tl.load(V_CACHE + offs, mask=valid[:, None], other=0.0)
+            if ROPE:  # the new key and value from registers, not read back from the cache
+                new = (n == pos)[:, None]
+                k = tl.where(new, k_new[None, :], k)
+                v = tl.where(new, v_new[None, :], v)
             if UPCAST:
                 k, v = k.to(tl.float32), v.to(tl.float32)
             if IEEE:  # float32 serving: no tf32 rounding
@@ -201,6 +245,25 @@ if triton is not None:
         tl.store(OUT + head_row * DH + d, out.to(OUT.dtype.element_ty))
 
     @triton.jit
+    def _argmax_chunk_kernel(X, VALUES, INDICES, V, N_CHUNKS, BLOCK: tl.constexpr):
+        # one program per (row, chunk of BLOCK logits): the chunk's maximum and its first index
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + row * V + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        value, index = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(VALUES + row * N_CHUNKS + chunk, value)
+        tl.store(INDICES + row * N_CHUNKS + chunk, chunk * BLOCK + index)
+
+    @triton.jit
+    def _argmax_pick_kernel(VALUES, INDICES, OUT, N_CHUNKS, BLOCK_N: tl.constexpr):
+        # one program per row: the first chunk holding the row's maximum
+        row = tl.program_id(0)
+        n = tl.arange(0, BLOCK_N)
+        values = tl.load(VALUES + row * N_CHUNKS + n, mask=n < N_CHUNKS, other=float("-inf"))
+        _, best = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(OUT + row, tl.load(INDICES + row * N_CHUNKS + best))
+
+    @triton.jit
     def _silu_mul_kernel(GU, OUT, I, BLOCK: tl.constexpr):
         row, blk = tl.program_id(0), tl.program_id(1)
         cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -234,8 +297,19 @@ def rope_write(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_
 
 
 def decode_attention(q, k_cache, v_cache, slots, lengths, plan=(1, 0)):
-    B, H, dh = q.shape
-    n_kv = k_cache.shape[1]
+    return _attention(q, None, None, None, k_cache, v_cache, slots, lengths, plan, q.shape[1])
+
+
+def rope_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, plan=(1, 0)):
+    """rope_write then decode_attention in one kernel, for a decode step only: each row its
+    session's only row (its new key the last of its context, length = position + 1)."""
+    assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and qkv.is_contiguous()
+    return _attention(qkv, cos, sin, positions, k_cache, v_cache, slots, positions, plan, n_heads)
+
+
+def _attention(q, cos, sin, positions, k_cache, v_cache, slots, lengths, plan, n_heads):
+    B, dh = q.shape[0], k_cache.shape[-1]
+    H, n_kv = n_heads, k_cache.shape[1]
     G = H // n_kv
     n_splits, chunk = plan
     chunk = chunk or k_cache.shape[2]
@@ -245,11 +319,12 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, plan=(1, 0)):
         part_lse = torch.empty(B * H * n_splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
+    rope = cos is not None
     _attention_kernel[(B, n_kv, n_splits)](
-        q, k_cache, v_cache, slots, lengths, out, part_o, part_lse,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dh), chunk,
+        q, cos if rope else q, sin if rope else q, positions if rope else q, k_cache, v_cache, slots, lengths,
+        out, part_o, part_lse, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dh), chunk,
         G=G, HKV=n_kv, DH=dh, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64,
-        N_SPLITS=n_splits, UPCAST=_INTERPRET, IEEE=_INTERPRET or q.dtype == torch.float32, num_warps=4)
+        N_SPLITS=n_splits, UPCAST=_INTERPRET, IEEE=_INTERPRET or q.dtype == torch.float32, ROPE=rope, num_warps=4)
     if n_splits > 1:
         _attention_combine_kernel[(B * H,)](part_o, part_lse, out, DH=dh, N_SPLITS=n_splits, num_warps=4)
     return out
@@ -261,6 +336,26 @@ def silu_mul(gate_up):
     out = torch.empty(B, I, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(B, triton.cdiv(I, block))](gate_up, out, I, BLOCK=block, num_warps=4)
+    return out
+
+
+ARGMAX_BLOCK = 2048
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of (B, V), the first of equal maxima, in two kernels: each chunk's
+    maximum on its own program, then the first chunk holding the row's (a vocabulary of 128k:
+    63 programs a row, where torch's argmax reduces a row in one block)."""
+    B, V = logits.shape
+    n_chunks = triton.cdiv(V, ARGMAX_BLOCK)
+    values = torch.empty(B, n_chunks, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(B, n_chunks, dtype=torch.int64, device=logits.device)
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    with device_scope(logits.device):  # a sampler's thread may be on another device (Triton launches on the current)
+        _argmax_chunk_kernel[(B, n_chunks)](logits.contiguous(), values, indices, V, n_chunks, BLOCK=ARGMAX_BLOCK,
+                                            num_warps=8)
+        _argmax_pick_kernel[(B,)](values, indices, out, n_chunks, BLOCK_N=triton.next_power_of_2(n_chunks),
+                                  num_warps=1)
     return out
 
 
@@ -292,13 +387,13 @@ def attention_plans(max_tokens: int) -> list[tuple[int, int]]:
 
 
 class Ops:
-    """The four fused ops, Triton kernels or their PyTorch twins."""
+    """The fused ops, Triton kernels or their PyTorch twins."""
 
     def __init__(self, use_triton: bool):
         self.use_triton = use_triton
         if use_triton:
-            self.rms_norm, self.rope_write, self.attention, self.silu_mul = (
-                rms_norm, rope_write, decode_attention, silu_mul)
+            self.rms_norm, self.rope_write, self.attention, self.rope_attention, self.silu_mul = (
+                rms_norm, rope_write, decode_attention, rope_attention, silu_mul)
         else:
-            self.rms_norm, self.rope_write, self.attention, self.silu_mul = (
-                rms_norm_ref, rope_write_ref, decode_attention_ref, silu_mul_ref)
+            self.rms_norm, self.rope_write, self.attention, self.rope_attention, self.silu_mul = (
+                rms_norm_ref, rope_write_ref, decode_attention_ref, rope_attention_ref, silu_mul_ref)

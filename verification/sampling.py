@@ -11,6 +11,7 @@ import hashlib
 
 import torch
 
+from node.fused import argmax_rows, triton_usable
 from verification.threads import worker_threads
 from wire.messages import SamplingParams
 
@@ -22,6 +23,15 @@ def gumbel_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of (B, V): the same indices (the first of equal maxima). On a GPU by a
+    kernel of many programs (node/fused.py argmax_rows): torch's argmax reduces a row in one block,
+    36 us for a 128k vocabulary on an H200 (0.8 % of an 8B decode step, 3 % of a 1B step)."""
+    if triton_usable(logits.device):
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
     """One token per row of logits (B, V); `positions` are the positions of the tokens chosen.
 
@@ -31,7 +41,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     hot = [i for i, p in enumerate(params) if p.temperature != 0.0]
     vocab = logits.shape[-1]
     noise = {i: worker_threads().submit(gumbel_noise, params[i].seed, positions[i], vocab) for i in hot}
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = greedy(logits).tolist()
     if hot:
         rows = logits[hot].to("cpu", torch.float64)
         for row, i in zip(rows, hot):

@@ -88,9 +88,12 @@ def test_graph_keys_are_the_keys_steps_replay(max_sessions, has_head, max_tokens
     for length in range(1, max_tokens + 1):  # the step's longest context
         plan = attention_plan(length, max_tokens)
         for n in range(1, 129):
+            bucket = bucket_for(n, buckets)
             if n <= max_sessions:
-                replayed.add((bucket_for(n, buckets), plan, False))  # a decode step
-            replayed.add((bucket_for(n, buckets), plan, has_head))  # a prompt step
+                replayed.add((bucket, plan, False, True))  # a decode step
+            replayed.add((bucket, plan, has_head, False))  # a prompt step
+            if n <= max_sessions or not has_head:
+                replayed.add((bucket, plan, False, False))  # a prompt step that wants every row's logits
     keys = graph_keys(buckets, max_sessions, has_head, max_tokens)
     assert len(keys) == len(set(keys)) and set(keys) == replayed
 
@@ -109,9 +112,11 @@ def _runtime(model_dir, start, end, **kwargs):
     return ShardRuntime(model_dir, Shard("m", start, end, ModelConfig.load(model_dir).n_layers), **kwargs)
 
 
+@pytest.mark.parametrize("decodes_only", [False, True], ids=["rope-written-first", "rope-in-attention"])
 @pytest.mark.parametrize("start,end", [(0, 4), (0, 2), (2, 4)], ids=["whole", "first", "last"])
-def test_fused_step_matches_the_layer_path(llama_dir, start, end):
-    """The step the graphs capture, with the PyTorch twins of the kernels, against the layers."""
+def test_fused_step_matches_the_layer_path(llama_dir, start, end, decodes_only):
+    """The step the graphs capture, with the PyTorch twins of the kernels, against the layers; as
+    a prompt step runs it, and as a decode step (RoPE and the cache write inside the attention)."""
     torch.manual_seed(0)
     ref, fast = _runtime(llama_dir, start, end, max_sessions=5), _runtime(llama_dir, start, end, max_sessions=5)
     first = start == 0
@@ -132,7 +137,7 @@ def test_fused_step_matches_the_layer_path(llama_dir, start, end):
         state = x  # through one-layer segments, as the graphs run it
         for a, b in segment_bounds(step.n_layers, 1):
             state = step.segment(a, b, state, slots, positions, lengths,
-                                 attention_plan(int(lengths.max()), fast.max_seq_len))
+                                 attention_plan(int(lengths.max()), fast.max_seq_len), decodes_only=decodes_only)
         got, got_hidden = state if isinstance(state, tuple) else (state, None)
         for s in sessions:
             s.n_tokens += 1
@@ -221,6 +226,54 @@ def test_attention_kernel_reads_only_each_rows_keys(max_length):
     want = fused.decode_attention_ref(q, torch.nan_to_num(k_cache), torch.nan_to_num(v_cache), slots, lengths)
     assert plan[0] == (4 if max_length == 700 else 1)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@kernels
+@pytest.mark.parametrize("max_length", [1, 37, 700], ids=["one-key", "one-split", "four-splits"])
+def test_rope_in_attention_is_rope_write_then_attention(max_length):
+    """A decode step's one kernel (rotate q and the new key, attend with the key from registers,
+    write key and value) gives the outputs and the cache of the two kernels a prompt step runs."""
+    g = torch.Generator(device=KERNEL_DEVICE).manual_seed(4)
+    H, Hkv, Dh, S, T = 8, 2, 64, 4, 1024
+    cos = torch.randn(T, Dh, generator=g, device=KERNEL_DEVICE).to(_dtype())
+    sin = torch.randn(T, Dh, generator=g, device=KERNEL_DEVICE).to(_dtype())
+    qkv = torch.randn(4, (H + 2 * Hkv) * Dh, generator=g, device=KERNEL_DEVICE).to(_dtype())
+    caches = torch.randn(2, S, Hkv, T, Dh, generator=g, device=KERNEL_DEVICE).to(_dtype())
+    slots = torch.tensor([3, 1, 0, 2], device=KERNEL_DEVICE)  # the last row: padding on its own slot
+    positions = torch.tensor([max_length - 1, max(1, max_length // 3) - 1, 0, 0], device=KERNEL_DEVICE)
+    for row, slot in enumerate(slots.tolist()):  # keys at and past a row's position: never read
+        caches[:, slot, :, int(positions[row]):] = float("nan")
+    plan = attention_plan(max_length, T)
+    k1, v1 = caches.clone()
+    want = fused.decode_attention(fused.rope_write(qkv, cos, sin, positions, slots, k1, v1, H, Hkv),
+                                  k1, v1, slots, positions + 1, plan)
+    k2, v2 = caches.clone()
+    got = fused.rope_attention(qkv, cos, sin, positions, slots, k2, v2, H, Hkv, plan)
+    # the compiler may fuse a product into a sum in one kernel and not the other: a bfloat16 unit apart
+    close = dict(atol=2e-2, rtol=1e-2) if HAS_CUDA else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, want, **close)
+    assert torch.equal(k2.isnan(), k1.isnan())  # the new keys written where rope_write writes them
+    torch.testing.assert_close(k2.nan_to_num(), k1.nan_to_num(), **close)
+    assert torch.equal(v2.nan_to_num(), v1.nan_to_num())
+    ref = fused.rope_attention_ref(qkv, cos, sin, positions, slots, *caches.nan_to_num().clone(), H, Hkv)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@kernels
+def test_argmax_kernel_is_argmax_ties_included():
+    """The greedy pick on a GPU (verification/sampling.py greedy) chooses what argmax does, the
+    first of equal maxima too, within a chunk of the kernel and across chunks."""
+    g = torch.Generator(device=KERNEL_DEVICE).manual_seed(5)
+    logits = torch.randn(5, 128256, generator=g, device=KERNEL_DEVICE).to(_dtype())
+    block = fused.ARGMAX_BLOCK
+    logits[1, [9, 700, 128255]] = 50.0  # ties in one chunk and across chunks
+    logits[2, [block + 3, block + 1, 3 * block]] = 50.0
+    logits[3] = 0.0  # all equal: the first
+    logits[4, 128255] = 60.0  # the last, in the short last chunk
+    want = logits.argmax(-1)
+    assert want.tolist()[1:] == [9, block + 1, 0, 128255]
+    assert torch.equal(fused.argmax_rows(logits), want)
+    assert torch.equal(fused.argmax_rows(logits[:, :1000]), logits[:, :1000].argmax(-1))  # one short chunk
 
 
 # -- the whole path on a GPU -------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_several_sessions_prefilled_as_one_batch_match_each_fed_alone(model_dir,
         together.prefill_many([("n0", torch.tensor([1, 2])), ("n1", torch.tensor([3]))])
     assert set(together.sessions) == set(alone.sessions)  # "n0" took the last slot, then gave it back
     if way == "graphs":  # the prompt steps were replayed (the last stage's, with each session's head row)
-        assert any(heads for _, _, heads in together.graphs.graphs)
+        assert any(heads for _, _, heads, _ in together.graphs.graphs)
 
 
 def test_sessions_released_now_are_sealed_off_the_serving_thread_as_close_seals_them(model_dir):
