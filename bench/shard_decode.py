@@ -31,7 +31,7 @@ from node.config import ModelConfig  # noqa: E402
 from node.local_pipeline import LocalPipeline  # noqa: E402
 from node.models import default_model_dir  # noqa: E402
 from node.shard import split_layers  # noqa: E402
-from verification.sampling import greedy  # noqa: E402
+from verification.argmax import greedy  # noqa: E402
 
 
 def time_ours(pipeline: LocalPipeline, prompts: torch.Tensor, n_new: int,

@@ -20,6 +20,7 @@ from node.fused import ATTENTION_CHUNK, MAX_SPLITS, Ops, attention_plan, attenti
 from node.runtime import SessionError, ShardRuntime
 from node.shard import Shard
 from tests.node.random_models import make_random_model
+from verification.argmax import ARGMAX_BLOCK, argmax_rows
 
 HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -261,19 +262,19 @@ def test_rope_in_attention_is_rope_write_then_attention(max_length):
 
 @kernels
 def test_argmax_kernel_is_argmax_ties_included():
-    """The greedy pick on a GPU (verification/sampling.py greedy) chooses what argmax does, the
+    """The greedy pick on a GPU (verification/argmax.py greedy) chooses what argmax does, the
     first of equal maxima too, within a chunk of the kernel and across chunks."""
     g = torch.Generator(device=KERNEL_DEVICE).manual_seed(5)
     logits = torch.randn(5, 128256, generator=g, device=KERNEL_DEVICE).to(_dtype())
-    block = fused.ARGMAX_BLOCK
+    block = ARGMAX_BLOCK
     logits[1, [9, 700, 128255]] = 50.0  # ties in one chunk and across chunks
     logits[2, [block + 3, block + 1, 3 * block]] = 50.0
     logits[3] = 0.0  # all equal: the first
     logits[4, 128255] = 60.0  # the last, in the short last chunk
     want = logits.argmax(-1)
     assert want.tolist()[1:] == [9, block + 1, 0, 128255]
-    assert torch.equal(fused.argmax_rows(logits), want)
-    assert torch.equal(fused.argmax_rows(logits[:, :1000]), logits[:, :1000].argmax(-1))  # one short chunk
+    assert torch.equal(argmax_rows(logits), want)
+    assert torch.equal(argmax_rows(logits[:, :1000]), logits[:, :1000].argmax(-1))  # one short chunk
 
 
 # -- the whole path on a GPU -------------------------------------------------------------------
