@@ -283,6 +283,7 @@ def rope_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n
     """rope_write then decode_attention in one kernel, for a decode step only: each row its
     session's only row (its new key the last of its context, length = position + 1)."""
     assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and qkv.is_contiguous()
+    # no lengths: the kernel takes each row's length as its position + 1 (positions stand in, unread)
     return _attention(qkv, cos, sin, positions, k_cache, v_cache, slots, positions, plan, n_heads)
 
 
