@@ -180,8 +180,13 @@ def test_hole_punching_upgrades_a_relayed_connection_where_the_nats_allow(topolo
         procs += dialers.values()
         kinds = {name: [line.strip() for line in d.stdout] for name, d in dialers.items()}
         assert all(d.wait(timeout=60) == 0 for d in dialers.values()), kinds
-        # DCUtR tries every 2 s; once direct (marked as hole punching's), new streams take it
-        assert kinds["public"][0] == "relayed" and "hole-punched" in kinds["public"], kinds
+        # DCUtR tries every 2 s; once direct (marked as hole punching's), new streams take it. The
+        # home cannot be dialed, so the dialer starts relayed, but on a loaded machine the punch can
+        # land before the first echo: what must hold is that it lands and is kept, never a plain dial
+        public = kinds["public"]
+        assert "hole-punched" in public and set(public) <= {"relayed", "hole-punched"}, kinds
+        punched_at = public.index("hole-punched")
+        assert set(public[punched_at:]) == {"hole-punched"}, kinds
         assert kinds["home1"] and set(kinds["home1"]) == {"relayed"}, kinds
     finally:
         for proc in procs:
