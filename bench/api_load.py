@@ -12,8 +12,9 @@ in a row. Figures: aggregate tokens/s (all tokens / wall time of the level), p50
 first token (request sent -> first text chunk), a stream's decode rate (its tokens after the first
 over first -> last text chunk, median) and its tail (last text chunk -> the stream's end: the
 finish, the usage chunk, [DONE]; settlement runs behind them; median), and the steady tokens/s while
-every client streams (`steady_rate`: without the level's ramp-up and stragglers). The ratio is
-against 1 client in the same run.
+every client streams (`steady_rate`: without the level's ramp-up and stragglers), and each round's
+times to first token, sorted (`ttft_ms_by_round`: round 0 is a burst, every client at once; later
+rounds arrive as streams end, while the others decode). The ratio is against 1 client in the same run.
 With --baseline, a pool running another checkout's code (e.g. main) is measured in the same run:
 every pool is started first and each level runs on each pool in turn, the order flipping from level
 to level, so that load from other processes on the machine falls on both alike. `--stages 3` uses
@@ -58,6 +59,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, rounds: int) -> dict:
     ttft_s: list[float] = []
+    ttft_by_round: dict[int, list[float]] = {}
     counts: list[int] = []
     errors: list[str] = []
     decode_rates: list[float] = []  # a stream's tokens after its first over first text -> last text
@@ -88,6 +90,7 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             end = time.perf_counter()
             with lock:
                 ttft_s.append((first or end) - start)
+                ttft_by_round.setdefault(r, []).append((first or end) - start)
                 counts.append(n)
                 if first is not None and last > first and n > 1:
                     decode_rates.append((n - 1) / (last - first))
@@ -108,7 +111,8 @@ def run_level(pool: LocalPool, model: str, key: str, clients: int, tokens: int, 
             "ttft_p99_ms": round(1000 * percentile(ttft_s, 0.99), 1) if ttft_s else None,
             "stream_decode_tokens_per_s_p50": round(statistics.median(decode_rates), 1) if decode_rates else None,
             "tail_ms_p50": round(1000 * statistics.median(tails_s), 1) if tails_s else None,
-            "steady_tokens_per_s": steady_rate(spans, busy.values())}
+            "steady_tokens_per_s": steady_rate(spans, busy.values()),
+            "ttft_ms_by_round": {r: sorted(round(1000 * t) for t in ts) for r, ts in sorted(ttft_by_round.items())}}
 
 
 def steady_rate(spans: list[tuple[float, float, int]], busy) -> float | None:

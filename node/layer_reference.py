@@ -215,8 +215,10 @@ class LayerAuditor:
     stage against a float32 reference of the weights the stage was assigned (its dtype), on `device`;
     and, when the stage served in low precision on hardware of this verifier's class
     (`hardware_class`, node/profile.py), in that precision too: the same recipe, judged by the
-    tighter same-recipe thresholds. References are kept per (shard, dtype, compute dtype), a few at
-    a time."""
+    tighter same-recipe thresholds. References are kept for `max_cached` (shard, dtype) pairs, each
+    pair's float32 reference with its same-recipe twin: counted one by one, a same-recipe audit took
+    both places and a verifier auditing two stages in turn rebuilt every reference at every audit
+    (a CPU newcomer in tests/verification/test_audits_e2e.py: 130 builds in 164 audits, ~99 s)."""
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", max_cached: int = 2,
                  hardware_class: str = ""):
@@ -225,9 +227,11 @@ class LayerAuditor:
         self.model_dir, self.device, self.max_cached = Path(model_dir), torch.device(device), max_cached
         self.hardware_class = hardware_class
         self.model_id = model_id_of(self.model_dir)
-        self._references: OrderedDict[tuple[Shard, torch.dtype, torch.dtype], LayerReference] = OrderedDict()
+        # (shard, dtype) -> compute dtype -> reference; least recently used first
+        self._references: OrderedDict[tuple[Shard, torch.dtype], dict[torch.dtype, LayerReference]] = OrderedDict()
         self._lock = threading.Lock()  # one re-execution at a time: references are large
         self.recompute_s = 0.0  # the latest audit's
+        self.references_built = 0
 
     def __call__(self, task: AuditTask, stage_input: torch.Tensor, trace: torch.Tensor,
                  rows: list[int]) -> tuple[LayerVerdict, list[LayerVerdict], torch.Tensor | None]:
@@ -239,8 +243,7 @@ class LayerAuditor:
         if self.hardware_class and task.hardware_class == self.hardware_class:
             same_thresholds = same_recipe_thresholds(self.device.type, dtype)
         with self._lock:
-            ref = self._reference(shard, dtype, torch.float32)
-            same = self._reference(shard, dtype, dtype) if same_thresholds else None
+            ref, same = self._references_of(shard, dtype, same_recipe=same_thresholds is not None)
             started_s = time.perf_counter()
             verdict, verdicts = audit_trace(ref, same, stage_input, trace, same_thresholds)
             last = residuals(trace)[0][-1] if shard.is_last and rows else None
@@ -248,14 +251,18 @@ class LayerAuditor:
             self.recompute_s = time.perf_counter() - started_s  # the audit's compute, not loading references
         return verdict, verdicts, logits
 
-    def _reference(self, shard: Shard, dtype: torch.dtype, compute_dtype: torch.dtype) -> LayerReference:
-        key = (shard, dtype, compute_dtype)
-        if key in self._references:
-            self._references.move_to_end(key)
-            return self._references[key]
-        ref = LayerReference.from_checkpoint(self.model_dir, shard, serving_dtype=dtype, compute_dtype=compute_dtype,
-                                             device=self.device)
-        self._references[key] = ref
+    def _references_of(self, shard: Shard, dtype: torch.dtype,
+                       same_recipe: bool) -> tuple[LayerReference, LayerReference | None]:
+        """The float32 reference of `shard` served in `dtype` and, if asked, its same-recipe twin."""
+        held = self._references.pop((shard, dtype), {})
+        missing = [c for c in (torch.float32, *([dtype] if same_recipe else [])) if c not in held]
+        if missing:  # the checkpoint read once for both
+            config = ModelConfig.load(self.model_dir)
+            tensors = Checkpoint(self.model_dir).load(tensor_names(config, shard), dtype=torch.float32, device="cpu")
+            for compute_dtype in missing:
+                held[compute_dtype] = LayerReference(config, shard, tensors, dtype, compute_dtype, self.device)
+                self.references_built += 1
+        self._references[(shard, dtype)] = held
         while len(self._references) > self.max_cached:
             self._references.popitem(last=False)
-        return ref
+        return held[torch.float32], held[dtype] if same_recipe else None

@@ -115,8 +115,8 @@ class AuditService:
         auditor = self._get_auditor()
         outcome = check_stage(auditor, task, tensors)
         # the recompute's time: bench/gpu_pool.py sets it against the time spent serving
-        log.info("audit %s of %s: %s %s (recompute %.0f ms)", task.audit_id, task.subject, outcome.outcome,
-                 outcome.reason, 1000 * auditor.recompute_s)
+        log.info("audit %s of %s: %s %s (recompute %.0f ms), %d references built so far", task.audit_id,
+                 task.subject, outcome.outcome, outcome.reason, 1000 * auditor.recompute_s, auditor.references_built)
         return outcome
 
     def _get_auditor(self) -> LayerAuditor:

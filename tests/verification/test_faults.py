@@ -64,6 +64,22 @@ def test_fine_copies_in_bfloat16_are_caught_by_a_verifier_of_their_hardware_clas
         assert audit_record(auditor, records[0][1]).ok
 
 
+def test_a_same_class_verifier_keeps_each_shards_references_with_their_twins(run_pool, model):
+    """A same-recipe audit needs two references of its shard (float32, and the stage's recipe), kept
+    as one of `max_cached` shards: a verifier auditing two stages in turn builds each reference once."""
+    verifier = LayerAuditor(model[0], hardware_class="cpu/test", max_cached=2)
+    per_stage = run_pool((BF16,) * 3, batch=1)[0]
+    for _ in range(2):
+        for rec in per_stage[:2]:
+            assert audit_record(verifier, rec, hardware_class="cpu/test").ok
+    assert verifier.references_built == 4
+    assert audit_record(verifier, per_stage[2], hardware_class="cpu/test").ok  # a third shard: the oldest goes
+    assert audit_record(verifier, per_stage[1], hardware_class="cpu/test").ok
+    assert verifier.references_built == 6
+    assert audit_record(verifier, per_stage[0], hardware_class="cpu/test").ok  # gone, so built again
+    assert verifier.references_built == 8
+
+
 def test_bad_verifier_serves_honestly_but_lies(run_pool, auditor):
     fault = Fault.parse("bad-verifier")
     records = run_pool((F32,) * 3, fault_at=1, fault=fault)
