@@ -12,25 +12,13 @@ G = H / Hkv, Dh head size, S cache slots, T cache length, I intermediate size.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of torch ships without Triton
-    triton = None
+from verification.triton_probe import INTERPRET, tl, triton
 
-# The Triton interpreter (TRITON_INTERPRET=1) runs these kernels on the CPU for tests; it cannot
-# take a bfloat16 dot product, so there the kernels upcast dot operands to float32.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ATTENTION_CHUNK = 256  # keys per attention program; longer contexts split over programs
-
-
-def triton_usable(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or _INTERPRET)
 
 
 # -- PyTorch twins ---------------------------------------------------------------------------
@@ -300,11 +288,12 @@ def _attention(q, cos, sin, positions, k_cache, v_cache, slots, lengths, plan, n
     else:
         part_o = part_lse = out
     rope = cos is not None
+    # the interpreter cannot take a bfloat16 dot product: there the kernel upcasts dot operands
     _attention_kernel[(B, n_kv, n_splits)](
         q, cos if rope else q, sin if rope else q, positions if rope else q, k_cache, v_cache, slots, lengths,
         out, part_o, part_lse, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dh), chunk,
         G=G, HKV=n_kv, DH=dh, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64,
-        N_SPLITS=n_splits, UPCAST=_INTERPRET, IEEE=_INTERPRET or q.dtype == torch.float32, ROPE=rope, num_warps=4)
+        N_SPLITS=n_splits, UPCAST=INTERPRET, IEEE=INTERPRET or q.dtype == torch.float32, ROPE=rope, num_warps=4)
     if n_splits > 1:
         _attention_combine_kernel[(B * H,)](part_o, part_lse, out, DH=dh, N_SPLITS=n_splits, num_warps=4)
     return out

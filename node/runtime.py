@@ -30,9 +30,10 @@ from node.config import ModelConfig, ModelError
 from node.cpu_threads import threads_for_step
 from node.cuda_graphs import PROMPT_GRAPH_ROWS, DecodeStep, GraphedDecoder
 from node.device_scope import device_scope, on_own_device
-from node.fused import Ops, attention_plan, triton_usable
+from node.fused import Ops, attention_plan
 from node.layers import DecoderLayer, Group, KVCache, Packed, RMSNorm, input_major_, load_layer, rope_tables
 from node.shard import EMBED, FINAL_NORM, LM_HEAD, Checkpoint, Shard, tensor_names
+from verification.triton_probe import triton_usable
 
 DEFAULT_MAX_SESSIONS = 32
 DEFAULT_MAX_SEQ_LEN = 2048

@@ -7,20 +7,15 @@ decode step and 3 % of a 1B one; these two kernels take 2.5 us.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of torch ships without Triton
-    triton = None
+from verification.triton_probe import tl, triton, triton_usable
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(-1) of (B, V): the same indices (the first of equal maxima)."""
-    if triton is not None and (logits.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_usable(logits.device):
         return argmax_rows(logits)
     return logits.argmax(dim=-1)
 
