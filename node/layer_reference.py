@@ -255,7 +255,8 @@ class LayerAuditor:
                        same_recipe: bool) -> tuple[LayerReference, LayerReference | None]:
         """The float32 reference of `shard` served in `dtype` and, if asked, its same-recipe twin."""
         held = self._references.pop((shard, dtype), {})
-        missing = [c for c in (torch.float32, *([dtype] if same_recipe else [])) if c not in held]
+        wanted = {torch.float32, dtype} if same_recipe else {torch.float32}  # one, for a float32 stage
+        missing = [c for c in wanted if c not in held]
         if missing:  # the checkpoint read once for both
             config = ModelConfig.load(self.model_dir)
             tensors = Checkpoint(self.model_dir).load(tensor_names(config, shard), dtype=torch.float32, device="cpu")

@@ -78,6 +78,9 @@ def test_a_same_class_verifier_keeps_each_shards_references_with_their_twins(run
     assert verifier.references_built == 6
     assert audit_record(verifier, per_stage[0], hardware_class="cpu/test").ok  # gone, so built again
     assert verifier.references_built == 8
+    float32_stage = run_pool((F32,) * 3, batch=1)[0][0]  # its recipe is the reference: one built
+    assert audit_record(verifier, float32_stage, hardware_class="cpu/test").ok
+    assert verifier.references_built == 9
 
 
 def test_bad_verifier_serves_honestly_but_lies(run_pool, auditor):
