@@ -39,7 +39,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS, DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -56,6 +56,11 @@ CIRCUIT = "/p2p-circuit"
 # cannot be switched off, so it is set past anything a pool moves in a reservation's hour
 RELAY_LIMITS = RelayLimits(duration=0, data=1 << 50, max_circuit_conns=64, max_reservations=64)
 AUTONAT_TIMEOUT_S = 10.0
+# py-libp2p's DCUtR gives a relayed peer 3 tries and then none while that connection lasts (the
+# budget resets only when the peer disconnects); a try can miss for a moment (a loaded host, a NAT
+# still settling: one of CI's runs spent all three and its stage hop stayed relayed for good), and a
+# pool keeps relayed links for hours. A peer still only relayed gets three more this often.
+PUNCH_RETRY_S = 20.0
 
 # Reachability of a provider, as /pool and the planner name it
 PUBLIC, HOLE_PUNCHED, RELAYED = "public", "hole-punched", "relayed"
@@ -140,7 +145,18 @@ class Reach:
             if self.dcutr is not None:
                 await stack.enter_async_context(background_trio_service(self.dcutr))
                 await self.dcutr.event_started.wait()
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                stack.callback(nursery.cancel_scope.cancel)  # before the nursery waits for its tasks
+                nursery.start_soon(self._renew_punch_budgets)
             yield self
+
+    async def _renew_punch_budgets(self) -> None:
+        while True:
+            await trio.sleep(PUNCH_RETRY_S)
+            attempts = self.dcutr._hole_punch_attempts  # libp2p 0.8.1 (pinned) keeps each peer's tries here
+            for peer in [p for p, n in attempts.items() if n >= MAX_HOLE_PUNCH_ATTEMPTS]:
+                if connection_kind(self.host, peer.to_base58(), self.punched) == RELAYED:
+                    del attempts[peer]
 
     async def dial(self, addr: str) -> str:
         """Connect to a /p2p-circuit address through its relay; returns the destination's peer id."""

@@ -3,10 +3,15 @@ libp2p hosts on 127.0.0.1 in this process: a relay, a peer reached only through 
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import pytest
 import torch
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS
 
-from node.transport import Frame, P2PNode, TransportConfig, TransportError, protocol_id
+from node.transport import Frame, P2PNode, TransportConfig, TransportError, protocol_id, reach
 from node.transport.channel import FrameStream
 from node.transport.reach import circuit_addr, is_circuit
 
@@ -20,6 +25,12 @@ def echo(frame: Frame, peer: str) -> Frame:
 
 @pytest.fixture
 def relayed():
+    with relayed_nodes() as nodes:
+        yield nodes
+
+
+@contextlib.contextmanager
+def relayed_nodes():
     """(relay, hidden, dialer, hidden's relayed address); hidden serves ECHO."""
     relay = P2PNode(config=TransportConfig(relay_hop=True))
     hidden, dialer = P2PNode(), P2PNode()
@@ -119,3 +130,18 @@ def test_no_bulk_either_way_falls_back_to_the_libp2p_stream(monkeypatch) -> None
     finally:
         a.close()
         b.close()
+
+
+def test_a_relayed_peer_whose_hole_punch_tries_ran_out_gets_more(monkeypatch) -> None:
+    """py-libp2p's DCUtR tries a relayed peer three times, then never again while the connection
+    lasts; Reach renews the tries of a peer still only relayed every PUNCH_RETRY_S."""
+    monkeypatch.setattr(reach, "PUNCH_RETRY_S", 1.0)
+    with relayed_nodes() as (relay, hidden, dialer, addr):
+        for node, peer in ((dialer, hidden), (hidden, dialer)):  # as if both sides had missed three times
+            node._reach.dcutr._hole_punch_attempts[ID.from_base58(peer.peer_id)] = MAX_HOLE_PUNCH_ATTEMPTS
+        assert dialer.connect(addr) == hidden.peer_id
+        assert dialer.connection_kind(hidden.peer_id) == "relayed"
+        deadline = time.monotonic() + 30
+        while dialer.connection_kind(hidden.peer_id) != "hole-punched" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dialer.connection_kind(hidden.peer_id) == "hole-punched"
