@@ -69,6 +69,13 @@ def run_mlp(layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
     return layer.mlp(layer.post_attn_norm(h))
 
 
+def shard_tensors(model_dir: str | Path, shard: Shard) -> tuple[ModelConfig, Shard, dict[str, torch.Tensor]]:
+    """(config, shard, the shard's checkpoint tensors): LayerReference's first arguments. Loaded in
+    float32: rounding to the serving dtype happens once, in LayerReference.__init__."""
+    config = ModelConfig.load(model_dir)
+    return config, shard, Checkpoint(model_dir).load(tensor_names(config, shard), dtype=torch.float32, device="cpu")
+
+
 class LayerReference:
     """The layers of one shard with the serving dtype's weights, run one at a time in `compute_dtype`."""
 
@@ -89,10 +96,7 @@ class LayerReference:
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, shard: Shard, serving_dtype: torch.dtype,
                         compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        config = ModelConfig.load(model_dir)
-        # loaded in float32: rounding to the serving dtype happens once, in __init__
-        tensors = Checkpoint(model_dir).load(tensor_names(config, shard), dtype=torch.float32, device="cpu")
-        return cls(config, shard, tensors, serving_dtype, compute_dtype, device)
+        return cls(*shard_tensors(model_dir, shard), serving_dtype, compute_dtype, device)
 
     def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         if T > self._rope_tokens:
@@ -258,10 +262,9 @@ class LayerAuditor:
         wanted = {torch.float32, dtype} if same_recipe else {torch.float32}  # one, for a float32 stage
         missing = [c for c in wanted if c not in held]
         if missing:  # the checkpoint read once for both
-            config = ModelConfig.load(self.model_dir)
-            tensors = Checkpoint(self.model_dir).load(tensor_names(config, shard), dtype=torch.float32, device="cpu")
+            loaded = shard_tensors(self.model_dir, shard)
             for compute_dtype in missing:
-                held[compute_dtype] = LayerReference(config, shard, tensors, dtype, compute_dtype, self.device)
+                held[compute_dtype] = LayerReference(*loaded, dtype, compute_dtype, self.device)
                 self.references_built += 1
         self._references[(shard, dtype)] = held
         while len(self._references) > self.max_cached:
